@@ -1,0 +1,29 @@
+# One entry point for a fresh machine: `make run` (install + pretrain on the embedded default)
+# and `make test` (install + test suite). Both create .venv on first use.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU machines pin the CPU torch build; `make setup CONSTRAINTS=` skips it (bring your own torch).
+CONSTRAINTS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,constraints/cpu.txt)
+# DeepSpeed JIT-compiles its ops once per machine; keep them in one project-owned place.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: setup run test clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml $(wildcard constraints/*.txt)
+	@command -v g++ >/dev/null || { echo "g++ is needed for DeepSpeed's JIT ops: apt-get install -y g++"; exit 1; }
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[test]' 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	$(PY) -c "import torch, deepspeed, submitit, hydra, webdataset, mlflow, av"
+	touch $@
+
+run: setup
+	$(PY) launch/pretrain.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf outputs .cache

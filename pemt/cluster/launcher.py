@@ -1,0 +1,85 @@
+"""hydra-submitit-launcher, with the work that must happen once before any job starts.
+
+Before submitting a sweep, every point's config is composed and checked, so a bad value stops
+the launch with a message instead of failing inside a queued job; the tracking store and any
+generated data are made ready in this process, so ranks never race to create them; and while
+the launcher waits, rank 0's output is echoed to the terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+from hydra.core.utils import JobReturn
+from hydra_plugins.hydra_submitit_launcher import submitit_launcher
+from omegaconf import DictConfig, OmegaConf
+
+from pemt.cluster.relay import LogRelay
+from pemt.config import ConfigError, validate
+
+log = logging.getLogger(__name__)
+
+# hydra-submitit-launcher submits a sweep as one job array with one set of resources.
+_SAME_FOR_WHOLE_SWEEP = ("nodes", "gpus_per_node", "cluster")
+
+
+def _compose_points(launcher: Any, job_overrides: Sequence[Sequence[str]]) -> list[DictConfig]:
+    loader = launcher.hydra_context.config_loader
+    configs = []
+    for overrides in job_overrides:
+        cfg = loader.load_sweep_config(launcher.config, list(overrides))
+        try:
+            validate(cfg)
+        except ConfigError as err:
+            point = " ".join(overrides) or "(no overrides)"
+            raise ConfigError(f"{err}\n  in sweep point: {point}") from None
+        configs.append(cfg)
+    return configs
+
+
+def _check_sweep_resources(configs: list[DictConfig]) -> None:
+    for key in _SAME_FOR_WHOLE_SWEEP:
+        values = {OmegaConf.to_yaml(OmegaConf.create({key: cfg[key]})) for cfg in configs}
+        if len(values) > 1:
+            shown = ", ".join(sorted(str(cfg[key]) for cfg in configs))
+            raise ConfigError(
+                f"{key} differs between sweep points ({shown}); one sweep is one job array "
+                f"with one shape: launch a separate sweep for each {key}"
+            )
+
+
+def prepare(configs: list[DictConfig]) -> None:
+    """Make what all ranks share exist before they start: tracking store, generated data."""
+    from pemt.data.synthetic import ensure_synthetic_shards
+    from pemt.track.store import ensure_experiment
+
+    for uri, experiment in sorted({(c.mlflow.tracking_uri, c.mlflow.experiment) for c in configs}):
+        ensure_experiment(uri, experiment)
+    for cfg in configs:
+        if cfg.data.name == "synthetic":
+            ensure_synthetic_shards(cfg)
+
+
+class _PreparedLaunch:
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        configs = _compose_points(self, job_overrides)
+        _check_sweep_resources(configs)
+        prepare(configs)
+        relay = LogRelay(self.params["submitit_folder"])
+        relay.start()
+        try:
+            return super().launch(job_overrides, initial_job_idx)  # type: ignore[misc]
+        finally:
+            relay.stop()
+
+
+class LocalLauncher(_PreparedLaunch, submitit_launcher.LocalLauncher):
+    pass
+
+
+class SlurmLauncher(_PreparedLaunch, submitit_launcher.SlurmLauncher):
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        if not self.config.cluster.gpus:  # CPU-only cluster: ask for tasks, not GPUs
+            self.params.pop("gpus_per_node", None)
+        return super().launch(job_overrides, initial_job_idx)

@@ -1,0 +1,80 @@
+"""Checks on a composed config, run before any job starts, and the config resolvers.
+
+Hydra reports unknown groups and keys by itself; what it cannot know is how values relate
+(world size against batch size, say). Those checks live here so the launcher can run them
+for every point of a sweep before submitting anything.
+"""
+
+from __future__ import annotations
+
+import os
+
+from omegaconf import DictConfig, OmegaConf
+
+DEFAULT_RUN_NAME = "default"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run, with the key and value at fault in the message."""
+
+
+def run_name(override_dirname: str) -> str:
+    """The run's folder name: its science-changing overrides, or 'default' when none."""
+    return override_dirname or DEFAULT_RUN_NAME
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("pemt_run_name"):
+        OmegaConf.register_new_resolver("pemt_run_name", run_name)
+    if not OmegaConf.has_resolver("pemt_abspath"):
+        # Relative paths are taken from where the launch command runs.
+        OmegaConf.register_new_resolver("pemt_abspath", lambda path: os.path.abspath(path))
+
+
+register_resolvers()
+
+
+def world_size(cfg: DictConfig) -> int:
+    return int(cfg.nodes) * int(cfg.gpus_per_node)
+
+
+def micro_batch_size(cfg: DictConfig) -> int:
+    """Samples per rank per forward pass, from the global batch."""
+    return int(cfg.train.global_batch_size) // (world_size(cfg) * int(cfg.train.grad_accum_steps))
+
+
+def _positive_int(cfg: DictConfig, key: str) -> int:
+    value = OmegaConf.select(cfg, key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{key}={value!r}: must be a whole number >= 1")
+    return value
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the key and value if `cfg` cannot run."""
+    for key in ("nodes", "gpus_per_node", "train.max_steps", "train.log_every",
+                "train.checkpoint_every", "train.global_batch_size", "train.grad_accum_steps",
+                "data.clips", "data.frames_per_clip"):
+        _positive_int(cfg, key)
+    world = world_size(cfg)
+    per_step = world * int(cfg.train.grad_accum_steps)
+    if cfg.train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by "
+            f"world size {world} (nodes={cfg.nodes} x gpus_per_node={cfg.gpus_per_node})"
+            f" x train.grad_accum_steps={cfg.train.grad_accum_steps}"
+        )
+    if cfg.cluster.name == "local" and cfg.nodes != 1:
+        raise ConfigError(f"nodes={cfg.nodes}: cluster=local runs on this machine only; use nodes=1")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"precision={cfg.precision!r}: choose fp32 or bf16")
+    if cfg.data.name != "synthetic" and not cfg.data.shards:
+        raise ConfigError("data.shards is not set: give a folder of .tar shards or a brace pattern")
+    if cfg.model.hidden_size % cfg.model.num_heads:
+        raise ConfigError(
+            f"model.hidden_size={cfg.model.hidden_size} is not divisible by "
+            f"model.num_heads={cfg.model.num_heads}"
+        )
+    unknown = set(cfg.model.sharing) - {"layer", "cross"}
+    if unknown:
+        raise ConfigError(f"model.sharing={list(cfg.model.sharing)}: unknown {sorted(unknown)}; use layer, cross")

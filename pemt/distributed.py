@@ -1,0 +1,80 @@
+"""Process-group setup from the job environment.
+
+Rank, world size and rendezvous come from submitit's view of the job (local executor or
+Slurm), exported as the env:// variables torch and DeepSpeed read. Outside a submitit job
+(torchrun, a test spawning processes) those variables are expected to be set already.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _export_job_environment() -> None:
+    import submitit
+
+    if submitit.JobEnvironment().activated():
+        submitit.helpers.TorchDistributedEnvironment().export(
+            set_cuda_visible_devices=torch.cuda.is_available()
+        )
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        if key not in os.environ:
+            raise RuntimeError(
+                f"{key} is not set: run through launch/pretrain.py (a submitit job) or set "
+                "RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT"
+            )
+
+
+def backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed() -> DistInfo:
+    """Join the job's process group through DeepSpeed and size CPU threads per rank."""
+    _export_job_environment()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    info = DistInfo(
+        rank=int(os.environ["RANK"]),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+    )
+    if torch.cuda.is_available():
+        torch.cuda.set_device(0 if os.environ.get("CUDA_VISIBLE_DEVICES", "").isdigit() else info.local_rank)
+    else:
+        # Ranks on one host share its cores; oversubscribing them slows every rank down.
+        cores = len(os.sched_getaffinity(0))
+        torch.set_num_threads(max(1, cores // info.local_world_size))
+    deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False)
+    return info
+
+
+def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Mean of each value over all ranks, in one collective."""
+    import torch.distributed as dist
+
+    if not values:
+        return {}
+    tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return dict(zip(values, tensor.tolist()))

@@ -1,0 +1,35 @@
+"""AdamW with linear warmup and cosine decay.
+
+A torch optimizer is handed to DeepSpeed rather than named in its JSON: naming one makes
+DeepSpeed JIT-compile its fused kernel, which a CPU run does not need.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+
+def build_optimizer(model: nn.Module, train_cfg: DictConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            # Norms, biases and embeddings-as-vectors are not weight-decayed.
+            (no_decay if param.ndim < 2 else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": float(train_cfg.weight_decay)},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=float(train_cfg.lr), betas=(0.9, 0.98), eps=1e-6,
+    )
+    warmup, total = int(train_cfg.warmup_steps), int(train_cfg.max_steps)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -1,0 +1,107 @@
+"""The training job: composes distributed setup, data, model, DeepSpeed engine, checkpoints
+and tracking. Runs in every rank of a submitted job."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from pemt.config import ConfigError, validate, world_size
+from pemt.data.loader import build_loader, shard_source
+from pemt.distributed import DistInfo, all_reduce_mean, init_distributed
+from pemt.model.pretraining import build_pretraining_model
+from pemt.track.metrics import Throughput, device_memory_gib, host_rss_gib
+from pemt.track.tracker import MlflowTracker
+from pemt.train.checkpoint import Checkpointer
+from pemt.train.engine_config import deepspeed_config
+from pemt.train.optimizer import build_optimizer
+
+log = logging.getLogger(__name__)
+
+
+def _shared_run_id(run_id: str | None, info: DistInfo) -> str | None:
+    """Rank 0 owns the MLflow run; every rank keeps its id for the checkpoint."""
+    box = [run_id]
+    if info.world_size > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig) -> None:
+        validate(cfg)
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.info = init_distributed()
+        if self.info.world_size != world_size(cfg):
+            raise ConfigError(
+                f"the job has {self.info.world_size} processes but nodes x gpus_per_node = {world_size(cfg)}"
+            )
+        import deepspeed
+
+        torch.manual_seed(cfg.seed)
+        model = build_pretraining_model(cfg)
+        optimizer, scheduler = build_optimizer(model, cfg.train)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
+        )
+        self.dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints")
+        self.tracker = MlflowTracker(cfg, self.run_dir, enabled=self.info.is_main)
+
+    def _log(self, step: int, samples: int, sums: dict[str, torch.Tensor], count: int,
+             meter: Throughput, progress: tqdm) -> None:
+        means = all_reduce_mean({k: float(v) / count for k, v in sums.items()}, self.engine.device)
+        metrics = {**means, "lr": self.engine.get_lr()[0], "samples": samples, **meter.report(),
+                   "host_rss_gib": host_rss_gib(), **device_memory_gib()}
+        self.tracker.log_metrics(metrics, step)
+        progress.set_postfix(loss=f"{means['loss']:.4f}", refresh=False)
+
+    def fit(self) -> dict[str, Any]:
+        cfg, engine, info = self.cfg, self.engine, self.info
+        state = self.checkpointer.load(engine) or {}
+        step, samples = int(state.get("step", 0)), int(state.get("samples", 0))
+        run_id = _shared_run_id(self.tracker.start(cfg, run_id=state.get("mlflow_run_id")), info)
+        status = "FAILED"
+        try:
+            loader = build_loader(cfg.data, shard_source(cfg), engine.train_micro_batch_size_per_gpu(),
+                                  info.world_size, seed=cfg.seed + step)
+            batches = iter(loader)
+            accum = int(cfg.train.grad_accum_steps)
+            progress = tqdm(total=cfg.train.max_steps, initial=step, desc="pretrain", unit="step",
+                            disable=not info.is_main, dynamic_ncols=True, mininterval=1.0)
+            meter, sums, count = Throughput(), {}, 0
+            while step < cfg.train.max_steps:
+                for _ in range(accum):
+                    batch = next(batches)
+                    out = engine(batch["video"].to(engine.device, self.dtype),
+                                 batch["audio"].to(engine.device, self.dtype))
+                    engine.backward(out["loss"])
+                    engine.step()
+                    for key, value in out.items():
+                        sums[key] = sums.get(key, 0.0) + value.detach()
+                    count += 1
+                step += 1
+                samples += int(cfg.train.global_batch_size)
+                meter.add(int(cfg.train.global_batch_size))
+                progress.update(1)
+                if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                    self._log(step, samples, sums, count, meter, progress)
+                    sums, count = {}, 0
+                if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
+                    self.checkpointer.save(engine, step, {"samples": samples, "mlflow_run_id": run_id})
+            progress.close()
+            status = "FINISHED"
+        finally:
+            self.tracker.finish(status)
+        return {"step": step, "samples": samples, "run_dir": str(self.run_dir), "mlflow_run_id": run_id}
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    return Trainer(cfg).fit()
