@@ -9,6 +9,7 @@ the launcher waits, rank 0's output is echoed to the terminal.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any, Sequence
 
 from hydra.core.utils import JobReturn
@@ -17,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pemt.cluster.relay import LogRelay
 from pemt.config import ConfigError, validate
+from pemt.track.store import TrackingError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ def _check_sweep_resources(configs: list[DictConfig]) -> None:
 def prepare(configs: list[DictConfig]) -> None:
     """Make what all ranks share exist before they start: tracking store, generated data."""
     from pemt.data.synthetic import ensure_synthetic_shards
-    from pemt.track.store import ensure_experiment
+    from pemt.track.store import ensure_experiment  # imports mlflow: only when launching
 
     for uri, experiment in sorted({(c.mlflow.tracking_uri, c.mlflow.experiment) for c in configs}):
         ensure_experiment(uri, experiment)
@@ -63,9 +65,14 @@ def prepare(configs: list[DictConfig]) -> None:
 
 class _PreparedLaunch:
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        configs = _compose_points(self, job_overrides)
-        _check_sweep_resources(configs)
-        prepare(configs)
+        try:
+            configs = _compose_points(self, job_overrides)
+            _check_sweep_resources(configs)
+            prepare(configs)
+        except (ConfigError, TrackingError) as err:
+            # A user error, not a crash: the message alone, no traceback, nothing submitted.
+            print(f"pemt: cannot launch: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
         relay = LogRelay(self.params["submitit_folder"])
         relay.start()
         try:

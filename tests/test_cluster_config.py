@@ -1,0 +1,38 @@
+"""The cluster group maps nodes and gpus_per_node onto hydra-submitit-launcher's settings."""
+
+from __future__ import annotations
+
+from hydra import compose, initialize_config_dir
+
+from conftest import REPO
+
+
+def _launcher(*overrides: str) -> dict:
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("pretrain", overrides=list(overrides), return_hydra_config=True)
+    return cfg.hydra.launcher
+
+
+def test_local_cluster_runs_processes_on_this_machine() -> None:
+    launcher = _launcher("gpus_per_node=3")
+    assert launcher._target_ == "hydra_plugins.pemt_launcher.launchers.LocalLauncher"
+    assert (launcher.nodes, launcher.tasks_per_node) == (1, 3)
+
+
+def test_slurm_cluster_takes_partition_time_shape_and_signal_from_config() -> None:
+    launcher = _launcher("cluster=slurm", "nodes=8", "gpus_per_node=4", "cluster.partition=gpu",
+                         "cluster.time_min=90", "cluster.signal_delay_s=300", "cluster.max_requeue=5")
+    assert launcher._target_ == "hydra_plugins.pemt_launcher.launchers.SlurmLauncher"
+    assert launcher.partition == "gpu"
+    assert launcher.timeout_min == 90
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (8, 4, 4)
+    assert launcher.signal_delay_s == 300
+    assert launcher.max_num_timeout == 5
+
+
+def test_run_dir_ignores_keys_that_do_not_change_the_science() -> None:
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("pretrain", return_hydra_config=True)
+    excluded = set(cfg.hydra.job.config.override_dirname.exclude_keys)
+    assert {"train.max_steps", "nodes", "gpus_per_node", "cluster"} <= excluded
+    assert "train.lr" not in excluded

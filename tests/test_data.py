@@ -1,0 +1,119 @@
+"""Synthetic mp4 generation, PyAV decoding and the sharded stream."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from pemt.data.decode import ClipSpec, DecodeError, decode_clips, log_mel
+from pemt.data.loader import build_loader
+from pemt.data.shards import list_shards
+from pemt.data.synthetic import SyntheticSpec, encode_mp4, generate, make_sample, render
+
+SPEC = ClipSpec(clips=4, frames_per_clip=4, fps=8, crop=32, sample_rate=16000, mel_bins=32,
+                mel_window_ms=25, mel_hop_ms=10)
+SMALL = SyntheticSpec(videos=8, videos_per_shard=2, seconds=2.0)
+
+
+def test_synthetic_videos_are_real_mp4_and_deterministic() -> None:
+    sample = make_sample(SMALL, 3)
+    assert make_sample(SMALL, 3)["mp4"] == sample["mp4"]
+    with av.open(io.BytesIO(sample["mp4"])) as container:
+        assert container.streams.video[0].codec_context.name == "h264"
+        assert container.streams.audio[0].codec_context.name == "aac"
+        assert container.streams.video[0].frames == int(SMALL.seconds * SMALL.source_fps)
+
+
+def test_decode_gives_configured_clip_shapes() -> None:
+    out = decode_clips(make_sample(SMALL, 0)["mp4"], SPEC, random.Random(0))
+    frames = 1 + int(SPEC.clip_seconds * SPEC.sample_rate) // int(SPEC.sample_rate * SPEC.mel_hop_ms / 1000)
+    assert out["video"].shape == (4, 3, 4, 32, 32)
+    assert out["audio"].shape == (4, 1, 32, frames)
+    assert 0.0 <= out["video"].min() and out["video"].max() <= 1.0
+    assert torch.isfinite(out["audio"]).all()
+
+
+def test_short_video_loops_to_fill_the_window() -> None:
+    short = SyntheticSpec(videos=1, seconds=0.5)
+    frames, audio, _ = render(short, 0)
+    data = encode_mp4(frames, audio, short.source_fps, short.sample_rate)
+    out = decode_clips(data, SPEC, None)  # the window is 2 s, the video 0.5 s
+    assert out["video"].shape[0] == SPEC.clips
+    # The last clip repeats the first: same frames a loop later.
+    assert torch.allclose(out["video"][0], out["video"][-1], atol=0.05)
+
+
+def test_video_without_audio_is_rejected_with_reason() -> None:
+    frames, _, _ = render(SMALL, 0)
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=16)
+        stream.width = stream.height = frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        for array in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    with pytest.raises(DecodeError, match="no audio track"):
+        decode_clips(buffer.getvalue(), SPEC, None)
+
+
+def test_truncated_video_is_rejected_with_reason() -> None:
+    data = make_sample(SMALL, 0)["mp4"]
+    with pytest.raises(DecodeError):
+        decode_clips(data[: len(data) // 3], SPEC, None)
+
+
+def test_log_mel_puts_a_tone_in_the_right_band() -> None:
+    t = torch.arange(16000) / 16000
+    low, high = log_mel(torch.sin(2 * torch.pi * 300 * t), SPEC), log_mel(torch.sin(2 * torch.pi * 3000 * t), SPEC)
+    assert low.mean(-1).argmax() < high.mean(-1).argmax()
+
+
+def test_generate_writes_manifest_and_reuses_finished_sets(tmp_path: Path) -> None:
+    out = generate(SMALL, tmp_path / "set", progress=False)
+    urls = list_shards(out)
+    assert [Path(u).name for u in urls] == [f"shard-{i:06d}.tar" for i in range(4)]
+    mtime = os.path.getmtime(urls[0])
+    generate(SMALL, tmp_path / "set", progress=False)
+    assert os.path.getmtime(urls[0]) == mtime
+    assert not list(tmp_path.glob(".set.partial-*"))
+
+
+def test_missing_shards_name_the_place(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nothing")):
+        list_shards(tmp_path / "nothing")
+
+
+def _keys(shards: Path, rank: int, world: int, batches: int, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    cfg = OmegaConf.create({**SPEC.__dict__, "num_workers": 0, "shuffle_buffer": 1})
+    loader = iter(build_loader(cfg, str(shards), batch_size=2, world_size=world, seed=0))
+    return [key for _ in range(batches) for key in next(loader)["key"]]
+
+
+def test_ranks_read_disjoint_shards_and_never_run_dry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shards = generate(SyntheticSpec(videos=6, videos_per_shard=2, seconds=2.0), tmp_path / "set", progress=False)
+    # 3 shards over 2 ranks: rank 0 has 2 shards, rank 1 has 1; both still give 4 batches.
+    rank0 = _keys(shards, 0, 2, 4, monkeypatch)
+    rank1 = _keys(shards, 1, 2, 4, monkeypatch)
+    assert len(rank0) == len(rank1) == 8
+    assert not set(rank0) & set(rank1)
+    assert set(rank0) | set(rank1) == {f"synthetic-{i:06d}" for i in range(6)}
+
+
+def test_too_few_shards_for_the_world_is_a_clear_error(tmp_path: Path) -> None:
+    shards = generate(SyntheticSpec(videos=2, videos_per_shard=2, seconds=2.0), tmp_path / "set", progress=False)
+    cfg = OmegaConf.create({**SPEC.__dict__, "num_workers": 2, "shuffle_buffer": 1})
+    with pytest.raises(ValueError, match="1 shards for 2 ranks x 2 workers"):
+        build_loader(cfg, str(shards), batch_size=2, world_size=2, seed=0)

@@ -1,0 +1,71 @@
+"""`python launch/pretrain.py` end to end: real submitit jobs of 2 DeepSpeed ranks over gloo,
+real mp4 shards decoded with PyAV, a real MLflow SQLite store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import describe, run_name, run_pretrain
+
+pytestmark = pytest.mark.slow
+
+EXPECTED_METRICS = {"loss", "loss_contrastive", "loss_pair", "lr", "samples_per_s", "step_time_s",
+                    "host_rss_gib", "samples"}
+
+
+def _runs(root: Path, experiment: str = "pemt-pretrain") -> list:
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id]) if found else []
+
+
+def test_runs_checkpoints_logs_and_resumes(tmp_path: Path, data_cache: Path) -> None:
+    first = run_pretrain(tmp_path, data_cache, "train.max_steps=4", "train.log_every=2",
+                         "train.checkpoint_every=2")
+    assert first.returncode == 0, describe(first)
+    run_dir = tmp_path / "pemt-pretrain" / run_name()
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_00000004"
+    assert (checkpoints / "step_00000002").is_dir()
+    assert "pretrain: 100%" in first.stderr, "the progress bar reaches the terminal"
+
+    [run] = _runs(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == run_name()
+    assert EXPECTED_METRICS <= set(run.data.metrics), run.data.metrics
+    assert run.data.metrics["samples"] == 4 * 8
+    assert run.data.metrics["samples_per_s"] > 0
+    assert run.data.params["train.global_batch_size"] == "8"
+    assert run.data.params["deepspeed.zero_optimization.stage"] == "2"
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "config")] == ["config/resolved.yaml"]
+
+    # The same command with more steps continues the same run from its checkpoint.
+    second = run_pretrain(tmp_path, data_cache, "train.max_steps=6", "train.log_every=2",
+                          "train.checkpoint_every=2")
+    assert second.returncode == 0, describe(second)
+    assert "resumed from" in (run_dir / "pretrain.log").read_text()
+    assert (checkpoints / "latest").read_text() == "step_00000006"
+    [resumed] = _runs(tmp_path)
+    assert resumed.info.run_id == run.info.run_id
+    assert resumed.info.status == "FINISHED"
+    assert resumed.data.metrics["samples"] == 6 * 8, "the step count continues from the checkpoint"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in history) == [2, 4, 6]
+
+
+def test_two_point_sweep_makes_two_runs(tmp_path: Path, data_cache: Path) -> None:
+    result = run_pretrain(tmp_path, data_cache, "-m", "deepspeed=zero1,zero3", "train.max_steps=2",
+                          "train.log_every=1", "train.checkpoint_every=2")
+    assert result.returncode == 0, describe(result)
+    runs = _runs(tmp_path)
+    zero1, zero3 = run_name("deepspeed=zero1"), run_name("deepspeed=zero3")
+    assert sorted(r.info.run_name for r in runs) == [zero1, zero3]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    stages = {r.info.run_name: r.data.params["deepspeed.zero_optimization.stage"] for r in runs}
+    assert stages == {zero1: "1", zero3: "3"}
+    for name in stages:
+        assert (tmp_path / "pemt-pretrain" / name / "checkpoints" / "latest").read_text() == "step_00000002"
