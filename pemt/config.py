@@ -75,6 +75,13 @@ def validate(cfg: DictConfig) -> None:
             f"model.hidden_size={cfg.model.hidden_size} is not divisible by "
             f"model.num_heads={cfg.model.num_heads}"
         )
-    unknown = set(cfg.model.sharing) - {"layer", "cross"}
+    unknown = set(cfg.model.sharing) - {"layer", "cross", "factorized"}
     if unknown:
-        raise ConfigError(f"model.sharing={list(cfg.model.sharing)}: unknown {sorted(unknown)}; use layer, cross")
+        raise ConfigError(f"model.sharing={list(cfg.model.sharing)}: unknown {sorted(unknown)}; "
+                          "use any of layer, cross, factorized")
+    if cfg.model.fusion not in ("mid", "early", "late"):
+        raise ConfigError(f"model.fusion={cfg.model.fusion!r}: choose mid, early or late")
+    if cfg.loss.sampling not in ("content", "uniform"):
+        raise ConfigError(f"loss.sampling={cfg.loss.sampling!r}: choose content or uniform")
+    if not 0.0 < cfg.loss.mask_ratio < 1.0:
+        raise ConfigError(f"loss.mask_ratio={cfg.loss.mask_ratio}: must be between 0 and 1")

@@ -1,6 +1,11 @@
-"""The tiny model is the real architecture: shapes, sharing, and that it learns."""
+"""The model: every fusion and sharing mode, the paper's parameter counts, shared weights
+that really are shared, factorised layers, and that the tiny model learns."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,7 +13,14 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from conftest import REPO
+from pemt.data.decode import decode_clips
+from pemt.data.loader import clip_spec
+from pemt.data.synthetic import SyntheticSpec, make_sample
+from pemt.model.factorized import Factorization, FactorizedDense
+from pemt.model.params import count_parameters
 from pemt.model.pretraining import build_pretraining_model
+
+SHARING = ["[]", "[layer]", "[cross]", "[layer,cross]", "[factorized]", "[layer,cross,factorized]"]
 
 
 def _cfg(*overrides: str) -> DictConfig:
@@ -24,60 +36,145 @@ def _batch(cfg: DictConfig, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]
     return video, audio
 
 
-def _transformer_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.backbone.transformers.parameters())
-
-
-@pytest.mark.parametrize("sharing", ["[]", "[layer]", "[cross]", "[layer,cross]"])
-def test_every_sharing_mode_runs_forward_and_backward(sharing: str) -> None:
-    cfg = _cfg(f"model.sharing={sharing}")
+@pytest.mark.parametrize("fusion", ["mid", "early", "late"])
+@pytest.mark.parametrize("sharing", SHARING)
+def test_every_fusion_and_sharing_mode_trains(fusion: str, sharing: str) -> None:
+    cfg = _cfg(f"model.fusion={fusion}", f"model.sharing={sharing}")
     model = build_pretraining_model(cfg)
     out = model(*_batch(cfg))
-    assert out["loss"].shape == ()
+    assert {"loss", "loss_mep_visual", "loss_mep_audio", "loss_pair"} <= set(out)
+    assert out["loss"].shape == () and torch.isfinite(out["loss"])
     out["loss"].backward()
-    assert all(p.grad is not None for p in model.parameters()), "every parameter is used"
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not unused, f"parameters with no gradient: {unused}"
+
+
+def test_backbone_output_shapes() -> None:
+    cfg = _cfg()
+    backbone = build_pretraining_model(cfg).backbone
+    video, audio = _batch(cfg, batch=3)
+    visual, sound = backbone.embed_clips(video, audio)
+    hidden, clips = cfg.model.hidden_size, cfg.data.clips
+    assert visual.shape == sound.shape == (3, clips, hidden)
+    assert backbone.contextualise("visual", visual).shape == (3, 1 + clips, hidden)
+    assert backbone.fuse(visual, sound).shape == (3, 2 + 2 * clips, hidden)
+
+
+@pytest.mark.parametrize(
+    ("sharing", "expected_millions"),
+    [("[]", 127.6), ("[layer]", 21.3), ("[layer,cross,factorized]", 3.90)],
+)
+def test_paper_transformer_counts_within_two_percent(sharing: str, expected_millions: float) -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "count_params.py"), "model=avbert_base",
+         f"model.sharing={sharing}", "data.clips=30", "--json"],
+        capture_output=True, text=True, check=True, cwd=REPO)
+    rows = json.loads(result.stdout)
+    assert abs(rows["transformers"] / 1e6 - expected_millions) / expected_millions < 0.02, rows
+    assert rows["total"] > rows["transformers"]
+
+
+def test_shared_parameters_are_one_tensor_with_gradient_from_every_user() -> None:
+    cfg = _cfg("model.sharing=[layer,cross,factorized]")
+    model = build_pretraining_model(cfg)
+    backbone = model.backbone
+    stack = backbone.transformer("visual")
+    assert stack is backbone.transformer("audio") is backbone.transformer("multimodal")
+    assert len(stack.layers) == 1 and stack.depth == cfg.model.num_layers
+    shared = stack.layers[0].query.last.weight  # the output-side factor, shared by modalities
+    video, audio = _batch(cfg)
+    visual, sound = backbone.embed_clips(video, audio)
+    users = {
+        "visual": lambda: backbone.contextualise("visual", visual),
+        "audio": lambda: backbone.contextualise("audio", sound),
+        "multimodal": lambda: backbone.fuse(visual, sound),
+    }
+    for name, run in users.items():
+        model.zero_grad()
+        run().square().mean().backward(retain_graph=True)
+        assert shared.grad is not None and shared.grad.abs().sum() > 0, name
+        private = stack.layers[0].query.first
+        touched = [i for i, p in enumerate(private) if p.weight.grad is not None and p.weight.grad.abs().sum() > 0]
+        assert touched == [backbone.names.index(name)], f"{name} must use only its own private factor"
 
 
 def test_sharing_divides_transformer_parameters() -> None:
-    none = _transformer_params(build_pretraining_model(_cfg("model.sharing=[]")))
-    layer = _transformer_params(build_pretraining_model(_cfg("model.sharing=[layer]")))
-    both = _transformer_params(build_pretraining_model(_cfg("model.sharing=[layer,cross]")))
-    layers = _cfg().model.num_layers
-    assert layer * layers == none
+    def transformers(sharing: str) -> int:
+        return count_parameters(build_pretraining_model(_cfg(f"model.sharing={sharing}")))["transformers"]
+
+    embeddings = sum(v for k, v in count_parameters(build_pretraining_model(_cfg())).items()
+                     if k.startswith("embeddings."))
+    none, layer, both = transformers("[]") - embeddings, transformers("[layer]") - embeddings, transformers("[layer,cross]") - embeddings
+    assert layer * _cfg().model.num_layers == none
     assert both * 3 == layer
 
 
-def test_cross_shared_stack_gets_gradient_from_every_transformer() -> None:
-    cfg = _cfg("model.sharing=[layer,cross]")
-    model = build_pretraining_model(cfg)
-    backbone = model.backbone
-    assert backbone.transformer("visual") is backbone.transformer("audio") is backbone.transformer("multimodal")
-    shared = backbone.transformer("visual").layers[0].qkv.weight
-    video, audio = _batch(cfg)
-    grads = []
-    for name in ("visual", "audio"):
-        model.zero_grad()
-        tokens = backbone.embed_clips(video, audio)[0 if name == "visual" else 1]
-        backbone.contextualise(name, tokens).sum().backward()
-        grads.append(shared.grad.clone())
-    model.zero_grad()
-    v, a = backbone.embed_clips(video, audio)
-    backbone.fuse(backbone.contextualise("visual", v).detach(), backbone.contextualise("audio", a).detach()).sum().backward()
-    grads.append(shared.grad.clone())
-    assert all(g.abs().sum() > 0 for g in grads)
-
-
-def test_tiny_model_overfits_a_few_pairs() -> None:
+def test_full_rank_free_factorised_layer_fits_any_dense_matrix() -> None:
     torch.manual_seed(0)
-    cfg = _cfg()
-    model = build_pretraining_model(cfg)
-    video, audio = _batch(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    first = None
-    for _ in range(40):
-        loss = model(video, audio)["loss"]
-        first = first if first is not None else loss.item()
+    target = torch.randn(12, 12)
+    layer = FactorizedDense(12, 12, modalities=2, spec=Factorization(rank=12, inner="free", normalize=False))
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.02)
+    x = torch.randn(256, 12)
+    for _ in range(1500):
+        loss = (layer(x, modality=1) - x @ target.T).square().mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert loss.item() < 0.3 * first
+    assert loss.item() < 1e-4 * target.square().mean().item() * 12
+
+
+def test_orthogonal_inner_matrix_stays_orthogonal_under_training() -> None:
+    torch.manual_seed(0)
+    layer = FactorizedDense(16, 16, modalities=3, spec=Factorization(rank=8, inner="orthogonal"))
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.05)
+    before = layer.inner[1].weight.detach().clone()
+    for _ in range(50):
+        loss = layer(torch.randn(32, 16), modality=1).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    inner = layer.inner[1].weight.detach()
+    assert not torch.allclose(inner, before), "the inner matrix trains"
+    assert torch.allclose(inner @ inner.T, torch.eye(8), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def few_pairs() -> tuple[torch.Tensor, torch.Tensor]:
+    """Four real synthetic videos, decoded: distinct content a model can memorise."""
+    spec = SyntheticSpec(videos=4, seconds=2.0)
+    clips = [decode_clips(make_sample(spec, i)["mp4"], clip_spec(_cfg().data), None) for i in range(4)]
+    return torch.stack([c["video"] for c in clips]), torch.stack([c["audio"] for c in clips])
+
+
+@pytest.mark.parametrize("sharing", SHARING)
+def test_tiny_model_overfits_a_few_pairs(sharing: str, few_pairs: tuple[torch.Tensor, torch.Tensor]) -> None:
+    torch.manual_seed(0)
+    cfg = _cfg(f"model.sharing={sharing}", "loss.mask_ratio=0.25", "loss.sampling=uniform")
+    model = build_pretraining_model(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def evaluate() -> dict[str, float]:
+        torch.manual_seed(123)  # the same masks and negatives before and after
+        with torch.no_grad():
+            return {k: v.item() for k, v in model(*few_pairs).items()}
+
+    before = evaluate()
+    for _ in range(100):
+        loss = model(*few_pairs)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = evaluate()
+    assert after["loss"] < 0.6 * before["loss"], (before, after)
+    assert after["pair_accuracy"] == 1.0, after
+
+
+def test_thirty_second_clips_run_forward_and_backward_with_checkpointing() -> None:
+    cfg = _cfg("data.clips=30", "data.frames_per_clip=16", "data.fps=16", "data.crop=16",
+               "model.activation_checkpointing.cnns=true", "model.activation_checkpointing.transformers=true")
+    model = build_pretraining_model(cfg)
+    video, audio = _batch(cfg, batch=2)
+    assert video.shape[1] * video.shape[3] == 480, "30 s at 16 fps"
+    out = model(video, audio)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -12,8 +12,8 @@ from conftest import describe, run_name, run_pretrain
 
 pytestmark = pytest.mark.slow
 
-EXPECTED_METRICS = {"loss", "loss_contrastive", "loss_pair", "lr", "samples_per_s", "step_time_s",
-                    "host_rss_gib", "samples"}
+EXPECTED_METRICS = {"loss", "loss_mep_visual", "loss_mep_audio", "loss_pair", "pair_accuracy", "lr",
+                    "samples_per_s", "step_time_s", "host_rss_gib", "samples"}
 
 
 def _runs(root: Path, experiment: str = "pemt-pretrain") -> list:

@@ -1,12 +1,18 @@
 """Clip encoders: a 3D ResNet over video clips and a 2D ResNet over log-mel spectrograms.
 
-One residual network written once for both: `dims` picks 2D or 3D convolutions. Widths double
-per stage and the spatial (and, for video, temporal) size halves from the second stage on.
+One residual network written once for both (`dims` picks 2D or 3D convolutions), from the
+small basic-block network of the tiny model to the ResNet-50s of the paper: bottleneck stages
+3-4-6-3, widths doubling per stage, spatial stride 2 from the second stage on. In 3D the time
+axis is only strided in the stem; each stage's temporal kernel (on the bottleneck's first
+convolution) comes from config, so the visual network is the paper's "slow" 3D ResNet-50.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 
@@ -18,37 +24,112 @@ def _norm(dims: int) -> type[nn.Module]:
     return nn.BatchNorm3d if dims == 3 else nn.BatchNorm2d
 
 
+def _kernel(dims: int, temporal: int, spatial: int) -> tuple[int, ...]:
+    """(t, s, s) in 3D; (s, s) in 2D, where the audio network has no separate time axis."""
+    return (temporal, spatial, spatial) if dims == 3 else (spatial, spatial)
+
+
+def _stride(dims: int, spatial: int) -> tuple[int, ...]:
+    return (1, spatial, spatial) if dims == 3 else (spatial, spatial)
+
+
+def _padding(kernel: Sequence[int]) -> tuple[int, ...]:
+    return tuple(k // 2 for k in kernel)
+
+
 class BasicBlock(nn.Module):
-    def __init__(self, dims: int, cin: int, cout: int, stride: int) -> None:
+    expansion = 1
+
+    def __init__(self, dims: int, cin: int, width: int, stride: int, temporal: int) -> None:
         super().__init__()
         conv, norm = _conv(dims), _norm(dims)
+        first, second = _kernel(dims, temporal, 3), _kernel(dims, 1, 3)
         self.body = nn.Sequential(
-            conv(cin, cout, 3, stride=stride, padding=1, bias=False), norm(cout), nn.ReLU(inplace=True),
-            conv(cout, cout, 3, padding=1, bias=False), norm(cout),
+            conv(cin, width, first, stride=_stride(dims, stride), padding=_padding(first), bias=False),
+            norm(width), nn.ReLU(inplace=True),
+            conv(width, width, second, padding=_padding(second), bias=False), norm(width),
         )
-        self.skip = (nn.Identity() if stride == 1 and cin == cout
-                     else nn.Sequential(conv(cin, cout, 1, stride=stride, bias=False), norm(cout)))
+        self.skip = _shortcut(dims, cin, width, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.body(x) + self.skip(x))
 
 
-class ResNet(nn.Module):
-    """Stem, `stages` residual stages, global average pool -> (N, out_dim)."""
+class Bottleneck(nn.Module):
+    expansion = 4
 
-    def __init__(self, dims: int, in_channels: int, width: int, stages: int, blocks_per_stage: int = 1) -> None:
+    def __init__(self, dims: int, cin: int, width: int, stride: int, temporal: int) -> None:
         super().__init__()
         conv, norm = _conv(dims), _norm(dims)
-        self.stem = nn.Sequential(conv(in_channels, width, 3, padding=1, bias=False), norm(width), nn.ReLU(inplace=True))
-        layers, cin = [], width
-        for stage in range(stages):
-            cout = width * 2 ** stage
-            for block in range(blocks_per_stage):
-                stride = 2 if stage > 0 and block == 0 else 1
-                layers.append(BasicBlock(dims, cin, cout, stride))
-                cin = cout
-        self.stages = nn.Sequential(*layers)
+        first, middle = _kernel(dims, temporal, 1), _kernel(dims, 1, 3)
+        cout = width * self.expansion
+        self.body = nn.Sequential(
+            conv(cin, width, first, padding=_padding(first), bias=False), norm(width), nn.ReLU(inplace=True),
+            conv(width, width, middle, stride=_stride(dims, stride), padding=_padding(middle), bias=False),
+            norm(width), nn.ReLU(inplace=True),
+            conv(width, cout, 1, bias=False), norm(cout),
+        )
+        self.skip = _shortcut(dims, cin, cout, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.skip(x))
+
+
+def _shortcut(dims: int, cin: int, cout: int, stride: int) -> nn.Module:
+    if stride == 1 and cin == cout:
+        return nn.Identity()
+    return nn.Sequential(_conv(dims)(cin, cout, 1, stride=_stride(dims, stride), bias=False), _norm(dims)(cout))
+
+
+class ResNet(nn.Module):
+    """Stem, residual stages, global average pool -> (N, out_dim).
+
+    `temporal_kernels` gives the stem's and each stage's temporal kernel (3D only).
+    `separable_stem` replaces the stem's k x k kernel by k x 1 then 1 x k (the audio network).
+    """
+
+    def __init__(self, dims: int, in_channels: int, width: int, layers: Sequence[int],
+                 block: str = "basic", stem_kernel: int = 3, stem_stride: int = 1,
+                 stem_pool: bool = False, temporal_kernels: Sequence[int] | None = None,
+                 separable_stem: bool = False) -> None:
+        super().__init__()
+        conv, norm = _conv(dims), _norm(dims)
+        temporal = list(temporal_kernels or [1] * (len(layers) + 1))
+        if len(temporal) != len(layers) + 1:
+            raise ValueError(f"temporal_kernels={temporal}: need one for the stem and one per stage ({len(layers) + 1})")
+        stride = (stem_stride,) * dims
+        if separable_stem:
+            kernel_a, kernel_b = (stem_kernel, 1), (1, stem_kernel)
+            stem = [conv(in_channels, width, kernel_a, stride=(stem_stride, 1), padding=_padding(kernel_a), bias=False),
+                    norm(width), nn.ReLU(inplace=True),
+                    conv(width, width, kernel_b, stride=(1, stem_stride), padding=_padding(kernel_b), bias=False)]
+        else:
+            kernel = _kernel(dims, temporal[0], stem_kernel)
+            stem = [conv(in_channels, width, kernel, stride=stride, padding=_padding(kernel), bias=False)]
+        stem += [norm(width), nn.ReLU(inplace=True)]
+        if stem_pool:
+            pool = _kernel(dims, 1, 3)
+            stem.append((nn.MaxPool3d if dims == 3 else nn.MaxPool2d)(pool, _stride(dims, 2), _padding(pool)))
+        self.stem = nn.Sequential(*stem)
+        block_type = {"basic": BasicBlock, "bottleneck": Bottleneck}[block]
+        blocks, cin = [], width
+        for stage, count in enumerate(layers):
+            stage_width = width * 2**stage
+            for index in range(count):
+                stride_here = 2 if stage > 0 and index == 0 else 1
+                blocks.append(block_type(dims, cin, stage_width, stride_here, temporal[stage + 1]))
+                cin = stage_width * block_type.expansion
+        self.stages = nn.Sequential(*blocks)
         self.out_dim = cin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x)).flatten(2).mean(-1)
+
+
+def build_cnn(dims: int, in_channels: int, cfg: DictConfig) -> ResNet:
+    return ResNet(
+        dims, in_channels, width=cfg.width, layers=list(cfg.layers), block=cfg.get("block", "basic"),
+        stem_kernel=cfg.get("stem_kernel", 3), stem_stride=cfg.get("stem_stride", 1),
+        stem_pool=cfg.get("stem_pool", False), temporal_kernels=cfg.get("temporal_kernels"),
+        separable_stem=cfg.get("separable_stem", False),
+    )

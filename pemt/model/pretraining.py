@@ -1,4 +1,13 @@
-"""The pretraining model: backbone + heads, returning its losses from one forward pass."""
+"""The pretraining model: backbone + heads, returning its losses from one forward pass.
+
+Objectives (weights in `loss.*`):
+- masked embedding prediction: a fraction of each modality's clip embeddings is replaced by a
+  learned mask token; the transformer output at each masked position must pick out the
+  original embedding among negatives drawn from the global batch (content-aware or uniform);
+- correct pair prediction: every second sample gets another sample's audio; a binary head
+  on the fused output says whether audio and video belong together;
+- optional audio-visual InfoNCE between the pooled outputs (off by default, not in the paper).
+"""
 
 from __future__ import annotations
 
@@ -7,32 +16,69 @@ from omegaconf import DictConfig
 from torch import nn
 
 from pemt.model.backbone import AVBackbone
-from pemt.model.objectives import info_nce, mismatch_mask, pair_loss
+from pemt.model.objectives import (info_nce, masked_embedding_loss, mismatch_mask, pair_loss,
+                                   random_mask)
+
+MODALITIES = ("visual", "audio")
 
 
 class AVPretrainingModel(nn.Module):
     def __init__(self, model_cfg: DictConfig, data_cfg: DictConfig, loss_cfg: DictConfig) -> None:
         super().__init__()
+        hidden = model_cfg.hidden_size
         self.backbone = AVBackbone(model_cfg, max_clips=data_cfg.clips)
-        self.pair_head = nn.Linear(model_cfg.hidden_size, 1)
-        self.temperature = float(loss_cfg.temperature)
-        self.contrastive_weight = float(loss_cfg.contrastive_weight)
-        self.pair_weight = float(loss_cfg.pair_weight)
+        self.fusion = self.backbone.fusion
+        self.mask_tokens = nn.Parameter(torch.randn(len(MODALITIES), hidden) * 0.02)
+        self.mep_heads = nn.ModuleDict({m: nn.Linear(hidden, hidden) for m in MODALITIES})
+        self.pair_head = nn.Linear(2 * hidden if self.fusion == "late" else hidden, 1)
+        self.loss_cfg = loss_cfg
+
+    def _mask(self, tokens: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, length, _ = tokens.shape
+        if not self.loss_cfg.mep_weight:
+            return tokens, torch.zeros(batch, length, dtype=torch.bool, device=tokens.device)
+        mask = random_mask(batch, length, float(self.loss_cfg.mask_ratio), tokens.device)
+        return torch.where(mask[..., None], self.mask_tokens[index].to(tokens.dtype), tokens), mask
+
+    def _contextual(self, visual: torch.Tensor, audio: torch.Tensor, mismatched: torch.Tensor
+                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Per-position outputs for each modality (B, T, H) and the pair head's input."""
+        backbone = self.backbone
+        length = visual.shape[1]
+        if self.fusion == "early":
+            fused = backbone.fuse(visual, torch.where(mismatched[:, None, None], audio.roll(1, 0), audio))
+            return {"visual": fused[:, 1:1 + length], "audio": fused[:, 2 + length:]}, fused[:, 0]
+        visual_out = backbone.contextualise("visual", visual)
+        audio_out = backbone.contextualise("audio", audio)
+        paired = torch.where(mismatched[:, None, None], audio_out.roll(1, 0), audio_out)
+        outputs = {"visual": visual_out[:, 1:], "audio": audio_out[:, 1:]}
+        if self.fusion == "late":
+            return outputs, torch.cat([visual_out[:, 0], paired[:, 0]], dim=-1)
+        fused = backbone.fuse(visual_out[:, 1:], paired[:, 1:])
+        return outputs, fused[:, 0]
 
     def forward(self, video: torch.Tensor, audio: torch.Tensor) -> dict[str, torch.Tensor]:
-        backbone = self.backbone
-        visual_tokens, audio_tokens = backbone.embed_clips(video, audio)
-        visual_out = backbone.contextualise("visual", visual_tokens)
-        audio_out = backbone.contextualise("audio", audio_tokens)
-        contrastive = info_nce(visual_out[:, 0], audio_out[:, 0], self.temperature)
-
+        cfg = self.loss_cfg
+        embeddings = dict(zip(MODALITIES, self.backbone.embed_clips(video, audio)))
+        masked = {m: self._mask(embeddings[m], i) for i, m in enumerate(MODALITIES)}
         mismatched = mismatch_mask(video.shape[0], video.device)
-        paired_audio = torch.where(mismatched[:, None, None], audio_out.roll(1, dims=0), audio_out)
-        fused = backbone.fuse(visual_out, paired_audio)
-        pair, pair_accuracy = pair_loss(self.pair_head(fused[:, 0]).squeeze(-1), mismatched)
+        outputs, pair_input = self._contextual(masked["visual"][0], masked["audio"][0], mismatched)
 
-        loss = self.contrastive_weight * contrastive + self.pair_weight * pair
-        return {"loss": loss, "loss_contrastive": contrastive.detach(), "loss_pair": pair.detach(),
+        losses: dict[str, torch.Tensor] = {}
+        if cfg.mep_weight:
+            for m in MODALITIES:
+                losses[f"loss_mep_{m}"] = masked_embedding_loss(
+                    self.mep_heads[m](outputs[m]), embeddings[m], masked[m][1], int(cfg.negatives),
+                    str(cfg.sampling), float(cfg.sampling_temperature), float(cfg.temperature))
+        pair, pair_accuracy = pair_loss(self.pair_head(pair_input).squeeze(-1), mismatched)
+        losses["loss_pair"] = pair
+        if cfg.contrastive_weight:
+            losses["loss_contrastive"] = info_nce(outputs["visual"].mean(1), outputs["audio"].mean(1),
+                                                  float(cfg.temperature))
+        total = (float(cfg.mep_weight) * sum(losses[f"loss_mep_{m}"] for m in MODALITIES if cfg.mep_weight)
+                 + float(cfg.pair_weight) * pair
+                 + float(cfg.contrastive_weight) * losses.get("loss_contrastive", 0.0))
+        return {"loss": total, **{k: v.detach() for k, v in losses.items()},
                 "pair_accuracy": pair_accuracy.detach()}
 
 

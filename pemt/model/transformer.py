@@ -1,7 +1,8 @@
 """Post-LayerNorm transformer layers and the stack that shares them.
 
-Layer sharing (ALBERT style) applies one layer object through the whole depth; cross-modal
-sharing is decided one level up, by handing the same stack to several transformers.
+Layer sharing (ALBERT style) applies one layer object through the whole depth. Cross-modal
+sharing is decided one level up, by handing one stack to several transformers; each call then
+passes its modality index, which selects the private parts of factorised dense layers.
 """
 
 from __future__ import annotations
@@ -9,43 +10,57 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from pemt.model.factorized import Factorization, dense
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, hidden: int, heads: int, ffn: int, dropout: float) -> None:
+    def __init__(self, hidden: int, heads: int, ffn: int, dropout: float, modalities: int,
+                 factorization: Factorization | None) -> None:
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.attn_out = nn.Linear(hidden, hidden)
+        self.query, self.key, self.value, self.attn_out = (
+            dense(hidden, hidden, modalities, factorization) for _ in range(4))
         self.attn_norm = nn.LayerNorm(hidden, eps=1e-12)
-        self.ffn_in = nn.Linear(hidden, ffn)
-        self.ffn_out = nn.Linear(ffn, hidden)
+        self.ffn_in = dense(hidden, ffn, modalities, factorization)
+        self.ffn_out = dense(ffn, hidden, modalities, factorization)
         self.ffn_norm = nn.LayerNorm(hidden, eps=1e-12)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, hidden = x.shape
-        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, hidden // self.heads).permute(2, 0, 3, 1, 4)
+        return x.view(batch, length, self.heads, hidden // self.heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, modality: int = 0) -> torch.Tensor:
+        q, k, v = (self._heads(proj(x, modality)) for proj in (self.query, self.key, self.value))
         p = self.dropout.p if self.training else 0.0
-        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-        attended = attended.transpose(1, 2).reshape(batch, length, hidden)
-        x = self.attn_norm(x + self.dropout(self.attn_out(attended)))
-        return self.ffn_norm(x + self.dropout(self.ffn_out(self.dropout(F.gelu(self.ffn_in(x))))))
+        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=p).transpose(1, 2).flatten(2)
+        x = self.attn_norm(x + self.dropout(self.attn_out(attended, modality)))
+        inner = self.dropout(F.gelu(self.ffn_in(x, modality)))
+        return self.ffn_norm(x + self.dropout(self.ffn_out(inner, modality)))
 
 
 class TransformerStack(nn.Module):
     """`depth` layers, or one layer applied `depth` times when `share_layers`."""
 
     def __init__(self, depth: int, hidden: int, heads: int, ffn: int, dropout: float,
-                 share_layers: bool) -> None:
+                 share_layers: bool, modalities: int = 1, factorization: Factorization | None = None,
+                 activation_checkpointing: bool = False) -> None:
         super().__init__()
         self.depth = depth
+        self.activation_checkpointing = activation_checkpointing
         count = 1 if share_layers else depth
-        self.layers = nn.ModuleList(TransformerLayer(hidden, heads, ffn, dropout) for _ in range(count))
+        self.layers = nn.ModuleList(
+            TransformerLayer(hidden, heads, ffn, dropout, modalities, factorization) for _ in range(count))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, modality: int = 0) -> torch.Tensor:
         for i in range(self.depth):
-            x = self.layers[i % len(self.layers)](x)
+            layer = self.layers[i % len(self.layers)]
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, modality, use_reentrant=False)
+            else:
+                x = layer(x, modality)
         return x
 
 

@@ -1,0 +1,75 @@
+"""Dense layers shared across modalities: plain, or factorised W_m = U S_m V_m.
+
+A factorised layer maps in -> rank -> out. One side's projection is shared by every modality,
+the other side's is private to each, and between them sits a private rank x rank inner matrix
+(orthogonal through torch's matrix-exponential parametrisation, or free). Which side is shared
+is configurable: `output` (the public fine-tuning code: private in->rank, shared rank->out with
+bias) or `input` (shared in->rank, private rank->out).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrizations
+
+
+@dataclass(frozen=True)
+class Factorization:
+    rank: int = 128
+    shared: str = "output"        # output | input: the side every modality shares
+    inner: str = "orthogonal"     # orthogonal | free
+    normalize: bool = True        # L2-normalise after the first projection, as the public code does
+
+    def __post_init__(self) -> None:
+        if self.shared not in ("output", "input"):
+            raise ValueError(f"factorized.shared={self.shared!r}: choose output or input")
+        if self.inner not in ("orthogonal", "free"):
+            raise ValueError(f"factorized.inner={self.inner!r}: choose orthogonal or free")
+
+
+class Dense(nn.Linear):
+    """A plain dense layer that takes (and ignores) the modality index."""
+
+    def forward(self, x: torch.Tensor, modality: int = 0) -> torch.Tensor:
+        return super().forward(x)
+
+
+class FactorizedDense(nn.Module):
+    def __init__(self, in_features: int, out_features: int, modalities: int, spec: Factorization) -> None:
+        super().__init__()
+        self.spec = spec
+        rank = spec.rank
+        if spec.shared == "output":
+            self.first = nn.ModuleList(nn.Linear(in_features, rank, bias=False) for _ in range(modalities))
+            self.last = nn.Linear(rank, out_features)
+        else:
+            self.first = nn.Linear(in_features, rank, bias=False)
+            self.last = nn.ModuleList(nn.Linear(rank, out_features) for _ in range(modalities))
+        self.inner = nn.ModuleList(self._inner(rank) for _ in range(modalities))
+
+    def _inner(self, rank: int) -> nn.Module:
+        layer = nn.Linear(rank, rank, bias=False)
+        if self.spec.inner == "orthogonal":
+            return parametrizations.orthogonal(layer, orthogonal_map="matrix_exp")
+        nn.init.eye_(layer.weight)
+        return layer
+
+    @staticmethod
+    def _pick(part: nn.Module, modality: int) -> nn.Module:
+        return part[modality] if isinstance(part, nn.ModuleList) else part
+
+    def forward(self, x: torch.Tensor, modality: int = 0) -> torch.Tensor:
+        hidden = self._pick(self.first, modality)(x)
+        if self.spec.normalize:
+            hidden = F.normalize(hidden, dim=-1)
+        return self._pick(self.last, modality)(self.inner[modality](hidden))
+
+
+def dense(in_features: int, out_features: int, modalities: int, spec: Factorization | None) -> nn.Module:
+    if spec is None:
+        return Dense(in_features, out_features)
+    return FactorizedDense(in_features, out_features, modalities, spec)
