@@ -64,6 +64,15 @@ def validate(cfg: DictConfig) -> None:
             f"world size {world} (nodes={cfg.nodes} x gpus_per_node={cfg.gpus_per_node})"
             f" x train.grad_accum_steps={cfg.train.grad_accum_steps}"
         )
+    streams = _positive_int(cfg, "data.streams")
+    if streams % world:
+        raise ConfigError(f"data.streams={streams} is not divisible by world size {world}; "
+                          "choose a multiple of nodes x gpus_per_node")
+    if cfg.train.global_batch_size % (streams * int(cfg.train.grad_accum_steps)):
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by data.streams="
+            f"{streams} x train.grad_accum_steps={cfg.train.grad_accum_steps}: every stream gives "
+            "the same number of samples to each step")
     if cfg.cluster.name == "local" and cfg.nodes != 1:
         raise ConfigError(f"nodes={cfg.nodes}: cluster=local runs on this machine only; use nodes=1")
     if cfg.precision not in ("fp32", "bf16"):

@@ -67,8 +67,8 @@ def init_distributed() -> DistInfo:
     return info
 
 
-def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Mean of each value over all ranks, in one collective."""
+def all_reduce(values: dict[str, float], device: torch.device, mean: bool = True) -> dict[str, float]:
+    """Mean (or sum) of each value over all ranks, in one collective."""
     import torch.distributed as dist
 
     if not values:
@@ -76,5 +76,6 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor)
-        tensor /= dist.get_world_size()
+        if mean:
+            tensor /= dist.get_world_size()
     return dict(zip(values, tensor.tolist()))

@@ -5,15 +5,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import av
 import pytest
+
+from pemt.data.synthetic import SyntheticSpec, render
 
 REPO = Path(__file__).resolve().parents[1]
 # DeepSpeed JIT-compiles its communication op once; every test run reuses the project's cache.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-# Small enough for a 2-core machine; 4 shards so 2 ranks x 1 worker each get their own.
-SMALL_DATA = ["data.synthetic.videos=16", "data.synthetic.videos_per_shard=4", "data.synthetic.seconds=2.0"]
+# Small enough for a 2-core machine; 8 shards, one per virtual stream (data.streams=8).
+SMALL_DATA = ["data.synthetic.videos=16", "data.synthetic.videos_per_shard=2", "data.synthetic.seconds=2.0"]
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +41,21 @@ def run_name(*overrides: str) -> str:
 
 def describe(result: subprocess.CompletedProcess) -> str:
     return f"exit {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-6000:]}"
+
+
+def video_without_audio(size: int = 32, seconds: float = 1.0) -> bytes:
+    """A valid H.264 mp4 with no audio track."""
+    import io
+
+    frames, _, _ = render(SyntheticSpec(seconds=seconds, size=size), 0)
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=16)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for array in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return buffer.getvalue()

@@ -22,6 +22,8 @@ def _assert_nothing_started(root: Path) -> None:
         (["train.global_batch_size=7"], "train.global_batch_size=7 is not divisible by world size 2"),
         (["gpus_per_node=3"], "train.global_batch_size=8 is not divisible by world size 3"),
         (["precision=fp8"], "precision='fp8'"),
+        (["data.streams=3"], "data.streams=3 is not divisible by world size 2"),
+        (["data.streams=16"], "train.global_batch_size=8 is not divisible by data.streams=16"),
         (["nodes=2"], "cluster=local runs on this machine only"),
         (["-m", "nodes=1", "gpus_per_node=1,2"], "gpus_per_node differs between sweep points"),
         (["-m", "train.global_batch_size=8,9"], "train.global_batch_size=9 is not divisible"),

@@ -1,8 +1,10 @@
-"""The training stream: WebDataset shards, split by node and worker, decoded with PyAV.
+"""The training stream: WebDataset shards in a resumable order, decoded with PyAV in workers.
 
-Each rank reads its own shards (split by node, then by worker) and cycles through them
-without end, reshuffled on every pass, so every rank yields as many batches as the trainer
-asks for however unevenly the shards divide: no rank runs dry and hangs the others.
+Rank r reads its share of the virtual streams (see pemt.data.stream). Each micro-step takes
+`per_stream` slots from each of them; with several workers, worker w decodes the micro-steps
+w, w + N, ... and only reads past the others' slots, so batches arrive in step order. Samples
+that cannot be decoded are dropped from their batch and reported with it (`errors`), never
+raised: the trainer counts them and stops past `data.max_error_rate`.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ import random
 from typing import Iterator
 
 import torch
-import webdataset as wds
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pemt.data.decode import ClipSpec, decode_clips
+from pemt.data.decode import ClipSpec, DecodeError, decode_clips
 from pemt.data.shards import list_shards
+from pemt.data.stream import Slot, StreamPlan, plan_from_manifest, stream_slots
 
 
 def clip_spec(data_cfg: DictConfig) -> ClipSpec:
@@ -28,67 +30,85 @@ def clip_spec(data_cfg: DictConfig) -> ClipSpec:
     )
 
 
-class _CycleShards:
-    """Pipeline stage: repeat this worker's shard list forever, reshuffled each pass."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-
-    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        shards = list(src)
-        rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        rng = random.Random(f"shards-{self.seed}-{rank}-{worker}")
-        while shards:
-            rng.shuffle(shards)
-            yield from shards
-
-
-class _Decode:
-    def __init__(self, spec: ClipSpec, seed: int) -> None:
-        self.spec = spec
-        self.seed = seed
-        self.rng: random.Random | None = None
-
-    def __call__(self, sample: dict) -> dict:
-        if self.rng is None:  # seeded per worker, in the worker
-            rank, _, worker, _ = wds.utils.pytorch_worker_info()
-            self.rng = random.Random(f"decode-{self.seed}-{rank}-{worker}")
-        clips = decode_clips(sample["mp4"], self.spec, self.rng)
+def _decode(slot: Slot, spec: ClipSpec, seed: int, train: bool) -> dict:
+    sample = slot.sample
+    if "mp4" not in sample:
+        raise DecodeError(f"no .mp4 member (has {sorted(k for k in sample if not k.startswith('__'))})")
+    try:
         meta = json.loads(sample["json"]) if "json" in sample else {}
-        return {"key": sample["__key__"], "label": int(meta.get("label", -1)), **clips}
+        label = int(meta.get("label", -1))
+    except (ValueError, TypeError) as err:
+        raise DecodeError(f"malformed json metadata: {err}") from err
+    # The random window and crop depend on the slot alone: the same on any rank or worker.
+    rng = random.Random(f"decode-{seed}-{slot.stream}-{slot.position}") if train else None
+    return {"key": sample["__key__"], "label": label, **decode_clips(sample["mp4"], spec, rng)}
 
 
-def _collate(samples: list[dict]) -> dict:
-    return {
-        "key": [s["key"] for s in samples],
-        "label": torch.tensor([s["label"] for s in samples]),
-        "video": torch.stack([s["video"] for s in samples]),
-        "audio": torch.stack([s["audio"] for s in samples]),
-    }
+class StreamDataset(IterableDataset):
+    """Micro-batches of one rank from micro-step `start` on, in step order, without end."""
+
+    def __init__(self, plan: StreamPlan, streams: list[int], per_stream: int, start: int,
+                 spec: ClipSpec, train: bool = True) -> None:
+        super().__init__()
+        self.plan, self.streams, self.per_stream = plan, streams, per_stream
+        self.start, self.spec, self.train = start, spec, train
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        slots = {v: stream_slots(self.plan, v, self.start * self.per_stream) for v in self.streams}
+        micro = self.start
+        while True:
+            mine = (micro - self.start) % workers == worker
+            samples, errors = [], []
+            for v in self.streams:
+                for _ in range(self.per_stream):
+                    slot = next(slots[v])
+                    if not mine:
+                        continue
+                    if slot.sample is None:
+                        errors.append({"shard": slot.shard, "key": None, "reason": slot.error})
+                        continue
+                    try:
+                        samples.append(_decode(slot, self.spec, self.plan.seed, self.train))
+                    except DecodeError as err:
+                        errors.append({"shard": slot.shard, "key": slot.sample.get("__key__"), "reason": str(err)})
+            if mine:
+                yield _collate(samples, errors, micro)
+            micro += 1
 
 
-def build_loader(data_cfg: DictConfig, shards: str, batch_size: int, world_size: int,
-                 seed: int) -> DataLoader:
-    """An endless loader of `batch_size` batches for this rank (rank from RANK/WORLD_SIZE)."""
+def _collate(samples: list[dict], errors: list[dict], micro: int) -> dict:
+    batch = {"micro_step": micro, "key": [s["key"] for s in samples], "errors": errors,
+             "slots": len(samples) + len(errors)}
+    if samples:
+        batch["label"] = torch.tensor([s["label"] for s in samples])
+        batch["video"] = torch.stack([s["video"] for s in samples])
+        batch["audio"] = torch.stack([s["audio"] for s in samples])
+    return batch
+
+
+def stream_layout(streams: int, rank: int, world_size: int, micro_batch: int) -> tuple[list[int], int]:
+    """This rank's virtual streams and how many slots each gives per micro-step."""
+    if streams % world_size:
+        raise ValueError(f"data.streams={streams} is not divisible by world size {world_size}")
+    mine = streams // world_size
+    if micro_batch % mine:
+        raise ValueError(f"micro batch {micro_batch} is not divisible by the {mine} streams per rank "
+                         f"(data.streams={streams} over {world_size} ranks)")
+    return list(range(rank * mine, (rank + 1) * mine)), micro_batch // mine
+
+
+def build_loader(data_cfg: DictConfig, shards: str, micro_batch: int, rank: int, world_size: int,
+                 seed: int, start_micro_step: int = 0) -> DataLoader:
+    """This rank's endless loader, resuming at `start_micro_step`."""
     urls = list_shards(shards)
+    plan = plan_from_manifest(shards, urls, int(data_cfg.streams), seed, int(data_cfg.shuffle_buffer))
+    streams, per_stream = stream_layout(plan.streams, rank, world_size, micro_batch)
+    dataset = StreamDataset(plan, streams, per_stream, start_micro_step, clip_spec(data_cfg))
     workers = int(data_cfg.num_workers)
-    if len(urls) < world_size * max(1, workers):
-        raise ValueError(
-            f"{shards}: {len(urls)} shards for {world_size} ranks x {max(1, workers)} workers; "
-            "every worker needs at least one shard (write smaller shards or lower data.num_workers)"
-        )
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList(urls),
-        wds.split_by_node,
-        wds.split_by_worker,
-        _CycleShards(seed),
-        wds.tarfile_to_samples(handler=wds.warn_and_continue),
-        wds.shuffle(int(data_cfg.shuffle_buffer), rng=random.Random(seed)),
-        wds.map(_Decode(clip_spec(data_cfg), seed), handler=wds.warn_and_continue),
-        wds.batched(batch_size, collation_fn=_collate, partial=False),
-    )
     return DataLoader(
-        pipeline, batch_size=None, num_workers=workers,
+        dataset, batch_size=None, num_workers=workers,
         # Video decoders in forked workers can deadlock; forkserver starts them clean.
         multiprocessing_context="forkserver" if workers else None,
         persistent_workers=workers > 0, prefetch_factor=4 if workers else None,

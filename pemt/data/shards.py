@@ -25,6 +25,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def describe_shard(path: Path) -> dict:
+    """A manifest entry's file facts: name, bytes, sha256."""
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
 def write_shards(samples: Iterable[dict], out_dir: Path, samples_per_shard: int,
                  extra: dict | None = None) -> list[dict]:
     """Write samples into tar shards under `out_dir` and a manifest describing them."""
@@ -35,8 +40,7 @@ def write_shards(samples: Iterable[dict], out_dir: Path, samples_per_shard: int,
             writer.write(sample)
             name = Path(writer.fname).name
             counts[name] = counts.get(name, 0) + 1
-    shards = [{"name": name, "samples": n, "bytes": (out_dir / name).stat().st_size,
-               "sha256": _sha256(out_dir / name)} for name, n in sorted(counts.items())]
+    shards = [{**describe_shard(out_dir / name), "samples": n} for name, n in sorted(counts.items())]
     manifest = {"shards": shards, "samples": sum(counts.values()), **(extra or {})}
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return shards

@@ -3,6 +3,7 @@ and tracking. Runs in every rank of a submitted job."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ from tqdm import tqdm
 
 from pemt.config import ConfigError, validate, world_size
 from pemt.data.loader import build_loader, shard_source
-from pemt.distributed import DistInfo, all_reduce_mean, init_distributed
+from pemt.data.errors import BadSamples, DataError
+from pemt.distributed import DistInfo, all_reduce, init_distributed
 from pemt.model.pretraining import build_pretraining_model
 from pemt.track.metrics import Throughput, device_memory_gib, host_rss_gib
 from pemt.track.tracker import MlflowTracker
@@ -56,24 +58,54 @@ class Trainer:
         self.tracker = MlflowTracker(cfg, self.run_dir, enabled=self.info.is_main)
 
     def _log(self, step: int, samples: int, sums: dict[str, torch.Tensor], count: int,
-             meter: Throughput, progress: tqdm) -> None:
-        means = all_reduce_mean({k: float(v) / count for k, v in sums.items()}, self.engine.device)
+             meter: Throughput, progress: tqdm, bad: BadSamples) -> None:
+        means = all_reduce({k: float(v) / count for k, v in sums.items()}, self.engine.device)
+        totals = all_reduce({"bad_samples": bad.errors, "slots": bad.slots}, self.engine.device, mean=False)
         metrics = {**means, "lr": self.engine.get_lr()[0], "samples": samples, **meter.report(),
-                   "host_rss_gib": host_rss_gib(), **device_memory_gib()}
+                   "bad_samples": totals["bad_samples"], "host_rss_gib": host_rss_gib(), **device_memory_gib()}
         self.tracker.log_metrics(metrics, step)
         progress.set_postfix(loss=f"{means['loss']:.4f}", refresh=False)
+        bad.check(totals["bad_samples"], totals["slots"])  # every rank sees the same totals
+
+    def _check_data_cursor(self, state: dict[str, Any]) -> None:
+        saved = state.get("data_cursor")
+        if saved and saved["streams"] != self.cfg.data.streams:
+            raise ConfigError(
+                f"data.streams={self.cfg.data.streams} but the checkpoint was written with "
+                f"data.streams={saved['streams']}: the sample order would change; resume with the same value")
+
+    def _batches(self, start_micro: int, bad: BadSamples) -> Any:
+        """Micro-batches from `start_micro` on, each recorded and counted before use."""
+        cfg, info = self.cfg, self.info
+        loader = build_loader(cfg.data, shard_source(cfg), self.engine.train_micro_batch_size_per_gpu(),
+                              info.rank, info.world_size, seed=cfg.seed, start_micro_step=start_micro)
+        record = None
+        if cfg.train.record_samples:
+            (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+            record = (self.run_dir / "samples" / f"rank{info.rank:05d}.jsonl").open("a")
+        accum = int(cfg.train.grad_accum_steps)
+        for batch in loader:
+            bad.add(batch)
+            if record is not None:
+                record.write(json.dumps({"step": batch["micro_step"] // accum + 1,
+                                         "micro_step": batch["micro_step"], "keys": batch["key"]}) + "\n")
+                record.flush()
+            if "video" not in batch:
+                raise DataError(f"every sample of micro-step {batch['micro_step']} on rank {info.rank} failed: "
+                                + "; ".join(f"{e['shard']}: {e['reason']}" for e in batch["errors"]))
+            yield batch
 
     def fit(self) -> dict[str, Any]:
         cfg, engine, info = self.cfg, self.engine, self.info
         state = self.checkpointer.load(engine) or {}
+        self._check_data_cursor(state)
         step, samples = int(state.get("step", 0)), int(state.get("samples", 0))
         run_id = _shared_run_id(self.tracker.start(cfg, run_id=state.get("mlflow_run_id")), info)
         status = "FAILED"
         try:
-            loader = build_loader(cfg.data, shard_source(cfg), engine.train_micro_batch_size_per_gpu(),
-                                  info.world_size, seed=cfg.seed + step)
-            batches = iter(loader)
             accum = int(cfg.train.grad_accum_steps)
+            bad = BadSamples(float(cfg.data.max_error_rate))
+            batches = self._batches(step * accum, bad)
             progress = tqdm(total=cfg.train.max_steps, initial=step, desc="pretrain", unit="step",
                             disable=not info.is_main, dynamic_ncols=True, mininterval=1.0)
             meter, sums, count = Throughput(), {}, 0
@@ -92,10 +124,12 @@ class Trainer:
                 meter.add(int(cfg.train.global_batch_size))
                 progress.update(1)
                 if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                    self._log(step, samples, sums, count, meter, progress)
+                    self._log(step, samples, sums, count, meter, progress, bad)
                     sums, count = {}, 0
                 if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
-                    self.checkpointer.save(engine, step, {"samples": samples, "mlflow_run_id": run_id})
+                    cursor = {"micro_step": step * accum, "streams": int(cfg.data.streams), "seed": int(cfg.seed)}
+                    self.checkpointer.save(engine, step, {"samples": samples, "mlflow_run_id": run_id,
+                                                          "data_cursor": cursor})
             progress.close()
             status = "FINISHED"
         finally:

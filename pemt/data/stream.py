@@ -1,0 +1,124 @@
+"""A deterministic, resumable order over shards: a fixed number of virtual streams.
+
+Shards are dealt once to `streams` virtual streams (balanced by sample count). Each stream
+walks its shards in a seeded order that changes every epoch, shuffling within each shard with a
+seeded buffer. Every micro-step takes the next `per_step` samples of every stream, so the
+samples of a step depend only on the step, never on the world size: rank r of W owns streams
+[r V/W, (r+1) V/W), and a run resumed at step s at any world size that divides V sees exactly
+the samples an uninterrupted run would have seen. Positions are slots: a sample that fails to
+decode leaves its slot empty (the batch is one smaller) instead of shifting the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from typing import Iterator
+
+import webdataset as wds
+
+from pemt.data.shards import MANIFEST
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One position of a stream: the raw sample, or why there is none."""
+
+    stream: int
+    position: int
+    shard: str
+    sample: dict | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    urls: tuple[str, ...]
+    counts: tuple[int, ...]
+    streams: int
+    seed: int
+    shuffle_buffer: int
+
+    def __post_init__(self) -> None:
+        if len(self.urls) < self.streams:
+            raise ValueError(f"{len(self.urls)} shards for data.streams={self.streams}: every virtual "
+                             "stream needs at least one shard (lower data.streams or write smaller shards)")
+
+    def assignment(self) -> list[list[int]]:
+        """Shard indices per stream, dealt largest first to the lightest stream."""
+        loads, owned = [0] * self.streams, [[] for _ in range(self.streams)]
+        for index in sorted(range(len(self.urls)), key=lambda i: (-self.counts[i], i)):
+            lightest = min(range(self.streams), key=lambda v: (loads[v], v))
+            owned[lightest].append(index)
+            loads[lightest] += self.counts[index]
+        return owned
+
+    def epoch_order(self, stream: int, epoch: int) -> list[int]:
+        order = sorted(self.assignment()[stream])
+        random.Random(f"order-{self.seed}-{stream}-{epoch}").shuffle(order)
+        return order
+
+    def epoch_length(self, stream: int) -> int:
+        return sum(self.counts[i] for i in self.assignment()[stream])
+
+
+def plan_from_manifest(folder: str, urls: list[str], streams: int, seed: int, shuffle_buffer: int) -> StreamPlan:
+    """Sample counts come from the folder's manifest; they fix every slot's place."""
+    from pathlib import Path
+
+    manifest = Path(folder) / MANIFEST
+    if not manifest.exists():
+        raise FileNotFoundError(f"{manifest}: missing; the resumable stream needs each shard's sample count "
+                                "(write shards with tools/make_synthetic.py or pemt.data.shards.write_shards)")
+    counts = {entry["name"]: int(entry["samples"]) for entry in json.loads(manifest.read_text())["shards"]}
+    return StreamPlan(tuple(urls), tuple(counts[Path(u).name] for u in urls), streams, seed, shuffle_buffer)
+
+
+def _shard_samples(url: str, count: int) -> Iterator[tuple[dict | None, str | None]]:
+    """Exactly `count` entries: the shard's samples, then placeholders if it ends early."""
+    produced = 0
+    try:
+        for sample in wds.tarfile_to_samples()([{"url": url}]):
+            if produced == count:
+                break
+            produced += 1
+            yield sample, None
+    except Exception as err:  # a corrupt tar ends the shard; its remaining slots stay empty
+        reason = f"unreadable shard after {produced} samples: {err}"
+    else:
+        reason = f"shard has {produced} samples, manifest says {count}"
+    for _ in range(count - produced):
+        yield None, reason
+
+
+def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
+    buffer: list = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= size:
+            yield buffer.pop(rng.randrange(len(buffer)))
+    while buffer:
+        yield buffer.pop(rng.randrange(len(buffer)))
+
+
+def stream_slots(plan: StreamPlan, stream: int, start: int) -> Iterator[Slot]:
+    """Slots of one virtual stream from position `start` on, without end."""
+    length = plan.epoch_length(stream)
+    epoch, offset = divmod(start, length)
+    position = start - offset
+    while True:
+        for shard in plan.epoch_order(stream, epoch):
+            count = plan.counts[shard]
+            if offset >= count:  # the whole shard lies before the resume point: never opened
+                offset -= count
+                position += count
+                continue
+            rng = random.Random(f"shuffle-{plan.seed}-{stream}-{epoch}-{shard}")
+            url = plan.urls[shard]
+            for index, (sample, error) in enumerate(_shuffled(_shard_samples(url, count), plan.shuffle_buffer, rng)):
+                if index >= offset:
+                    yield Slot(stream, position, url, sample, error)
+                position += 1
+            offset = 0
+        epoch += 1
