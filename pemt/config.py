@@ -90,6 +90,8 @@ def validate(cfg: DictConfig) -> None:
                           "use any of layer, cross, factorized")
     if cfg.model.fusion not in ("mid", "early", "late"):
         raise ConfigError(f"model.fusion={cfg.model.fusion!r}: choose mid, early or late")
+    if cfg.data.short_videos not in ("loop", "pad"):
+        raise ConfigError(f"data.short_videos={cfg.data.short_videos!r}: choose loop or pad")
     if cfg.loss.sampling not in ("content", "uniform"):
         raise ConfigError(f"loss.sampling={cfg.loss.sampling!r}: choose content or uniform")
     if not 0.0 < cfg.loss.mask_ratio < 1.0:

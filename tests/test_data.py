@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import random
@@ -47,6 +48,16 @@ def test_short_video_loops_to_fill_the_window() -> None:
     assert out["video"].shape[0] == SPEC.clips
     # The last clip repeats the first: same frames a loop later.
     assert torch.allclose(out["video"][0], out["video"][-1], atol=0.05)
+
+
+def test_short_video_can_be_padded_instead() -> None:
+    short = SyntheticSpec(videos=1, seconds=0.5)
+    frames, audio, _ = render(short, 0)
+    data = encode_mp4(frames, audio, short.source_fps, short.sample_rate)
+    out = decode_clips(data, dataclasses.replace(SPEC, short_videos="pad"), None)
+    last = out["video"][-1]
+    assert torch.equal(last[:, 0], last[:, -1]), "the last frame is held"
+    assert out["audio"][-1].max() < out["audio"][0].max() - 5, "silence after the end"
 
 
 def test_video_without_audio_is_rejected_with_reason() -> None:

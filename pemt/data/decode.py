@@ -27,6 +27,7 @@ class ClipSpec:
     mel_bins: int
     mel_window_ms: float
     mel_hop_ms: float
+    short_videos: str = "loop"   # loop | pad: how a video shorter than the window is filled
 
     @property
     def clip_seconds(self) -> float:
@@ -67,8 +68,9 @@ def log_mel(samples: torch.Tensor, spec: ClipSpec) -> torch.Tensor:
 
 
 def _frames(container: av.container.InputContainer, times: np.ndarray, crop: int,
-            rng: random.Random | None) -> np.ndarray:
-    """The decoded frame shown at each time (loops past the end), resized and cropped."""
+            rng: random.Random | None, loop: bool) -> np.ndarray:
+    """The decoded frame shown at each time, resized and cropped. Past the end the video
+    loops, or (`loop` false) holds its last frame."""
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
     decoded: list[tuple[float, av.VideoFrame]] = []
@@ -81,7 +83,7 @@ def _frames(container: av.container.InputContainer, times: np.ndarray, crop: int
         raise DecodeError("no video frames")
     starts = np.array([t for t, _ in decoded])
     span = starts[-1] + (starts[-1] - starts[-2] if len(starts) > 1 else 1.0)
-    picked = np.searchsorted(starts, times % span, side="right") - 1
+    picked = np.searchsorted(starts, times % span if loop else times, side="right") - 1
     first = decoded[0][1]
     scale = crop / min(first.width, first.height)
     width, height = max(crop, round(first.width * scale)), max(crop, round(first.height * scale))
@@ -116,7 +118,7 @@ def decode_clips(data: bytes, spec: ClipSpec, rng: random.Random | None = None) 
     """Encoded video -> {"video": (T, 3, F, crop, crop) in [0, 1], "audio": (T, 1, mel, frames)}.
 
     `rng` picks a random window and crop (training); None takes the centred ones (evaluation).
-    Videos shorter than the window loop.
+    Videos shorter than the window loop or are padded (`spec.short_videos`).
     """
     try:
         with av.open(io.BytesIO(data)) as container:
@@ -126,7 +128,7 @@ def decode_clips(data: bytes, spec: ClipSpec, rng: random.Random | None = None) 
             slack = max(0.0, duration - spec.seconds)
             start = rng.uniform(0.0, slack) if rng is not None else slack / 2
             times = start + np.arange(spec.clips * spec.frames_per_clip) / spec.fps
-            frames = _frames(container, times, spec.crop, rng)
+            frames = _frames(container, times, spec.crop, rng, spec.short_videos == "loop")
             container.seek(0)
             audio = _audio(container, spec.sample_rate)
     except av.error.FFmpegError as err:
@@ -134,8 +136,10 @@ def decode_clips(data: bytes, spec: ClipSpec, rng: random.Random | None = None) 
     clip_samples = int(round(spec.clip_seconds * spec.sample_rate))
     first = int(round(start * spec.sample_rate))
     needed = spec.clips * clip_samples
-    reps = math.ceil((first + needed) / len(audio))
-    window = np.tile(audio, reps)[first:first + needed] if reps > 1 else audio[first:first + needed]
+    if first + needed > len(audio):  # short: loop the sound with the picture, or pad with silence
+        reps = math.ceil((first + needed) / len(audio))
+        audio = np.tile(audio, reps) if spec.short_videos == "loop" else np.pad(audio, (0, first + needed - len(audio)))
+    window = audio[first:first + needed]
     video = torch.from_numpy(frames).reshape(spec.clips, spec.frames_per_clip, spec.crop, spec.crop, 3)
     video = video.permute(0, 4, 1, 2, 3).float().div_(255.0)
     mel = log_mel(torch.from_numpy(window.copy()).reshape(spec.clips, clip_samples), spec)

@@ -27,6 +27,7 @@ def clip_spec(data_cfg: DictConfig) -> ClipSpec:
         clips=data_cfg.clips, frames_per_clip=data_cfg.frames_per_clip, fps=data_cfg.fps,
         crop=data_cfg.crop, sample_rate=data_cfg.sample_rate, mel_bins=data_cfg.mel_bins,
         mel_window_ms=data_cfg.mel_window_ms, mel_hop_ms=data_cfg.mel_hop_ms,
+        short_videos=data_cfg.get("short_videos", "loop"),
     )
 
 
@@ -112,6 +113,9 @@ def build_loader(data_cfg: DictConfig, shards: str, micro_batch: int, rank: int,
         # Video decoders in forked workers can deadlock; forkserver starts them clean.
         multiprocessing_context="forkserver" if workers else None,
         persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+        # Its own generator: starting an iterator must not draw from the global torch RNG,
+        # or a resumed run's random stream would differ from an uninterrupted one.
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

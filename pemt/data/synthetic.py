@@ -1,9 +1,9 @@
 """Synthetic audio-visual videos with structure a model can learn, written as shards.
 
-Each of K classes pairs a visual pattern (a square of one colour moving at one speed) with a
-sound (a tone of one pitch). Within a video the square flashes in time with beats of the tone,
-at a per-video rhythm and phase, so which audio belongs to which video is learnable from
-timing as well as from class. Everything is deterministic from the seed.
+Each of K classes pairs a visual pattern (a shape of one colour moving at one speed) with a
+sound (a tone of one pitch, beating in one range of tempi). Within a video the shape flashes in
+time with the beats, at a per-video tempo and phase, so which audio belongs to which video is
+learnable from timing as well as from class. Everything is deterministic from the seed.
 """
 
 from __future__ import annotations
@@ -46,37 +46,68 @@ _COLOURS = np.array(
 )
 
 
-def _class_style(label: int, classes: int) -> tuple[np.ndarray, float, float]:
-    colour = _COLOURS[label % len(_COLOURS)] * (1.0 - 0.3 * (label // len(_COLOURS)) / max(1, classes))
-    speed = 0.4 + 0.8 * label / max(1, classes - 1)          # frame widths per second
-    pitch = 220.0 * 2 ** (label * 12 / max(1, classes) / 12)  # one octave spread over classes
-    return colour, speed, pitch
+_SHAPES = ("square", "disc", "bar", "cross")
+
+
+@dataclass(frozen=True)
+class ClassStyle:
+    colour: np.ndarray
+    shape: str
+    speed: float      # frame widths per second
+    pitch: float      # Hz
+    beat_hz: tuple[float, float]  # range of the class's rhythm
+
+
+def class_style(label: int, classes: int) -> ClassStyle:
+    """Each class: a colour, a shape and a motion, paired with a pitch and a rhythm."""
+    spread = label / max(1, classes - 1)
+    return ClassStyle(
+        colour=_COLOURS[label % len(_COLOURS)] * (1.0 - 0.3 * (label // len(_COLOURS)) / max(1, classes)),
+        shape=_SHAPES[label % len(_SHAPES)],
+        speed=0.4 + 0.8 * spread,
+        pitch=220.0 * 2 ** spread,                 # one octave spread over the classes
+        beat_hz=(1.0 + 1.5 * spread, 1.5 + 1.5 * spread),
+    )
+
+
+def _shape_mask(shape: str, side: int) -> np.ndarray:
+    yy, xx = np.mgrid[:side, :side] - (side - 1) / 2
+    r = side / 2
+    return {"square": np.ones((side, side), dtype=bool),
+            "disc": xx**2 + yy**2 <= r**2,
+            "bar": np.abs(yy) <= r / 3,
+            "cross": (np.abs(xx) <= r / 4) | (np.abs(yy) <= r / 4)}[shape]
 
 
 def render(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Frames (N, H, W, 3) uint8, mono audio (S,) float32 and metadata for one video."""
+    """Frames (N, H, W, 3) uint8, mono audio (S,) float32 and metadata for one video.
+
+    The shape flashes on the beats of the tone: per-video tempo and phase within the class's
+    rhythm, so audio and video of one video are in sync and other pairings mostly are not.
+    """
     rng = np.random.default_rng([spec.seed, index])
     label = int(rng.integers(spec.classes))
-    colour, speed, pitch = _class_style(label, spec.classes)
-    beat_hz = float(rng.uniform(1.0, 3.0))
+    style = class_style(label, spec.classes)
+    beat_hz = float(rng.uniform(*style.beat_hz))
     phase = float(rng.uniform(0, 1))
     n_frames = int(round(spec.seconds * spec.source_fps))
-    side = spec.size // 4
+    side = max(4, spec.size // 4)
+    mask = _shape_mask(style.shape, side)
     y0 = int(rng.integers(0, spec.size - side))
     frames = np.empty((n_frames, spec.size, spec.size, 3), dtype=np.uint8)
     base = rng.uniform(10, 40, size=(spec.size, spec.size, 3)).astype(np.float32)
     for i in range(n_frames):
         t = i / spec.source_fps
         on = ((t * beat_hz + phase) % 1.0) < 0.5
-        x0 = int(((t * speed + phase) % 1.0) * (spec.size - side))
+        x0 = int(((t * style.speed + phase) % 1.0) * (spec.size - side))
         frame = base.copy()
-        frame[y0:y0 + side, x0:x0 + side] = colour * (1.0 if on else 0.35)
+        frame[y0:y0 + side, x0:x0 + side][mask] = style.colour * (1.0 if on else 0.35)
         frames[i] = frame.clip(0, 255).astype(np.uint8)
     t = np.arange(int(spec.seconds * spec.sample_rate)) / spec.sample_rate
     envelope = np.where(((t * beat_hz + phase) % 1.0) < 0.5, 1.0, 0.15)
-    audio = 0.4 * envelope * np.sin(2 * np.pi * pitch * t) + 0.01 * rng.standard_normal(t.shape)
+    audio = 0.4 * envelope * np.sin(2 * np.pi * style.pitch * t) + 0.01 * rng.standard_normal(t.shape)
     meta = {"id": f"synthetic-{index:06d}", "label": label, "duration": spec.seconds,
-            "fps": spec.source_fps, "source": "synthetic", "beat_hz": beat_hz}
+            "fps": spec.source_fps, "source": "synthetic", "shape": style.shape, "beat_hz": beat_hz}
     return frames, audio.astype(np.float32), meta
 
 

@@ -1,21 +1,22 @@
-"""The training job: composes distributed setup, data, model, DeepSpeed engine, checkpoints
-and tracking. Runs in every rank of a submitted job."""
+"""The training job: composes distributed setup, data, model, DeepSpeed engine, checkpoints,
+preemption handling and tracking. Runs in every rank of a submitted job."""
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from pemt.config import ConfigError, validate, world_size
-from pemt.data.loader import build_loader, shard_source
 from pemt.data.errors import BadSamples, DataError
+from pemt.data.loader import build_loader, shard_source
 from pemt.distributed import DistInfo, all_reduce, init_distributed
 from pemt.model.pretraining import build_pretraining_model
 from pemt.track.metrics import Throughput, device_memory_gib, host_rss_gib
@@ -23,6 +24,7 @@ from pemt.track.tracker import MlflowTracker
 from pemt.train.checkpoint import Checkpointer
 from pemt.train.engine_config import deepspeed_config
 from pemt.train.optimizer import build_optimizer
+from pemt.train.preemption import StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +47,43 @@ class Trainer:
             raise ConfigError(
                 f"the job has {self.info.world_size} processes but nodes x gpus_per_node = {world_size(cfg)}"
             )
+        # Signals are only recorded from here on; the loop acts on them at step boundaries.
+        self.stop = StopRequest()
+        self.stop.install()
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep_last=int(cfg.train.keep_last),
+                                         keep_every=int(cfg.train.keep_every))
+        self.resume_from = self.checkpointer.select()
+        self.elastic = bool(self.resume_from and self.resume_from.manifest["world_size"] != self.info.world_size)
         import deepspeed
 
         torch.manual_seed(cfg.seed)
         model = build_pretraining_model(cfg)
         optimizer, scheduler = build_optimizer(model, cfg.train)
+        engine_config = deepspeed_config(cfg)
+        if self.elastic:
+            engine_config["checkpoint"] = {"load_universal": True}
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=engine_config
         )
         self.dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints")
         self.tracker = MlflowTracker(cfg, self.run_dir, enabled=self.info.is_main)
+
+    def _restore(self) -> dict[str, Any]:
+        if self.resume_from is None:
+            return {}
+        state = self.checkpointer.load(self.engine, self.resume_from, universal=self.elastic)
+        if self.elastic:
+            # Per-rank random streams cannot carry over to another world size; reseed them
+            # from the step so the continuation is still reproducible.
+            torch.manual_seed(self.cfg.seed * 1_000_003 + int(state["step"]) * 1009 + self.info.rank)
+            log.info("resumed at world size %d from a checkpoint written at %d",
+                     self.info.world_size, self.resume_from.manifest["world_size"])
+        saved = state.get("data_cursor")
+        if saved and saved["streams"] != self.cfg.data.streams:
+            raise ConfigError(
+                f"data.streams={self.cfg.data.streams} but the checkpoint was written with "
+                f"data.streams={saved['streams']}: the sample order would change; resume with the same value")
+        return state
 
     def _log(self, step: int, samples: int, sums: dict[str, torch.Tensor], count: int,
              meter: Throughput, progress: tqdm, bad: BadSamples) -> None:
@@ -67,14 +95,7 @@ class Trainer:
         progress.set_postfix(loss=f"{means['loss']:.4f}", refresh=False)
         bad.check(totals["bad_samples"], totals["slots"])  # every rank sees the same totals
 
-    def _check_data_cursor(self, state: dict[str, Any]) -> None:
-        saved = state.get("data_cursor")
-        if saved and saved["streams"] != self.cfg.data.streams:
-            raise ConfigError(
-                f"data.streams={self.cfg.data.streams} but the checkpoint was written with "
-                f"data.streams={saved['streams']}: the sample order would change; resume with the same value")
-
-    def _batches(self, start_micro: int, bad: BadSamples) -> Any:
+    def _batches(self, start_micro: int, bad: BadSamples) -> Iterator[dict]:
         """Micro-batches from `start_micro` on, each recorded and counted before use."""
         cfg, info = self.cfg, self.info
         loader = build_loader(cfg.data, shard_source(cfg), self.engine.train_micro_batch_size_per_gpu(),
@@ -95,13 +116,25 @@ class Trainer:
                                 + "; ".join(f"{e['shard']}: {e['reason']}" for e in batch["errors"]))
             yield batch
 
+    def _save(self, step: int, samples: int, run_id: str | None) -> None:
+        cfg = self.cfg
+        accum = int(cfg.train.grad_accum_steps)
+        state = {"step": step, "samples": samples, "mlflow_run_id": run_id, "world_size": self.info.world_size,
+                 "data_cursor": {"micro_step": step * accum, "streams": int(cfg.data.streams), "seed": int(cfg.seed)},
+                 "config": OmegaConf.to_container(cfg, resolve=True)}
+        seconds = self.checkpointer.save(self.engine, step, state)
+        delay = OmegaConf.select(cfg, "cluster.signal_delay_s")
+        if delay and seconds > 0.5 * delay:
+            log.warning("saving took %.0f s, over half of cluster.signal_delay_s=%s: a save on preemption "
+                        "may not finish before the job is killed; raise the signal delay", seconds, delay)
+        self.tracker.log_metrics({"checkpoint_save_s": seconds}, step)
+
     def fit(self) -> dict[str, Any]:
         cfg, engine, info = self.cfg, self.engine, self.info
-        state = self.checkpointer.load(engine) or {}
-        self._check_data_cursor(state)
+        state = self._restore()
         step, samples = int(state.get("step", 0)), int(state.get("samples", 0))
         run_id = _shared_run_id(self.tracker.start(cfg, run_id=state.get("mlflow_run_id")), info)
-        status = "FAILED"
+        status, stop = "FAILED", None
         try:
             accum = int(cfg.train.grad_accum_steps)
             bad = BadSamples(float(cfg.data.max_error_rate))
@@ -126,14 +159,21 @@ class Trainer:
                 if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                     self._log(step, samples, sums, count, meter, progress, bad)
                     sums, count = {}, 0
-                if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
-                    cursor = {"micro_step": step * accum, "streams": int(cfg.data.streams), "seed": int(cfg.seed)}
-                    self.checkpointer.save(engine, step, {"samples": samples, "mlflow_run_id": run_id,
-                                                          "data_cursor": cursor})
+                stop = self.stop.agreed(engine.device)
+                if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps or stop:
+                    self._save(step, samples, run_id)
+                if stop:
+                    log.warning("stopped by %s at step %d after saving", signal.Signals(stop).name, step)
+                    status = "KILLED"
+                    break
+            else:
+                status = "FINISHED"
             progress.close()
-            status = "FINISHED"
         finally:
             self.tracker.finish(status)
+        if stop:
+            self.stop.hand_over(stop)
+        self.stop.uninstall()
         return {"step": step, "samples": samples, "run_dir": str(self.run_dir), "mlflow_run_id": run_id}
 
 

@@ -1,0 +1,101 @@
+"""Preemption through the real signal path, and resuming at another world size."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, SMALL_DATA, describe, run_name, run_pretrain
+
+pytestmark = pytest.mark.slow
+STEPS = 24
+
+
+def _launch(root: Path, cache: Path, *overrides: str) -> subprocess.Popen:
+    cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), f"paths.root={root}", f"paths.cache={cache}",
+           *SMALL_DATA, *overrides]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _last_step(run_dir: Path) -> int:
+    record = run_dir / "samples" / "rank00000.jsonl"
+    if not record.exists():
+        return 0
+    lines = [line for line in record.read_text().splitlines() if line.endswith("}")]
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def _task_pids(root: Path) -> dict[int, int]:
+    """Global rank -> pid of this run's submitit tasks."""
+    tasks = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if "submitit.core._submit" in cmdline and str(root) in cmdline:
+                tasks[int(proc.environ()["SUBMITIT_LOCAL_GLOBALID"])] = proc.pid
+        except (psutil.Error, KeyError):
+            continue
+    return tasks
+
+
+def _signal_at(root: Path, run_dir: Path, at_step: int, rank: int, deadline: float) -> int:
+    """Wait for rank 0 to reach `at_step`, then send SIGUSR2 to one task; returns the step seen."""
+    while time.time() < deadline:
+        step = _last_step(run_dir)
+        pids = _task_pids(root)
+        if step >= at_step and rank in pids:
+            psutil.Process(pids[rank]).send_signal(signal.SIGUSR2)
+            return step
+        time.sleep(0.05)
+    raise TimeoutError(f"step {at_step} not reached")
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    latest = (run_dir / "checkpoints" / "latest").read_text()
+    states = torch.load(run_dir / "checkpoints" / latest / "mp_rank_00_model_states.pt", weights_only=False)
+    return states["module"]
+
+
+def test_interrupted_twice_by_signals_ends_bitwise_equal(tmp_path: Path, data_cache: Path) -> None:
+    common = [f"train.max_steps={STEPS}", "train.log_every=4", "train.checkpoint_every=100",
+              "train.record_samples=true"]
+    name = run_name()
+    reference = run_pretrain(tmp_path / "reference", data_cache, *common)
+    assert reference.returncode == 0, describe(reference)
+
+    root = tmp_path / "interrupted"
+    run_dir = root / "pemt-pretrain" / name
+    first = random.randint(2, 8)
+    second = random.randint(first + 3, first + 10)
+    job = _launch(root, data_cache, *common)
+    deadline = time.time() + 400
+    seen = [_signal_at(root, run_dir, first, rank=1, deadline=deadline)]
+    # The requeued job resumes from the checkpoint taken at the signal, then is preempted again
+    # (the step is only reached by the resumed job: second > first + 2).
+    seen.append(_signal_at(root, run_dir, second, rank=0, deadline=deadline))
+    output, _ = job.communicate(timeout=400)
+    assert job.returncode == 0, output[-6000:]
+
+    log = (run_dir / "pretrain.log").read_text()
+    assert log.count("received SIGUSR2") >= 2, (seen, log[-4000:])
+    assert log.count("resumed from") >= 2 * 2, "both ranks resumed twice"
+    reference_weights = _final_weights(tmp_path / "reference" / "pemt-pretrain" / name)
+    resumed_weights = _final_weights(run_dir)
+    assert reference_weights.keys() == resumed_weights.keys()
+    different = [k for k in reference_weights if not torch.equal(reference_weights[k], resumed_weights[k])]
+    assert not different, f"signals at steps {seen}: weights differ in {different[:5]}"
+
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("pemt-pretrain").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["samples"] == STEPS * 8
