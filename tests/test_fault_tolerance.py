@@ -99,3 +99,91 @@ def test_interrupted_twice_by_signals_ends_bitwise_equal(tmp_path: Path, data_ca
     [run] = client.search_runs([client.get_experiment_by_name("pemt-pretrain").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.metrics["samples"] == STEPS * 8
+
+
+def _resume(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / "resume.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_failed_run_is_resumed_by_resume_py_and_exported(tmp_path: Path, data_cache: Path) -> None:
+    root = tmp_path / "runs"
+    run_dir = root / "pemt-pretrain" / run_name()
+    job = _launch(root, data_cache, "train.max_steps=40", "train.checkpoint_every=2", "train.log_every=2")
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / "latest").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    pids = _task_pids(root)
+    psutil.Process(pids[1]).kill()  # a rank dies: its node is gone
+    output, _ = job.communicate(timeout=300)
+    assert job.returncode != 0, output[-4000:]
+
+    status = _resume(str(run_dir), "--status", "--json")
+    assert status.returncode == 0, status.stderr
+    [before] = json.loads(status.stdout)
+    assert before["state"] == "failed" and before["resumable"], before
+    assert 2 <= before["step"] < 40
+    assert before["last_job"]["reason"], "why it stopped"
+
+    dry = _resume(str(root), "--dry-run")
+    assert dry.returncode == 0 and "launch/pretrain.py" in dry.stdout
+    resumed = _resume(before["mlflow_run_id"], "--tracking-uri", f"sqlite:///{root}/mlflow.db")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    [after] = json.loads(_resume(str(run_dir), "--status", "--json").stdout)
+    assert after["state"] == "finished" and after["step"] == 40
+    assert after["mlflow_run_id"] == before["mlflow_run_id"]
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("pemt-pretrain").experiment_id])
+    assert run.info.status == "FINISHED"
+
+    nothing = _resume(str(run_dir))
+    assert nothing.returncode == 2 and "nothing to resume" in nothing.stderr
+    listed = _resume("--list", str(root))
+    assert "finished" in listed.stdout and str(run_dir) in listed.stdout
+
+    # Export: one fp32 file + config that load without DeepSpeed and match the checkpoint.
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    from pemt.model.pretraining import build_pretraining_model
+
+    exported = subprocess.run([sys.executable, str(REPO / "tools" / "export.py"), str(run_dir), "--out",
+                               str(tmp_path / "model.safetensors")], capture_output=True, text=True, cwd=REPO)
+    assert exported.returncode == 0, exported.stderr
+    model = build_pretraining_model(OmegaConf.load(tmp_path / "model.yaml"))
+    weights = load_file(tmp_path / "model.safetensors")
+    model.load_state_dict(weights, strict=True)
+    reference = _final_weights(run_dir)
+    assert all(torch.equal(weights[k], reference[k]) for k in reference if k in weights)
+    assert len(weights) == len(model.state_dict())
+
+
+def _keys_by_step(run_dir: Path) -> dict[int, list[str]]:
+    steps: dict[int, list[str]] = {}
+    for record in sorted((run_dir / "samples").glob("rank*.jsonl")):
+        for line in record.read_text().splitlines():
+            entry = json.loads(line)
+            steps[entry["step"]] = sorted(steps.get(entry["step"], []) + entry["keys"])
+    return steps
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
+def test_resume_at_another_world_size(tmp_path: Path, data_cache: Path, before: int, after: int) -> None:
+    common = ["train.log_every=2", "train.checkpoint_every=4", "train.record_samples=true"]
+    reference = run_pretrain(tmp_path / "reference", data_cache, "train.max_steps=8", *common)
+    assert reference.returncode == 0, describe(reference)
+    root = tmp_path / "elastic"
+    first = run_pretrain(root, data_cache, "train.max_steps=4", f"gpus_per_node={before}", *common)
+    assert first.returncode == 0, describe(first)
+    second = run_pretrain(root, data_cache, "train.max_steps=8", f"gpus_per_node={after}", *common)
+    assert second.returncode == 0, describe(second)
+    run_dir = root / "pemt-pretrain" / run_name()
+    log = (run_dir / "pretrain.log").read_text()
+    assert f"resumed at world size {after} from a checkpoint written at {before}" in log
+    assert (run_dir / "checkpoints" / ".universal" / "step_00000004" / ".complete").exists()
+    # The data stream goes on without repeats or gaps: every step saw what it would have.
+    assert _keys_by_step(run_dir) == _keys_by_step(tmp_path / "reference" / "pemt-pretrain" / run_name())
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("pemt-pretrain").experiment_id])
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+    assert sorted(history) == [2, 4, 6, 8] and run.info.status == "FINISHED"

@@ -23,6 +23,7 @@ from pemt.track.metrics import Throughput, device_memory_gib, host_rss_gib
 from pemt.track.tracker import MlflowTracker
 from pemt.train.checkpoint import Checkpointer
 from pemt.train.engine_config import deepspeed_config
+from pemt.train.journal import RunJournal
 from pemt.train.optimizer import build_optimizer
 from pemt.train.preemption import StopRequest
 
@@ -67,6 +68,7 @@ class Trainer:
         )
         self.dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
         self.tracker = MlflowTracker(cfg, self.run_dir, enabled=self.info.is_main)
+        self.journal = RunJournal(self.run_dir, enabled=self.info.is_main)
 
     def _restore(self) -> dict[str, Any]:
         if self.resume_from is None:
@@ -134,7 +136,8 @@ class Trainer:
         state = self._restore()
         step, samples = int(state.get("step", 0)), int(state.get("samples", 0))
         run_id = _shared_run_id(self.tracker.start(cfg, run_id=state.get("mlflow_run_id")), info)
-        status, stop = "FAILED", None
+        self.journal.start(step, info.world_size)
+        status, stop, reason = "FAILED", None, None
         try:
             accum = int(cfg.train.grad_accum_steps)
             bad = BadSamples(float(cfg.data.max_error_rate))
@@ -169,8 +172,14 @@ class Trainer:
             else:
                 status = "FINISHED"
             progress.close()
+        except BaseException as err:
+            reason = f"{type(err).__name__}: {err}"
+            raise
         finally:
             self.tracker.finish(status)
+            outcome = {"FINISHED": "finished", "FAILED": "failed"}.get(status)
+            outcome = outcome or ("preempted" if stop == signal.SIGUSR2 else "terminated")
+            self.journal.end(outcome, step, reason)
         if stop:
             self.stop.hand_over(stop)
         self.stop.uninstall()

@@ -1,0 +1,108 @@
+"""Finding runs on disk, saying where each stands, and the command that continues one.
+
+A run dir is a Hydra job output folder (`.hydra/` with the job's overrides) holding
+`checkpoints/`, `jobs.jsonl` and `mlflow_run_id`. Continuing a run is launching the same
+overrides from the same working directory: the run dir, the checkpoints and the MLflow run
+follow from them.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pemt.train.checkpoint import Checkpointer
+from pemt.train.journal import read_journal
+
+PRETRAIN = Path(__file__).resolve().parents[1] / "launch" / "pretrain.py"
+
+
+class RunNotFound(LookupError):
+    pass
+
+
+@dataclass
+class RunStatus:
+    run_dir: str
+    state: str                   # finished | failed | preempted | terminated | interrupted | not started
+    step: int                    # step of the last complete checkpoint (0: none)
+    checkpoint: str | None
+    max_steps: int
+    last_job: dict[str, Any] | None
+    mlflow_run_id: str | None
+
+    @property
+    def resumable(self) -> bool:
+        return self.state != "finished" or self.step < self.max_steps
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "resumable": self.resumable}
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / ".hydra" / "overrides.yaml").is_file()
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Run dirs at or below `root` (a run dir, a sweep dir or any folder above them)."""
+    root = Path(root)
+    if is_run_dir(root):
+        return [root]
+    return sorted(p.parent.parent for p in root.rglob(".hydra/overrides.yaml") if ".submitit" not in p.parts)
+
+
+def run_dir_of_mlflow_run(run_id: str, tracking_uri: str) -> Path:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        run = MlflowClient(tracking_uri).get_run(run_id)
+    except MlflowException as err:
+        raise RunNotFound(f"MLflow run {run_id} not found in {tracking_uri}: {err}") from err
+    if "pemt.run_dir" not in run.data.tags:
+        raise RunNotFound(f"MLflow run {run_id} has no pemt.run_dir tag: not a pemt training run")
+    return Path(run.data.tags["pemt.run_dir"])
+
+
+def _job_config(run_dir: Path) -> dict[str, Any]:
+    return yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+
+
+def run_status(run_dir: Path) -> RunStatus:
+    run_dir = Path(run_dir)
+    if not is_run_dir(run_dir):
+        raise RunNotFound(f"{run_dir} is not a run dir (no .hydra/overrides.yaml)")
+    committed = Checkpointer(run_dir / "checkpoints").committed()
+    last = committed[-1] if committed else None
+    journal = read_journal(run_dir)
+    last_job = journal[-1] if journal else None
+    if last_job is None:
+        state = "not started"
+    elif last_job["event"] == "start":
+        state = "interrupted"  # no end recorded: killed outright, or still running
+    else:
+        state = last_job["outcome"]
+    id_file = run_dir / "mlflow_run_id"
+    return RunStatus(
+        run_dir=str(run_dir), state=state, step=last.step if last else 0, checkpoint=last.tag if last else None,
+        max_steps=int(_job_config(run_dir)["train"]["max_steps"]), last_job=last_job,
+        mlflow_run_id=id_file.read_text().strip() if id_file.exists() else None,
+    )
+
+
+def _key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def resume_command(run_dir: Path, overrides: list[str]) -> tuple[list[str], Path]:
+    """The launch command (and its working directory) that continues `run_dir`."""
+    run_dir = Path(run_dir)
+    original = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
+    replaced = {_key(o) for o in overrides}
+    merged = [o for o in original if _key(o) not in replaced] + list(overrides)
+    cwd = Path(yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]["runtime"]["cwd"])
+    return [sys.executable, str(PRETRAIN), *merged], cwd

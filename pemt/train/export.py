@@ -1,0 +1,35 @@
+"""A run's newest complete checkpoint as one fp32 safetensors file plus its config.
+
+The weights are gathered from the ZeRO partitions of any stage by DeepSpeed's own
+consolidation, so the file loads into `build_pretraining_model(config)` without DeepSpeed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from safetensors.torch import save_file
+
+from pemt.train.checkpoint import Checkpointer, verify
+
+
+def export_run(run_dir: Path, out: Path) -> tuple[Path, Path]:
+    """Write `out` (.safetensors) and `out` with suffix .yaml (the run's resolved config)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    checkpoints = Checkpointer(Path(run_dir) / "checkpoints")
+    for candidate in reversed(checkpoints.committed()):
+        if verify(candidate.path, candidate.manifest) is None:
+            break
+    else:
+        raise FileNotFoundError(f"{run_dir}: no complete, intact checkpoint to export")
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints.directory), tag=candidate.tag)
+    # safetensors stores each tensor once: give every entry its own contiguous storage.
+    tensors = {name: tensor.detach().clone().contiguous() for name, tensor in state.items()}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata={"step": str(candidate.step), "run_dir": str(run_dir)})
+    config = out.with_suffix(".yaml")
+    config.write_text(yaml.safe_dump(candidate.manifest["state"]["config"], sort_keys=False))
+    return out, config
