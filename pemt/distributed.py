@@ -29,8 +29,10 @@ def _export_job_environment() -> None:
     import submitit
 
     if submitit.JobEnvironment().activated():
+        # Inside a submitit job its view is the truth, even over RANK etc. inherited from the
+        # shell that launched it (a launch from inside another distributed job, say).
         submitit.helpers.TorchDistributedEnvironment().export(
-            set_cuda_visible_devices=torch.cuda.is_available()
+            set_cuda_visible_devices=torch.cuda.is_available(), overwrite=True
         )
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         if key not in os.environ:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import time
 from types import FrameType
 from typing import Any, Callable
 
@@ -27,6 +28,7 @@ STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 class StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.received_at: float | None = None
         self.previous: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -41,6 +43,7 @@ class StopRequest:
     def _record(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is None:
             log.warning("received %s: saving at the next step boundary", signal.Signals(signum).name)
+            self.received_at = time.time()
         self.signum = self.signum or signum
 
     def agreed(self, device: torch.device) -> int | None:
@@ -50,6 +53,10 @@ class StopRequest:
             flag = torch.tensor([code], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             code = int(flag.item())
+            if code:  # every rank learns when the first signal arrived, for timing the save
+                first = torch.tensor([self.received_at or float("inf")], dtype=torch.float64, device=device)
+                dist.all_reduce(first, op=dist.ReduceOp.MIN)
+                self.received_at = float(first.item())
         return {0: None, 1: signal.SIGTERM, 2: signal.SIGUSR2}[code]
 
     def hand_over(self, signum: int) -> None:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import psutil
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
@@ -144,7 +146,7 @@ class Trainer:
             batches = self._batches(step * accum, bad)
             progress = tqdm(total=cfg.train.max_steps, initial=step, desc="pretrain", unit="step",
                             disable=not info.is_main, dynamic_ncols=True, mininterval=1.0)
-            meter, sums, count = Throughput(), {}, 0
+            meter, sums, count, first_step = Throughput(), {}, 0, True
             while step < cfg.train.max_steps:
                 for _ in range(accum):
                     batch = next(batches)
@@ -156,6 +158,11 @@ class Trainer:
                         sums[key] = sums.get(key, 0.0) + value.detach()
                     count += 1
                 step += 1
+                if first_step:
+                    first_step = False
+                    since_start = time.time() - psutil.Process().create_time()
+                    log.info("first step %d done %.1f s after the job started", step, since_start)
+                    self.tracker.log_metrics({"time_to_first_step_s": since_start}, step)
                 samples += int(cfg.train.global_batch_size)
                 meter.add(int(cfg.train.global_batch_size))
                 progress.update(1)
@@ -166,7 +173,10 @@ class Trainer:
                 if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps or stop:
                     self._save(step, samples, run_id)
                 if stop:
-                    log.warning("stopped by %s at step %d after saving", signal.Signals(stop).name, step)
+                    waited = time.time() - (self.stop.received_at or time.time())
+                    log.warning("stopped by %s at step %d: checkpoint committed %.2f s after the signal",
+                                signal.Signals(stop).name, step, waited)
+                    self.tracker.log_metrics({"signal_to_commit_s": waited}, step)
                     status = "KILLED"
                     break
             else:
