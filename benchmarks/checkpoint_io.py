@@ -123,7 +123,8 @@ def preemption_timings(folder: Path) -> dict[str, float]:
         time.sleep(0.2)
     for proc in psutil.process_iter(["cmdline"]):
         if str(folder) in " ".join(proc.info["cmdline"] or []):
-            proc.kill()
+            for child in proc.children(recursive=True) + [proc]:  # data workers too
+                child.kill()
     job.kill()
     client = MlflowClient(f"sqlite:///{db}")
     if not db.exists():

@@ -7,7 +7,9 @@ Slurm), exported as the env:// variables torch and DeepSpeed read. Outside a sub
 
 from __future__ import annotations
 
+import datetime
 import os
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -25,12 +27,25 @@ class DistInfo:
         return self.rank == 0
 
 
+# The rendezvous port is derived from the job id inside this range: below Linux's ephemeral
+# ports (32768-60999), which live connections (gloo's among them) hold at random, so a port
+# picked there can already be taken on a busy host.
+RENDEZVOUS_PORTS = (20000, 32767)
+
+
+def rendezvous_port(job_id: str) -> int:
+    low, high = RENDEZVOUS_PORTS
+    return low + zlib.crc32(str(job_id).encode()) % (high - low + 1)
+
+
 def _export_job_environment() -> None:
     import submitit
 
-    if submitit.JobEnvironment().activated():
+    env = submitit.JobEnvironment()
+    if env.activated():
         # Inside a submitit job its view is the truth, even over RANK etc. inherited from the
         # shell that launched it (a launch from inside another distributed job, say).
+        os.environ["MASTER_PORT"] = str(rendezvous_port(env.job_id))
         submitit.helpers.TorchDistributedEnvironment().export(
             set_cuda_visible_devices=torch.cuda.is_available(), overwrite=True
         )
@@ -46,8 +61,12 @@ def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed() -> DistInfo:
-    """Join the job's process group through DeepSpeed and size CPU threads per rank."""
+def init_distributed(timeout_min: float = 30.0) -> DistInfo:
+    """Join the job's process group through DeepSpeed and size CPU threads per rank.
+
+    `timeout_min` bounds every collective, the rendezvous included: how long ranks wait for a
+    peer that died before they fail too.
+    """
     _export_job_environment()
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -65,7 +84,8 @@ def init_distributed() -> DistInfo:
         # Ranks on one host share its cores; oversubscribing them slows every rank down.
         cores = len(os.sched_getaffinity(0))
         torch.set_num_threads(max(1, cores // info.local_world_size))
-    deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False)
+    deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False,
+                               timeout=datetime.timedelta(minutes=timeout_min))
     return info
 
 

@@ -6,7 +6,6 @@ A shard folder holds `shard-000000.tar ...` (WebDataset tar files, one sample pe
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Iterable
@@ -14,20 +13,14 @@ from typing import Iterable
 import braceexpand
 import webdataset as wds
 
+from pemt.integrity import sha256
+
 MANIFEST = "manifest.json"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def describe_shard(path: Path) -> dict:
     """A manifest entry's file facts: name, bytes, sha256."""
-    return {"name": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": sha256(path)}
 
 
 def write_shards(samples: Iterable[dict], out_dir: Path, samples_per_shard: int,

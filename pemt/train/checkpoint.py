@@ -15,7 +15,6 @@ A checkpoint written at another world size is converted to DeepSpeed's universal
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,6 +29,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from pemt.integrity import sha256
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +67,6 @@ def _gather(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world
     dist.all_gather_object(out, obj)
     return out
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

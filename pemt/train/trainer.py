@@ -45,7 +45,7 @@ class Trainer:
         validate(cfg)
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
-        self.info = init_distributed()
+        self.info = init_distributed(float(cfg.train.collective_timeout_min))
         if self.info.world_size != world_size(cfg):
             raise ConfigError(
                 f"the job has {self.info.world_size} processes but nodes x gpus_per_node = {world_size(cfg)}"
