@@ -78,7 +78,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.precision not in ("fp32", "bf16"):
         raise ConfigError(f"precision={cfg.precision!r}: choose fp32 or bf16")
     if cfg.data.name != "synthetic" and not cfg.data.shards:
-        raise ConfigError("data.shards is not set: give a folder of .tar shards or a brace pattern")
+        raise ConfigError("data.shards is not set: give a shard folder with its manifest.json")
     if cfg.model.hidden_size % cfg.model.num_heads:
         raise ConfigError(
             f"model.hidden_size={cfg.model.hidden_size} is not divisible by "

@@ -11,6 +11,7 @@ import datetime
 import os
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -38,11 +39,22 @@ def rendezvous_port(job_id: str) -> int:
     return low + zlib.crc32(str(job_id).encode()) % (high - low + 1)
 
 
+def submitit_environment() -> Any:
+    """submitit's view of the job, or None outside a submitit job (torchrun, a test)."""
+    import submitit
+
+    try:
+        env = submitit.JobEnvironment()
+    except RuntimeError:  # submitit raises when no known job environment is found
+        return None
+    return env if env.activated() else None
+
+
 def _export_job_environment() -> None:
     import submitit
 
-    env = submitit.JobEnvironment()
-    if env.activated():
+    env = submitit_environment()
+    if env is not None:
         # Inside a submitit job its view is the truth, even over RANK etc. inherited from the
         # shell that launched it (a launch from inside another distributed job, say).
         os.environ["MASTER_PORT"] = str(rendezvous_port(env.job_id))

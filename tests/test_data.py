@@ -14,7 +14,7 @@ import torch
 
 from conftest import video_without_audio
 from pemt.data.decode import ClipSpec, DecodeError, decode_clips, log_mel
-from pemt.data.shards import list_shards
+from pemt.data.shards import read_manifest
 from pemt.data.synthetic import SyntheticSpec, encode_mp4, generate, make_sample, render
 
 SPEC = ClipSpec(clips=4, frames_per_clip=4, fps=8, crop=32, sample_rate=16000, mel_bins=32,
@@ -79,14 +79,20 @@ def test_log_mel_puts_a_tone_in_the_right_band() -> None:
 
 def test_generate_writes_manifest_and_reuses_finished_sets(tmp_path: Path) -> None:
     out = generate(SMALL, tmp_path / "set", progress=False)
-    urls = list_shards(out)
-    assert [Path(u).name for u in urls] == [f"shard-{i:06d}.tar" for i in range(4)]
+    urls = [out / e["name"] for e in read_manifest(out)]
+    assert [u.name for u in urls] == [f"shard-{i:06d}.tar" for i in range(4)]
     mtime = os.path.getmtime(urls[0])
     generate(SMALL, tmp_path / "set", progress=False)
     assert os.path.getmtime(urls[0]) == mtime
     assert not list(tmp_path.glob(".set.partial-*"))
 
 
-def test_missing_shards_name_the_place(tmp_path: Path) -> None:
+def test_missing_shards_or_manifest_name_the_place(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nothing")):
-        list_shards(tmp_path / "nothing")
+        read_manifest(tmp_path / "nothing")
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(FileNotFoundError, match="manifest.json is missing"):
+        read_manifest(tmp_path / "bare")
+    (tmp_path / "bare" / "manifest.json").write_text('{"shards": [{"name": "a.tar"}]}')
+    with pytest.raises(ValueError, match="not a shard manifest"):
+        read_manifest(tmp_path / "bare")

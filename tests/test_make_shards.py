@@ -13,7 +13,6 @@ import pytest
 
 from conftest import REPO
 from pemt.data.ingest import make_shards
-from pemt.data.shards import list_shards
 from pemt.data.stream import plan_from_manifest, stream_slots
 from pemt.data.synthetic import SyntheticSpec, make_sample
 
@@ -30,7 +29,7 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _keys(out: Path) -> list[str]:
-    plan = plan_from_manifest(str(out), list_shards(out), streams=1, seed=0, shuffle_buffer=1)
+    plan = plan_from_manifest(str(out), streams=1, seed=0, shuffle_buffer=1)
     slots = stream_slots(plan, 0, 0)
     return [next(slots).sample["__key__"] for _ in range(plan.epoch_length(0))]
 

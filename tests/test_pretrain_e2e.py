@@ -58,11 +58,12 @@ def test_runs_checkpoints_logs_and_resumes(tmp_path: Path, data_cache: Path) -> 
 
 
 def test_two_point_sweep_makes_two_runs(tmp_path: Path, data_cache: Path) -> None:
-    result = run_pretrain(tmp_path, data_cache, "-m", "deepspeed=zero1,zero3", "train.max_steps=2",
+    # bf16 here, fp32 elsewhere: both precisions run end to end.
+    result = run_pretrain(tmp_path, data_cache, "-m", "deepspeed=zero1,zero3", "precision=bf16", "train.max_steps=2",
                           "train.log_every=1", "train.checkpoint_every=2")
     assert result.returncode == 0, describe(result)
     runs = _runs(tmp_path)
-    zero1, zero3 = run_name("deepspeed=zero1"), run_name("deepspeed=zero3")
+    zero1, zero3 = run_name("deepspeed=zero1", "precision=bf16"), run_name("deepspeed=zero3", "precision=bf16")
     assert sorted(r.info.run_name for r in runs) == [zero1, zero3]
     assert all(r.info.status == "FINISHED" for r in runs)
     stages = {r.info.run_name: r.data.params["deepspeed.zero_optimization.stage"] for r in runs}

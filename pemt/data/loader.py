@@ -18,7 +18,6 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pemt.data.decode import ClipSpec, DecodeError, decode_clips
-from pemt.data.shards import list_shards
 from pemt.data.stream import Slot, StreamPlan, plan_from_manifest, stream_slots
 
 
@@ -103,8 +102,7 @@ def stream_layout(streams: int, rank: int, world_size: int, micro_batch: int) ->
 def build_loader(data_cfg: DictConfig, shards: str, micro_batch: int, rank: int, world_size: int,
                  seed: int, start_micro_step: int = 0) -> DataLoader:
     """This rank's endless loader, resuming at `start_micro_step`."""
-    urls = list_shards(shards)
-    plan = plan_from_manifest(shards, urls, int(data_cfg.streams), seed, int(data_cfg.shuffle_buffer))
+    plan = plan_from_manifest(shards, int(data_cfg.streams), seed, int(data_cfg.shuffle_buffer))
     streams, per_stream = stream_layout(plan.streams, rank, world_size, micro_batch)
     dataset = StreamDataset(plan, streams, per_stream, start_micro_step, clip_spec(data_cfg))
     workers = int(data_cfg.num_workers)

@@ -1,4 +1,4 @@
-"""Shard folders: writing them with a manifest, and finding them again.
+"""Shard folders: writing them with a manifest, and reading the manifest back.
 
 A shard folder holds `shard-000000.tar ...` (WebDataset tar files, one sample per video) and
 `manifest.json` listing each shard's name, sample count, bytes and sha256.
@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-import braceexpand
 import webdataset as wds
 
 from pemt.integrity import sha256
@@ -39,22 +38,20 @@ def write_shards(samples: Iterable[dict], out_dir: Path, samples_per_shard: int,
     return shards
 
 
-def list_shards(source: str | Path) -> list[str]:
-    """Shard paths from a folder (manifest first, else *.tar) or a brace pattern."""
-    text = str(source)
-    path = Path(text)
-    if path.is_dir():
-        manifest = path / MANIFEST
-        if manifest.exists():
-            try:
-                names = [entry["name"] for entry in json.loads(manifest.read_text())["shards"]]
-            except (ValueError, KeyError, TypeError) as err:
-                raise ValueError(f"{manifest}: not a shard manifest ({err})") from err
-            urls = [str(path / name) for name in names]
-        else:
-            urls = sorted(str(p) for p in path.glob("*.tar"))
-    else:
-        urls = [u for u in braceexpand.braceexpand(text) if Path(u).exists() or "://" in u]
-    if not urls:
-        raise FileNotFoundError(f"no shards found at {text!r} (expected a folder of .tar files or a brace pattern)")
-    return urls
+def read_manifest(folder: str | Path) -> list[dict]:
+    """The shard entries of a shard folder's manifest (name, samples, bytes, sha256)."""
+    manifest = Path(folder) / MANIFEST
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"no shard folder at {folder}")
+    if not manifest.exists():
+        raise FileNotFoundError(f"{manifest} is missing: the loader needs each shard's sample count "
+                                "(tools/make_shards.py and tools/make_synthetic.py write it)")
+    try:
+        entries = json.loads(manifest.read_text())["shards"]
+        for entry in entries:
+            entry["name"], entry["samples"] = str(entry["name"]), int(entry["samples"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{manifest}: not a shard manifest ({err!r})") from err
+    if not entries:
+        raise FileNotFoundError(f"{manifest} lists no shards")
+    return entries

@@ -11,14 +11,14 @@ decode leaves its slot empty (the batch is one smaller) instead of shifting the 
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import webdataset as wds
 
-from pemt.data.shards import MANIFEST
+from pemt.data.shards import read_manifest
 
 
 @dataclass(frozen=True)
@@ -63,16 +63,11 @@ class StreamPlan:
         return sum(self.counts[i] for i in self.assignment()[stream])
 
 
-def plan_from_manifest(folder: str, urls: list[str], streams: int, seed: int, shuffle_buffer: int) -> StreamPlan:
+def plan_from_manifest(folder: str, streams: int, seed: int, shuffle_buffer: int) -> StreamPlan:
     """Sample counts come from the folder's manifest; they fix every slot's place."""
-    from pathlib import Path
-
-    manifest = Path(folder) / MANIFEST
-    if not manifest.exists():
-        raise FileNotFoundError(f"{manifest}: missing; the resumable stream needs each shard's sample count "
-                                "(write shards with tools/make_synthetic.py or pemt.data.shards.write_shards)")
-    counts = {entry["name"]: int(entry["samples"]) for entry in json.loads(manifest.read_text())["shards"]}
-    return StreamPlan(tuple(urls), tuple(counts[Path(u).name] for u in urls), streams, seed, shuffle_buffer)
+    entries = read_manifest(folder)
+    return StreamPlan(tuple(str(Path(folder) / e["name"]) for e in entries),
+                      tuple(e["samples"] for e in entries), streams, seed, shuffle_buffer)
 
 
 def _shard_samples(url: str, count: int) -> Iterator[tuple[dict | None, str | None]]:

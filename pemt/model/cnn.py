@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
@@ -20,8 +21,28 @@ def _conv(dims: int) -> type[nn.Module]:
     return nn.Conv3d if dims == 3 else nn.Conv2d
 
 
+class BatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm computed in fp32 whatever the input's dtype.
+
+    DeepSpeed's bf16 mode casts parameters but not the running statistics, and batch_norm
+    wants one dtype; statistics kept in fp32 are also the accurate choice. In fp32 this is
+    exactly nn.BatchNorm.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() not in (4, 5):
+            raise ValueError(f"expected a 4D or 5D input, got {x.dim()}D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return F.batch_norm(x.float(), self.running_mean, self.running_var, self.weight.float(),
+                            self.bias.float(), self.training, self.momentum, self.eps).to(x.dtype)
+
+
 def _norm(dims: int) -> type[nn.Module]:
-    return nn.BatchNorm3d if dims == 3 else nn.BatchNorm2d
+    return BatchNorm
 
 
 def _kernel(dims: int, temporal: int, spatial: int) -> tuple[int, ...]:

@@ -18,10 +18,10 @@ JOURNAL = "jobs.jsonl"
 
 
 def job_identity() -> dict[str, Any]:
-    import submitit
+    from pemt.distributed import submitit_environment
 
-    env = submitit.JobEnvironment()
-    if env.activated():
+    env = submitit_environment()
+    if env is not None:
         return {"job_id": str(env.job_id), "hosts": list(env.hostnames), "cluster": env.cluster}
     return {"job_id": os.environ.get("SLURM_JOB_ID", f"pid-{os.getpid()}"), "hosts": [socket.gethostname()],
             "cluster": "none"}

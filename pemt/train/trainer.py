@@ -45,6 +45,7 @@ class Trainer:
         validate(cfg)
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.info = init_distributed(float(cfg.train.collective_timeout_min))
         if self.info.world_size != world_size(cfg):
             raise ConfigError(
