@@ -183,7 +183,15 @@ def test_resume_at_another_world_size(tmp_path: Path, data_cache: Path, before: 
     assert (run_dir / "checkpoints" / ".universal" / "step_00000004" / ".complete").exists()
     # The data stream goes on without repeats or gaps: every step saw what it would have.
     assert _keys_by_step(run_dir) == _keys_by_step(tmp_path / "reference" / "pemt-pretrain" / run_name())
-    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
-    [run] = client.search_runs([client.get_experiment_by_name("pemt-pretrain").experiment_id])
-    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
-    assert sorted(history) == [2, 4, 6, 8] and run.info.status == "FINISHED"
+    losses = {}
+    for name, store in (("elastic", root), ("reference", tmp_path / "reference")):
+        client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+        [run] = client.search_runs([client.get_experiment_by_name("pemt-pretrain").experiment_id])
+        assert run.info.status == "FINISHED"
+        losses[name] = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+    assert sorted(losses["elastic"]) == [2, 4, 6, 8]
+    # The model step does not depend on the world size, so neither do the losses (fp32), up to
+    # the rounding of sums taken in another order, which Adam amplifies a little step by step.
+    for step in (2, 4, 6, 8):
+        reference = losses["reference"][step]
+        assert abs(losses["elastic"][step] - reference) <= 1e-5 * abs(reference), (step, losses)

@@ -167,17 +167,17 @@ def test_tiny_model_overfits_a_few_pairs(sharing: str, few_pairs: tuple[torch.Te
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def evaluate() -> dict[str, float]:
-        torch.manual_seed(123)  # the same masks and negatives before and after
-        with torch.no_grad():
-            return {k: v.item() for k, v in model(*few_pairs).items()}
+        with torch.no_grad():  # the same masks and negatives before and after
+            return {k: v.item() for k, v in model(*few_pairs, step_seed=10**6).items()}
 
     before = evaluate()
-    for _ in range(150):  # 100 was borderline for [factorized] at some thread counts
-        loss = model(*few_pairs)["loss"]
+    for step in range(200):  # keyed draws: the trajectory owes nothing to global RNG state
+        loss = model(*few_pairs, step_seed=step)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     after = evaluate()
+    print(f"{sharing}: loss {before['loss']:.3f} -> {after['loss']:.3f}")
     assert after["loss"] < 0.6 * before["loss"], (before, after)
     assert after["pair_accuracy"] == 1.0, after
 

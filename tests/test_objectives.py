@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pemt.model.objectives import (gather_pool, masked_embedding_loss, negative_probabilities,
+from pemt.model.collectives import gather_rows
+from pemt.model.objectives import (generator, masked_embedding_loss, negative_probabilities,
                                    random_mask, sample_negatives)
 
 
@@ -71,19 +72,81 @@ def _free_port() -> int:
 def _gather_worker(rank: int, port: int, results: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    local = torch.full((3, 4), float(rank), requires_grad=True)
-    pool, offset = gather_pool(local)
-    pool.sum().backward()
+    local = torch.full((3 - rank, 4), float(rank), requires_grad=True)  # unequal: 3 and 2 rows
+    pool, offset = gather_rows(local)
+    (pool * torch.arange(1, 6).view(5, 1)).sum().backward()
     results[rank] = (pool.detach().clone(), offset, local.grad.clone())
     dist.destroy_process_group()
 
 
-def test_negatives_pool_spans_every_rank_with_local_gradient() -> None:
+def test_gathered_rows_span_every_rank_and_send_gradient_home() -> None:
     results = mp.Manager().dict()
     mp.spawn(_gather_worker, args=(_free_port(), results), nprocs=2)
     for rank in (0, 1):
         pool, offset, grad = results[rank]
-        assert pool.shape == (6, 4)
+        assert pool.shape == (5, 4)
         assert pool[:3].eq(0).all() and pool[3:].eq(1).all(), "rows of both ranks, in rank order"
         assert offset == 3 * rank
-        assert grad.eq(1).all(), "this rank's rows carry gradient"
+        # Row r is weighted r + 1 on both ranks: its owner gets 2 (r + 1), as in one process.
+        expected = 2 * torch.arange(1 + offset, 1 + offset + (3 - rank)).view(-1, 1).float().expand(-1, 4)
+        assert torch.equal(grad, expected)
+
+
+def _cfg():
+    from hydra import compose, initialize_config_dir
+
+    from conftest import REPO
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose("pretrain", overrides=["loss.mask_ratio=0.25"])
+
+
+def _loss_and_grads(model, video, audio) -> tuple[float, list[torch.Tensor]]:
+    out = model(video, audio, step_seed=1234)
+    model.zero_grad()
+    out["loss"].backward()
+    return out["loss"].item(), [p.grad.clone() for p in model.parameters()]
+
+
+def _invariance_worker(rank: int, port: int, video, audio, results: dict) -> None:
+    from pemt.model.pretraining import build_pretraining_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = build_pretraining_model(_cfg())
+    loss, grads = _loss_and_grads(model, video[2 * rank:2 * rank + 2], audio[2 * rank:2 * rank + 2])
+    mean = torch.tensor([loss])
+    dist.all_reduce(mean)
+    for grad in grads:  # as DeepSpeed does: gradients averaged over ranks
+        dist.all_reduce(grad)
+        grad /= 2
+    results[rank] = (mean.item() / 2, grads)
+    dist.destroy_process_group()
+
+
+def test_a_step_on_two_ranks_equals_one_process() -> None:
+    from test_model import _batch
+
+    from pemt.model.pretraining import build_pretraining_model
+
+    cfg = _cfg()
+    torch.manual_seed(5)
+    video, audio = _batch(cfg, batch=4)
+    torch.manual_seed(0)
+    single_loss, single_grads = _loss_and_grads(build_pretraining_model(cfg), video, audio)
+    results = mp.Manager().dict()
+    mp.spawn(_invariance_worker, args=(_free_port(), video, audio, results), nprocs=2)
+    loss, grads = results[0]
+    assert abs(loss - single_loss) < 1e-5, (loss, single_loss)
+    worst = max((a - b).abs().max().item() for a, b in zip(grads, single_grads))
+    assert worst < 1e-5, worst
+
+
+def test_keyed_draws_do_not_depend_on_global_rng() -> None:
+    anchor, pool = _pool()
+    draws = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        draws.append(sample_negatives(anchor, pool, torch.tensor([0]), 50, "content", 0.5, [generator(7, 0)]))
+    assert torch.equal(draws[0], draws[1])

@@ -12,9 +12,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
+
+from pemt.model.collectives import sum_over_ranks
 
 
 def _conv(dims: int) -> type[nn.Module]:
@@ -22,11 +23,12 @@ def _conv(dims: int) -> type[nn.Module]:
 
 
 class BatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm computed in fp32 whatever the input's dtype.
+    """BatchNorm over the global batch, computed in fp32.
 
-    DeepSpeed's bf16 mode casts parameters but not the running statistics, and batch_norm
-    wants one dtype; statistics kept in fp32 are also the accurate choice. In fp32 this is
-    exactly nn.BatchNorm.
+    Training statistics are summed over all ranks (differentiably), so a step on W ranks
+    normalises exactly as one process holding the whole batch would: resuming at another world
+    size continues the same computation. fp32 whatever the input: DeepSpeed's bf16 mode casts
+    parameters but not running statistics, and fp32 statistics are the accurate choice anyway.
     """
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
@@ -35,10 +37,24 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
-        if self.training:
-            self.num_batches_tracked.add_(1)
-        return F.batch_norm(x.float(), self.running_mean, self.running_var, self.weight.float(),
-                            self.bias.float(), self.training, self.momentum, self.eps).to(x.dtype)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        x32 = x.float()
+        if not self.training:
+            mean, var = self.running_mean, self.running_var
+        else:
+            dims = [0, *range(2, x.dim())]
+            count = torch.tensor([x32.numel() // x32.shape[1]], dtype=torch.float32, device=x.device)
+            totals = sum_over_ranks(torch.cat([x32.sum(dims), x32.square().sum(dims), count]))
+            channels = x.shape[1]
+            n = totals[-1]
+            mean = totals[:channels] / n
+            var = (totals[channels:2 * channels] / n - mean.square()).clamp_min(0.0)
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                self.running_mean.lerp_(mean.detach(), self.momentum)
+                self.running_var.lerp_(var.detach() * n / (n - 1).clamp_min(1.0), self.momentum)
+        normalised = (x32 - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return (normalised * self.weight.float().view(shape) + self.bias.float().view(shape)).to(x.dtype)
 
 
 def _norm(dims: int) -> type[nn.Module]:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from pemt.model.collectives import gather_rows
 
 
 def info_nce(visual: torch.Tensor, audio: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -16,11 +17,21 @@ def info_nce(visual: torch.Tensor, audio: torch.Tensor, temperature: float) -> t
     return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
 
 
-def mismatch_mask(batch: int, device: torch.device) -> torch.Tensor:
-    """Which samples get another sample's audio for correct-pair prediction: every second one."""
-    if batch < 2:
+def generator(*key: int) -> torch.Generator:
+    """A CPU generator seeded by integers (step, global sample, ...): the same draw on any
+    rank, at any world size, for the same sample of the same step."""
+    seed = 0
+    for part in key:
+        seed = (seed * 1_000_003 + int(part)) % (2**61 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def mismatch_mask(first: int, batch: int, total: int, device: torch.device) -> torch.Tensor:
+    """Which samples get another sample's audio for correct-pair prediction: every second one of
+    the global batch (`first` is this rank's first global index, `total` the global batch)."""
+    if total < 2:
         return torch.zeros(batch, dtype=torch.bool, device=device)
-    return torch.arange(batch, device=device) % 2 == 1
+    return (torch.arange(first, first + batch, device=device) % 2) == 1
 
 
 def pair_loss(logits: torch.Tensor, mismatched: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,11 +42,16 @@ def pair_loss(logits: torch.Tensor, mismatched: torch.Tensor) -> tuple[torch.Ten
     return loss, accuracy
 
 
-def random_mask(batch: int, tokens: int, ratio: float, device: torch.device) -> torch.Tensor:
-    """(B, T) bool, exactly max(1, round(ratio * T)) masked positions per sample."""
+def random_mask(batch: int, tokens: int, ratio: float, device: torch.device,
+                generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    """(B, T) bool, exactly max(1, round(ratio * T)) masked positions per sample; with
+    `generators`, sample b's positions come from generators[b]."""
     count = max(1, round(ratio * tokens))
-    order = torch.rand(batch, tokens, device=device).argsort(dim=1)
-    return order < count
+    if generators is None:
+        noise = torch.rand(batch, tokens)
+    else:
+        noise = torch.stack([torch.rand(tokens, generator=g) for g in generators])
+    return noise.to(device).argsort(dim=1) < count
 
 
 def negative_probabilities(anchors: torch.Tensor, pool: torch.Tensor, exclude: torch.Tensor,
@@ -56,41 +72,35 @@ def negative_probabilities(anchors: torch.Tensor, pool: torch.Tensor, exclude: t
 
 
 def sample_negatives(anchors: torch.Tensor, pool: torch.Tensor, exclude: torch.Tensor, count: int,
-                     strategy: str, temperature: float) -> torch.Tensor:
-    """(N, count) pool indices drawn with replacement from `negative_probabilities`."""
+                     strategy: str, temperature: float,
+                     generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    """(N, count) pool indices drawn with replacement from `negative_probabilities`; with
+    `generators`, anchor i draws from generators[i]."""
     with torch.no_grad():
         probs = negative_probabilities(anchors, pool, exclude, strategy, temperature)
-        return torch.multinomial(probs, count, replacement=True)
-
-
-def gather_pool(local: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Concatenate every rank's (N, D) rows; this rank's rows keep their gradient.
-
-    Returns the pool and the offset of this rank's rows in it.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return local, 0
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, local.detach().contiguous())
-    rank = dist.get_rank()
-    parts[rank] = local
-    return torch.cat(parts), rank * len(local)
+        if generators is None:
+            return torch.multinomial(probs, count, replacement=True)
+        rows = probs.float().cpu()
+        drawn = [torch.multinomial(row, count, replacement=True, generator=g) for row, g in zip(rows, generators)]
+        return torch.stack(drawn).to(pool.device) if drawn else torch.empty(0, count, dtype=torch.long, device=pool.device)
 
 
 def masked_embedding_loss(predicted: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                           negatives: int, strategy: str, sampling_temperature: float,
-                          temperature: float) -> torch.Tensor:
+                          temperature: float, draw_key: tuple[int, ...] | None = None) -> torch.Tensor:
     """InfoNCE of each masked position's prediction against its own CNN embedding (positive) and
-    `negatives` CNN embeddings drawn from the global batch.
+    `negatives` CNN embeddings drawn from the global batch (gathered over ranks, differentiably).
 
-    predicted, targets: (B, T, D); mask: (B, T) bool.
+    predicted, targets: (B, T, D); mask: (B, T) bool. With `draw_key`, the negatives of the
+    position at global row r come from generator(*draw_key, r): the same at any world size.
     """
-    pool, offset = gather_pool(targets.flatten(0, 1))
+    pool, offset = gather_rows(targets.flatten(0, 1))
     positions = mask.flatten().nonzero().squeeze(1)
     query = F.normalize(predicted.flatten(0, 1)[positions].float(), dim=-1)
     positive_index = positions + offset
+    generators = None if draw_key is None else [generator(*draw_key, int(r)) for r in positive_index]
     drawn = sample_negatives(pool[positive_index].detach(), pool.detach(), positive_index, negatives,
-                             strategy, sampling_temperature)
+                             strategy, sampling_temperature, generators)
     keys = F.normalize(pool.float(), dim=-1)
     positive = (query * keys[positive_index]).sum(-1, keepdim=True)
     negative = torch.einsum("nd,nkd->nk", query, keys[drawn])

@@ -4,8 +4,8 @@ Objectives (weights in `loss.*`):
 - masked embedding prediction: a fraction of each modality's clip embeddings is replaced by a
   learned mask token; the transformer output at each masked position must pick out the
   original embedding among negatives drawn from the global batch (content-aware or uniform);
-- correct pair prediction: every second sample gets another sample's audio; a binary head
-  on the fused output says whether audio and video belong together;
+- correct pair prediction: every second sample of the global batch gets the previous sample's
+  audio; a binary head on the fused output says whether audio and video belong together;
 - optional audio-visual InfoNCE between the pooled outputs (off by default, not in the paper).
 """
 
@@ -16,8 +16,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from pemt.model.backbone import AVBackbone
-from pemt.model.objectives import (info_nce, masked_embedding_loss, mismatch_mask, pair_loss,
-                                   random_mask)
+from pemt.model.collectives import gather_rows, global_rows
+from pemt.model.objectives import (generator, info_nce, masked_embedding_loss, mismatch_mask,
+                                   pair_loss, random_mask)
 
 MODALITIES = ("visual", "audio")
 
@@ -33,43 +34,60 @@ class AVPretrainingModel(nn.Module):
         self.pair_head = nn.Linear(2 * hidden if self.fusion == "late" else hidden, 1)
         self.loss_cfg = loss_cfg
 
-    def _mask(self, tokens: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mask(self, tokens: torch.Tensor, index: int, first: int, step_seed: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         batch, length, _ = tokens.shape
         if not self.loss_cfg.mep_weight:
             return tokens, torch.zeros(batch, length, dtype=torch.bool, device=tokens.device)
-        mask = random_mask(batch, length, float(self.loss_cfg.mask_ratio), tokens.device)
+        generators = [generator(step_seed, 0, index, first + b) for b in range(batch)]
+        mask = random_mask(batch, length, float(self.loss_cfg.mask_ratio), tokens.device, generators)
         return torch.where(mask[..., None], self.mask_tokens[index].to(tokens.dtype), tokens), mask
 
-    def _contextual(self, visual: torch.Tensor, audio: torch.Tensor, mismatched: torch.Tensor
+    @staticmethod
+    def _pair(audio: torch.Tensor, mismatched: torch.Tensor, first: int) -> torch.Tensor:
+        """Each mismatched sample takes the audio of the previous sample of the global batch."""
+        everyone, _ = gather_rows(audio)
+        previous = everyone[torch.arange(first, first + len(audio), device=audio.device).clamp_min(1) - 1]
+        return torch.where(mismatched[:, None, None], previous, audio)
+
+    def _contextual(self, visual: torch.Tensor, audio: torch.Tensor, mismatched: torch.Tensor, first: int
                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Per-position outputs for each modality (B, T, H) and the pair head's input."""
         backbone = self.backbone
         length = visual.shape[1]
         if self.fusion == "early":
-            fused = backbone.fuse(visual, torch.where(mismatched[:, None, None], audio.roll(1, 0), audio))
+            fused = backbone.fuse(visual, self._pair(audio, mismatched, first))
             return {"visual": fused[:, 1:1 + length], "audio": fused[:, 2 + length:]}, fused[:, 0]
         visual_out = backbone.contextualise("visual", visual)
         audio_out = backbone.contextualise("audio", audio)
-        paired = torch.where(mismatched[:, None, None], audio_out.roll(1, 0), audio_out)
+        paired = self._pair(audio_out, mismatched, first)
         outputs = {"visual": visual_out[:, 1:], "audio": audio_out[:, 1:]}
         if self.fusion == "late":
             return outputs, torch.cat([visual_out[:, 0], paired[:, 0]], dim=-1)
         fused = backbone.fuse(visual_out[:, 1:], paired[:, 1:])
         return outputs, fused[:, 0]
 
-    def forward(self, video: torch.Tensor, audio: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, video: torch.Tensor, audio: torch.Tensor, step_seed: int | None = None
+                ) -> dict[str, torch.Tensor]:
+        """Losses of one micro-batch. Masks and negatives are drawn from generators keyed by
+        (`step_seed`, global sample), so a step gives the same result at any world size; without
+        `step_seed` one is drawn from torch's global generator."""
         cfg = self.loss_cfg
+        if step_seed is None:
+            step_seed = int(torch.randint(2**31 - 1, ()).item())
+        first, total = global_rows(video.shape[0], video.device)
         embeddings = dict(zip(MODALITIES, self.backbone.embed_clips(video, audio)))
-        masked = {m: self._mask(embeddings[m], i) for i, m in enumerate(MODALITIES)}
-        mismatched = mismatch_mask(video.shape[0], video.device)
-        outputs, pair_input = self._contextual(masked["visual"][0], masked["audio"][0], mismatched)
+        masked = {m: self._mask(embeddings[m], i, first, step_seed) for i, m in enumerate(MODALITIES)}
+        mismatched = mismatch_mask(first, video.shape[0], total, video.device)
+        outputs, pair_input = self._contextual(masked["visual"][0], masked["audio"][0], mismatched, first)
 
         losses: dict[str, torch.Tensor] = {}
         if cfg.mep_weight:
-            for m in MODALITIES:
+            for i, m in enumerate(MODALITIES):
                 losses[f"loss_mep_{m}"] = masked_embedding_loss(
                     self.mep_heads[m](outputs[m]), embeddings[m], masked[m][1], int(cfg.negatives),
-                    str(cfg.sampling), float(cfg.sampling_temperature), float(cfg.temperature))
+                    str(cfg.sampling), float(cfg.sampling_temperature), float(cfg.temperature),
+                    draw_key=(step_seed, 1, i))
         pair, pair_accuracy = pair_loss(self.pair_head(pair_input).squeeze(-1), mismatched)
         losses["loss_pair"] = pair
         if cfg.contrastive_weight:

@@ -152,7 +152,8 @@ class Trainer:
                 for _ in range(accum):
                     batch = next(batches)
                     out = engine(batch["video"].to(engine.device, self.dtype),
-                                 batch["audio"].to(engine.device, self.dtype))
+                                 batch["audio"].to(engine.device, self.dtype),
+                                 step_seed=cfg.seed * 1_000_003 + batch["micro_step"])
                     engine.backward(out["loss"])
                     engine.step()
                     for key, value in out.items():
