@@ -73,3 +73,29 @@ def test_csv_list_with_labels(videos: Path, tmp_path: Path) -> None:
     listing.write_text(f"path,label\n{videos}/a/clip0.mp4,3\n{videos}/b/clip5.mp4,1\n")
     manifest = make_shards(listing, tmp_path / "out", max_mb=100, progress=False)
     assert manifest["samples"] == 2 and len(manifest["shards"]) == 1
+
+
+def test_separate_flac_is_packed_and_decoded(tmp_path: Path) -> None:
+    import av
+    import numpy as np
+
+    from conftest import video_without_audio
+    from pemt.data.decode import ClipSpec, decode_clips
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    (folder / "silent.mp4").write_bytes(video_without_audio())
+    with av.open(str(folder / "silent.flac"), mode="w") as container:
+        stream = container.add_stream("flac", rate=16000, layout="mono")
+        tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)).astype(np.float32)
+        frame = av.AudioFrame.from_ndarray((tone * 32767).astype(np.int16)[None, :], format="s16", layout="mono")
+        frame.sample_rate = 16000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    make_shards(folder, tmp_path / "out", max_samples=4, progress=False)
+    plan = plan_from_manifest(str(tmp_path / "out"), streams=1, seed=0, shuffle_buffer=1)
+    sample = next(stream_slots(plan, 0, 0)).sample
+    assert "flac" in sample
+    spec = ClipSpec(2, 2, 4, 16, 16000, 16, 25, 10)
+    out = decode_clips(sample["mp4"], spec, None, audio_data=sample["flac"])
+    assert out["audio"].shape[0] == 2 and out["audio"].max() > -5, "the tone is there"

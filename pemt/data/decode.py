@@ -114,9 +114,12 @@ def _audio(container: av.container.InputContainer, sample_rate: int) -> np.ndarr
     return np.concatenate(pieces)
 
 
-def decode_clips(data: bytes, spec: ClipSpec, rng: random.Random | None = None) -> dict[str, torch.Tensor]:
+def decode_clips(data: bytes, spec: ClipSpec, rng: random.Random | None = None,
+                 audio_data: bytes | None = None) -> dict[str, torch.Tensor]:
     """Encoded video -> {"video": (T, 3, F, crop, crop) in [0, 1], "audio": (T, 1, mel, frames)}.
 
+    The sound comes from `audio_data` (a separate file, e.g. flac) when given, else from the
+    video's own audio track.
     `rng` picks a random window and crop (training); None takes the centred ones (evaluation).
     Videos shorter than the window loop or are padded (`spec.short_videos`).
     """
@@ -129,8 +132,12 @@ def decode_clips(data: bytes, spec: ClipSpec, rng: random.Random | None = None) 
             start = rng.uniform(0.0, slack) if rng is not None else slack / 2
             times = start + np.arange(spec.clips * spec.frames_per_clip) / spec.fps
             frames = _frames(container, times, spec.crop, rng, spec.short_videos == "loop")
-            container.seek(0)
-            audio = _audio(container, spec.sample_rate)
+            if audio_data is None:
+                container.seek(0)
+                audio = _audio(container, spec.sample_rate)
+        if audio_data is not None:
+            with av.open(io.BytesIO(audio_data)) as sound:
+                audio = _audio(sound, spec.sample_rate)
     except av.error.FFmpegError as err:
         raise DecodeError(f"undecodable video: {err}") from err
     clip_samples = int(round(spec.clip_seconds * spec.sample_rate))

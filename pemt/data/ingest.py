@@ -1,6 +1,6 @@
 """Video files -> WebDataset shards with a manifest, in parallel and restartable.
 
-Inputs are split into shards up front (by sample count or bytes, in input order), so the same
+A `<name>.flac` beside a video is stored as its sound. Inputs are split into shards up front (by sample count or bytes, in input order), so the same
 inputs always give the same shards. Each shard is written by a worker process to a temporary
 name and renamed when complete, then recorded in `progress.jsonl`; a restarted run keeps the
 shards recorded there and writes only the rest, so it finishes without duplicates. Inputs that
@@ -105,7 +105,11 @@ def write_shard(index: int, items: list[VideoInput], out_dir: str) -> tuple[dict
                 skipped.append({"path": item.path, "reason": str(err)})
                 continue
             meta.update(id=item.key, label=item.label, source=item.path)
-            writer.write({"__key__": item.key, "mp4": data, "json": json.dumps(meta).encode()})
+            sample = {"__key__": item.key, "mp4": data, "json": json.dumps(meta).encode()}
+            flac = Path(item.path).with_suffix(".flac")
+            if flac.exists():  # the sound as a separate file beside the video
+                sample["flac"] = flac.read_bytes()
+            writer.write(sample)
             written += 1
     if not written:
         partial.unlink()

@@ -41,7 +41,8 @@ def _decode(slot: Slot, spec: ClipSpec, seed: int, train: bool) -> dict:
         raise DecodeError(f"malformed json metadata: {err}") from err
     # The random window and crop depend on the slot alone: the same on any rank or worker.
     rng = random.Random(f"decode-{seed}-{slot.stream}-{slot.position}") if train else None
-    return {"key": sample["__key__"], "label": label, **decode_clips(sample["mp4"], spec, rng)}
+    clips = decode_clips(sample["mp4"], spec, rng, audio_data=sample.get("flac"))
+    return {"key": sample["__key__"], "label": label, **clips}
 
 
 class StreamDataset(IterableDataset):
