@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "mlflow_run_id"
+TRACKING_URI_FILE = "mlflow_tracking_uri"  # so tools find the store from the run dir alone
 _MLFLOW_BATCH = 100  # MLflow takes at most this many params or metrics per log_batch call
 
 
@@ -63,6 +64,7 @@ class MlflowTracker:
             for i in range(0, len(params), _MLFLOW_BATCH):
                 client.log_batch(run_id, params=params[i:i + _MLFLOW_BATCH])
         self.run_id = run_id
+        (self.run_dir / TRACKING_URI_FILE).write_text(self.tracking_uri)
         client.log_text(run_id, OmegaConf.to_yaml(resolved), "config/resolved.yaml")
         return run_id
 

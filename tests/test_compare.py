@@ -1,0 +1,40 @@
+"""tools/compare.py: a table and one plot per metric across runs of a real MLflow store."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO
+
+
+def test_table_and_plots_for_an_experiment(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("cmp")
+    for name, speed in (("deepspeed=zero1", 30.0), ("deepspeed=zero3", 20.0)):
+        run = client.create_run(experiment, run_name=name)
+        metrics = [Metric("loss", 2.0 / step, 0, step) for step in (1, 2, 3)]
+        metrics += [Metric("samples_per_s", speed, 0, step) for step in (1, 2, 3)]
+        client.log_batch(run.info.run_id, metrics=metrics)
+        client.set_terminated(run.info.run_id)
+    out = tmp_path / "plots"
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "compare.py"), "--experiment", "cmp",
+                             "--tracking-uri", uri, "--metrics", "loss", "samples_per_s", "--out", str(out)],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    zero1 = next(line for line in lines if line.startswith("deepspeed=zero1"))
+    assert "FINISHED" in zero1 and "0.6667" in zero1 and "30" in zero1
+    for metric in ("loss", "samples_per_s"):
+        assert (out / f"{metric}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_experiment_is_a_clear_error(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "compare.py"), "--experiment", "nope",
+                             "--tracking-uri", f"sqlite:///{tmp_path}/m.db"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and "no MLflow experiment 'nope'" in result.stderr
