@@ -8,12 +8,16 @@ Slurm), exported as the env:// variables torch and DeepSpeed read. Outside a sub
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,19 @@ def _export_job_environment() -> None:
             )
 
 
+def _extensions_dir() -> Path:
+    from torch.utils.cpp_extension import _get_build_directory  # noqa: PLC2701
+
+    return Path(_get_build_directory("deepspeed_shm_comm", verbose=False)).parent
+
+
+def _shm_op_built() -> bool:
+    try:
+        return (_extensions_dir() / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").exists()
+    except Exception:  # a private torch helper: never let it stop training
+        return True
+
+
 def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
@@ -96,6 +113,9 @@ def init_distributed(timeout_min: float = 30.0) -> DistInfo:
         # Ranks on one host share its cores; oversubscribing them slows every rank down.
         cores = len(os.sched_getaffinity(0))
         torch.set_num_threads(max(1, cores // info.local_world_size))
+    if info.rank == 0 and not torch.cuda.is_available() and not _shm_op_built():
+        log.info("building DeepSpeed's CPU communication op: the first run on this machine "
+                 "takes about a minute; later runs reuse it from %s", _extensions_dir())
     deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False,
                                timeout=datetime.timedelta(minutes=timeout_min))
     return info

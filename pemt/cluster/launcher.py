@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import Any, Sequence
 
-from hydra.core.utils import JobReturn
+from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from omegaconf import DictConfig, OmegaConf
 
@@ -63,6 +63,19 @@ def prepare(configs: list[DictConfig]) -> None:
             ensure_synthetic_shards(cfg)
 
 
+def _summarise(results: Sequence[JobReturn], configs: list[DictConfig]) -> None:
+    """Where each finished run is, and how to look at it."""
+    uris = set()
+    for result, cfg in zip(results, configs):
+        if result.status == JobStatus.COMPLETED and isinstance(result.return_value, dict):
+            done = result.return_value
+            print(f"pemt: run at step {done['step']} in {done['run_dir']} (MLflow run {done['mlflow_run_id']})",
+                  file=sys.stderr)
+            uris.add(str(cfg.mlflow.tracking_uri))
+    for uri in sorted(uris):
+        print(f"pemt: look at it with: mlflow ui --backend-store-uri {uri}", file=sys.stderr)
+
+
 class _PreparedLaunch:
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         try:
@@ -76,9 +89,11 @@ class _PreparedLaunch:
         relay = LogRelay(self.params["submitit_folder"])
         relay.start()
         try:
-            return super().launch(job_overrides, initial_job_idx)  # type: ignore[misc]
+            results = super().launch(job_overrides, initial_job_idx)  # type: ignore[misc]
         finally:
             relay.stop()
+        _summarise(results, configs)
+        return results
 
 
 class LocalLauncher(_PreparedLaunch, submitit_launcher.LocalLauncher):
