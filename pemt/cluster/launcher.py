@@ -8,7 +8,6 @@ the launcher waits, rank 0's output is echoed to the terminal.
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Any, Sequence
 
@@ -19,8 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 from pemt.cluster.relay import LogRelay
 from pemt.config import ConfigError, validate
 from pemt.track.store import TrackingError
-
-log = logging.getLogger(__name__)
 
 # hydra-submitit-launcher submits a sweep as one job array with one set of resources.
 _SAME_FOR_WHOLE_SWEEP = ("nodes", "gpus_per_node", "cluster")
