@@ -86,6 +86,15 @@ def _shm_op_built() -> bool:
         return True
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group, or (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 

@@ -11,6 +11,7 @@ decode leaves its slot empty (the batch is one smaller) instead of shifting the 
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ class StreamPlan:
             raise ValueError(f"{len(self.urls)} shards for data.streams={self.streams}: every virtual "
                              "stream needs at least one shard (lower data.streams or write smaller shards)")
 
+    @functools.cached_property
     def assignment(self) -> list[list[int]]:
         """Shard indices per stream, dealt largest first to the lightest stream."""
         loads, owned = [0] * self.streams, [[] for _ in range(self.streams)]
@@ -55,12 +57,12 @@ class StreamPlan:
         return owned
 
     def epoch_order(self, stream: int, epoch: int) -> list[int]:
-        order = sorted(self.assignment()[stream])
+        order = sorted(self.assignment[stream])
         random.Random(f"order-{self.seed}-{stream}-{epoch}").shuffle(order)
         return order
 
     def epoch_length(self, stream: int) -> int:
-        return sum(self.counts[i] for i in self.assignment()[stream])
+        return sum(self.counts[i] for i in self.assignment[stream])
 
 
 def plan_from_manifest(folder: str, streams: int, seed: int, shuffle_buffer: int) -> StreamPlan:

@@ -10,11 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
-def world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from pemt.distributed import world
 
 
 def _row_counts(rows: int, device: torch.device) -> list[int]:
@@ -26,9 +22,8 @@ def _row_counts(rows: int, device: torch.device) -> list[int]:
 
 class _GatherRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, local: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, local: torch.Tensor, counts: list[int]) -> torch.Tensor:  # type: ignore[override]
         rank, size = world()
-        counts = _row_counts(len(local), local.device)
         padded = torch.zeros((max(counts), *local.shape[1:]), dtype=local.dtype, device=local.device)
         padded[: len(local)] = local
         parts = [torch.empty_like(padded) for _ in range(size)]
@@ -41,7 +36,7 @@ class _GatherRows(torch.autograd.Function):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)  # every rank's contribution to every row
         start = sum(ctx.counts[: ctx.rank])
-        return grad[start:start + ctx.counts[ctx.rank]]
+        return grad[start:start + ctx.counts[ctx.rank]], None
 
 
 def gather_rows(local: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -49,8 +44,8 @@ def gather_rows(local: torch.Tensor) -> tuple[torch.Tensor, int]:
     rank, size = world()
     if size == 1:
         return local, 0
-    gathered = _GatherRows.apply(local)
-    return gathered, sum(_row_counts(len(local), local.device)[:rank])
+    counts = _row_counts(len(local), local.device)
+    return _GatherRows.apply(local, counts), sum(counts[:rank])
 
 
 class _SumOverRanks(torch.autograd.Function):

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pemt.distributed import world
 from pemt.integrity import sha256
 
 log = logging.getLogger(__name__)
@@ -49,22 +50,16 @@ def step_tag(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
 def _gather(obj: Any) -> list[Any]:
-    rank, world = _world()
-    if world == 1:
+    rank, size = world()
+    if size == 1:
         return [obj]
-    out: list[Any] = [None] * world
+    out: list[Any] = [None] * size
     dist.all_gather_object(out, obj)
     return out
 
@@ -158,12 +153,12 @@ class Checkpointer:
 
     def select(self) -> Committed | None:
         """Collective: the newest checkpoint that verifies on every rank (files split among ranks)."""
-        rank, world = _world()
+        rank, size = world()
         if rank == 0:
             self.set_aside_leftovers()
         _barrier()
         for candidate in reversed(self.committed()):
-            names = sorted(candidate.manifest["files"])[rank::world]
+            names = sorted(candidate.manifest["files"])[rank::size]
             problems = [p for p in _gather(verify(candidate.path, candidate.manifest, names)) if p]
             if not problems:
                 return candidate
@@ -175,7 +170,7 @@ class Checkpointer:
     def save(self, engine: Any, step: int, state: dict[str, Any]) -> float:
         """Collective. Commit a checkpoint of `engine` at `step`; returns the seconds it took."""
         started = time.perf_counter()
-        rank, world = _world()
+        rank, size = world()
         tag = step_tag(step)
         staging = self.directory / STAGING / tag
         engine.save_checkpoint(str(self.directory / STAGING), tag=tag, save_latest=False)
@@ -183,10 +178,10 @@ class Checkpointer:
         torch.save(rng_state(), staging / "rng" / f"rank{rank:05d}.pt")
         _barrier()
         names = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
-        mine = {n: {"bytes": (staging / n).stat().st_size, "sha256": sha256(staging / n)} for n in names[rank::world]}
+        mine = {n: {"bytes": (staging / n).stat().st_size, "sha256": sha256(staging / n)} for n in names[rank::size]}
         files = {k: v for part in _gather(mine) for k, v in part.items()}
         if rank == 0:
-            manifest = {"step": step, "world_size": world, "saved_at": time.time(), "state": state,
+            manifest = {"step": step, "world_size": size, "saved_at": time.time(), "state": state,
                         "files": files}
             _write_atomic(staging / MANIFEST, json.dumps(manifest, indent=1))
             final = self.directory / tag
@@ -212,7 +207,7 @@ class Checkpointer:
     # -- loading -------------------------------------------------------------------------
     def universal(self, checkpoint: Committed) -> Path:
         """Collective: the checkpoint in DeepSpeed's universal format, converted once by rank 0."""
-        rank, _ = _world()
+        rank, _ = world()
         out = self.directory / UNIVERSAL / checkpoint.tag
         done = out / ".complete"
         if rank == 0 and not done.exists():
@@ -231,7 +226,7 @@ class Checkpointer:
 
     def load(self, engine: Any, checkpoint: Committed, universal: bool) -> dict[str, Any]:
         """Restore `checkpoint` into `engine` (and this rank's RNG); return the saved trainer state."""
-        rank, world = _world()
+        rank, size = world()
         if universal:
             folder = self.universal(checkpoint)
             path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name)
@@ -240,7 +235,7 @@ class Checkpointer:
         if path is None:
             raise CheckpointError(f"{checkpoint.path}: DeepSpeed could not load it")
         rng_file = checkpoint.path / "rng" / f"rank{rank:05d}.pt"
-        if world == checkpoint.manifest["world_size"] and rng_file.exists():
+        if size == checkpoint.manifest["world_size"] and rng_file.exists():
             set_rng_state(torch.load(rng_file, weights_only=True))
         log.info("resumed from %s (step %d)", checkpoint.path, checkpoint.step)
         return checkpoint.manifest["state"]
