@@ -10,6 +10,9 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
+import socket
+import subprocess
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +57,25 @@ def submitit_environment() -> Any:
     return env if env.activated() else None
 
 
+def node_address(name: str) -> str:
+    """An address the other nodes reach node `name` at: the name when it resolves, else the
+    NodeAddr Slurm has for it (names of Slurm nodes need not be in DNS or /etc/hosts)."""
+    try:
+        socket.getaddrinfo(name, None)
+        return name
+    except socket.gaierror:
+        pass
+    try:
+        shown = subprocess.run(["scontrol", "show", "node", "--oneliner", name], capture_output=True,
+                               text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        raise RuntimeError(f"node {name!r} does not resolve and Slurm cannot say its address: {err}") from err
+    found = re.search(r"\bNodeAddr=(\S+)", shown)
+    if not found:
+        raise RuntimeError(f"node {name!r} does not resolve and `scontrol show node` gives no NodeAddr")
+    return found.group(1)
+
+
 def _export_job_environment() -> None:
     import submitit
 
@@ -65,6 +87,8 @@ def _export_job_environment() -> None:
         submitit.helpers.TorchDistributedEnvironment().export(
             set_cuda_visible_devices=torch.cuda.is_available(), overwrite=True
         )
+        # submitit gives the first node's name; rank 0 runs there, so its address is the rendezvous.
+        os.environ["MASTER_ADDR"] = node_address(env.hostnames[0])
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         if key not in os.environ:
             raise RuntimeError(

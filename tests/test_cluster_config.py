@@ -36,3 +36,15 @@ def test_run_dir_ignores_keys_that_do_not_change_the_science() -> None:
     excluded = set(cfg.hydra.job.config.override_dirname.exclude_keys)
     assert {"train.max_steps", "nodes", "gpus_per_node", "cluster"} <= excluded
     assert "train.lr" not in excluded
+
+
+def test_no_cluster_setting_changes_the_run_dir() -> None:
+    """Moving a run to another partition, time limit or requeue policy continues the same run."""
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("pretrain", return_hydra_config=True)
+    excluded = set(cfg.hydra.job.config.override_dirname.exclude_keys)
+    for path in (REPO / "configs" / "cluster").glob("*.yaml"):
+        keys = OmegaConf.load(path).get("cluster", {}).keys()
+        assert {f"cluster.{key}" for key in keys if key != "name"} <= excluded, path.name

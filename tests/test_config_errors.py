@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import describe, run_pretrain
+from conftest import REPO, describe, run_name, run_pretrain
 
 
 def _assert_nothing_started(root: Path) -> None:
@@ -27,6 +29,9 @@ def _assert_nothing_started(root: Path) -> None:
         (["nodes=2"], "cluster=local runs on this machine only"),
         (["-m", "nodes=1", "gpus_per_node=1,2"], "gpus_per_node differs between sweep points"),
         (["-m", "train.global_batch_size=8,9"], "train.global_batch_size=9 is not divisible"),
+        # Preflight: checks against the machine.
+        (["data.synthetic.videos_per_shard=8"], "2 shards for data.streams=8"),
+        (["train.keep_last=100000000"], "train.keep_last=100000000 + 1"),
     ],
 )
 def test_bad_config_fails_before_any_job(tmp_path: Path, data_cache: Path, overrides: list[str], expected: str) -> None:
@@ -42,3 +47,35 @@ def test_unreachable_tracking_server_fails_before_any_job(tmp_path: Path, data_c
     assert result.returncode != 0, describe(result)
     assert "MLflow tracking server http://127.0.0.1:9 is not reachable" in result.stderr, describe(result)
     assert not list(tmp_path.rglob(".submitit"))
+
+
+def test_preflight_prints_the_plan_and_submits_nothing(tmp_path: Path, data_cache: Path) -> None:
+    result = run_pretrain(tmp_path, data_cache, "preflight=true", "train.grad_accum_steps=2",
+                          "train.global_batch_size=16", timeout=120)
+    assert result.returncode == 0, describe(result)
+    plan = result.stderr
+    assert f"run dir     {tmp_path}/pemt-pretrain/" in plan
+    assert "1 node(s) x 2 task(s) on this machine" in plan
+    assert "4 per rank x 2 accumulation x 2 ranks = 16 per step" in plan
+    assert "8 shards over 8 streams" in plan and "experiment pemt-pretrain" in plan
+    assert "nothing submitted" in plan
+    _assert_nothing_started(tmp_path)
+
+
+def test_unwritable_checkpoint_dir_stops_the_launch(tmp_path: Path, data_cache: Path) -> None:
+    run_dir = tmp_path / "pemt-pretrain" / run_name()
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoints").write_text("a file where the checkpoint folder belongs")
+    result = run_pretrain(tmp_path, data_cache, timeout=120)
+    assert result.returncode == 2, describe(result)
+    assert f"checkpoint dir {run_dir}/checkpoints cannot be created" in result.stderr, describe(result)
+    _assert_nothing_started(tmp_path)
+
+
+def test_missing_shard_folder_stops_the_launch(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), f"paths.root={tmp_path}",
+                             "data=shards", f"data.shards={tmp_path}/nonexistent"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, describe(result)
+    assert f"data.shards={tmp_path}/nonexistent: no shard folder at {tmp_path}/nonexistent" in result.stderr
+    _assert_nothing_started(tmp_path)

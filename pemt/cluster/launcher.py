@@ -15,6 +15,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from omegaconf import DictConfig, OmegaConf
 
+from pemt.cluster import preflight
 from pemt.cluster.relay import LogRelay
 from pemt.config import ConfigError, validate
 from pemt.track.store import TrackingError
@@ -73,24 +74,75 @@ def _summarise(results: Sequence[JobReturn], configs: list[DictConfig]) -> None:
         print(f"pemt: look at it with: mlflow ui --backend-store-uri {uri}", file=sys.stderr)
 
 
+def _check_and_plan(configs: list[DictConfig], job_overrides: Sequence[Sequence[str]]) -> None:
+    """Preflight every point and print its plan; with preflight=true stop there."""
+    for index, (cfg, overrides) in enumerate(zip(configs, job_overrides)):
+        try:
+            plan = preflight.check(cfg)
+        except ConfigError as err:
+            point = " ".join(overrides) or "(no overrides)"
+            raise ConfigError(f"{err}\n  in sweep point: {point}") from None
+        header = f" {index + 1}/{len(configs)}: {' '.join(overrides)}" if len(configs) > 1 else ""
+        print(f"pemt: plan{header}\n{plan.describe()}", file=sys.stderr)
+    if configs[0].preflight:
+        print("pemt: preflight passed; nothing submitted (drop preflight=true to launch)", file=sys.stderr)
+        raise SystemExit(0)
+
+
+def _summary(message: str) -> str:
+    """The first line of a submitit error, and the job log paths it lists."""
+    lines = message.strip().splitlines() or ["(no message)"]
+    return "\n".join([lines[0], *(line for line in lines if line.strip().startswith("- /"))])
+
+
+def _job_error(result: JobReturn) -> str:
+    try:
+        result.return_value  # noqa: B018 - raises the job's exception
+    except Exception as err:  # noqa: BLE001 - any exception the job raised
+        return f"{type(err).__name__}: {_summary(str(err))}"
+    return "failed"
+
+
+def _report_failures(failures: list[tuple[str, DictConfig]]) -> None:
+    """Jobs that failed or were lost: what happened and how to continue, without a traceback."""
+    for reason, cfg in failures:
+        print(f"pemt: a job did not finish: {reason}\n"
+              f"pemt: continue it with: python tools/resume.py {preflight.run_dir_of(cfg)}", file=sys.stderr)
+
+
 class _PreparedLaunch:
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        import submitit
+
         try:
             configs = _compose_points(self, job_overrides)
             _check_sweep_resources(configs)
+            _check_and_plan(configs, job_overrides)
             prepare(configs)
         except (ConfigError, TrackingError) as err:
             # A user error, not a crash: the message alone, no traceback, nothing submitted.
             print(f"pemt: cannot launch: {err}", file=sys.stderr)
             raise SystemExit(2) from None
+        self._before_waiting()
         relay = LogRelay(self.params["submitit_folder"])
         relay.start()
         try:
             results = super().launch(job_overrides, initial_job_idx)  # type: ignore[misc]
+        except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as err:
+            # A job lost without a result (node failure, killed): the others may still run.
+            _report_failures([(_summary(str(err)), cfg) for cfg in configs])
+            raise SystemExit(1) from None
         finally:
             relay.stop()
         _summarise(results, configs)
+        failures = [(_job_error(r), cfg) for r, cfg in zip(results, configs) if r.status == JobStatus.FAILED]
+        if failures:
+            _report_failures(failures)
+            raise SystemExit(1)
         return results
+
+    def _before_waiting(self) -> None:
+        pass
 
 
 class LocalLauncher(_PreparedLaunch, submitit_launcher.LocalLauncher):
@@ -101,4 +153,19 @@ class SlurmLauncher(_PreparedLaunch, submitit_launcher.SlurmLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         if not self.config.cluster.gpus:  # CPU-only cluster: ask for tasks, not GPUs
             self.params.pop("gpus_per_node", None)
-        return super().launch(job_overrides, initial_job_idx)
+        # Explicit either way: submitit's requeue needs a requeueable job even on clusters
+        # whose default (JobRequeue=0) is not.
+        flags = dict(self.params.get("additional_parameters") or {})
+        flags.pop("requeue", None), flags.pop("no_requeue", None)
+        flags["requeue" if self.config.cluster.requeue else "no_requeue"] = True
+        self.params["additional_parameters"] = flags
+        try:
+            return super().launch(job_overrides, initial_job_idx)
+        except KeyboardInterrupt:
+            print(f"\npemt: stopped waiting; the jobs keep running. Where they stand: "
+                  f"python tools/resume.py --list {self.config.hydra.sweep.dir}", file=sys.stderr)
+            raise SystemExit(130) from None
+
+    def _before_waiting(self) -> None:
+        print(f"pemt: submitting to Slurm; Ctrl-C here stops waiting, not the jobs. Where they stand: "
+              f"python tools/resume.py --list {self.config.hydra.sweep.dir} (or squeue --me)", file=sys.stderr)

@@ -59,10 +59,13 @@ class StopRequest:
                 self.received_at = float(first.item())
         return {0: None, 1: signal.SIGTERM, 2: signal.SIGUSR2}[code]
 
-    def hand_over(self, signum: int) -> None:
-        """After the save: requeue through submitit's handler (rank 0 exits inside it), then exit."""
+    def hand_over(self, signum: int, requeue: bool = True) -> None:
+        """After the save: requeue through submitit's handler (rank 0 exits inside it), then exit.
+
+        Without `requeue` (jobs submitted --no-requeue) the job just ends; the run is continued
+        with tools/resume.py."""
         previous: Callable | Any = self.previous.get(signum)
         self.uninstall()
-        if signum == signal.SIGUSR2 and callable(previous):
+        if requeue and signum == signal.SIGUSR2 and callable(previous):
             previous(signum, None)
         sys.exit(0)

@@ -193,7 +193,7 @@ class Trainer:
             outcome = outcome or ("preempted" if stop == signal.SIGUSR2 else "terminated")
             self.journal.end(outcome, step, reason)
         if stop:
-            self.stop.hand_over(stop)
+            self.stop.hand_over(stop, requeue=bool(OmegaConf.select(self.cfg, "cluster.requeue", default=True)))
         self.stop.uninstall()
         return {"step": step, "samples": samples, "run_dir": str(self.run_dir), "mlflow_run_id": run_id}
 
