@@ -166,3 +166,24 @@ def all_reduce(values: dict[str, float], device: torch.device, mean: bool = True
         if mean:
             tensor /= dist.get_world_size()
     return dict(zip(values, tensor.tolist()))
+
+
+def min_avg_max(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """`<key>_min`, `<key>_avg`, `<key>_max` of each value over all ranks (stragglers, imbalance)."""
+    import torch.distributed as dist
+
+    if not values:
+        return {}
+    local = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, local)
+        table = torch.stack(gathered)
+    else:
+        table = local.unsqueeze(0)
+    out: dict[str, float] = {}
+    for index, key in enumerate(values):
+        column = table[:, index]
+        out.update({f"{key}_min": column.min().item(), f"{key}_avg": column.mean().item(),
+                    f"{key}_max": column.max().item()})
+    return out

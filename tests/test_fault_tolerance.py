@@ -135,6 +135,10 @@ def test_failed_run_is_resumed_by_resume_py_and_exported(tmp_path: Path, data_ca
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     [run] = client.search_runs([client.get_experiment_by_name("pemt-pretrain").experiment_id])
     assert run.info.status == "FINISHED"
+    # Steps replayed after the rollback to the checkpoint are in the history once.
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert sorted(steps) == list(range(2, 41, 2)), steps
+    assert "checkpoint_load_s" in run.data.metrics and run.data.metrics["segment"] == 2
 
     nothing = _resume(str(run_dir))
     assert nothing.returncode == 2 and "nothing to resume" in nothing.stderr

@@ -13,7 +13,7 @@ from conftest import describe, run_name, run_pretrain
 pytestmark = pytest.mark.slow
 
 EXPECTED_METRICS = {"loss", "loss_mep_visual", "loss_mep_audio", "loss_pair", "pair_accuracy", "lr",
-                    "samples_per_s", "step_time_s", "host_rss_gib", "samples"}
+                    "samples_per_s", "step_time_s", "host_rss_gib_max", "samples"}
 
 
 def _runs(root: Path, experiment: str = "pemt-pretrain") -> list:
@@ -62,7 +62,12 @@ def test_two_point_sweep_makes_two_runs(tmp_path: Path, data_cache: Path) -> Non
     result = run_pretrain(tmp_path, data_cache, "-m", "deepspeed=zero1,zero3", "precision=bf16", "train.max_steps=2",
                           "train.log_every=1", "train.checkpoint_every=2")
     assert result.returncode == 0, describe(result)
-    runs = _runs(tmp_path)
+    everything = _runs(tmp_path)
+    # The sweep is a parent run; its points are its children, side by side in the UI.
+    [parent] = [r for r in everything if r.data.tags.get("pemt.sweep")]
+    assert parent.info.run_name == "sweep deepspeed=zero1|zero3" and parent.info.status == "FINISHED"
+    runs = [r for r in everything if r is not parent]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs)
     zero1, zero3 = run_name("deepspeed=zero1", "precision=bf16"), run_name("deepspeed=zero3", "precision=bf16")
     assert sorted(r.info.run_name for r in runs) == [zero1, zero3]
     assert all(r.info.status == "FINISHED" for r in runs)

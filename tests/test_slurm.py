@@ -185,7 +185,10 @@ def test_preempted_job_saves_requeues_and_finishes(slurm: dict[str, str], tmp_pa
     assert run.info.status == "FINISHED"
     history = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert history == sorted(set(history)) and history[-1] == 30, history
-    assert "signal_to_commit_s" in run.data.metrics
+    assert "signal_to_commit_s" in run.data.metrics and "resume_gap_s" in run.data.metrics
+    # MLflow knows each job segment: the same Slurm job id, restarted once.
+    segments = [json.loads(run.data.tags[f"pemt.segment.{n:03d}"]) for n in (1, 2)]
+    assert [(s["job_id"], s["restart"]) for s in segments] == [(first["job_id"], 0), (first["job_id"], 1)]
 
 
 def test_time_limit_requeues_until_finished(slurm: dict[str, str], tmp_path: Path, data_cache: Path) -> None:

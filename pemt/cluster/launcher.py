@@ -104,10 +104,27 @@ def _job_error(result: JobReturn) -> str:
 
 
 def _report_failures(failures: list[tuple[str, DictConfig]]) -> None:
-    """Jobs that failed or were lost: what happened and how to continue, without a traceback."""
+    """Jobs that failed or were lost: what happened and how to continue, without a traceback.
+    A job lost with its node could not end its MLflow run: it is marked FAILED here."""
+    from pemt.track.tracker import RUN_ID_FILE
+
     for reason, cfg in failures:
+        run_dir = preflight.run_dir_of(cfg)
         print(f"pemt: a job did not finish: {reason}\n"
-              f"pemt: continue it with: python tools/resume.py {preflight.run_dir_of(cfg)}", file=sys.stderr)
+              f"pemt: continue it with: python tools/resume.py {run_dir}", file=sys.stderr)
+        if (run_dir / RUN_ID_FILE).exists():
+            _mark_failed(str(cfg.mlflow.tracking_uri), (run_dir / RUN_ID_FILE).read_text().strip())
+
+
+def _mark_failed(tracking_uri: str, run_id: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri)
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status="FAILED")
+    except Exception as err:  # noqa: BLE001 - reporting must not hide the failure itself
+        print(f"pemt: MLflow run {run_id} not marked FAILED: {err}", file=sys.stderr)
 
 
 class _PreparedLaunch:
@@ -123,6 +140,9 @@ class _PreparedLaunch:
             # A user error, not a crash: the message alone, no traceback, nothing submitted.
             print(f"pemt: cannot launch: {err}", file=sys.stderr)
             raise SystemExit(2) from None
+        parent = self._start_sweep_run(configs, job_overrides)
+        if parent:
+            job_overrides = [[*overrides, f"mlflow.parent_run_id={parent}"] for overrides in job_overrides]
         self._before_waiting()
         relay = LogRelay(self.params["submitit_folder"])
         relay.start()
@@ -131,15 +151,35 @@ class _PreparedLaunch:
         except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as err:
             # A job lost without a result (node failure, killed): the others may still run.
             _report_failures([(_summary(str(err)), cfg) for cfg in configs])
+            self._end_sweep_run(configs, parent, "FAILED")
             raise SystemExit(1) from None
         finally:
             relay.stop()
         _summarise(results, configs)
         failures = [(_job_error(r), cfg) for r, cfg in zip(results, configs) if r.status == JobStatus.FAILED]
+        self._end_sweep_run(configs, parent, "FAILED" if failures else "FINISHED")
         if failures:
             _report_failures(failures)
             raise SystemExit(1)
         return results
+
+    @staticmethod
+    def _start_sweep_run(configs: list[DictConfig], job_overrides: Sequence[Sequence[str]]) -> str | None:
+        """A multirun into one experiment gets a parent run; its points become child runs."""
+        from pemt.track.sweep import start_sweep_run
+
+        stores = {(str(c.mlflow.tracking_uri), str(c.mlflow.experiment)) for c in configs}
+        if len(configs) < 2 or len(stores) != 1:
+            return None
+        [(uri, experiment)] = stores
+        return start_sweep_run(uri, experiment, job_overrides)
+
+    @staticmethod
+    def _end_sweep_run(configs: list[DictConfig], parent: str | None, status: str) -> None:
+        from pemt.track.sweep import end_sweep_run
+
+        if parent:
+            end_sweep_run(str(configs[0].mlflow.tracking_uri), parent, status)
 
     def _before_waiting(self) -> None:
         pass

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from pemt.runs import find_runs
 
-DEFAULT_METRICS = ("loss", "samples_per_s", "step_time_s", "host_rss_gib", "lr")
+DEFAULT_METRICS = ("loss", "samples_per_s", "mfu_pct", "step_time_s", "host_rss_gib_max", "lr")
 
 
 @dataclass
@@ -50,10 +50,12 @@ def summary(runs: list[RunSeries]) -> list[dict[str, object]]:
     for run in runs:
         loss = run.series.get("loss", [])
         speed = [v for _, v in run.series.get("samples_per_s", [])]
-        rss = [v for _, v in run.series.get("host_rss_gib", [])]
+        mfu = [v for _, v in run.series.get("mfu_pct", [])]
+        rss = [v for _, v in run.series.get("host_rss_gib_max", [])]
         rows.append({"run": run.name, "status": run.status, "last step": loss[-1][0] if loss else None,
                      "last loss": loss[-1][1] if loss else None,
                      "mean samples/s": sum(speed) / len(speed) if speed else None,
+                     "mean MFU %": sum(mfu) / len(mfu) if mfu else None,
                      "peak host RSS (GiB)": max(rss) if rss else None})
     return rows
 

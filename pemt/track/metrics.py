@@ -1,31 +1,81 @@
-"""Measurements of a training step: throughput, host and device memory."""
+"""Measurements of training: throughput, FLOPs and MFU, host and device memory."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from typing import Iterator
 
 import psutil
 import torch
 
 GIB = 1024**3
 
+# Dense bf16 tensor-core peaks (TFLOP/s per device) from the vendors' data sheets, matched
+# against the device name. Devices not listed are measured (see `peak_tflops`).
+KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
+
 
 def host_rss_gib() -> float:
     return psutil.Process().memory_info().rss / GIB
 
 
-def device_memory_gib() -> dict[str, float]:
-    """Peak allocated and reserved memory on this rank's GPU since the last call; empty on CPU."""
+def device_memory() -> dict[str, float]:
+    """Peak allocated and reserved memory of this rank's GPU since the last call (GiB and % of
+    capacity) and the allocator's retries so far; empty on CPU."""
     if not torch.cuda.is_available():
         return {}
-    stats = {"device_max_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
-             "device_max_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
+    capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
     torch.cuda.reset_peak_memory_stats()
-    return stats
+    return {"device_max_allocated_gib": allocated / GIB, "device_max_reserved_gib": reserved / GIB,
+            "device_max_reserved_pct": 100.0 * reserved / capacity,
+            "device_alloc_retries": float(torch.cuda.memory_stats().get("num_alloc_retries", 0))}
+
+
+@contextlib.contextmanager
+def counting_flops() -> Iterator[dict[str, int]]:
+    """FLOPs of everything run inside, by torch's own counter (matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    result = {"flops": 0}
+    counter = FlopCounterMode(display=False)
+    with counter:
+        yield result
+    result["flops"] = int(counter.get_total_flops())
+
+
+def measured_peak_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """What this device reaches on a large matmul: the reference when no peak is known."""
+    side = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(side, side, device=device, dtype=dtype)
+    b = torch.randn(side, side, device=device, dtype=dtype)
+    a @ b  # warm-up: kernel selection, caches
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    runs, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        runs += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return 2 * side**3 * runs / (time.perf_counter() - started) / 1e12
+
+
+def peak_tflops(configured: float | None, device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """Peak TFLOP/s per device for MFU, and where the number comes from."""
+    if configured:
+        return float(configured), "config"
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        name = torch.cuda.get_device_name(device)
+        for key, value in KNOWN_PEAK_TFLOPS.items():
+            if key in name:
+                return value, f"data sheet ({name})"
+    return measured_peak_tflops(device, dtype), "measured"
 
 
 class Throughput:
-    """Samples and seconds since the last report."""
+    """Samples, steps, data-wait time and seconds since the last report."""
 
     def __init__(self) -> None:
         self.reset()
@@ -34,13 +84,16 @@ class Throughput:
         self.started = time.perf_counter()
         self.samples = 0
         self.steps = 0
+        self.data_wait_s = 0.0
 
-    def add(self, samples: int) -> None:
+    def add(self, samples: int, data_wait_s: float) -> None:
         self.samples += samples
         self.steps += 1
+        self.data_wait_s += data_wait_s
 
     def report(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        values = {"samples_per_s": self.samples / elapsed, "step_time_s": elapsed / max(1, self.steps)}
+        values = {"samples_per_s": self.samples / elapsed, "step_time_s": elapsed / max(1, self.steps),
+                  "data_wait_pct": 100.0 * self.data_wait_s / elapsed}
         self.reset()
         return values

@@ -1,22 +1,30 @@
 """One MLflow run per training run, logged from rank 0.
 
 The run id is kept in `<run_dir>/mlflow_run_id` (and in every checkpoint), so a restarted
-job re-attaches to its run instead of starting another.
+job re-attaches to its run instead of starting another. Metrics go through an outbox (local
+file first, delivered in the background), so a slow or absent tracking server never holds
+up training and nothing is lost. Steps a resumed job replays after rolling back to its
+checkpoint were logged by the job before it and are not logged again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from pemt.track.outbox import Outbox, deliver
+
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "mlflow_run_id"
 TRACKING_URI_FILE = "mlflow_tracking_uri"  # so tools find the store from the run dir alone
-_MLFLOW_BATCH = 100  # MLflow takes at most this many params or metrics per log_batch call
+_PARAM_BATCH = 100  # MLflow takes at most this many params per log_batch call
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
@@ -34,52 +42,102 @@ class MlflowTracker:
         self.run_dir = Path(run_dir)
         self.tracking_uri = str(cfg.mlflow.tracking_uri)
         self.experiment = str(cfg.mlflow.experiment)
+        self.system_metrics = bool(OmegaConf.select(cfg, "mlflow.system_metrics", default=False))
+        self.parent_run_id = OmegaConf.select(cfg, "mlflow.parent_run_id")
         self.run_id: str | None = None
-        self._client = None
+        self.logged_until = 0   # the last step logged before this job: replayed steps stay unlogged
+        self._client: Any = None
+        self._outbox: Outbox | None = None
+        self._monitor: Any = None
+        self._started_at = time.time()
 
-    def start(self, cfg: DictConfig, run_id: str | None = None) -> str | None:
+    def start(self, cfg: DictConfig, run_id: str | None = None, segment: dict[str, Any] | None = None) -> str | None:
         """Create the run, or re-attach to `run_id` (else the one recorded in the run dir)."""
         if not self.enabled:
             return None
+        # MLflow's HTTP client retries a dead server for minutes inside one call; the outbox
+        # retries by itself, so fail fast and say so.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         from mlflow.tracking import MlflowClient
 
         self._client = client = MlflowClient(self.tracking_uri)
         id_file = self.run_dir / RUN_ID_FILE
         run_id = run_id or (id_file.read_text().strip() if id_file.exists() else None)
         resolved = OmegaConf.to_container(cfg, resolve=True)
-        if run_id:
-            client.update_run(run_id, status="RUNNING")
-            log.info("re-attached to MLflow run %s", run_id)
-        else:
-            experiment = client.get_experiment_by_name(self.experiment)
-            if experiment is None:
-                raise RuntimeError(f"MLflow experiment {self.experiment!r} missing in {self.tracking_uri}")
-            run = client.create_run(experiment.experiment_id, run_name=self.run_dir.name,
-                                    tags={"pemt.run_dir": str(self.run_dir)})
-            run_id = run.info.run_id
+        if run_id is None:
+            run_id = self._create(client, resolved)
             id_file.write_text(run_id)
-            from mlflow.entities import Param
-
-            params = [Param(k, v[:6000]) for k, v in flatten(resolved).items()]
-            for i in range(0, len(params), _MLFLOW_BATCH):
-                client.log_batch(run_id, params=params[i:i + _MLFLOW_BATCH])
         self.run_id = run_id
         (self.run_dir / TRACKING_URI_FILE).write_text(self.tracking_uri)
-        client.log_text(run_id, OmegaConf.to_yaml(resolved), "config/resolved.yaml")
+        self._outbox = Outbox(self.run_dir, self._send)
+        self.logged_until = self._outbox.max_step
+        self._outbox.start()
+        try:
+            client.update_run(run_id, status="RUNNING")
+            client.log_text(run_id, OmegaConf.to_yaml(resolved), "config/resolved.yaml")
+            if segment is not None:
+                client.set_tag(run_id, f"pemt.segment.{segment['segment']:03d}", json.dumps(segment))
+        except Exception as err:  # noqa: BLE001 - a tracking outage must not stop a resumed job
+            log.warning("MLflow run %s not updated at start (%s); training goes on", run_id, err)
+        if self.logged_until:
+            log.info("re-attached to MLflow run %s (steps up to %d already logged)", run_id, self.logged_until)
+        if self.system_metrics:
+            self._monitor = _start_system_metrics(run_id, self.tracking_uri)
         return run_id
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if not self.enabled or self._client is None:
+    def _create(self, client: Any, resolved: dict) -> str:
+        from mlflow.entities import Param
+
+        experiment = client.get_experiment_by_name(self.experiment)
+        if experiment is None:
+            raise RuntimeError(f"MLflow experiment {self.experiment!r} missing in {self.tracking_uri}")
+        tags = {"pemt.run_dir": str(self.run_dir)}
+        if self.parent_run_id:  # a point of a sweep: shown under the sweep's run in the UI
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        run = client.create_run(experiment.experiment_id, run_name=self.run_dir.name, tags=tags)
+        params = [Param(k, v[:6000]) for k, v in flatten(resolved).items()]
+        for i in range(0, len(params), _PARAM_BATCH):
+            client.log_batch(run.info.run_id, params=params[i:i + _PARAM_BATCH])
+        return run.info.run_id
+
+    def _send(self, records: list[dict[str, Any]]) -> None:
+        # A status left undelivered by an earlier job is stale: this job is running.
+        current = [r for r in records if "status" not in r or r["time"] >= self._started_at]
+        deliver(self._client, self.run_id, current)
+
+    def log_metrics(self, metrics: dict[str, float], step: int, replayed: bool = False) -> None:
+        """Queue metrics at `step`. Steps up to `logged_until` were logged by an earlier job and
+        are skipped, unless `replayed` says these values belong to this job (per-job timings)."""
+        if self._outbox is None or (step <= self.logged_until and not replayed):
             return
-        import time
-
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        entries = [Metric(key, float(value), now, step) for key, value in metrics.items()]
-        for i in range(0, len(entries), _MLFLOW_BATCH):
-            self._client.log_batch(self.run_id, metrics=entries[i:i + _MLFLOW_BATCH])
+        self._outbox.put({"step": int(step), "time": time.time(),
+                          "metrics": {k: float(v) for k, v in metrics.items()}})
 
     def finish(self, status: str) -> None:
-        if self.enabled and self._client is not None and self.run_id:
-            self._client.set_terminated(self.run_id, status=status)
+        if self._monitor is not None:
+            self._monitor.finish()
+        if self._outbox is not None:
+            self._outbox.put({"status": status, "time": time.time()})
+            self._outbox.close()
+
+
+def _start_system_metrics(run_id: str, tracking_uri: str) -> Any:
+    """MLflow's CPU, memory, disk, network (and GPU) sampler, limited to this job's GPUs."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=tracking_uri)
+    except Exception as err:  # noqa: BLE001 - optional: never stop training for it
+        log.warning("MLflow system metrics not started: %s", err)
+        return None
+    # The GPUs Slurm gave the job on this node (submitit narrows CUDA_VISIBLE_DEVICES to rank 0's).
+    given = os.environ.get("SLURM_STEP_GPUS") or os.environ.get("SLURM_JOB_GPUS") or \
+        os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    visible = [int(i) for i in given.split(",") if i.strip().isdigit()]
+    for gpus in monitor.monitors:
+        # NVML numbers every GPU of the node; keep the ones this job was given.
+        if visible and hasattr(gpus, "gpu_handles"):
+            gpus.gpu_handles = [h for i, h in enumerate(gpus.gpu_handles) if i in visible]
+    monitor.start()
+    return monitor

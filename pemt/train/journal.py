@@ -21,10 +21,12 @@ def job_identity() -> dict[str, Any]:
     from pemt.distributed import submitit_environment
 
     env = submitit_environment()
+    # Slurm counts requeues of one job id; 0 for a fresh job (and outside Slurm).
+    restart = int(os.environ.get("SLURM_RESTART_COUNT", 0))
     if env is not None:
-        return {"job_id": str(env.job_id), "hosts": list(env.hostnames), "cluster": env.cluster}
+        return {"job_id": str(env.job_id), "hosts": list(env.hostnames), "cluster": env.cluster, "restart": restart}
     return {"job_id": os.environ.get("SLURM_JOB_ID", f"pid-{os.getpid()}"), "hosts": [socket.gethostname()],
-            "cluster": "none"}
+            "cluster": "none", "restart": restart}
 
 
 class RunJournal:
@@ -40,8 +42,14 @@ class RunJournal:
         with self.path.open("a") as handle:
             handle.write(json.dumps({"time": time.time(), **self.job, **record}) + "\n")
 
-    def start(self, step: int, world_size: int) -> None:
+    def start(self, step: int, world_size: int) -> dict[str, Any]:
+        """Record this job's start; returns the segment (its number, job, hosts, step) and when
+        the run's previous job last recorded anything (for the time lost between them)."""
+        earlier = read_journal(self.path.parent)
+        segment = {"segment": sum(r["event"] == "start" for r in earlier) + 1, **self.job, "step": step,
+                   "world_size": world_size, "previous_end": earlier[-1]["time"] if earlier else None}
         self._append({"event": "start", "step": step, "world_size": world_size})
+        return segment
 
     def end(self, outcome: str, step: int, reason: str | None = None) -> None:
         self._append({"event": "end", "outcome": outcome, "step": step, "reason": reason})

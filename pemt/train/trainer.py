@@ -3,6 +3,7 @@ preemption handling and tracking. Runs in every rank of a submitted job."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -19,15 +20,16 @@ from tqdm import tqdm
 from pemt.config import ConfigError, validate, world_size
 from pemt.data.errors import BadSamples, DataError
 from pemt.data.loader import build_loader, shard_source
-from pemt.distributed import DistInfo, all_reduce, init_distributed
+from pemt.distributed import DistInfo, init_distributed
 from pemt.model.pretraining import build_pretraining_model
-from pemt.track.metrics import Throughput, device_memory_gib, host_rss_gib
+from pemt.track.metrics import counting_flops
 from pemt.track.tracker import MlflowTracker
 from pemt.train.checkpoint import Checkpointer
 from pemt.train.engine_config import deepspeed_config
 from pemt.train.journal import RunJournal
 from pemt.train.optimizer import build_optimizer
 from pemt.train.preemption import StopRequest
+from pemt.train.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,7 @@ class Trainer:
         )
         self.dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
         self.tracker = MlflowTracker(cfg, self.run_dir, enabled=self.info.is_main)
+        self.telemetry = Telemetry(cfg, self.engine.device, self.dtype, self.info.world_size)
         self.journal = RunJournal(self.run_dir, enabled=self.info.is_main)
 
     def _restore(self) -> dict[str, Any]:
@@ -90,15 +93,24 @@ class Trainer:
                 f"data.streams={saved['streams']}: the sample order would change; resume with the same value")
         return state
 
-    def _log(self, step: int, samples: int, sums: dict[str, torch.Tensor], count: int,
-             meter: Throughput, progress: tqdm, bad: BadSamples) -> None:
-        means = all_reduce({k: float(v) / count for k, v in sums.items()}, self.engine.device)
-        totals = all_reduce({"bad_samples": bad.errors, "slots": bad.slots}, self.engine.device, mean=False)
-        metrics = {**means, "lr": self.engine.get_lr()[0], "samples": samples, **meter.report(),
-                   "bad_samples": totals["bad_samples"], "host_rss_gib": host_rss_gib(), **device_memory_gib()}
+    def _log(self, step: int, samples: int, telemetry: Telemetry, progress: tqdm, bad: BadSamples) -> None:
+        metrics, totals = telemetry.report(samples, self.engine.get_lr()[0], self.engine.get_global_grad_norm(),
+                                           bad.errors, bad.slots)
         self.tracker.log_metrics(metrics, step)
-        progress.set_postfix(loss=f"{means['loss']:.4f}", refresh=False)
+        progress.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
         bad.check(totals["bad_samples"], totals["slots"])  # every rank sees the same totals
+
+    def _micro_step(self, batch: dict, count_flops: bool) -> dict[str, torch.Tensor]:
+        """Forward, backward and (at the accumulation boundary) the optimizer step."""
+        engine = self.engine
+        with counting_flops() if count_flops else contextlib.nullcontext({}) as counted:
+            out = engine(batch["video"].to(engine.device, self.dtype), batch["audio"].to(engine.device, self.dtype),
+                         step_seed=self.cfg.seed * 1_000_003 + batch["micro_step"])
+            engine.backward(out["loss"])
+        engine.step()
+        if count_flops:
+            self.telemetry.set_flops(counted["flops"], len(batch["key"]))
+        return out
 
     def _batches(self, start_micro: int, bad: BadSamples) -> Iterator[dict]:
         """Micro-batches from `start_micro` on, each recorded and counted before use."""
@@ -132,14 +144,30 @@ class Trainer:
         if delay and seconds > 0.5 * delay:
             log.warning("saving took %.0f s, over half of cluster.signal_delay_s=%s: a save on preemption "
                         "may not finish before the job is killed; raise the signal delay", seconds, delay)
-        self.tracker.log_metrics({"checkpoint_save_s": seconds}, step)
+        self.tracker.log_metrics({"checkpoint_save_s": seconds}, step, replayed=True)
+
+    def _first_step(self, step: int, segment: dict[str, Any]) -> None:
+        """Per job: how long it took to start, and the time lost since the previous job."""
+        now = time.time()
+        since_start = now - psutil.Process().create_time()
+        log.info("first step %d done %.1f s after the job started", step, since_start)
+        timings = {"time_to_first_step_s": since_start, "segment": segment["segment"]}
+        if segment["previous_end"] is not None:
+            timings["resume_gap_s"] = now - segment["previous_end"]
+        if self.tracker.logged_until >= step:
+            timings["replayed_steps"] = self.tracker.logged_until - step + 1
+        self.tracker.log_metrics(timings, step, replayed=True)
 
     def fit(self) -> dict[str, Any]:
         cfg, engine, info = self.cfg, self.engine, self.info
+        loaded = time.perf_counter()
         state = self._restore()
+        load_s = time.perf_counter() - loaded
         step, samples = int(state.get("step", 0)), int(state.get("samples", 0))
-        run_id = _shared_run_id(self.tracker.start(cfg, run_id=state.get("mlflow_run_id")), info)
-        self.journal.start(step, info.world_size)
+        segment = self.journal.start(step, info.world_size)
+        run_id = _shared_run_id(self.tracker.start(cfg, run_id=state.get("mlflow_run_id"), segment=segment), info)
+        if state:
+            self.tracker.log_metrics({"checkpoint_load_s": load_s}, step, replayed=True)
         status, stop, reason = "FAILED", None, None
         try:
             accum = int(cfg.train.grad_accum_steps)
@@ -147,30 +175,23 @@ class Trainer:
             batches = self._batches(step * accum, bad)
             progress = tqdm(total=cfg.train.max_steps, initial=step, desc="pretrain", unit="step",
                             disable=not info.is_main, dynamic_ncols=True, mininterval=1.0)
-            meter, sums, count, first_step = Throughput(), {}, 0, True
+            first_step = True
             while step < cfg.train.max_steps:
-                for _ in range(accum):
+                waited_for_data = 0.0
+                for micro in range(accum):
+                    asked = time.perf_counter()
                     batch = next(batches)
-                    out = engine(batch["video"].to(engine.device, self.dtype),
-                                 batch["audio"].to(engine.device, self.dtype),
-                                 step_seed=cfg.seed * 1_000_003 + batch["micro_step"])
-                    engine.backward(out["loss"])
-                    engine.step()
-                    for key, value in out.items():
-                        sums[key] = sums.get(key, 0.0) + value.detach()
-                    count += 1
+                    waited_for_data += time.perf_counter() - asked
+                    self.telemetry.add_micro_step(self._micro_step(batch, count_flops=first_step and micro == 0))
                 step += 1
                 if first_step:
                     first_step = False
-                    since_start = time.time() - psutil.Process().create_time()
-                    log.info("first step %d done %.1f s after the job started", step, since_start)
-                    self.tracker.log_metrics({"time_to_first_step_s": since_start}, step)
+                    self._first_step(step, segment)
                 samples += int(cfg.train.global_batch_size)
-                meter.add(int(cfg.train.global_batch_size))
+                self.telemetry.meter.add(int(cfg.train.global_batch_size), waited_for_data)
                 progress.update(1)
                 if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                    self._log(step, samples, sums, count, meter, progress, bad)
-                    sums, count = {}, 0
+                    self._log(step, samples, self.telemetry, progress, bad)
                 stop = self.stop.agreed(engine.device)
                 if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps or stop:
                     self._save(step, samples, run_id)
@@ -178,7 +199,7 @@ class Trainer:
                     waited = time.time() - (self.stop.received_at or time.time())
                     log.warning("stopped by %s at step %d: checkpoint committed %.2f s after the signal",
                                 signal.Signals(stop).name, step, waited)
-                    self.tracker.log_metrics({"signal_to_commit_s": waited}, step)
+                    self.tracker.log_metrics({"signal_to_commit_s": waited}, step, replayed=True)
                     status = "KILLED"
                     break
             else:

@@ -1,0 +1,60 @@
+"""What the trainer reports at each log step: losses, throughput, FLOPs and MFU, memory.
+
+Values are reduced over ranks (means of losses, totals of bad samples, min/avg/max of memory)
+in the same collectives on every rank; rank 0 hands them to the tracker.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pemt.distributed import all_reduce, min_avg_max
+from pemt.track.metrics import Throughput, device_memory, host_rss_gib, peak_tflops
+
+log = logging.getLogger(__name__)
+
+
+class Telemetry:
+    def __init__(self, cfg: DictConfig, device: torch.device, dtype: torch.dtype, world_size: int) -> None:
+        self.cfg, self.device, self.world_size = cfg, device, world_size
+        self.meter = Throughput()
+        self.flops_per_sample: float | None = None   # forward + backward, counted on the first step
+        self.peak, source = peak_tflops(OmegaConf.select(cfg, "metrics.peak_tflops"), device, dtype)
+        log.info("MFU against %.3g TFLOP/s per device (%s)", self.peak, source)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def set_flops(self, flops: int, micro_batch: int) -> None:
+        self.flops_per_sample = flops / micro_batch
+        log.info("%.3f GFLOP per sample (forward + backward)", self.flops_per_sample / 1e9)
+
+    def add_micro_step(self, out: dict[str, torch.Tensor]) -> None:
+        for key, value in out.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value.detach()
+        self.count += 1
+
+    def report(self, samples: int, lr: float, grad_norm: float | None, bad_errors: int,
+               bad_slots: int) -> tuple[dict[str, float], dict[str, float]]:
+        """Collective. The metrics to log, and the bad-sample totals every rank checks."""
+        means = all_reduce({k: float(v) / self.count for k, v in self.sums.items()}, self.device)
+        self.sums, self.count = {}, 0
+        totals = all_reduce({"bad_samples": bad_errors, "slots": bad_slots}, self.device, mean=False)
+        speed = self.meter.report()
+        memory = min_avg_max({"host_rss_gib": host_rss_gib(), **device_memory()}, self.device)
+        clips = int(self.cfg.data.clips)
+        metrics: dict[str, Any] = {**means, "lr": lr, "samples": samples, **speed,
+                                   "clips_per_s": speed["samples_per_s"] * clips,
+                                   # one token per clip and modality; the multimodal transformer reads both
+                                   "visual_tokens_per_s": speed["samples_per_s"] * clips,
+                                   "audio_tokens_per_s": speed["samples_per_s"] * clips,
+                                   "bad_samples": totals["bad_samples"], **memory}
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        if self.flops_per_sample:
+            per_device = self.flops_per_sample * speed["samples_per_s"] / self.world_size / 1e12
+            metrics.update({"tflops_per_device": per_device, "mfu_pct": 100.0 * per_device / self.peak})
+        return metrics, totals
