@@ -143,8 +143,10 @@ def test_short_run_logs_throughput_flops_memory_and_its_job(tmp_path: Path, data
 
 def _start_server(port: int, store: Path, log: Path) -> subprocess.Popen:
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store}",
+                               "--artifacts-destination", str(store.parent / "artifacts"),
                                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
+                              cwd=store.parent, stdout=log.open("a"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
     deadline = time.time() + 90
     while time.time() < deadline:
         try:
