@@ -28,7 +28,7 @@ class RunNotFound(LookupError):
 @dataclass
 class RunStatus:
     run_dir: str
-    state: str                   # finished | failed | preempted | terminated | interrupted | not started
+    state: str                   # finished | failed | preempted | time limit | terminated | interrupted | not started
     step: int                    # step of the last complete checkpoint (0: none)
     checkpoint: str | None
     max_steps: int

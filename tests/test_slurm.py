@@ -203,7 +203,7 @@ def test_time_limit_requeues_until_finished(slurm: dict[str, str], tmp_path: Pat
     segments = _segments(_journal(run_dir))
     assert len(segments) >= 2, segments
     for (start, end), (following, _) in zip(segments, segments[1:]):
-        assert end["outcome"] == "preempted" and following["step"] == end["step"] > start["step"]
+        assert end["outcome"] == "time limit" and following["step"] == end["step"] > start["step"]
     assert segments[-1][1]["outcome"] == "finished" and segments[-1][1]["step"] == 200
     states = [r["state"] for r in _sacct(slurm, segments[0][0]["job_id"])]
     assert states[-1] == "COMPLETED" and states[:-1] == ["REQUEUED"] * (len(states) - 1), states

@@ -214,8 +214,10 @@ def _headless_chromium() -> str:
         return found
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         pytest.skip("headless Chromium is not installed and cannot be here (needs root and apt-get)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True, env=env)
     subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium-headless-shell"],
-                   check=True, capture_output=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+                   check=True, capture_output=True, env=env)
     return shutil.which("chromium-headless-shell")
 
 

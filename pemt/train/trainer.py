@@ -33,6 +33,9 @@ from pemt.train.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
+# Slurm checks time limits (and sends their warning signal) on a ~30 s timer.
+SLURM_TIMER_SLACK_S = 60
+
 
 def _shared_run_id(run_id: str | None, info: DistInfo) -> str | None:
     """Rank 0 owns the MLflow run; every rank keeps its id for the checkpoint."""
@@ -158,6 +161,19 @@ class Trainer:
             timings["replayed_steps"] = self.tracker.logged_until - step + 1
         self.tracker.log_metrics(timings, step, replayed=True)
 
+    def _stop_outcome(self, signum: int | None) -> str:
+        """Why a signal stopped the job. Slurm sends the same USR2 before the time limit and on
+        preemption; one that comes when the limit is near is the limit's."""
+        if signum != signal.SIGUSR2:
+            return "terminated"
+        limit_min = OmegaConf.select(self.cfg, "cluster.time_min")
+        delay_s = OmegaConf.select(self.cfg, "cluster.signal_delay_s") or 0
+        if limit_min and self.stop.received_at:
+            ran_s = self.stop.received_at - psutil.Process().create_time()
+            if ran_s >= 60 * limit_min - delay_s - SLURM_TIMER_SLACK_S:
+                return "time limit"
+        return "preempted"
+
     def fit(self) -> dict[str, Any]:
         cfg, engine, info = self.cfg, self.engine, self.info
         loaded = time.perf_counter()
@@ -211,7 +227,7 @@ class Trainer:
         finally:
             self.tracker.finish(status)
             outcome = {"FINISHED": "finished", "FAILED": "failed"}.get(status)
-            outcome = outcome or ("preempted" if stop == signal.SIGUSR2 else "terminated")
+            outcome = outcome or self._stop_outcome(stop)
             self.journal.end(outcome, step, reason)
         if stop:
             self.stop.hand_over(stop, requeue=bool(OmegaConf.select(self.cfg, "cluster.requeue", default=True)))
