@@ -29,6 +29,7 @@ def device_memory() -> dict[str, float]:
     allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
     torch.cuda.reset_peak_memory_stats()
     return {"device_max_allocated_gib": allocated / GIB, "device_max_reserved_gib": reserved / GIB,
+            "device_max_allocated_pct": 100.0 * allocated / capacity,
             "device_max_reserved_pct": 100.0 * reserved / capacity,
             "device_alloc_retries": float(torch.cuda.memory_stats().get("num_alloc_retries", 0))}
 
