@@ -142,7 +142,10 @@ def test_sweep_of_two_node_jobs_trains_across_nodes(slurm: dict[str, str], tmp_p
             assert json.loads(lines[-1])["step"] == 8
     assert len(jobs) == 2, "one job per sweep point"
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("pemt-pretrain").experiment_id])
+    everything = client.search_runs([client.get_experiment_by_name("pemt-pretrain").experiment_id])
+    [parent] = [r for r in everything if r.data.tags.get("pemt.sweep")]
+    runs = [r for r in everything if r is not parent]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs)
     assert sorted(r.data.params["train.lr"] for r in runs) == ["0.001", "0.002"]
     assert all(r.info.status == "FINISHED" and r.data.metrics["samples"] == 8 * 8 for r in runs)
 

@@ -119,7 +119,10 @@ def _flops_per_sample_in_process(micro_batch: int) -> float:
 
 
 @pytest.mark.slow
-def test_short_run_logs_throughput_flops_memory_and_its_job(tmp_path: Path, data_cache: Path) -> None:
+def test_short_run_logs_throughput_flops_memory_and_its_job(tmp_path: Path, data_cache: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # MLflow samples system metrics every 10 s by default: longer than this run's training.
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     result = run_pretrain(tmp_path, data_cache, "train.max_steps=6", "train.log_every=3")
     assert result.returncode == 0, describe(result)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
