@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from pemt.track.tracker import flatten
-
 
 def sweep_name(job_overrides: Sequence[Sequence[str]]) -> str:
     """`sweep a=1|2 b=x|y`: the keys whose values differ between points."""
@@ -22,14 +20,15 @@ def sweep_name(job_overrides: Sequence[Sequence[str]]) -> str:
 
 def start_sweep_run(tracking_uri: str, experiment: str, job_overrides: Sequence[Sequence[str]]) -> str:
     """Create the parent run (status RUNNING) and return its id."""
+    from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     run = client.create_run(experiment_id, run_name=sweep_name(job_overrides), tags={"pemt.sweep": "true"})
-    points = {f"point.{i}": " ".join(o) for i, o in enumerate(job_overrides)}
-    for key, value in flatten(points).items():
-        client.log_param(run.info.run_id, key, value[:6000])
+    points = [Param(f"point.{i}", " ".join(o)[:6000]) for i, o in enumerate(job_overrides)]
+    for start in range(0, len(points), 100):  # MLflow takes at most 100 params per call
+        client.log_batch(run.info.run_id, params=points[start:start + 100])
     return run.info.run_id
 
 

@@ -96,8 +96,8 @@ class Trainer:
                 f"data.streams={saved['streams']}: the sample order would change; resume with the same value")
         return state
 
-    def _log(self, step: int, samples: int, telemetry: Telemetry, progress: tqdm, bad: BadSamples) -> None:
-        metrics, totals = telemetry.report(samples, self.engine.get_lr()[0], self.engine.get_global_grad_norm(),
+    def _log(self, step: int, samples: int, progress: tqdm, bad: BadSamples) -> None:
+        metrics, totals = self.telemetry.report(samples, self.engine.get_lr()[0], self.engine.get_global_grad_norm(),
                                            bad.errors, bad.slots)
         self.tracker.log_metrics(metrics, step)
         progress.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
@@ -207,7 +207,7 @@ class Trainer:
                 self.telemetry.meter.add(int(cfg.train.global_batch_size), waited_for_data)
                 progress.update(1)
                 if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                    self._log(step, samples, self.telemetry, progress, bad)
+                    self._log(step, samples, progress, bad)
                 stop = self.stop.agreed(engine.device)
                 if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps or stop:
                     self._save(step, samples, run_id)
