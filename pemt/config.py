@@ -7,11 +7,13 @@ for every point of a sweep before submitting anything.
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 from omegaconf import DictConfig, OmegaConf
 
 DEFAULT_RUN_NAME = "default"
+MAX_RUN_NAME_BYTES = 200   # file systems take 255 bytes per name
 
 
 class ConfigError(ValueError):
@@ -19,8 +21,14 @@ class ConfigError(ValueError):
 
 
 def run_name(override_dirname: str) -> str:
-    """The run's folder name: its science-changing overrides, or 'default' when none."""
-    return override_dirname or DEFAULT_RUN_NAME
+    """The run's folder name: its science-changing overrides, or 'default' when none. Path
+    separators in values (task.init=..., data.shards=...) become '_' so the run stays one folder;
+    a name past what file systems take is cut and ended with a hash of the whole."""
+    name = override_dirname.replace(os.sep, "_") or DEFAULT_RUN_NAME
+    if len(name.encode()) > MAX_RUN_NAME_BYTES:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:12]
+        name = name.encode()[:MAX_RUN_NAME_BYTES - 13].decode(errors="ignore") + "-" + digest
+    return name
 
 
 def register_resolvers() -> None:
@@ -96,3 +104,24 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"loss.sampling={cfg.loss.sampling!r}: choose content or uniform")
     if not 0.0 < cfg.loss.mask_ratio < 1.0:
         raise ConfigError(f"loss.mask_ratio={cfg.loss.mask_ratio}: must be between 0 and 1")
+    if "task" in cfg:
+        _validate_finetune(cfg)
+
+
+def _validate_finetune(cfg: DictConfig) -> None:
+    from pemt.downstream.models import FREEZABLE, TASKS
+
+    if cfg.task.name not in TASKS:
+        raise ConfigError(f"task.name={cfg.task.name!r}: choose one of {', '.join(TASKS)}")
+    unknown = set(cfg.task.freeze) - set(FREEZABLE)
+    if unknown:
+        raise ConfigError(f"task.freeze={list(cfg.task.freeze)}: unknown {sorted(unknown)}; "
+                          f"use any of {', '.join(FREEZABLE)}")
+    if cfg.task.loss not in ("cross_entropy", "multi_margin"):
+        raise ConfigError(f"task.loss={cfg.task.loss!r}: choose cross_entropy or multi_margin")
+    from pemt.downstream.pretrained import is_mlflow_run_id
+
+    init = str(cfg.task.init or "")
+    if init and not os.path.exists(init) and not is_mlflow_run_id(init):
+        raise ConfigError(f"task.init={init}: no such run dir or file (nor an MLflow run id)")
+    _positive_int(cfg, "eval.batch_size")

@@ -18,7 +18,7 @@ import yaml
 from pemt.train.checkpoint import Checkpointer
 from pemt.train.journal import read_journal
 
-PRETRAIN = Path(__file__).resolve().parents[1] / "launch" / "pretrain.py"
+LAUNCH_DIR = Path(__file__).resolve().parents[1] / "launch"
 
 
 class RunNotFound(LookupError):
@@ -104,5 +104,7 @@ def resume_command(run_dir: Path, overrides: list[str]) -> tuple[list[str], Path
     original = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
     replaced = {_key(o) for o in overrides}
     merged = [o for o in original if _key(o) not in replaced] + list(overrides)
-    cwd = Path(yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]["runtime"]["cwd"])
-    return [sys.executable, str(PRETRAIN), *merged], cwd
+    hydra = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]
+    script = LAUNCH_DIR / f"{hydra['job']['name']}.py"  # launch/pretrain.py or launch/finetune.py
+    return [sys.executable, str(script if script.exists() else LAUNCH_DIR / "pretrain.py"), *merged], \
+        Path(hydra["runtime"]["cwd"])

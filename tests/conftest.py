@@ -27,10 +27,14 @@ def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run_pretrain(root: Path, cache: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python launch/pretrain.py` as a user runs it, with outputs under `root`."""
+    return run_launch("pretrain.py", root, cache, *SMALL_DATA, *overrides, timeout=timeout)
+
+
+def run_launch(script: str, root: Path, cache: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python launch/<script>` as a user runs it, with outputs under `root`."""
     flags = [o for o in overrides if o.startswith("-")]
     values = [o for o in overrides if not o.startswith("-")]
-    cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), *flags, f"paths.root={root}",
-           f"paths.cache={cache}", *SMALL_DATA, *values]
+    cmd = [sys.executable, str(REPO / "launch" / script), *flags, f"paths.root={root}", f"paths.cache={cache}", *values]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 

@@ -48,3 +48,15 @@ def test_no_cluster_setting_changes_the_run_dir() -> None:
     for path in (REPO / "configs" / "cluster").glob("*.yaml"):
         keys = OmegaConf.load(path).get("cluster", {}).keys()
         assert {f"cluster.{key}" for key in keys if key != "name"} <= excluded, path.name
+
+
+def test_run_names_stay_one_folder_of_legal_length() -> None:
+    from pemt.config import MAX_RUN_NAME_BYTES, run_name
+
+    assert run_name("") == "default"
+    assert run_name("data.shards=/data/ucf/train,seed=1") == "data.shards=_data_ucf_train,seed=1"
+    long = ",".join(f"data.shards=/very/long/path/{i}" for i in range(20))
+    name = run_name(long)
+    assert len(name.encode()) <= MAX_RUN_NAME_BYTES and "/" not in name
+    assert run_name(long) == name, "the same overrides find the same run again"
+    assert run_name(long + "x") != name, "different overrides never share a run"

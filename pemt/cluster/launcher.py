@@ -59,6 +59,10 @@ def prepare(configs: list[DictConfig]) -> None:
     for cfg in configs:
         if cfg.data.name == "synthetic":
             ensure_synthetic_shards(cfg)
+            if "eval" in cfg and not cfg.eval.shards:  # fine-tuning's held-out synthetic set
+                from pemt.downstream.task import held_out_config
+
+                ensure_synthetic_shards(held_out_config(cfg))
 
 
 def _summarise(results: Sequence[JobReturn], configs: list[DictConfig]) -> None:

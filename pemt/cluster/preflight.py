@@ -41,6 +41,7 @@ class Plan:
     partition: str | None
     experiment: str
     tracking_uri: str
+    init: str | None = None
 
     def describe(self) -> str:
         where = f"partition {self.partition}" if self.partition else "this machine"
@@ -53,6 +54,7 @@ class Plan:
             f"  model       {self.parameters / 1e6:.2f}M parameters, ~{_size(self.checkpoint_gib)} "
             f"per checkpoint ({self.free_gib:.1f} GiB free)",
             f"  MLflow      experiment {self.experiment} at {self.tracking_uri}",
+            *([f"  init        {self.init}"] if self.init else []),
         ])
 
 
@@ -146,6 +148,36 @@ def _check_partition(cfg: DictConfig) -> str | None:
     return name
 
 
+def _check_finetune(cfg: DictConfig) -> str | None:
+    """Fine-tuning: the held-out shards are readable and the pretrained weights exist."""
+    from pemt.data.shards import read_manifest
+    from pemt.downstream.pretrained import is_mlflow_run_id
+
+    if cfg.eval.shards:
+        try:
+            read_manifest(str(cfg.eval.shards))
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"eval.shards={cfg.eval.shards}: {err}") from None
+    init = str(cfg.task.init or "")
+    if not init or init.endswith(".safetensors"):
+        return init or None
+    if is_mlflow_run_id(init):
+        from pemt.runs import RunNotFound, run_dir_of_mlflow_run
+
+        try:
+            run_dir = run_dir_of_mlflow_run(init, str(cfg.mlflow.tracking_uri))
+        except RunNotFound as err:
+            raise ConfigError(f"task.init={init}: {err}") from None
+    else:
+        run_dir = Path(init)
+    from pemt.train.checkpoint import Checkpointer
+
+    committed = Checkpointer(run_dir / "checkpoints").committed()
+    if not committed:
+        raise ConfigError(f"task.init={init}: no complete checkpoint under {run_dir / 'checkpoints'}")
+    return f"{run_dir} at step {committed[-1].step}"
+
+
 def check(cfg: DictConfig) -> Plan:
     """Raise ConfigError naming what is wrong, or return the plan for this sweep point."""
     shards, streams = _shard_count(cfg), int(cfg.data.streams)
@@ -171,5 +203,6 @@ def check(cfg: DictConfig) -> Plan:
         shards=shards, streams=streams, parameters=parameters, checkpoint_gib=checkpoint / GIB,
         free_gib=free / GIB, run_dir=run_dir, partition=_check_partition(cfg),
         experiment=str(cfg.mlflow.experiment), tracking_uri=str(cfg.mlflow.tracking_uri),
+        init=_check_finetune(cfg) if "task" in cfg else None,
     )
 

@@ -114,15 +114,17 @@ def _audio(container: av.container.InputContainer, sample_rate: int) -> np.ndarr
     return np.concatenate(pieces)
 
 
-def decode_clips(data: bytes, spec: ClipSpec, rng: random.Random | None = None,
+def decode_clips(data: bytes | None, spec: ClipSpec, rng: random.Random | None = None,
                  audio_data: bytes | None = None) -> dict[str, torch.Tensor]:
     """Encoded video -> {"video": (T, 3, F, crop, crop) in [0, 1], "audio": (T, 1, mel, frames)}.
 
     The sound comes from `audio_data` (a separate file, e.g. flac) when given, else from the
-    video's own audio track.
+    video's own audio track. With no video (`data` None) the frames are black.
     `rng` picks a random window and crop (training); None takes the centred ones (evaluation).
     Videos shorter than the window loop or are padded (`spec.short_videos`).
     """
+    if data is None:
+        return _decode_audio_only(audio_data, spec)
     try:
         with av.open(io.BytesIO(data)) as container:
             if not container.streams.video:
@@ -140,6 +142,27 @@ def decode_clips(data: bytes, spec: ClipSpec, rng: random.Random | None = None,
                 audio = _audio(sound, spec.sample_rate)
     except av.error.FFmpegError as err:
         raise DecodeError(f"undecodable video: {err}") from err
+    video = torch.from_numpy(frames).reshape(spec.clips, spec.frames_per_clip, spec.crop, spec.crop, 3)
+    video = video.permute(0, 4, 1, 2, 3).float().div_(255.0)
+    return {"video": video.contiguous(), "audio": _mel_clips(audio, start, spec)}
+
+
+def _decode_audio_only(audio_data: bytes | None, spec: ClipSpec) -> dict[str, torch.Tensor]:
+    """A sound without picture (ESC-50's clips): its centred window, and black frames."""
+    if audio_data is None:
+        raise DecodeError("neither video nor audio data")
+    try:
+        with av.open(io.BytesIO(audio_data)) as sound:
+            audio = _audio(sound, spec.sample_rate)
+    except av.error.FFmpegError as err:
+        raise DecodeError(f"undecodable audio: {err}") from err
+    start = max(0.0, len(audio) / spec.sample_rate - spec.seconds) / 2
+    video = torch.zeros(spec.clips, 3, spec.frames_per_clip, spec.crop, spec.crop)
+    return {"video": video, "audio": _mel_clips(audio, start, spec)}
+
+
+def _mel_clips(audio: np.ndarray, start: float, spec: ClipSpec) -> torch.Tensor:
+    """The log-mel spectrogram of each clip of the window starting at `start` seconds."""
     clip_samples = int(round(spec.clip_seconds * spec.sample_rate))
     first = int(round(start * spec.sample_rate))
     needed = spec.clips * clip_samples
@@ -147,7 +170,4 @@ def decode_clips(data: bytes, spec: ClipSpec, rng: random.Random | None = None,
         reps = math.ceil((first + needed) / len(audio))
         audio = np.tile(audio, reps) if spec.short_videos == "loop" else np.pad(audio, (0, first + needed - len(audio)))
     window = audio[first:first + needed]
-    video = torch.from_numpy(frames).reshape(spec.clips, spec.frames_per_clip, spec.crop, spec.crop, 3)
-    video = video.permute(0, 4, 1, 2, 3).float().div_(255.0)
-    mel = log_mel(torch.from_numpy(window.copy()).reshape(spec.clips, clip_samples), spec)
-    return {"video": video.contiguous(), "audio": mel.unsqueeze(1)}
+    return log_mel(torch.from_numpy(window.copy()).reshape(spec.clips, clip_samples), spec).unsqueeze(1)

@@ -1,10 +1,13 @@
 """Video files -> WebDataset shards with a manifest, in parallel and restartable.
 
-A `<name>.flac` beside a video is stored as its sound. Inputs are split into shards up front (by sample count or bytes, in input order), so the same
-inputs always give the same shards. Each shard is written by a worker process to a temporary
-name and renamed when complete, then recorded in `progress.jsonl`; a restarted run keeps the
-shards recorded there and writes only the rest, so it finishes without duplicates. Inputs that
-cannot be opened as video are skipped and listed with the reason in `skipped.jsonl`.
+A `<name>.flac` beside a video is stored as its sound; a sound file alone (.wav, .flac: ESC-50)
+is stored as an audio-only sample. Labels are one class (`label`) or several (`labels`, for
+multi-label sets such as Charades). Inputs are split into shards up front (by sample count or
+bytes, in input order), so the same inputs always give the same shards. Each shard is written
+by a worker process to a temporary name and renamed when complete, then recorded in
+`progress.jsonl`; a restarted run keeps the shards recorded there and writes only the rest, so
+it finishes without duplicates. Inputs that cannot be opened are skipped and listed with the
+reason in `skipped.jsonl`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from tqdm import tqdm
 from pemt.data.shards import MANIFEST, describe_shard
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v"}
+SOUND_SUFFIXES = {".wav", ".flac"}
 PROGRESS = "progress.jsonl"
 SKIPPED = "skipped.jsonl"
 
@@ -31,13 +35,20 @@ class VideoInput:
     path: str
     key: str
     label: int = -1
+    labels: tuple[int, ...] = ()   # multi-label: every class of the video
+
+    def metadata(self) -> dict:
+        meta: dict = {"id": self.key, "label": self.label, "source": self.path}
+        if self.labels:
+            meta["labels"] = list(self.labels)
+        return meta
 
 
 def read_inputs(source: Path) -> list[VideoInput]:
     """A folder (searched recursively), or a .csv / .jsonl with `path` and optional `label`, `id`."""
     if source.is_dir():
         paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
-        return [VideoInput(str(p), _key(p.relative_to(source))) for p in paths]
+        return [VideoInput(str(p), sample_key(p.relative_to(source))) for p in paths]
     if source.suffix == ".csv":
         with source.open(newline="") as handle:
             rows = list(csv.DictReader(handle))
@@ -50,12 +61,12 @@ def read_inputs(source: Path) -> list[VideoInput]:
         if "path" not in row:
             raise ValueError(f"{source}: entry {number} has no 'path' ({row})")
         path = Path(row["path"]) if Path(row["path"]).is_absolute() else source.parent / row["path"]
-        inputs.append(VideoInput(str(path), str(row.get("id") or _key(Path(row["path"]))),
+        inputs.append(VideoInput(str(path), str(row.get("id") or sample_key(Path(row["path"]))),
                                  int(row.get("label", -1) or -1)))
     return inputs
 
 
-def _key(relative: Path) -> str:
+def sample_key(relative: Path) -> str:
     # WebDataset splits keys from extensions at the first dot; keep keys dot-free.
     return str(relative.with_suffix("")).replace(os.sep, "__").replace(".", "_")
 
@@ -75,7 +86,10 @@ def plan_shards(inputs: list[VideoInput], max_samples: int | None, max_bytes: in
 
 
 def probe(path: str) -> dict:
-    """Duration and fps of a video; raises ValueError with the reason if it is not usable."""
+    """Duration and fps of a video (duration of a sound file); raises ValueError with the reason
+    if it is not usable."""
+    if Path(path).suffix.lower() in SOUND_SUFFIXES:
+        return _probe_sound(path)
     try:
         with av.open(path) as container:
             if not container.streams.video:
@@ -87,6 +101,18 @@ def probe(path: str) -> dict:
                     "has_audio": bool(container.streams.audio)}
     except (av.error.FFmpegError, StopIteration, OSError) as err:
         raise ValueError(f"unreadable video: {err}") from err
+
+
+def _probe_sound(path: str) -> dict:
+    try:
+        with av.open(path) as container:
+            if not container.streams.audio:
+                raise ValueError("no audio track")
+            next(container.decode(container.streams.audio[0]))
+            duration = float(container.duration / av.time_base) if container.duration else None
+            return {"duration": duration, "fps": None, "has_audio": True}
+    except (av.error.FFmpegError, StopIteration, OSError) as err:
+        raise ValueError(f"unreadable sound: {err}") from err
 
 
 def write_shard(index: int, items: list[VideoInput], out_dir: str) -> tuple[dict | None, list[dict]]:
@@ -104,10 +130,12 @@ def write_shard(index: int, items: list[VideoInput], out_dir: str) -> tuple[dict
             except (ValueError, OSError) as err:
                 skipped.append({"path": item.path, "reason": str(err)})
                 continue
-            meta.update(id=item.key, label=item.label, source=item.path)
-            sample = {"__key__": item.key, "mp4": data, "json": json.dumps(meta).encode()}
+            meta.update(item.metadata())
+            suffix = Path(item.path).suffix.lower()
+            member = suffix[1:] if suffix in SOUND_SUFFIXES else "mp4"
+            sample = {"__key__": item.key, member: data, "json": json.dumps(meta).encode()}
             flac = Path(item.path).with_suffix(".flac")
-            if flac.exists():  # the sound as a separate file beside the video
+            if member == "mp4" and flac.exists():  # the sound as a separate file beside the video
                 sample["flac"] = flac.read_bytes()
             writer.write(sample)
             written += 1
@@ -121,11 +149,18 @@ def write_shard(index: int, items: list[VideoInput], out_dir: str) -> tuple[dict
 def make_shards(source: Path, out_dir: Path, max_samples: int | None = None, max_mb: float | None = None,
                 processes: int = 2, progress: bool = True) -> dict:
     """Write (or finish writing) the shards of `source` into `out_dir`; returns the manifest."""
-    if not max_samples and not max_mb:
-        raise ValueError("give a shard size: samples per shard or megabytes per shard")
     inputs = read_inputs(source)
     if not inputs:
         raise FileNotFoundError(f"{source}: no video files found ({', '.join(sorted(VIDEO_SUFFIXES))})")
+    return write_inputs(inputs, out_dir, max_samples, max_mb, processes, progress, {"source": str(source)})
+
+
+def write_inputs(inputs: list[VideoInput], out_dir: Path, max_samples: int | None = None,
+                 max_mb: float | None = None, processes: int = 2, progress: bool = True,
+                 extra: dict | None = None) -> dict:
+    """Write (or finish writing) shards of `inputs` into `out_dir`; `extra` goes into the manifest."""
+    if not max_samples and not max_mb:
+        raise ValueError("give a shard size: samples per shard or megabytes per shard")
     out_dir.mkdir(parents=True, exist_ok=True)
     groups = plan_shards(inputs, max_samples, int(max_mb * 2**20) if max_mb else None)
     done = _recorded(out_dir / PROGRESS)
@@ -134,7 +169,8 @@ def make_shards(source: Path, out_dir: Path, max_samples: int | None = None, max
     todo = [i for i in range(len(groups)) if i not in done]
     with ProcessPoolExecutor(max_workers=processes) as pool, (out_dir / PROGRESS).open("a") as log:
         futures = {pool.submit(write_shard, i, groups[i], str(out_dir)): i for i in todo}
-        for future in tqdm(as_completed(futures), total=len(futures), desc="shards", disable=not progress):
+        for future in tqdm(as_completed(futures), total=len(futures), desc=f"shards {out_dir.name}",
+                           disable=not progress):
             entry, skipped = future.result()
             record = {"index": futures[future], "shard": entry, "skipped": skipped}
             log.write(json.dumps(record) + "\n")
@@ -144,7 +180,7 @@ def make_shards(source: Path, out_dir: Path, max_samples: int | None = None, max
     skipped = [s for i in sorted(done) for s in done[i]["skipped"]]
     (out_dir / SKIPPED).write_text("".join(json.dumps(s) + "\n" for s in skipped))
     manifest = {"shards": shards, "samples": sum(s["samples"] for s in shards), "skipped": len(skipped),
-                "source": str(source)}
+                **(extra or {})}
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 

@@ -20,6 +20,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pemt.data.decode import ClipSpec, DecodeError, decode_clips
 from pemt.data.stream import Slot, StreamPlan, plan_from_manifest, stream_slots
 
+# Sound stored beside (or instead of) the video, in the order they are looked for.
+SOUND_MEMBERS = ("flac", "wav")
+
 
 def clip_spec(data_cfg: DictConfig) -> ClipSpec:
     return ClipSpec(
@@ -31,18 +34,25 @@ def clip_spec(data_cfg: DictConfig) -> ClipSpec:
 
 
 def _decode(slot: Slot, spec: ClipSpec, seed: int, train: bool) -> dict:
-    sample = slot.sample
-    if "mp4" not in sample:
-        raise DecodeError(f"no .mp4 member (has {sorted(k for k in sample if not k.startswith('__'))})")
+    return decode_sample(slot.sample, spec, f"decode-{seed}-{slot.stream}-{slot.position}" if train else None)
+
+
+def decode_sample(sample: dict, spec: ClipSpec, window_seed: str | None) -> dict:
+    """A raw WebDataset sample -> key, labels and clips. `window_seed` draws the random window and
+    crop (training); None takes the centred ones."""
+    sound = next((sample[k] for k in SOUND_MEMBERS if k in sample), None)
+    if "mp4" not in sample and sound is None:
+        raise DecodeError(f"no .mp4 or sound member (has {sorted(k for k in sample if not k.startswith('__'))})")
     try:
         meta = json.loads(sample["json"]) if "json" in sample else {}
         label = int(meta.get("label", -1))
+        labels = [int(v) for v in meta.get("labels", [] if label < 0 else [label])]
     except (ValueError, TypeError) as err:
         raise DecodeError(f"malformed json metadata: {err}") from err
     # The random window and crop depend on the slot alone: the same on any rank or worker.
-    rng = random.Random(f"decode-{seed}-{slot.stream}-{slot.position}") if train else None
-    clips = decode_clips(sample["mp4"], spec, rng, audio_data=sample.get("flac"))
-    return {"key": sample["__key__"], "label": label, **clips}
+    rng = random.Random(window_seed) if window_seed is not None else None
+    clips = decode_clips(sample.get("mp4"), spec, rng, audio_data=sound)
+    return {"key": sample["__key__"], "label": label, "labels": labels, **clips}
 
 
 class StreamDataset(IterableDataset):
@@ -84,6 +94,7 @@ def _collate(samples: list[dict], errors: list[dict], micro: int) -> dict:
              "slots": len(samples) + len(errors)}
     if samples:
         batch["label"] = torch.tensor([s["label"] for s in samples])
+        batch["labels"] = [s["labels"] for s in samples]  # every label of each sample (multi-label)
         batch["video"] = torch.stack([s["video"] for s in samples])
         batch["audio"] = torch.stack([s["audio"] for s in samples])
     return batch

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pemt.model.cnn import build_cnn
 from pemt.model.factorized import Factorization
+from pemt.model.sparse_attention import BlockSparsity
 from pemt.model.transformer import SequenceEmbedding, TransformerStack
 
 FUSION_TRANSFORMERS = {
@@ -26,6 +27,16 @@ FUSION_TRANSFORMERS = {
     "late": ("visual", "audio"),
 }
 SHARING_MODES = {"layer", "cross", "factorized"}
+
+
+def sparsity(model_cfg: DictConfig) -> BlockSparsity | None:
+    """`model.attention.kind`: dense (default) or block_sparse with its pattern."""
+    attention = model_cfg.get("attention") or {"kind": "dense"}
+    if attention["kind"] == "dense":
+        return None
+    if attention["kind"] != "block_sparse":
+        raise ValueError(f"model.attention.kind={attention['kind']!r}: choose dense or block_sparse")
+    return BlockSparsity(int(attention["block_size"]), int(attention["local_window"]), int(attention["random_blocks"]))
 
 
 def factorization(model_cfg: DictConfig) -> Factorization | None:
@@ -60,6 +71,7 @@ class AVBackbone(nn.Module):
                 share_layers="layer" in sharing, modalities=modalities,
                 factorization=factorization(model_cfg),
                 activation_checkpointing=bool(checkpointing.get("transformers", False)),
+                sparsity=sparsity(model_cfg),
             )
 
         if self.cross:
@@ -92,4 +104,5 @@ class AVBackbone(nn.Module):
     def fuse(self, visual: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
         """The multimodal transformer over [v_BOS, v_1..T, a_BOS, a_1..T] -> (B, 2 + 2T, hidden)."""
         tokens = self.embeddings["multimodal"](visual, audio)
-        return self.transformer("multimodal")(tokens, self._modality("multimodal"))
+        bos = (0, 1 + visual.shape[1])  # each modality's BOS is global in sparse attention
+        return self.transformer("multimodal")(tokens, self._modality("multimodal"), bos)

@@ -13,13 +13,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pemt.model.factorized import Factorization, dense
+from pemt.model.sparse_attention import BlockSparsity, block_sparse_attention
 
 
 class TransformerLayer(nn.Module):
     def __init__(self, hidden: int, heads: int, ffn: int, dropout: float, modalities: int,
-                 factorization: Factorization | None) -> None:
+                 factorization: Factorization | None, sparsity: BlockSparsity | None = None) -> None:
         super().__init__()
         self.heads = heads
+        self.sparsity = sparsity
         self.query, self.key, self.value, self.attn_out = (
             dense(hidden, hidden, modalities, factorization) for _ in range(4))
         self.attn_norm = nn.LayerNorm(hidden, eps=1e-12)
@@ -32,10 +34,15 @@ class TransformerLayer(nn.Module):
         batch, length, hidden = x.shape
         return x.view(batch, length, self.heads, hidden // self.heads).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, modality: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, modality: int = 0, global_index: tuple[int, ...] = (0,)) -> torch.Tensor:
+        """`global_index`: the positions of the BOS tokens (global in sparse attention)."""
         q, k, v = (self._heads(proj(x, modality)) for proj in (self.query, self.key, self.value))
         p = self.dropout.p if self.training else 0.0
-        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=p).transpose(1, 2).flatten(2)
+        if self.sparsity is None:
+            attended = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        else:
+            attended = block_sparse_attention(q, k, v, list(global_index), self.sparsity, dropout_p=p)
+        attended = attended.transpose(1, 2).flatten(2)
         x = self.attn_norm(x + self.dropout(self.attn_out(attended, modality)))
         inner = self.dropout(F.gelu(self.ffn_in(x, modality)))
         return self.ffn_norm(x + self.dropout(self.ffn_out(inner, modality)))
@@ -46,21 +53,21 @@ class TransformerStack(nn.Module):
 
     def __init__(self, depth: int, hidden: int, heads: int, ffn: int, dropout: float,
                  share_layers: bool, modalities: int = 1, factorization: Factorization | None = None,
-                 activation_checkpointing: bool = False) -> None:
+                 activation_checkpointing: bool = False, sparsity: BlockSparsity | None = None) -> None:
         super().__init__()
         self.depth = depth
         self.activation_checkpointing = activation_checkpointing
         count = 1 if share_layers else depth
         self.layers = nn.ModuleList(
-            TransformerLayer(hidden, heads, ffn, dropout, modalities, factorization) for _ in range(count))
+            TransformerLayer(hidden, heads, ffn, dropout, modalities, factorization, sparsity) for _ in range(count))
 
-    def forward(self, x: torch.Tensor, modality: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, modality: int = 0, global_index: tuple[int, ...] = (0,)) -> torch.Tensor:
         for i in range(self.depth):
             layer = self.layers[i % len(self.layers)]
             if self.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, modality, use_reentrant=False)
+                x = checkpoint(layer, x, modality, global_index, use_reentrant=False)
             else:
-                x = layer(x, modality)
+                x = layer(x, modality, global_index)
         return x
 
 

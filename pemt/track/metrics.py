@@ -34,11 +34,33 @@ def device_memory() -> dict[str, float]:
             "device_alloc_retries": float(torch.cuda.memory_stats().get("num_alloc_retries", 0))}
 
 
+def _count_cpu_attention() -> None:
+    """torch's counter knows the CUDA fused attention kernels but not the CPU one, so dense
+    attention counted 0 FLOPs on CPU; give the CPU kernel the same formulas."""
+    from torch.utils import flop_counter
+
+    forward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if forward is None or forward in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(forward)
+    def _forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:  # noqa: ANN001
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    if backward is not None and backward not in flop_counter.flop_registry:
+        @flop_counter.register_flop_formula(backward)
+        def _backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,  # noqa: ANN001
+                      **kwargs) -> int:
+            return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
 @contextlib.contextmanager
 def counting_flops() -> Iterator[dict[str, int]]:
     """FLOPs of everything run inside, by torch's own counter (matmuls, convolutions, attention)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    _count_cpu_attention()
     result = {"flops": 0}
     counter = FlopCounterMode(display=False)
     with counter:

@@ -51,8 +51,9 @@ class MlflowTracker:
         self._monitor: Any = None
         self._started_at = time.time()
 
-    def start(self, cfg: DictConfig, run_id: str | None = None, segment: dict[str, Any] | None = None) -> str | None:
-        """Create the run, or re-attach to `run_id` (else the one recorded in the run dir)."""
+    def start(self, cfg: DictConfig, run_id: str | None = None, segment: dict[str, Any] | None = None,
+              tags: dict[str, str] | None = None) -> str | None:
+        """Create the run (with `tags`), or re-attach to `run_id` (else the one recorded in the run dir)."""
         if not self.enabled:
             return None
         # MLflow's HTTP client retries a dead server for minutes inside one call; the outbox
@@ -66,7 +67,7 @@ class MlflowTracker:
         run_id = run_id or (id_file.read_text().strip() if id_file.exists() else None)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         if run_id is None:
-            run_id = self._create(client, resolved)
+            run_id = self._create(client, resolved, tags or {})
             id_file.write_text(run_id)
         self.run_id = run_id
         (self.run_dir / TRACKING_URI_FILE).write_text(self.tracking_uri)
@@ -86,13 +87,13 @@ class MlflowTracker:
             self._monitor = _start_system_metrics(run_id, self.tracking_uri)
         return run_id
 
-    def _create(self, client: Any, resolved: dict) -> str:
+    def _create(self, client: Any, resolved: dict, extra_tags: dict[str, str]) -> str:
         from mlflow.entities import Param
 
         experiment = client.get_experiment_by_name(self.experiment)
         if experiment is None:
             raise RuntimeError(f"MLflow experiment {self.experiment!r} missing in {self.tracking_uri}")
-        tags = {"pemt.run_dir": str(self.run_dir)}
+        tags = {"pemt.run_dir": str(self.run_dir), **extra_tags}
         if self.parent_run_id:  # a point of a sweep: shown under the sweep's run in the UI
             tags["mlflow.parentRunId"] = self.parent_run_id
         run = client.create_run(experiment.experiment_id, run_name=self.run_dir.name, tags=tags)

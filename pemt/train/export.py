@@ -1,4 +1,5 @@
-"""A run's newest complete checkpoint as one fp32 safetensors file plus its config.
+"""A run's newest complete checkpoint as one fp32 state dict: exported to a safetensors file
+plus its config, or handed to fine-tuning directly.
 
 The weights are gathered from the ZeRO partitions of any stage by DeepSpeed's own
 consolidation, so the file loads into `build_pretraining_model(config)` without DeepSpeed.
@@ -7,15 +8,18 @@ consolidation, so the file loads into `build_pretraining_model(config)` without 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import torch
 import yaml
 from safetensors.torch import save_file
 
 from pemt.train.checkpoint import Checkpointer, verify
 
 
-def export_run(run_dir: Path, out: Path) -> tuple[Path, Path]:
-    """Write `out` (.safetensors) and `out` with suffix .yaml (the run's resolved config)."""
+def consolidated_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The fp32 weights of the newest complete, intact checkpoint, and its saved state
+    (step, config, MLflow run id)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     checkpoints = Checkpointer(Path(run_dir) / "checkpoints")
@@ -27,9 +31,16 @@ def export_run(run_dir: Path, out: Path) -> tuple[Path, Path]:
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints.directory), tag=candidate.tag)
     # safetensors stores each tensor once: give every entry its own contiguous storage.
     tensors = {name: tensor.detach().clone().contiguous() for name, tensor in state.items()}
+    return tensors, {**candidate.manifest["state"], "step": candidate.step}
+
+
+def export_run(run_dir: Path, out: Path) -> tuple[Path, Path]:
+    """Write `out` (.safetensors) and `out` with suffix .yaml (the run's resolved config)."""
+    tensors, saved = consolidated_state(run_dir)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata={"step": str(candidate.step), "run_dir": str(run_dir)})
+    save_file(tensors, str(out), metadata={"step": str(saved["step"]), "run_dir": str(run_dir),
+                                           "mlflow_run_id": str(saved.get("mlflow_run_id") or "")})
     config = out.with_suffix(".yaml")
-    config.write_text(yaml.safe_dump(candidate.manifest["state"]["config"], sort_keys=False))
+    config.write_text(yaml.safe_dump(saved["config"], sort_keys=False))
     return out, config

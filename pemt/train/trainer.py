@@ -1,5 +1,6 @@
 """The training job: composes distributed setup, data, model, DeepSpeed engine, checkpoints,
-preemption handling and tracking. Runs in every rank of a submitted job."""
+preemption handling and tracking around a task (pretraining, fine-tuning). Runs in every rank
+of a submitted job."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from pemt.config import ConfigError, validate, world_size
 from pemt.data.errors import BadSamples, DataError
 from pemt.data.loader import build_loader, shard_source
 from pemt.distributed import DistInfo, init_distributed
-from pemt.model.pretraining import build_pretraining_model
 from pemt.track.metrics import counting_flops
 from pemt.track.tracker import MlflowTracker
 from pemt.train.checkpoint import Checkpointer
@@ -29,6 +29,7 @@ from pemt.train.engine_config import deepspeed_config
 from pemt.train.journal import RunJournal
 from pemt.train.optimizer import build_optimizer
 from pemt.train.preemption import StopRequest
+from pemt.train.task import PretrainTask, Task
 from pemt.train.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,10 @@ def _shared_run_id(run_id: str | None, info: DistInfo) -> str | None:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(self, cfg: DictConfig, task: Task | None = None) -> None:
         validate(cfg)
         self.cfg = cfg
+        self.task = task or PretrainTask()
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.info = init_distributed(float(cfg.train.collective_timeout_min))
@@ -66,7 +68,7 @@ class Trainer:
         import deepspeed
 
         torch.manual_seed(cfg.seed)
-        model = build_pretraining_model(cfg)
+        model = self.task.build_model(cfg)
         optimizer, scheduler = build_optimizer(model, cfg.train)
         engine_config = deepspeed_config(cfg)
         if self.elastic:
@@ -107,8 +109,7 @@ class Trainer:
         """Forward, backward and (at the accumulation boundary) the optimizer step."""
         engine = self.engine
         with counting_flops() if count_flops else contextlib.nullcontext({}) as counted:
-            out = engine(batch["video"].to(engine.device, self.dtype), batch["audio"].to(engine.device, self.dtype),
-                         step_seed=self.cfg.seed * 1_000_003 + batch["micro_step"])
+            out = self.task.forward(engine, batch, self.dtype, step_seed=self.cfg.seed * 1_000_003 + batch["micro_step"])
             engine.backward(out["loss"])
         engine.step()
         if count_flops:
@@ -181,7 +182,8 @@ class Trainer:
         load_s = time.perf_counter() - loaded
         step, samples = int(state.get("step", 0)), int(state.get("samples", 0))
         segment = self.journal.start(step, info.world_size)
-        run_id = _shared_run_id(self.tracker.start(cfg, run_id=state.get("mlflow_run_id"), segment=segment), info)
+        run_id = _shared_run_id(self.tracker.start(cfg, run_id=state.get("mlflow_run_id"), segment=segment,
+                                                   tags=self.task.run_tags()), info)
         if state:
             self.tracker.log_metrics({"checkpoint_load_s": load_s}, step, replayed=True)
         status, stop, reason = "FAILED", None, None
@@ -189,7 +191,7 @@ class Trainer:
             accum = int(cfg.train.grad_accum_steps)
             bad = BadSamples(float(cfg.data.max_error_rate))
             batches = self._batches(step * accum, bad)
-            progress = tqdm(total=cfg.train.max_steps, initial=step, desc="pretrain", unit="step",
+            progress = tqdm(total=cfg.train.max_steps, initial=step, desc=self.task.name, unit="step",
                             disable=not info.is_main, dynamic_ncols=True, mininterval=1.0)
             first_step = True
             while step < cfg.train.max_steps:
@@ -208,6 +210,11 @@ class Trainer:
                 progress.update(1)
                 if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                     self._log(step, samples, progress, bad)
+                eval_every = int(OmegaConf.select(cfg, "eval.every", default=0) or 0)
+                if step == cfg.train.max_steps or (eval_every and step % eval_every == 0):
+                    evaluated = self.task.evaluate(self, step)
+                    if evaluated:
+                        self.tracker.log_metrics(evaluated, step)
                 stop = self.stop.agreed(engine.device)
                 if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps or stop:
                     self._save(step, samples, run_id)
@@ -235,5 +242,5 @@ class Trainer:
         return {"step": step, "samples": samples, "run_dir": str(self.run_dir), "mlflow_run_id": run_id}
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    return Trainer(cfg).fit()
+def train(cfg: DictConfig, task: Task | None = None) -> dict[str, Any]:
+    return Trainer(cfg, task).fit()

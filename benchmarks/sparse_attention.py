@@ -1,0 +1,145 @@
+"""Cost of dense vs block-sparse attention as the token sequence grows, on this machine.
+
+    python benchmarks/sparse_attention.py [--device cpu|cuda] [--precision fp32|bf16] [--batch 2]
+
+One multimodal transformer layer at paper size (hidden 768, 12 heads, FFN 3072) over
+[v_BOS, 30 s x k visual tokens, a_BOS, 30 s x k audio tokens] for k = 1, 2, 4, 8, 16 tokens per
+clip (62 ... 962 tokens). For each length and kind: attention FLOPs (torch's counter over the
+attention alone, forward), forward + backward time of the layer (median of --repeats) and peak
+memory (CUDA: max allocated; CPU: the process's peak RSS, each point in its own process).
+Sparse: blocks of 16, one local block each side, one random block. Ratios are sparse / dense
+at the same length. Writes a Markdown table and a plot to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CLIPS = 30
+TOKENS_PER_CLIP = (1, 2, 4, 8, 16)
+
+
+def measure(args: argparse.Namespace) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from pemt.model.sparse_attention import BlockSparsity, block_sparse_attention
+    from pemt.model.transformer import TransformerLayer
+    from pemt.track.metrics import counting_flops
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    spec = BlockSparsity(16, 1, 1) if args.kind == "sparse" else None
+    length = CLIPS * args.tokens_per_clip
+    n = 2 * length + 2
+    bos = (0, length + 1)
+    torch.manual_seed(0)
+    layer = TransformerLayer(768, 12, 3072, 0.0, 1, None, spec).to(device, dtype)
+    x = torch.randn(args.batch, n, 768, device=device, dtype=dtype, requires_grad=True)
+    q = torch.randn(args.batch, 12, n, 64, device=device, dtype=dtype)
+    with counting_flops() as counted:
+        if spec is None:
+            F.scaled_dot_product_attention(q, q, q)
+        else:
+            block_sparse_attention(q, q, q, list(bos), spec)
+    times = []
+    for _ in range(args.repeats + 1):   # the first is warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        layer(x, 0, bos).float().square().mean().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"kind": args.kind, "tokens_per_clip": args.tokens_per_clip, "tokens": n,
+            "attention_gflop": counted["flops"] / 1e9, "step_ms": 1000 * statistics.median(times[1:]),
+            "peak_mib": peak}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kind", choices=["dense", "sparse"], help=argparse.SUPPRESS)
+    parser.add_argument("--tokens-per-clip", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.kind:  # one point, in its own process
+        print(json.dumps(measure(args)))
+        return 0
+    from tqdm import tqdm
+
+    rows = []
+    points = [(k, kind) for k in TOKENS_PER_CLIP for kind in ("dense", "sparse")]
+    for k, kind in tqdm(points, desc="lengths"):
+        done = subprocess.run([sys.executable, __file__, "--device", args.device, "--precision", args.precision,
+                               "--batch", str(args.batch), "--repeats", str(args.repeats), "--kind", kind,
+                               "--tokens-per-clip", str(k)], capture_output=True, text=True, check=True)
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    table = render(rows, args)
+    print(table)
+    stem = f"sparse_attention_{args.device}_{args.precision}"
+    (HERE / "results" / f"{stem}.md").write_text(table)
+    plot(rows, HERE / "results" / f"{stem}.png")
+    print(f"wrote benchmarks/results/{stem}.md and .png")
+    return 0
+
+
+def render(rows: list[dict], args: argparse.Namespace) -> str:
+    by = {(r["tokens_per_clip"], r["kind"]): r for r in rows}
+    lines = [
+        f"# Dense vs block-sparse attention ({args.device}, {args.precision})",
+        "",
+        f"{datetime.date.today()}, {platform.processor() or platform.machine()}, batch {args.batch}; one "
+        "multimodal layer at paper size (hidden 768, 12 heads) over 30 clips x k tokens per modality + 2 BOS; "
+        "sparse = blocks of 16, 1 local block each side, 1 random block, BOS global. "
+        "Generated by `python benchmarks/sparse_attention.py`.",
+        "",
+        "| tokens/clip | tokens | attention GFLOP dense | sparse | ratio | layer fwd+bwd ms dense | sparse | ratio "
+        "| peak MiB dense | sparse |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for k in TOKENS_PER_CLIP:
+        d, s = by[(k, "dense")], by[(k, "sparse")]
+        lines.append(f"| {k} | {d['tokens']} | {d['attention_gflop']:.3f} | {s['attention_gflop']:.3f} "
+                     f"| {s['attention_gflop'] / d['attention_gflop']:.2f} | {d['step_ms']:.0f} | {s['step_ms']:.0f} "
+                     f"| {s['step_ms'] / d['step_ms']:.2f} | {d['peak_mib']:.0f} | {s['peak_mib']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for kind, style in (("dense", "o-"), ("sparse", "s--")):
+        mine = [r for r in rows if r["kind"] == kind]
+        axes[0].plot([r["tokens"] for r in mine], [r["attention_gflop"] for r in mine], style, label=kind)
+        axes[1].plot([r["tokens"] for r in mine], [r["step_ms"] for r in mine], style, label=kind)
+    for axis, label in zip(axes, ("attention GFLOP (forward)", "layer forward + backward (ms)")):
+        axis.set_xscale("log"), axis.set_yscale("log")
+        axis.set_xlabel("tokens in the multimodal sequence"), axis.set_ylabel(label)
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

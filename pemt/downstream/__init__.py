@@ -1,0 +1,1 @@
+"""Fine-tuning and evaluation on labelled downstream tasks, from pretrained weights."""

@@ -1,0 +1,138 @@
+"""Fine-tuning as a trainer task: a classifier initialised from pretraining, evaluated on a
+held-out split, its MLflow run tagged with the pretraining run it started from."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from pemt.config import ConfigError
+from pemt.data.loader import clip_spec
+from pemt.data.shards import MANIFEST
+from pemt.downstream.evaluate import metrics, multi_hot, predict
+from pemt.downstream.models import Classifier
+from pemt.downstream.pretrained import Pretrained
+from pemt.train.task import Task
+
+if TYPE_CHECKING:
+    from pemt.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
+EVAL_LOG = "eval.jsonl"
+
+
+def eval_shard_source(cfg: DictConfig) -> str:
+    """The held-out shards: `eval.shards`, or for synthetic data a set drawn with `eval.seed`."""
+    if cfg.eval.shards:
+        return str(cfg.eval.shards)
+    if cfg.data.name != "synthetic":
+        raise ConfigError("eval.shards is not set: give the held-out split's shard folder")
+    from pemt.data.synthetic import shard_dir
+
+    return str(shard_dir(held_out_config(cfg)))
+
+
+def held_out_config(cfg: DictConfig) -> DictConfig:
+    """The synthetic data config of the held-out set: same classes and styles, other videos."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    data["synthetic"].update(seed=int(cfg.eval.seed), videos=int(cfg.eval.synthetic_videos))
+    return OmegaConf.create({"data": data, "paths": {"cache": str(cfg.paths.cache)}})
+
+
+def label_space(cfg: DictConfig) -> tuple[int, bool]:
+    """(classes, multi-label) from `task.classes`, else the training shards' manifest."""
+    multi_label = bool(cfg.task.multi_label)
+    if cfg.task.classes:
+        return int(cfg.task.classes), multi_label
+    if cfg.data.name == "synthetic":
+        return int(cfg.data.synthetic.classes), multi_label
+    manifest = json.loads((Path(cfg.data.shards) / MANIFEST).read_text())
+    if "classes" not in manifest:
+        raise ConfigError(f"task.classes is not set and {Path(cfg.data.shards) / MANIFEST} names no classes "
+                          "(tools/make_downstream.py writes them): set task.classes")
+    return len(manifest["classes"]), bool(manifest.get("multi_label", multi_label))
+
+
+def with_pretrained_model(cfg: DictConfig, pretrained: Pretrained | None) -> DictConfig:
+    """The config to run: the model section of the pretraining run it starts from."""
+    if pretrained is None:
+        return cfg
+    merged = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    merged.model = pretrained.config["model"]
+    clips = int(pretrained.config["data"]["clips"])
+    if cfg.task.name == "long_av" and int(cfg.data.clips) > clips:
+        raise ConfigError(f"data.clips={cfg.data.clips}: the pretrained model at {pretrained.source} "
+                          f"has positions for {clips} clips; use at most that many")
+    merged.task.max_clips = clips
+    return merged
+
+
+class FinetuneTask(Task):
+    name = "finetune"
+
+    def __init__(self, cfg: DictConfig, pretrained: Pretrained | None) -> None:
+        self.cfg, self.pretrained = cfg, pretrained
+        self.classes, self.multi_label = label_space(cfg)
+
+    def build_model(self, cfg: DictConfig) -> nn.Module:
+        task = cfg.task
+        model = Classifier(cfg.model, int(task.max_clips or cfg.data.clips), str(task.name), self.classes,
+                           self.multi_label, list(task.freeze), str(task.loss))
+        if self.pretrained is not None:
+            missing, unexpected = model.backbone.load_state_dict(self.pretrained.backbone_state(), strict=False)
+            if missing or unexpected:
+                raise ConfigError(f"task.init={self.pretrained.source}: its weights do not fit the model "
+                                  f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+            log.info("initialised from %s (step %d)", self.pretrained.source, self.pretrained.step)
+        return model
+
+    def _targets(self, batch: dict) -> torch.Tensor:
+        if self.multi_label:
+            return multi_hot(batch["labels"], self.classes)
+        labels = batch["label"]
+        if (labels < 0).any() or (labels >= self.classes).any():
+            bad = [k for k, v in zip(batch["key"], labels.tolist()) if not 0 <= v < self.classes]
+            raise ValueError(f"samples {bad[:5]} have labels outside 0..{self.classes - 1}")
+        return labels
+
+    def forward(self, engine: Any, batch: dict, dtype: torch.dtype, step_seed: int) -> dict[str, torch.Tensor]:
+        out = engine(batch["video"].to(engine.device, dtype), batch["audio"].to(engine.device, dtype),
+                     self._targets(batch).to(engine.device))
+        return {"loss": out["loss"]}
+
+    def run_tags(self) -> dict[str, str]:
+        tags = {"pemt.task": str(self.cfg.task.name)}
+        if self.pretrained is not None:
+            tags["pemt.init"] = self.pretrained.source
+            tags["pemt.init_step"] = str(self.pretrained.step)
+            if self.pretrained.mlflow_run_id:
+                tags["pemt.pretrain_run_id"] = self.pretrained.mlflow_run_id
+        return tags
+
+    def evaluate(self, trainer: Trainer, step: int) -> dict[str, float]:
+        cfg, engine = self.cfg, trainer.engine
+        started = time.perf_counter()
+        engine.eval()
+        try:
+            with torch.no_grad():
+                results, errors = predict(lambda v, a: engine(v, a)["scores"], eval_shard_source(cfg),
+                                          clip_spec(cfg.data), engine.device, trainer.dtype,
+                                          int(cfg.eval.batch_size), cfg.eval.max_samples)
+        finally:
+            engine.train()
+        scores = {**metrics(results, self.classes, self.multi_label), "test_bad_samples": len(errors),
+                  "eval_s": time.perf_counter() - started}
+        if trainer.info.is_main:
+            record = {"step": step, **scores, "errors": errors[:20]}
+            with (trainer.run_dir / EVAL_LOG).open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            log.info("evaluation at step %d: %s", step,
+                     ", ".join(f"{k}={v:.2f}" for k, v in scores.items() if k.startswith("test_")))
+        return scores

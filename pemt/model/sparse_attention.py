@@ -1,0 +1,113 @@
+"""Block-sparse self-attention (edge sparsity): local blocks, random blocks, global tokens.
+
+The non-global tokens are cut into blocks of `block_size` (the last one padded). Each query
+block attends to the blocks within `local_window` of it, to `random_blocks` other blocks drawn
+afresh on every forward pass (shared over the batch and heads, from torch's global generator, so
+the trainer's seed fixes them and activation checkpointing replays them), and to every global
+token; global tokens (each transformer's BOS) attend to all tokens. Keys are gathered per query
+block and multiplied there, so the work (and what torch's FLOP counter sees) grows with
+tokens x keys per block, not tokens squared. When the pattern reaches every pair the layer runs
+dense attention, which it then equals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class BlockSparsity:
+    block_size: int = 16
+    local_window: int = 1      # blocks on each side of a query block
+    random_blocks: int = 1     # other blocks per query block, drawn each forward
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "local_window", "random_blocks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (1 if name == "block_size" else 0):
+                raise ValueError(f"model.attention.{name}={value!r}: must be a whole number "
+                                 f">= {1 if name == 'block_size' else 0}")
+
+    def covers_all(self, tokens: int) -> bool:
+        """Whether every query block reaches every block (the edge blocks see the fewest local ones)."""
+        blocks = -(-tokens // self.block_size)
+        return self.random_blocks >= blocks - self.local_window - 1
+
+
+def key_blocks(blocks: int, spec: BlockSparsity, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(blocks, K) indices of the key blocks of each query block and a mask of the valid ones."""
+    window = torch.arange(-spec.local_window, spec.local_window + 1, device=device)
+    local = torch.arange(blocks, device=device)[:, None] + window             # (blocks, 2w + 1)
+    local_valid = (local >= 0) & (local < blocks)
+    chosen, valid = [local.clamp(0, blocks - 1)], [local_valid]
+    if spec.random_blocks:
+        # Random scores, local blocks pushed last: the top r are r distinct non-local blocks
+        # (fewer exist near small sequences: the surplus picks are masked out).
+        scores = torch.rand(blocks, blocks, device=device)
+        distance = (torch.arange(blocks, device=device)[:, None] - torch.arange(blocks, device=device)).abs()
+        scores = scores.masked_fill(distance <= spec.local_window, -1.0)
+        r = min(spec.random_blocks, blocks)
+        top = scores.topk(r, dim=1)
+        chosen.append(top.indices)
+        valid.append(top.values >= 0)
+    return torch.cat(chosen, 1), torch.cat(valid, 1)
+
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, global_index: list[int],
+                           spec: BlockSparsity, dropout_p: float = 0.0, dense_when_full: bool = True) -> torch.Tensor:
+    """(B, H, N, D) queries, keys, values -> (B, H, N, D). `global_index`: positions of the
+    global tokens (BOS of each modality). A pattern that covers every pair runs dense attention
+    unless `dense_when_full` is off."""
+    batch, heads, n, dim = q.shape
+    device = q.device
+    is_global = torch.zeros(n, dtype=torch.bool, device=device)
+    is_global[global_index] = True
+    local_index = (~is_global).nonzero().squeeze(1)
+    tokens = local_index.numel()
+    if dense_when_full and spec.covers_all(tokens):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    size = spec.block_size
+    blocks = -(-tokens // size)
+    pad = blocks * size - tokens
+    g = len(global_index)
+
+    def blocked(x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, local_index]
+        return F.pad(x, (0, 0, 0, pad)).view(batch, heads, blocks, size, dim)
+
+    qb, kb, vb = blocked(q), blocked(k), blocked(v)
+    index, valid = key_blocks(blocks, spec, device)                            # (blocks, K)
+    gathered_k = kb[:, :, index].flatten(3, 4)                                 # (B, H, blocks, K*size, D)
+    gathered_v = vb[:, :, index].flatten(3, 4)
+    global_k = k[:, :, global_index].unsqueeze(2).expand(-1, -1, blocks, -1, -1)
+    global_v = v[:, :, global_index].unsqueeze(2).expand(-1, -1, blocks, -1, -1)
+    keys = torch.cat([global_k, gathered_k], 3)
+    values = torch.cat([global_v, gathered_v], 3)
+    # Key mask: valid blocks, and within them real tokens (not the padding of the last block).
+    real = torch.arange(blocks * size, device=device).view(blocks, size) < tokens
+    key_ok = (valid[:, :, None] & real[index]).flatten(1)                      # (blocks, K*size)
+    key_ok = torch.cat([torch.ones(blocks, g, dtype=torch.bool, device=device), key_ok], 1)
+    scores = (qb @ keys.transpose(-1, -2)) * dim ** -0.5                       # (B, H, blocks, size, g + K*size)
+    scores = scores.masked_fill(~key_ok[:, None, :], float("-inf"))
+    weights = F.dropout(scores.softmax(-1), dropout_p) if dropout_p else scores.softmax(-1)
+    local_out = (weights @ values).view(batch, heads, blocks * size, dim)[:, :, :tokens]
+    # Global queries attend to everything, densely (few of them).
+    global_out = F.scaled_dot_product_attention(q[:, :, global_index], k, v, dropout_p=dropout_p)
+    out = torch.empty_like(q)
+    out[:, :, local_index] = local_out.to(q.dtype)
+    out[:, :, global_index] = global_out
+    return out
+
+
+def attention_pairs(tokens: int, globals_: int, spec: BlockSparsity | None) -> int:
+    """Query-key pairs one attention computes (for cost tables): dense, or this pattern's."""
+    n = tokens + globals_
+    if spec is None or spec.covers_all(tokens):
+        return n * n
+    size = spec.block_size
+    blocks = -(-tokens // size)
+    keys = (2 * spec.local_window + 1 + min(spec.random_blocks, blocks)) * size + globals_
+    return blocks * size * keys + globals_ * n

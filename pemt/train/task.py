@@ -1,0 +1,50 @@
+"""What a training job trains: the model, how a batch goes through it, what is evaluated.
+
+The trainer owns everything else (distribution, data order, checkpoints, preemption, tracking),
+so pretraining and fine-tuning share it by handing it a different task.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+if TYPE_CHECKING:
+    from pemt.train.trainer import Trainer
+
+
+class Task:
+    name = "train"
+
+    def build_model(self, cfg: DictConfig) -> nn.Module:
+        raise NotImplementedError
+
+    def forward(self, engine: Any, batch: dict, dtype: torch.dtype, step_seed: int) -> dict[str, torch.Tensor]:
+        """The micro-batch's losses ("loss" is optimised) and any other means to report."""
+        raise NotImplementedError
+
+    def run_tags(self) -> dict[str, str]:
+        """MLflow tags for a new run (links to other runs)."""
+        return {}
+
+    def evaluate(self, trainer: Trainer, step: int) -> dict[str, float]:
+        """Collective: metrics on held-out data after `step` (none by default)."""
+        return {}
+
+
+class PretrainTask(Task):
+    """The pretraining objectives on unlabelled videos (pemt.model.pretraining)."""
+
+    name = "pretrain"
+
+    def build_model(self, cfg: DictConfig) -> nn.Module:
+        from pemt.model.pretraining import build_pretraining_model
+
+        return build_pretraining_model(cfg)
+
+    def forward(self, engine: Any, batch: dict, dtype: torch.dtype, step_seed: int) -> dict[str, torch.Tensor]:
+        return engine(batch["video"].to(engine.device, dtype), batch["audio"].to(engine.device, dtype),
+                      step_seed=step_seed)
