@@ -104,6 +104,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"loss.sampling={cfg.loss.sampling!r}: choose content or uniform")
     if not 0.0 < cfg.loss.mask_ratio < 1.0:
         raise ConfigError(f"loss.mask_ratio={cfg.loss.mask_ratio}: must be between 0 and 1")
+    from pemt.train.curriculum import stages
+
+    stages(cfg)  # the curriculum's stages, or the one stage of the plain config
     if "task" in cfg:
         _validate_finetune(cfg)
 

@@ -41,12 +41,13 @@ def test_top_k_and_mean_average_precision() -> None:
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A 4-step pretraining run (1 rank) and its export."""
+    """A 4-step pretraining run (1 rank) and its export. The sharing override puts brackets in
+    the run dir's name, which DeepSpeed's checkpoint tools once read as a glob pattern."""
     root = tmp_path_factory.mktemp("pretrain")
     result = run_pretrain(root, root / "cache", "gpus_per_node=1", "train.max_steps=4", "train.checkpoint_every=4",
-                          "mlflow.system_metrics=false")
+                          "mlflow.system_metrics=false", "model.sharing=[layer,cross]")
     assert result.returncode == 0, describe(result)
-    run_dir = root / "pemt-pretrain" / run_name()  # gpus_per_node is not part of the name
+    run_dir = root / "pemt-pretrain" / run_name("model.sharing=[layer,cross]")  # gpus_per_node is not in it
     export = subprocess.run([sys.executable, str(REPO / "tools" / "export.py"), str(run_dir), "--out",
                              str(root / "model.safetensors")], capture_output=True, text=True)
     assert export.returncode == 0, export.stderr

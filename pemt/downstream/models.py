@@ -27,12 +27,12 @@ FREEZABLE = ("cnns", "transformers", "backbone")
 
 class Classifier(nn.Module):
     def __init__(self, model_cfg: DictConfig, max_clips: int, task: str, classes: int, multi_label: bool,
-                 freeze: list[str], loss: str = "cross_entropy") -> None:
+                 freeze: list[str], loss: str = "cross_entropy", max_tokens_per_clip: int | None = None) -> None:
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"task.name={task!r}: choose one of {', '.join(TASKS)}")
         self.task, self.classes, self.multi_label, self.loss_name = task, classes, multi_label, loss
-        self.backbone = AVBackbone(model_cfg, max_clips=max_clips)
+        self.backbone = AVBackbone(model_cfg, max_clips, max_tokens_per_clip)
         hidden = int(model_cfg.hidden_size)
         if task == "visual_clip":
             self.head = nn.Linear(self.backbone.visual_cnn.out_dim, classes)

@@ -19,6 +19,7 @@ from pemt.data.shards import MANIFEST
 from pemt.downstream.evaluate import metrics, multi_hot, predict
 from pemt.downstream.models import Classifier
 from pemt.downstream.pretrained import Pretrained
+from pemt.train.curriculum import largest, stages
 from pemt.train.task import Task
 
 if TYPE_CHECKING:
@@ -66,11 +67,18 @@ def with_pretrained_model(cfg: DictConfig, pretrained: Pretrained | None) -> Dic
         return cfg
     merged = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     merged.model = pretrained.config["model"]
-    clips = int(pretrained.config["data"]["clips"])
+    source = OmegaConf.create(pretrained.config)
+    clips, tokens_per_clip = largest(source)
     if cfg.task.name == "long_av" and int(cfg.data.clips) > clips:
         raise ConfigError(f"data.clips={cfg.data.clips}: the pretrained model at {pretrained.source} "
                           f"has positions for {clips} clips; use at most that many")
-    merged.task.max_clips = clips
+    # the sequence settings the pretraining ended with (its last curriculum stage)
+    last = stages(source)[-1]
+    merged.model.tokens_per_clip = last.tokens_per_clip
+    merged.model.attention = last.attention
+    if "node_sparsity" in merged.model:
+        merged.model.node_sparsity.keep_rate = last.keep_rate
+    merged.task.max_clips, merged.task.max_tokens_per_clip = clips, tokens_per_clip
     return merged
 
 
@@ -84,7 +92,7 @@ class FinetuneTask(Task):
     def build_model(self, cfg: DictConfig) -> nn.Module:
         task = cfg.task
         model = Classifier(cfg.model, int(task.max_clips or cfg.data.clips), str(task.name), self.classes,
-                           self.multi_label, list(task.freeze), str(task.loss))
+                           self.multi_label, list(task.freeze), str(task.loss), task.get("max_tokens_per_clip"))
         if self.pretrained is not None:
             missing, unexpected = model.backbone.load_state_dict(self.pretrained.backbone_state(), strict=False)
             if missing or unexpected:

@@ -7,9 +7,16 @@
 
 With `cross` sharing one transformer stack serves every transformer of the mode and a modality
 index selects its private parts (with `factorized`); embeddings stay per transformer.
+
+Long sequences: `tokens_per_clip` cells of each CNN's last feature map per clip (1, 4, 16 ...),
+block-sparse attention (`attention`), and node sparsity (`node_sparsity`: visual tokens ranked
+by the visual BOS in the visual transformer, by the audio BOS in the multimodal one). The three
+are runtime settings (`set_sparsity`), so a curriculum can change them between stages.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from omegaconf import DictConfig
@@ -19,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from pemt.model.cnn import build_cnn
 from pemt.model.factorized import Factorization
 from pemt.model.sparse_attention import BlockSparsity
-from pemt.model.transformer import SequenceEmbedding, TransformerStack
+from pemt.model.transformer import Pruning, SequenceEmbedding, TransformerStack
 
 FUSION_TRANSFORMERS = {
     "mid": ("visual", "audio", "multimodal"),
@@ -46,9 +53,13 @@ def factorization(model_cfg: DictConfig) -> Factorization | None:
 
 
 class AVBackbone(nn.Module):
-    def __init__(self, model_cfg: DictConfig, max_clips: int) -> None:
+    def __init__(self, model_cfg: DictConfig, max_clips: int, max_tokens_per_clip: int | None = None) -> None:
         super().__init__()
-        hidden = model_cfg.hidden_size
+        self.hidden = hidden = model_cfg.hidden_size
+        self.tokens_per_clip = int(model_cfg.get("tokens_per_clip", 1))
+        node = model_cfg.get("node_sparsity") or {}
+        self.keep_rate = float(node.get("keep_rate", 1.0))
+        self.prune_after = tuple(int(i) for i in node.get("after_layers", ()))
         sharing = set(model_cfg.sharing)
         self.fusion = model_cfg.get("fusion", "mid")
         self.names = FUSION_TRANSFORMERS[self.fusion]
@@ -60,7 +71,8 @@ class AVBackbone(nn.Module):
         self.visual_proj = nn.Sequential(nn.Linear(self.visual_cnn.out_dim, hidden), nn.LayerNorm(hidden))
         self.audio_proj = nn.Sequential(nn.Linear(self.audio_cnn.out_dim, hidden), nn.LayerNorm(hidden))
         self.embeddings = nn.ModuleDict({
-            name: SequenceEmbedding(hidden, max_clips, 2 if name == "multimodal" else 1, model_cfg.dropout)
+            name: SequenceEmbedding(hidden, max_clips, 2 if name == "multimodal" else 1, model_cfg.dropout,
+                                    max_tokens_per_clip or self.tokens_per_clip)
             for name in self.names
         })
         self.cross = "cross" in sharing
@@ -79,17 +91,30 @@ class AVBackbone(nn.Module):
         else:
             self.transformers = nn.ModuleDict({name: stack(1) for name in self.names})
 
-    def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def set_sparsity(self, tokens_per_clip: int, keep_rate: float, attention: BlockSparsity | None) -> None:
+        """Change the sequence settings between curriculum stages; the weights are unchanged."""
+        self.tokens_per_clip, self.keep_rate = tokens_per_clip, keep_rate
+        for stack in self.transformers.values():
+            for layer in stack.layers:
+                layer.sparsity = attention
+
+    def _cells(self, cnn: nn.Module, clips: torch.Tensor) -> torch.Tensor:
+        grid = math.isqrt(self.tokens_per_clip)
         if self.checkpoint_cnns and self.training:
-            return checkpoint(module, x, use_reentrant=False)
-        return module(x)
+            return checkpoint(cnn, clips, grid, use_reentrant=False)
+        return cnn(clips, grid)
 
     def embed_clips(self, video: torch.Tensor, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, 3, F, H, W) video and (B, T, 1, M, S) audio -> (B, T, hidden) each."""
+        """(B, T, 3, F, H, W) video and (B, T, 1, M, S) audio -> (B, T x tokens_per_clip, hidden) each."""
         b, t = video.shape[:2]
-        visual = self.visual_proj(self._run(self.visual_cnn, video.flatten(0, 1))).view(b, t, -1)
-        sound = self.audio_proj(self._run(self.audio_cnn, audio.flatten(0, 1))).view(b, t, -1)
+        visual = self.visual_proj(self._cells(self.visual_cnn, video.flatten(0, 1))).reshape(b, -1, self.hidden)
+        sound = self.audio_proj(self._cells(self.audio_cnn, audio.flatten(0, 1))).reshape(b, -1, self.hidden)
         return visual, sound
+
+    def _pruning(self, first: int, last: int, rank_by: int) -> Pruning | None:
+        if self.keep_rate >= 1.0 or not self.prune_after:
+            return None
+        return Pruning(first, last, rank_by, self.keep_rate, self.prune_after)
 
     def transformer(self, name: str) -> TransformerStack:
         return self.transformers["shared" if self.cross else name]
@@ -99,10 +124,14 @@ class AVBackbone(nn.Module):
 
     def contextualise(self, name: str, tokens: torch.Tensor) -> torch.Tensor:
         """The visual or audio transformer over [BOS, tokens] -> (B, 1 + T, hidden)."""
-        return self.transformer(name)(self.embeddings[name](tokens), self._modality(name))
+        embedded = self.embeddings[name](tokens, tokens_per_clip=self.tokens_per_clip)
+        pruning = self._pruning(1, tokens.shape[1], 0) if name == "visual" else None
+        return self.transformer(name)(embedded, self._modality(name), (0,), pruning)
 
     def fuse(self, visual: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
         """The multimodal transformer over [v_BOS, v_1..T, a_BOS, a_1..T] -> (B, 2 + 2T, hidden)."""
-        tokens = self.embeddings["multimodal"](visual, audio)
-        bos = (0, 1 + visual.shape[1])  # each modality's BOS is global in sparse attention
-        return self.transformer("multimodal")(tokens, self._modality("multimodal"), bos)
+        tokens = self.embeddings["multimodal"](visual, audio, tokens_per_clip=self.tokens_per_clip)
+        length = visual.shape[1]
+        bos = (0, 1 + length)  # each modality's BOS is global in sparse attention
+        pruning = self._pruning(1, length, 1 + length)  # visual tokens, by the audio BOS
+        return self.transformer("multimodal")(tokens, self._modality("multimodal"), bos, pruning)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
@@ -119,7 +120,7 @@ def _shortcut(dims: int, cin: int, cout: int, stride: int) -> nn.Module:
 
 
 class ResNet(nn.Module):
-    """Stem, residual stages, global average pool -> (N, out_dim).
+    """Stem, residual stages, average pool -> (N, out_dim), or a grid of cells (tokens per clip).
 
     `temporal_kernels` gives the stem's and each stage's temporal kernel (3D only).
     `separable_stem` replaces the stem's k x k kernel by k x 1 then 1 x k (the audio network).
@@ -159,8 +160,15 @@ class ResNet(nn.Module):
         self.stages = nn.Sequential(*blocks)
         self.out_dim = cin
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stages(self.stem(x)).flatten(2).mean(-1)
+    def forward(self, x: torch.Tensor, grid: int = 1) -> torch.Tensor:
+        """(N, out_dim) pooled over the whole map, or with `grid` > 1 (N, grid^2, out_dim): the
+        map average-pooled to grid x grid cells (over time too in 3D), row by row."""
+        features = self.stages(self.stem(x))
+        if grid == 1:
+            return features.flatten(2).mean(-1)
+        size = (1, grid, grid) if features.dim() == 5 else (grid, grid)
+        pool = F.adaptive_avg_pool3d if features.dim() == 5 else F.adaptive_avg_pool2d
+        return pool(features, size).flatten(2).transpose(1, 2)
 
 
 def build_cnn(dims: int, in_channels: int, cfg: DictConfig) -> ResNet:

@@ -24,10 +24,11 @@ MODALITIES = ("visual", "audio")
 
 
 class AVPretrainingModel(nn.Module):
-    def __init__(self, model_cfg: DictConfig, data_cfg: DictConfig, loss_cfg: DictConfig) -> None:
+    def __init__(self, model_cfg: DictConfig, data_cfg: DictConfig, loss_cfg: DictConfig,
+                 max_clips: int | None = None, max_tokens_per_clip: int | None = None) -> None:
         super().__init__()
         hidden = model_cfg.hidden_size
-        self.backbone = AVBackbone(model_cfg, max_clips=data_cfg.clips)
+        self.backbone = AVBackbone(model_cfg, max_clips or data_cfg.clips, max_tokens_per_clip)
         self.fusion = self.backbone.fusion
         self.mask_tokens = nn.Parameter(torch.randn(len(MODALITIES), hidden) * 0.02)
         self.mep_heads = nn.ModuleDict({m: nn.Linear(hidden, hidden) for m in MODALITIES})

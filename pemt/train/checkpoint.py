@@ -23,9 +23,11 @@ import shutil
 import subprocess
 import sys
 import time
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -214,10 +216,11 @@ class Checkpointer:
             log.info("converting %s to the universal format for a new world size", checkpoint.path)
             shutil.rmtree(out, ignore_errors=True)
             out.parent.mkdir(parents=True, exist_ok=True)
-            result = subprocess.run(
-                [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                 str(checkpoint.path), "--output_folder", str(out), "--inject_missing_state"],
-                capture_output=True, text=True)
+            with glob_safe(checkpoint.path) as source:
+                result = subprocess.run(
+                    [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                     str(source), "--output_folder", str(out), "--inject_missing_state"],
+                    capture_output=True, text=True)
             if result.returncode:
                 raise CheckpointError(f"converting {checkpoint.path} to universal format failed:\n{result.stderr[-3000:]}")
             done.touch()
@@ -229,9 +232,11 @@ class Checkpointer:
         rank, size = world()
         if universal:
             folder = self.universal(checkpoint)
-            path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+            with glob_safe(folder.parent) as directory:
+                path, _ = engine.load_checkpoint(str(directory), tag=folder.name)
         else:
-            path, _ = engine.load_checkpoint(str(self.directory), tag=checkpoint.tag)
+            with glob_safe(self.directory) as directory:
+                path, _ = engine.load_checkpoint(str(directory), tag=checkpoint.tag)
         if path is None:
             raise CheckpointError(f"{checkpoint.path}: DeepSpeed could not load it")
         rng_file = checkpoint.path / "rng" / f"rank{rank:05d}.pt"
@@ -239,3 +244,17 @@ class Checkpointer:
             set_rng_state(torch.load(rng_file, weights_only=True))
         log.info("resumed from %s (step %d)", checkpoint.path, checkpoint.step)
         return checkpoint.manifest["state"]
+
+
+@contextmanager
+def glob_safe(path: Path) -> Iterator[Path]:
+    """`path`, or a link to it whose name has no glob characters: DeepSpeed's checkpoint loading
+    and converters find files with glob, and run dirs are named by overrides such as
+    `model.sharing=[layer,cross]`, whose brackets glob reads as a pattern."""
+    if not any(c in str(path) for c in "[]*?"):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="pemt-") as folder:
+        link = Path(folder) / path.name.translate(str.maketrans("[]*?", "____"))
+        link.symlink_to(Path(path).resolve(), target_is_directory=True)
+        yield link

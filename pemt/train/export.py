@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from pemt.train.checkpoint import Checkpointer, verify
+from pemt.train.checkpoint import Checkpointer, glob_safe, verify
 
 
 def consolidated_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -28,7 +28,8 @@ def consolidated_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str
             break
     else:
         raise FileNotFoundError(f"{run_dir}: no complete, intact checkpoint to export")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints.directory), tag=candidate.tag)
+    with glob_safe(checkpoints.directory) as directory:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=candidate.tag)
     # safetensors stores each tensor once: give every entry its own contiguous storage.
     tensors = {name: tensor.detach().clone().contiguous() for name, tensor in state.items()}
     return tensors, {**candidate.manifest["state"], "step": candidate.step}

@@ -41,9 +41,11 @@ class PretrainTask(Task):
     name = "pretrain"
 
     def build_model(self, cfg: DictConfig) -> nn.Module:
-        from pemt.model.pretraining import build_pretraining_model
+        from pemt.model.pretraining import AVPretrainingModel
+        from pemt.train.curriculum import largest
 
-        return build_pretraining_model(cfg)
+        clips, tokens_per_clip = largest(cfg)  # position tables for the largest curriculum stage
+        return AVPretrainingModel(cfg.model, cfg.data, cfg.loss, clips, tokens_per_clip)
 
     def forward(self, engine: Any, batch: dict, dtype: torch.dtype, step_seed: int) -> dict[str, torch.Tensor]:
         return engine(batch["video"].to(engine.device, dtype), batch["audio"].to(engine.device, dtype),

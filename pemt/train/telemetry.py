@@ -27,6 +27,9 @@ class Telemetry:
         log.info("MFU against %.3g TFLOP/s per device (%s)", self.peak, source)
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
+        # The current curriculum stage's sequence shape (set by the trainer).
+        self.clips = int(cfg.data.clips)
+        self.tokens_per_clip = int(OmegaConf.select(cfg, "model.tokens_per_clip", default=1) or 1)
 
     def set_flops(self, flops: int, micro_batch: int) -> None:
         self.flops_per_sample = flops / micro_batch
@@ -45,12 +48,12 @@ class Telemetry:
         totals = all_reduce({"bad_samples": bad_errors, "slots": bad_slots}, self.device, mean=False)
         speed = self.meter.report()
         memory = min_avg_max({"host_rss_gib": host_rss_gib(), **device_memory()}, self.device)
-        clips = int(self.cfg.data.clips)
+        clips, tokens = self.clips, self.clips * self.tokens_per_clip
         metrics: dict[str, Any] = {**means, "lr": lr, "samples": samples, **speed,
                                    "clips_per_s": speed["samples_per_s"] * clips,
-                                   # one token per clip and modality; the multimodal transformer reads both
-                                   "visual_tokens_per_s": speed["samples_per_s"] * clips,
-                                   "audio_tokens_per_s": speed["samples_per_s"] * clips,
+                                   # per modality, before node sparsity; the multimodal transformer reads both
+                                   "visual_tokens_per_s": speed["samples_per_s"] * tokens,
+                                   "audio_tokens_per_s": speed["samples_per_s"] * tokens,
                                    "bad_samples": totals["bad_samples"], **memory}
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)

@@ -25,6 +25,7 @@ from pemt.distributed import DistInfo, init_distributed
 from pemt.track.metrics import counting_flops
 from pemt.track.tracker import MlflowTracker
 from pemt.train.checkpoint import Checkpointer
+from pemt.train.curriculum import Stage, stage_at, stage_data_config, stages
 from pemt.train.engine_config import deepspeed_config
 from pemt.train.journal import RunJournal
 from pemt.train.optimizer import build_optimizer
@@ -116,10 +117,11 @@ class Trainer:
             self.telemetry.set_flops(counted["flops"], len(batch["key"]))
         return out
 
-    def _batches(self, start_micro: int, bad: BadSamples) -> Iterator[dict]:
-        """Micro-batches from `start_micro` on, each recorded and counted before use."""
+    def _batches(self, start_micro: int, bad: BadSamples, stage: Stage) -> Iterator[dict]:
+        """Micro-batches from `start_micro` on, decoded for `stage`, each recorded and counted before use."""
         cfg, info = self.cfg, self.info
-        loader = build_loader(cfg.data, shard_source(cfg), self.engine.train_micro_batch_size_per_gpu(),
+        loader = build_loader(stage_data_config(cfg.data, stage), shard_source(cfg),
+                              self.engine.train_micro_batch_size_per_gpu(),
                               info.rank, info.world_size, seed=cfg.seed, start_micro_step=start_micro)
         record = None
         if cfg.train.record_samples:
@@ -149,6 +151,19 @@ class Trainer:
             log.warning("saving took %.0f s, over half of cluster.signal_delay_s=%s: a save on preemption "
                         "may not finish before the job is killed; raise the signal delay", seconds, delay)
         self.tracker.log_metrics({"checkpoint_save_s": seconds}, step, replayed=True)
+
+    def _enter(self, stage: Stage, step: int, bad: BadSamples, count: int) -> tuple[Stage, Iterator[dict]]:
+        """Start (or resume into) a curriculum stage: the model's sequence settings and a loader
+        decoding the stage's clips, from the current step on."""
+        backbone = getattr(self.engine.module, "backbone", None)
+        if backbone is not None:
+            backbone.set_sparsity(stage.tokens_per_clip, stage.keep_rate, stage.sparsity())
+        self.telemetry.tokens_per_clip = stage.tokens_per_clip
+        self.telemetry.clips = stage.clips
+        if count > 1:
+            log.info("curriculum %s", stage.describe())
+            self.tracker.log_metrics({"stage": stage.index}, step + 1, replayed=True)  # its first step
+        return stage, self._batches(step * int(self.cfg.train.grad_accum_steps), bad, stage)
 
     def _first_step(self, step: int, segment: dict[str, Any]) -> None:
         """Per job: how long it took to start, and the time lost since the previous job."""
@@ -190,17 +205,21 @@ class Trainer:
         try:
             accum = int(cfg.train.grad_accum_steps)
             bad = BadSamples(float(cfg.data.max_error_rate))
-            batches = self._batches(step * accum, bad)
+            all_stages, stage, batches = stages(cfg), None, iter(())
             progress = tqdm(total=cfg.train.max_steps, initial=step, desc=self.task.name, unit="step",
                             disable=not info.is_main, dynamic_ncols=True, mininterval=1.0)
             first_step = True
             while step < cfg.train.max_steps:
+                count_flops = first_step
+                if stage != stage_at(all_stages, step):
+                    stage, batches = self._enter(stage_at(all_stages, step), step, bad, len(all_stages))
+                    count_flops = True  # a stage's sequences cost differently: count them again
                 waited_for_data = 0.0
                 for micro in range(accum):
                     asked = time.perf_counter()
                     batch = next(batches)
                     waited_for_data += time.perf_counter() - asked
-                    self.telemetry.add_micro_step(self._micro_step(batch, count_flops=first_step and micro == 0))
+                    self.telemetry.add_micro_step(self._micro_step(batch, count_flops=count_flops and micro == 0))
                 step += 1
                 if first_step:
                     first_step = False
