@@ -12,11 +12,11 @@ token leaves the computation and keeps the value it had, so the output has every
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 import math
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
