@@ -60,3 +60,33 @@ def test_run_names_stay_one_folder_of_legal_length() -> None:
     assert len(name.encode()) <= MAX_RUN_NAME_BYTES and "/" not in name
     assert run_name(long) == name, "the same overrides find the same run again"
     assert run_name(long + "x") != name, "different overrides never share a run"
+
+
+def test_ctrl_c_while_waiting_for_slurm_leaves_at_once_even_mid_poll(tmp_path) -> None:
+    """Whatever the launcher is in when Ctrl-C comes (here a poll that swallows the interrupt,
+    as a library's retry loop may), it exits 130 at once and says the jobs keep running."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    waiting = tmp_path / "waiting"
+    script = (
+        "import pathlib, time\n"
+        "from pemt.cluster.launcher import _detach_on_interrupt\n"
+        "with _detach_on_interrupt('pemt: stopped waiting; the jobs keep running\\n'):\n"
+        f"    pathlib.Path({str(waiting)!r}).touch()\n"
+        "    while True:\n"
+        "        try:\n"
+        "            time.sleep(0.1)\n"
+        "        except KeyboardInterrupt:\n"
+        "            pass\n"
+    )
+    launcher = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not waiting.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGINT)
+    _, stderr = launcher.communicate(timeout=10)
+    assert launcher.returncode == 130, stderr
+    assert "the jobs keep running" in stderr

@@ -193,13 +193,17 @@ def test_curriculum_stages_and_their_errors() -> None:
 
 
 @pytest.mark.slow
-def test_curriculum_moves_through_stages_and_resumes_into_the_right_one(tmp_path, data_cache) -> None:
+def test_curriculum_moves_through_stages_resumes_into_the_right_one_and_fine_tunes_from_the_last(
+        tmp_path, data_cache) -> None:
+    from pathlib import Path
+
     from mlflow.tracking import MlflowClient
 
-    from conftest import describe, run_pretrain
+    from conftest import SMALL_DATA, describe, run_launch, run_pretrain
 
     stages = ("curriculum.stages=[{steps:2,clips:2},{steps:2,clips:4,tokens_per_clip:4,keep_rate:0.5,"
-              "attention:{kind:block_sparse,block_size:4}},{steps:1,tokens_per_clip:4}]")
+              "attention:{kind:block_sparse,block_size:4}},"
+              "{steps:1,tokens_per_clip:4,attention:{kind:block_sparse,block_size:4,random_blocks:0}}]")
     common = ["gpus_per_node=1", stages, "train.log_every=1", "train.checkpoint_every=1", "mlflow.system_metrics=false"]
     first = run_pretrain(tmp_path, data_cache, *common, "train.max_steps=3")
     assert first.returncode == 0, describe(first)
@@ -219,3 +223,14 @@ def test_curriculum_moves_through_stages_and_resumes_into_the_right_one(tmp_path
     samples = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "samples_per_s")}
     assert tokens[1] == pytest.approx(2 * samples[1]) and tokens[5] == pytest.approx(16 * samples[5])
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [1, 2, 3, 4, 5]
+
+    # Fine-tuning starts from the sequence the curriculum ended with: its tokens and sparsity.
+    run_dir = Path(run.data.tags["pemt.run_dir"])
+    tuned = run_launch("finetune.py", tmp_path, data_cache, *SMALL_DATA, "gpus_per_node=1", f"task.init='{run_dir}'",
+                       "train.max_steps=2", "eval.synthetic_videos=4", "mlflow.system_metrics=false")
+    assert tuned.returncode == 0, describe(tuned)
+    [finetuned] = client.search_runs([client.get_experiment_by_name("pemt-finetune").experiment_id])
+    params = finetuned.data.params
+    assert (params["model.tokens_per_clip"], params["model.attention.kind"]) == ("4", "block_sparse")
+    assert params["model.attention.random_blocks"] == "0" and params["model.node_sparsity.keep_rate"] == "1.0"
+    assert finetuned.data.metrics["test_samples"] == 4

@@ -8,8 +8,11 @@ the launcher waits, rank 0's output is echoed to the terminal.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import sys
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
@@ -150,15 +153,16 @@ class _PreparedLaunch:
         self._before_waiting()
         relay = LogRelay(self.params["submitit_folder"])
         relay.start()
-        try:
-            results = super().launch(job_overrides, initial_job_idx)  # type: ignore[misc]
-        except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as err:
-            # A job lost without a result (node failure, killed): the others may still run.
-            _report_failures([(_summary(str(err)), cfg) for cfg in configs])
-            self._end_sweep_run(configs, parent, "FAILED")
-            raise SystemExit(1) from None
-        finally:
-            relay.stop()
+        with self._while_waiting():
+            try:
+                results = super().launch(job_overrides, initial_job_idx)  # type: ignore[misc]
+            except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as err:
+                # A job lost without a result (node failure, killed): the others may still run.
+                _report_failures([(_summary(str(err)), cfg) for cfg in configs])
+                self._end_sweep_run(configs, parent, "FAILED")
+                raise SystemExit(1) from None
+            finally:
+                relay.stop()
         _summarise(results, configs)
         failures = [(_job_error(r), cfg) for r, cfg in zip(results, configs) if r.status == JobStatus.FAILED]
         self._end_sweep_run(configs, parent, "FAILED" if failures else "FINISHED")
@@ -188,6 +192,28 @@ class _PreparedLaunch:
     def _before_waiting(self) -> None:
         pass
 
+    def _while_waiting(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _detach_on_interrupt(message: str) -> Iterator[None]:
+    """Ctrl-C ends this process at once with exit 130, saying `message`: the jobs run on Slurm
+    without it. Exiting from the handler rather than unwinding means that whatever the launcher is
+    in (a sacct poll, an MLflow write for a lost job, interpreter shutdown) cannot keep the user waiting."""
+    def detach(signum: int, frame: Any) -> None:
+        with contextlib.suppress(Exception):  # a write the signal interrupted may hold the buffer
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os.write(sys.stderr.fileno(), message.encode())
+        os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, detach)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
 
 class LocalLauncher(_PreparedLaunch, submitit_launcher.LocalLauncher):
     pass
@@ -203,12 +229,11 @@ class SlurmLauncher(_PreparedLaunch, submitit_launcher.SlurmLauncher):
         flags.pop("requeue", None), flags.pop("no_requeue", None)
         flags["requeue" if self.config.cluster.requeue else "no_requeue"] = True
         self.params["additional_parameters"] = flags
-        try:
-            return super().launch(job_overrides, initial_job_idx)
-        except KeyboardInterrupt:
-            print(f"\npemt: stopped waiting; the jobs keep running. Where they stand: "
-                  f"python tools/resume.py --list {self.config.hydra.sweep.dir}", file=sys.stderr)
-            raise SystemExit(130) from None
+        return super().launch(job_overrides, initial_job_idx)
+
+    def _while_waiting(self) -> contextlib.AbstractContextManager:
+        return _detach_on_interrupt(f"\npemt: stopped waiting; the jobs keep running. Where they stand: "
+                                    f"python tools/resume.py --list {self.config.hydra.sweep.dir}\n")
 
     def _before_waiting(self) -> None:
         print(f"pemt: submitting to Slurm; Ctrl-C here stops waiting, not the jobs. Where they stand: "
