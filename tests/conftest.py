@@ -40,7 +40,9 @@ def run_launch(script: str, root: Path, cache: Path, *overrides: str, timeout: i
 
 def run_name(*overrides: str) -> str:
     """The run folder Hydra derives from the science-changing overrides (sorted, comma-joined)."""
-    return ",".join(sorted([*SMALL_DATA, *overrides]))
+    from pemt.config import run_name as folder_name
+
+    return folder_name(",".join(sorted([*SMALL_DATA, *overrides])))
 
 
 def describe(result: subprocess.CompletedProcess) -> str:

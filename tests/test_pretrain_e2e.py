@@ -58,9 +58,12 @@ def test_runs_checkpoints_logs_and_resumes(tmp_path: Path, data_cache: Path) -> 
 
 
 def test_two_point_sweep_makes_two_runs(tmp_path: Path, data_cache: Path) -> None:
-    # bf16 here, fp32 elsewhere: both precisions run end to end.
-    result = run_pretrain(tmp_path, data_cache, "-m", "deepspeed=zero1,zero3", "precision=bf16", "train.max_steps=2",
-                          "train.log_every=1", "train.checkpoint_every=2")
+    # bf16 here, fp32 elsewhere: both precisions run end to end; so do edge and node sparsity
+    # under the ZeRO stages the other sparse tests do not use.
+    sparse = ("model.tokens_per_clip=4", "model.attention.kind=block_sparse", "model.attention.block_size=4",
+              "model.node_sparsity.keep_rate=0.5")
+    result = run_pretrain(tmp_path, data_cache, "-m", "deepspeed=zero1,zero3", "precision=bf16", *sparse,
+                          "train.max_steps=2", "train.log_every=1", "train.checkpoint_every=2")
     assert result.returncode == 0, describe(result)
     everything = _runs(tmp_path)
     # The sweep is a parent run; its points are its children, side by side in the UI.
@@ -68,7 +71,7 @@ def test_two_point_sweep_makes_two_runs(tmp_path: Path, data_cache: Path) -> Non
     assert parent.info.run_name == "sweep deepspeed=zero1|zero3" and parent.info.status == "FINISHED"
     runs = [r for r in everything if r is not parent]
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs)
-    zero1, zero3 = run_name("deepspeed=zero1", "precision=bf16"), run_name("deepspeed=zero3", "precision=bf16")
+    zero1, zero3 = (run_name(f"deepspeed={stage}", "precision=bf16", *sparse) for stage in ("zero1", "zero3"))
     assert sorted(r.info.run_name for r in runs) == [zero1, zero3]
     assert all(r.info.status == "FINISHED" for r in runs)
     stages = {r.info.run_name: r.data.params["deepspeed.zero_optimization.stage"] for r in runs}
