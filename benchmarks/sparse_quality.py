@@ -1,37 +1,57 @@
 """Does sparse attention keep the quality of dense attention at a fraction of its cost?
 
-    python benchmarks/sparse_quality.py [--steps 300 --probe-steps 150 --clips 8 --tokens-per-clip 16]
+    python benchmarks/sparse_quality.py [--stage1-steps 300 --steps 300 --seeds 0 1 2 --sparse 16,1,1,0.7]
 
-Pretrains the tiny model on the synthetic data at a long token sequence (clips x tokens per clip
-per modality) twice through launch/pretrain.py, dense and sparse (block-sparse attention plus
-node sparsity), then linear-probes each (launch/finetune.py, backbone frozen) on held-out videos.
-Reports the probe top-1, the final correct-pair accuracy of pretraining, the attention cost of
-one forward (query-key pairs over all three transformers and layers, node sparsity included) and
-the time taken. Writes a table and a plot to benchmarks/results/.
+Pretrains the tiny model on the synthetic data through launch/pretrain.py with the temporal
+curriculum, once dense and once per sparse variant, for each seed: stage 1 (dense, one token per
+clip) is the same for all; stage 2 goes to a long token sequence (clips x tokens per clip per
+modality) with dense attention, or block-sparse attention plus node sparsity. Each is then
+linear-probed (launch/finetune.py, backbone frozen, in its last stage's settings) on held-out
+videos. A sparse variant is `block size,local window,random blocks,keep rate`.
+Runs measured before under the same --root and settings are reused, so adding a seed or a
+variant runs only that. Reports the probe top-1, the masked-embedding and pair objectives at the
+end of pretraining, the attention cost of one forward (query-key pairs over all three
+transformers and layers, node sparsity included) and the time taken; writes a table and a plot
+to benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
 from pretraining_evidence import HERE, launch, probe_accuracy
 
-SPARSE = {"model.attention.kind": "block_sparse", "model.attention.block_size": 8,
-          "model.attention.local_window": 1, "model.attention.random_blocks": 1,
-          "model.node_sparsity.keep_rate": 0.7, "model.node_sparsity.after_layers": "[1]"}
+DENSE = "dense"
+CURVES = ("loss_mep_visual", "loss_mep_audio", "loss_pair")
 
 
-def attention_pairs(tokens: int, layers: int, sparse: bool) -> int:
+def parse_variant(text: str) -> tuple[int, int, int, float]:
+    block, window, random_blocks, keep = text.split(",")
+    return int(block), int(window), int(random_blocks), float(keep)
+
+
+def variant_name(variant: str) -> str:
+    if variant == DENSE:
+        return DENSE
+    block, window, random_blocks, keep = parse_variant(variant)
+    return f"sparse b{block} w{window} r{random_blocks} keep {keep:g}"
+
+
+def attention_pairs(tokens: int, layers: int, variant: str) -> int:
     """Query-key pairs of one forward: visual, audio and multimodal transformers, every layer."""
     from pemt.model.sparse_attention import BlockSparsity
     from pemt.model.sparse_attention import attention_pairs as pairs
 
-    spec = BlockSparsity(int(SPARSE["model.attention.block_size"]), 1, 1) if sparse else None
-    keep = SPARSE["model.node_sparsity.keep_rate"] if sparse else 1.0
+    spec, keep = None, 1.0
+    if variant != DENSE:
+        block, window, random_blocks, keep = parse_variant(variant)
+        spec = BlockSparsity(block, window, random_blocks)
     total = 0
     for layer in range(layers):
         visual = tokens if layer == 0 else math.ceil(keep * tokens)   # pruned after layer 1
@@ -40,66 +60,153 @@ def attention_pairs(tokens: int, layers: int, sparse: bool) -> int:
     return total
 
 
-def final_pair_accuracy(run_id: str, root: Path) -> float:
+def curriculum(args: argparse.Namespace, variant: str) -> str:
+    stage2 = f"steps:1,clips:{args.clips},tokens_per_clip:{args.tokens_per_clip}"
+    if variant != DENSE:
+        block, window, random_blocks, keep = parse_variant(variant)
+        stage2 += (f",keep_rate:{keep},attention:{{kind:block_sparse,block_size:{block},local_window:{window},"
+                   f"random_blocks:{random_blocks}}}")
+    return f"curriculum.stages=[{{steps:{args.stage1_steps},clips:{args.clips},tokens_per_clip:1}},{{{stage2}}}]"
+
+
+def metric_history(run_id: str, root: Path, key: str) -> list[tuple[int, float]]:
     from mlflow.tracking import MlflowClient
 
-    history = MlflowClient(f"sqlite:///{root}/mlflow.db").get_metric_history(run_id, "pair_accuracy")
-    last = sorted(history, key=lambda m: m.step)[-3:]
-    return 100.0 * sum(m.value for m in last) / len(last)
+    history = MlflowClient(f"sqlite:///{root}/mlflow.db").get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in history)
+
+
+def final_mean(history: list[tuple[int, float]], last: int = 20) -> float:
+    return statistics.fmean(v for _, v in history[-last:])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=HERE.parent / "outputs" / "sparse_quality")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--stage1-steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=300, help="stage 2 steps (long sequence)")
     parser.add_argument("--probe-steps", type=int, default=150)
     parser.add_argument("--clips", type=int, default=8)
     parser.add_argument("--tokens-per-clip", type=int, default=16)
     parser.add_argument("--videos", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--test-videos", type=int, default=128)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--sparse", nargs="+", default=["16,1,1,0.7", "8,1,1,0.7"],
+                        help="sparse variants: block size,local window,random blocks,keep rate")
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
-    common = [f"paths.root={args.root}", f"data.synthetic.videos={args.videos}", "data.synthetic.classes=8",
-              f"data.clips={args.clips}", f"model.tokens_per_clip={args.tokens_per_clip}", f"seed={args.seed}",
-              "data.synthetic.seconds=4.0", "data.fps=16", "mlflow.system_metrics=false"]
+    root = args.root.resolve()
+    total_steps = args.stage1_steps + args.steps
     tokens = args.clips * args.tokens_per_clip
-    rows = []
-    with tqdm(total=4, desc="quality runs") as progress:
-        for kind in ("dense", "sparse"):
-            extra = [f"{k}={v}" for k, v in SPARSE.items()] if kind == "sparse" else []
-            _, run_id, pretrain_s = launch("pretrain.py", [*common, *extra, f"train.max_steps={args.steps}",
-                                                           f"train.checkpoint_every={args.steps}"])
+    variants = [DENSE, *args.sparse]
+    for variant in args.sparse:
+        parse_variant(variant)
+    # Rows already measured under this root with these settings are kept: new seeds or variants run alone.
+    settings = {k: v for k, v in vars(args).items() if k not in ("root", "seeds", "sparse")}
+    done_file = root / "rows.json"
+    done = json.loads(done_file.read_text()) if done_file.exists() else []
+    rows = [r for r in done if r["settings"] == settings and r["seed"] in args.seeds and r["variant"] in variants]
+    todo = [(seed, variant) for seed in args.seeds for variant in variants
+            if not any(r["seed"] == seed and r["variant"] == variant for r in rows)]
+    with tqdm(total=2 * len(todo), desc="quality runs") as progress:
+        for seed, variant in todo:
+            common = [f"paths.root={root}", f"data.synthetic.videos={args.videos}", "data.synthetic.classes=8",
+                      f"data.clips={args.clips}", f"seed={seed}", "data.synthetic.seconds=4.0", "data.fps=16",
+                      "mlflow.system_metrics=false"]
+            _, run_id, pretrain_s = launch("pretrain.py", [
+                *common, curriculum(args, variant), f"train.max_steps={total_steps}",
+                f"train.checkpoint_every={total_steps}"])
             progress.update()
-            probe_dir, _, probe_s = launch("finetune.py", [*common, f"task.init={run_id}", "task.freeze=[backbone]",
-                                                           f"train.max_steps={args.probe_steps}",
-                                                           f"train.checkpoint_every={args.probe_steps}"])
+            probe_dir, _, probe_s = launch("finetune.py", [
+                *common, f"task.init={run_id}", "task.freeze=[backbone]", f"eval.synthetic_videos={args.test_videos}",
+                f"train.max_steps={args.probe_steps}", f"train.checkpoint_every={args.probe_steps}"])
             progress.update()
-            rows.append({"kind": kind, "pairs": attention_pairs(tokens, 2, kind == "sparse"),
-                         "pretrain_s": pretrain_s, "probe_s": probe_s, "probe_top1": probe_accuracy(probe_dir),
-                         "pair_accuracy": final_pair_accuracy(run_id, args.root)})
-    dense, sparse = rows
+            curves = {key: metric_history(run_id, root, key) for key in (*CURVES, "pair_accuracy")}
+            rows.append({"seed": seed, "variant": variant, "settings": settings,
+                         "pairs": attention_pairs(tokens, 2, variant), "pretrain_s": pretrain_s,
+                         "probe_s": probe_s, "probe_top1": probe_accuracy(probe_dir),
+                         "curves": curves, **{key: final_mean(curves[key]) for key in curves}})
+            done_file.write_text(json.dumps([r for r in done if r not in rows] + rows))
+    rows.sort(key=lambda r: (r["seed"], variants.index(r["variant"])))
+    table = render(rows, args, tokens, variants)
+    print(table)
+    (HERE / "results" / "sparse_quality.md").write_text(table)
+    plot = plot_results(rows, args, variants, HERE / "results" / "sparse_quality.png")
+    print(f"wrote {HERE / 'results' / 'sparse_quality.md'} and {plot}")
+    return 0
+
+
+def render(rows: list[dict], args: argparse.Namespace, tokens: int, variants: list[str]) -> str:
     lines = [
         "# Sparse vs dense attention: quality at a long sequence (synthetic data)",
         "",
-        f"{datetime.date.today()}, CPU, tiny model, seed {args.seed}; {args.clips} clips x {args.tokens_per_clip} "
-        f"tokens per clip = {tokens} tokens per modality; pretraining {args.steps} steps x 8 videos of "
-        f"{args.videos}, linear probe {args.probe_steps} steps, scored on 32 held-out videos. Sparse: blocks of 8, "
-        "1 local block each side, 1 random block, BOS global; node sparsity keeps 70% of visual tokens after "
-        "layer 1. Generated by `python benchmarks/sparse_quality.py`.",
+        f"{datetime.date.today()}, CPU, tiny model, seeds {' '.join(map(str, args.seeds))}. Pretraining with the "
+        f"curriculum: stage 1 {args.stage1_steps} steps dense at {args.clips} clips x 1 token; stage 2 {args.steps} "
+        f"steps at {args.clips} clips x {args.tokens_per_clip} tokens = {tokens} tokens per modality, dense or sparse "
+        "(`sparse bB wW rR keep K`: blocks of B tokens, W local blocks each side, R random blocks, BOS global; node "
+        "sparsity keeps K of the visual tokens after layer 1); 8 videos per step of "
+        f"{args.videos} (8 classes). Linear probe (backbone frozen, stage 2 settings) {args.probe_steps} steps, scored "
+        f"on {args.test_videos} held-out videos (one video = {100 / args.test_videos:.1f} points; chance 12.5%). "
+        "Objectives: mean of the last 20 steps. Generated by `python benchmarks/sparse_quality.py`.",
         "",
-        "| attention | query-key pairs per forward | vs dense | pretrain time (s) | pair accuracy (%) | probe top-1 (%) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| seed | attention | query-key pairs per forward | vs dense | pretrain time (s) | MEP visual | MEP audio "
+        "| pair loss | pair accuracy (%) | probe top-1 (%) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    dense_pairs = attention_pairs(tokens, 2, DENSE)
     for r in rows:
-        lines.append(f"| {r['kind']} | {r['pairs']:,} | {r['pairs'] / dense['pairs']:.2f} | {r['pretrain_s']:.0f} "
-                     f"| {r['pair_accuracy']:.1f} | {r['probe_top1']:.1f} |")
-    lines += ["", f"Probe top-1, sparse minus dense: {sparse['probe_top1'] - dense['probe_top1']:+.1f} points at "
-              f"{sparse['pairs'] / dense['pairs']:.2f} of the attention cost."]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    (HERE / "results" / "sparse_quality.md").write_text(table)
-    return 0
+        lines.append(f"| {r['seed']} | {variant_name(r['variant'])} | {r['pairs']:,} | {r['pairs'] / dense_pairs:.2f} "
+                     f"| {r['pretrain_s']:.0f} | {r['loss_mep_visual']:.3f} | {r['loss_mep_audio']:.3f} "
+                     f"| {r['loss_pair']:.3f} | {100 * r['pair_accuracy']:.1f} | {r['probe_top1']:.1f} |")
+    dense = {r["seed"]: r for r in rows if r["variant"] == DENSE}
+    lines += ["", "| attention | vs dense cost | probe top-1, mean over seeds (%) | sparse minus dense, per seed "
+              "(points) | mean (points) | MEP visual minus dense, mean |", "|---|---:|---:|---|---:|---:|"]
+    for variant in variants:
+        mine = [r for r in rows if r["variant"] == variant and r["seed"] in dense]
+        if not mine:
+            continue
+        mean_top1 = statistics.fmean(r["probe_top1"] for r in mine)
+        if variant == DENSE:
+            lines.append(f"| {DENSE} | 1.00 | {mean_top1:.1f} | - | - | - |")
+            continue
+        gaps = [r["probe_top1"] - dense[r["seed"]]["probe_top1"] for r in mine]
+        mep = [r["loss_mep_visual"] - dense[r["seed"]]["loss_mep_visual"] for r in mine]
+        lines.append(f"| {variant_name(variant)} | {mine[0]['pairs'] / dense_pairs:.2f} | {mean_top1:.1f} "
+                     f"| {', '.join(f'{g:+.1f}' for g in gaps)} | {statistics.fmean(gaps):+.1f} "
+                     f"| {statistics.fmean(mep):+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(rows: list[dict], args: argparse.Namespace, variants: list[str], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVES) + 1, figsize=(4 * (len(CURVES) + 1), 3.8))
+    colours = dict(zip(variants, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))
+    for r in rows:
+        axes[0].scatter(r["pairs"] / 1e3, r["probe_top1"], color=colours[r["variant"]])
+        for axis, key in zip(axes[1:], CURVES):
+            steps, values = zip(*r["curves"][key])
+            window = 20   # running mean: per-step losses on 8 videos are noisy
+            smooth = [statistics.fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+            axis.plot(steps, smooth, color=colours[r["variant"]], alpha=0.7)
+    for variant in variants:
+        axes[0].scatter([], [], color=colours[variant], label=variant_name(variant))
+    axes[0].axhline(100 / 8, color="gray", linestyle="--", label="chance")
+    axes[0].set_ylim(0, max(r["probe_top1"] for r in rows) + 10)
+    axes[0].set_xlabel("query-key pairs per forward (thousands)")
+    axes[0].set_ylabel("linear probe top-1 (%), one dot per seed")
+    axes[0].legend(fontsize=7)
+    for axis, key in zip(axes[1:], CURVES):
+        axis.axvline(args.stage1_steps, color="gray", linestyle=":")
+        axis.set_title(f"{key} (one line per seed)", fontsize=10)
+        axis.set_xlabel("step (dotted: stage 2 begins)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
 
 
 if __name__ == "__main__":
