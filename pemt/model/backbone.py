@@ -111,9 +111,7 @@ class AVBackbone(nn.Module):
         sound = self.audio_proj(self._cells(self.audio_cnn, audio.flatten(0, 1))).reshape(b, -1, self.hidden)
         return visual, sound
 
-    def _pruning(self, first: int, last: int, rank_by: int) -> Pruning | None:
-        if self.keep_rate >= 1.0 or not self.prune_after:
-            return None
+    def _pruning(self, first: int, last: int, rank_by: int) -> Pruning:
         return Pruning(first, last, rank_by, self.keep_rate, self.prune_after)
 
     def transformer(self, name: str) -> TransformerStack:

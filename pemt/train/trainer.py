@@ -211,8 +211,9 @@ class Trainer:
             first_step = True
             while step < cfg.train.max_steps:
                 count_flops = first_step
-                if stage != stage_at(all_stages, step):
-                    stage, batches = self._enter(stage_at(all_stages, step), step, bad, len(all_stages))
+                current = stage_at(all_stages, step)
+                if stage != current:
+                    stage, batches = self._enter(current, step, bad, len(all_stages))
                     count_flops = True  # a stage's sequences cost differently: count them again
                 waited_for_data = 0.0
                 for micro in range(accum):
