@@ -1,15 +1,17 @@
 """Does sparse attention keep the quality of dense attention at a fraction of its cost?
 
-    python benchmarks/sparse_quality.py [--stage1-steps 300 --steps 300 --seeds 0 1 2 --sparse 16,1,1,0.7]
+    python benchmarks/sparse_quality.py [--stage1-steps 300 --steps 300 --probe-lr 1e-2 --seeds 0 1 2
+                                         --sparse 16,1,1,0.7]
 
 Pretrains the tiny model on the synthetic data through launch/pretrain.py with the temporal
 curriculum, once dense and once per sparse variant, for each seed: stage 1 (dense, one token per
 clip) is the same for all; stage 2 goes to a long token sequence (clips x tokens per clip per
 modality) with dense attention, or block-sparse attention plus node sparsity. Each is then
 linear-probed (launch/finetune.py, backbone frozen, in its last stage's settings) on held-out
-videos. A sparse variant is `block size,local window,random blocks,keep rate`.
-Runs measured before under the same --root and settings are reused, so adding a seed or a
-variant runs only that. Reports the probe top-1, the masked-embedding and pair objectives at the
+videos, as is a random initialisation of the same shape (the probe's floor). A sparse variant is
+`block size,local window,random blocks,keep rate`. Pretraining runs and probes measured before
+under the same --root and settings are reused, so adding a seed, a variant or a probe setting
+runs only that. Reports the probe top-1, the masked-embedding and pair objectives at the
 end of pretraining, the attention cost of one forward (query-key pairs over all three
 transformers and layers, node sparsity included) and the time taken; writes a table and a plot
 to benchmarks/results/.
@@ -25,9 +27,10 @@ import statistics
 import sys
 from pathlib import Path
 
-from pretraining_evidence import HERE, launch, probe_accuracy
+from pretraining_evidence import HERE, launch
 
 DENSE = "dense"
+RANDOM = "random"   # no pretraining: the probe's floor
 CURVES = ("loss_mep_visual", "loss_mep_audio", "loss_pair")
 
 
@@ -37,8 +40,8 @@ def parse_variant(text: str) -> tuple[int, int, int, float]:
 
 
 def variant_name(variant: str) -> str:
-    if variant == DENSE:
-        return DENSE
+    if variant in (DENSE, RANDOM):
+        return {DENSE: DENSE, RANDOM: "no pretraining (random init, dense)"}[variant]
     block, window, random_blocks, keep = parse_variant(variant)
     return f"sparse b{block} w{window} r{random_blocks} keep {keep:g}"
 
@@ -86,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage1-steps", type=int, default=300)
     parser.add_argument("--steps", type=int, default=300, help="stage 2 steps (long sequence)")
     parser.add_argument("--probe-steps", type=int, default=150)
+    parser.add_argument("--probe-lr", type=float, default=1e-2,
+                        help="linear probe learning rate (at 1e-3 a 150-step probe has not converged)")
     parser.add_argument("--clips", type=int, default=8)
     parser.add_argument("--tokens-per-clip", type=int, default=16)
     parser.add_argument("--videos", type=int, default=256)
@@ -97,44 +102,71 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     root = args.root.resolve()
-    total_steps = args.stage1_steps + args.steps
     tokens = args.clips * args.tokens_per_clip
     variants = [DENSE, *args.sparse]
     for variant in args.sparse:
         parse_variant(variant)
-    # Rows already measured under this root with these settings are kept: new seeds or variants run alone.
-    settings = {k: v for k, v in vars(args).items() if k not in ("root", "seeds", "sparse")}
+    # Pretraining runs and probes measured before under this root with the same settings are kept, so a new
+    # seed, variant or probe setting runs only what it adds.
+    pretrain_settings = {k: getattr(args, k) for k in ("stage1_steps", "steps", "clips", "tokens_per_clip", "videos")}
+    probe_settings = {k: getattr(args, k) for k in ("probe_steps", "probe_lr", "test_videos")}
     done_file = root / "rows.json"
     done = json.loads(done_file.read_text()) if done_file.exists() else []
-    rows = [r for r in done if r["settings"] == settings and r["seed"] in args.seeds and r["variant"] in variants]
-    todo = [(seed, variant) for seed in args.seeds for variant in variants
+    rows = [r for r in done if r["settings"] == pretrain_settings and r["seed"] in args.seeds
+            and r["variant"] in (RANDOM, *variants)]
+    todo = [(seed, variant) for seed in args.seeds for variant in (RANDOM, *variants)
             if not any(r["seed"] == seed and r["variant"] == variant for r in rows)]
-    with tqdm(total=2 * len(todo), desc="quality runs") as progress:
+    probe_key = json.dumps(probe_settings, sort_keys=True)
+    pretrainings = sum(variant != RANDOM for _, variant in todo)
+    probes = len(todo) + sum(probe_key not in r["probes"] for r in rows)
+    with tqdm(total=pretrainings + probes, desc="pretraining runs and probes") as progress:
         for seed, variant in todo:
-            common = [f"paths.root={root}", f"data.synthetic.videos={args.videos}", "data.synthetic.classes=8",
-                      f"data.clips={args.clips}", f"seed={seed}", "data.synthetic.seconds=4.0", "data.fps=16",
-                      "mlflow.system_metrics=false"]
-            _, run_id, pretrain_s = launch("pretrain.py", [
-                *common, curriculum(args, variant), f"train.max_steps={total_steps}",
-                f"train.checkpoint_every={total_steps}"])
-            progress.update()
-            probe_dir, _, probe_s = launch("finetune.py", [
-                *common, f"task.init={run_id}", "task.freeze=[backbone]", f"eval.synthetic_videos={args.test_videos}",
-                f"train.max_steps={args.probe_steps}", f"train.checkpoint_every={args.probe_steps}"])
-            progress.update()
-            curves = {key: metric_history(run_id, root, key) for key in (*CURVES, "pair_accuracy")}
-            rows.append({"seed": seed, "variant": variant, "settings": settings,
-                         "pairs": attention_pairs(tokens, 2, variant), "pretrain_s": pretrain_s,
-                         "probe_s": probe_s, "probe_top1": probe_accuracy(probe_dir),
-                         "curves": curves, **{key: final_mean(curves[key]) for key in curves}})
+            row = {"seed": seed, "variant": variant, "settings": pretrain_settings, "pairs": attention_pairs(
+                tokens, 2, DENSE if variant == RANDOM else variant), "run_id": None, "pretrain_s": 0.0, "probes": {}}
+            if variant != RANDOM:
+                _, row["run_id"], row["pretrain_s"] = launch("pretrain.py", [
+                    *common_overrides(args, root, seed), curriculum(args, variant),
+                    f"train.max_steps={args.stage1_steps + args.steps}",
+                    f"train.checkpoint_every={args.stage1_steps + args.steps}"])
+                curves = {key: metric_history(row["run_id"], root, key) for key in (*CURVES, "pair_accuracy")}
+                row.update(curves=curves, **{key: final_mean(curves[key]) for key in curves})
+                progress.update()
+            rows.append(row)
             done_file.write_text(json.dumps([r for r in done if r not in rows] + rows))
-    rows.sort(key=lambda r: (r["seed"], variants.index(r["variant"])))
+        for row in rows:
+            if probe_key not in row["probes"]:
+                row["probes"][probe_key] = probe(args, root, row)
+                progress.update()
+                done_file.write_text(json.dumps([r for r in done if r not in rows] + rows))
+    for row in rows:
+        row["probe_top1"] = row["probes"][probe_key]["top1"]
+    rows.sort(key=lambda r: (r["seed"], [RANDOM, *variants].index(r["variant"])))
     table = render(rows, args, tokens, variants)
     print(table)
     (HERE / "results" / "sparse_quality.md").write_text(table)
     plot = plot_results(rows, args, variants, HERE / "results" / "sparse_quality.png")
     print(f"wrote {HERE / 'results' / 'sparse_quality.md'} and {plot}")
     return 0
+
+
+def common_overrides(args: argparse.Namespace, root: Path, seed: int) -> list[str]:
+    return [f"paths.root={root}", f"data.synthetic.videos={args.videos}", "data.synthetic.classes=8",
+            f"data.clips={args.clips}", f"seed={seed}", "data.synthetic.seconds=4.0", "data.fps=16",
+            "mlflow.system_metrics=false"]
+
+
+def probe(args: argparse.Namespace, root: Path, row: dict) -> dict:
+    """Linear-probe one pretraining run (or a random initialisation in stage 2's shape): top-1 and time."""
+    init = [f"task.init={row['run_id']}"] if row["run_id"] else [f"model.tokens_per_clip={args.tokens_per_clip}"]
+    probe_dir, _, probe_s = launch("finetune.py", [
+        *common_overrides(args, root, row["seed"]), *init, "task.freeze=[backbone]",
+        f"eval.synthetic_videos={args.test_videos}", f"train.lr={args.probe_lr}",
+        f"train.max_steps={args.probe_steps}", f"train.checkpoint_every={args.probe_steps}"])
+    last = json.loads((probe_dir / "eval.jsonl").read_text().splitlines()[-1])
+    if last["step"] != args.probe_steps:   # step counts do not name a run: a longer probe there is resumed
+        raise SystemExit(f"{probe_dir} holds a probe run to step {last['step']}, not {args.probe_steps}: "
+                         "remove that folder or use another --root")
+    return {"top1": last["test_top1"], "probe_s": probe_s}
 
 
 def render(rows: list[dict], args: argparse.Namespace, tokens: int, variants: list[str]) -> str:
@@ -146,9 +178,12 @@ def render(rows: list[dict], args: argparse.Namespace, tokens: int, variants: li
         f"steps at {args.clips} clips x {args.tokens_per_clip} tokens = {tokens} tokens per modality, dense or sparse "
         "(`sparse bB wW rR keep K`: blocks of B tokens, W local blocks each side, R random blocks, BOS global; node "
         "sparsity keeps K of the visual tokens after layer 1); 8 videos per step of "
-        f"{args.videos} (8 classes). Linear probe (backbone frozen, stage 2 settings) {args.probe_steps} steps, scored "
-        f"on {args.test_videos} held-out videos (one video = {100 / args.test_videos:.1f} points; chance 12.5%). "
-        "Objectives: mean of the last 20 steps. Generated by `python benchmarks/sparse_quality.py`.",
+        f"{args.videos} (8 classes). Linear probe (backbone frozen, stage 2 settings) {args.probe_steps} steps at "
+        f"learning rate {args.probe_lr:g}, scored on {args.test_videos} held-out videos (one video = {100 / args.test_videos:.1f} points; chance 12.5%). "
+        "The probe of a random initialisation of the same shape is the floor. "
+        "Objectives: mean of the last 20 steps. Generated by `python benchmarks/sparse_quality.py "
+        f"--stage1-steps {args.stage1_steps} --steps {args.steps} --probe-steps {args.probe_steps} --probe-lr "
+        f"{args.probe_lr:g} --seeds {' '.join(map(str, args.seeds))} --sparse {' '.join(args.sparse)}`.",
         "",
         "| seed | attention | query-key pairs per forward | vs dense | pretrain time (s) | MEP visual | MEP audio "
         "| pair loss | pair accuracy (%) | probe top-1 (%) |",
@@ -156,13 +191,15 @@ def render(rows: list[dict], args: argparse.Namespace, tokens: int, variants: li
     ]
     dense_pairs = attention_pairs(tokens, 2, DENSE)
     for r in rows:
+        objectives = ("| - | - | - | - | -" if r["variant"] == RANDOM else
+                      f"| {r['pretrain_s']:.0f} | {r['loss_mep_visual']:.3f} | {r['loss_mep_audio']:.3f} "
+                      f"| {r['loss_pair']:.3f} | {100 * r['pair_accuracy']:.1f}")
         lines.append(f"| {r['seed']} | {variant_name(r['variant'])} | {r['pairs']:,} | {r['pairs'] / dense_pairs:.2f} "
-                     f"| {r['pretrain_s']:.0f} | {r['loss_mep_visual']:.3f} | {r['loss_mep_audio']:.3f} "
-                     f"| {r['loss_pair']:.3f} | {100 * r['pair_accuracy']:.1f} | {r['probe_top1']:.1f} |")
+                     f"{objectives} | {r['probe_top1']:.1f} |")
     dense = {r["seed"]: r for r in rows if r["variant"] == DENSE}
     lines += ["", "| attention | vs dense cost | probe top-1, mean over seeds (%) | sparse minus dense, per seed "
               "(points) | mean (points) | MEP visual minus dense, mean |", "|---|---:|---:|---|---:|---:|"]
-    for variant in variants:
+    for variant in (RANDOM, *variants):
         mine = [r for r in rows if r["variant"] == variant and r["seed"] in dense]
         if not mine:
             continue
@@ -171,10 +208,11 @@ def render(rows: list[dict], args: argparse.Namespace, tokens: int, variants: li
             lines.append(f"| {DENSE} | 1.00 | {mean_top1:.1f} | - | - | - |")
             continue
         gaps = [r["probe_top1"] - dense[r["seed"]]["probe_top1"] for r in mine]
-        mep = [r["loss_mep_visual"] - dense[r["seed"]]["loss_mep_visual"] for r in mine]
-        lines.append(f"| {variant_name(variant)} | {mine[0]['pairs'] / dense_pairs:.2f} | {mean_top1:.1f} "
-                     f"| {', '.join(f'{g:+.1f}' for g in gaps)} | {statistics.fmean(gaps):+.1f} "
-                     f"| {statistics.fmean(mep):+.3f} |")
+        mep = ("-" if variant == RANDOM else
+               f"{statistics.fmean(r['loss_mep_visual'] - dense[r['seed']]['loss_mep_visual'] for r in mine):+.3f}")
+        cost = "-" if variant == RANDOM else f"{mine[0]['pairs'] / dense_pairs:.2f}"
+        lines.append(f"| {variant_name(variant)} | {cost} | {mean_top1:.1f} "
+                     f"| {', '.join(f'{g:+.1f}' for g in gaps)} | {statistics.fmean(gaps):+.1f} | {mep} |")
     return "\n".join(lines) + "\n"
 
 
@@ -185,18 +223,22 @@ def plot_results(rows: list[dict], args: argparse.Namespace, variants: list[str]
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(CURVES) + 1, figsize=(4 * (len(CURVES) + 1), 3.8))
-    colours = dict(zip(variants, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))
+    colours = {RANDOM: "gray", **dict(zip(variants, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))}
     for r in rows:
-        axes[0].scatter(r["pairs"] / 1e3, r["probe_top1"], color=colours[r["variant"]])
+        axes[0].scatter(r["pairs"] / 1e3, r["probe_top1"], color=colours[r["variant"]],
+                        marker="x" if r["variant"] == RANDOM else "o")
+        if r["variant"] == RANDOM:
+            continue
         for axis, key in zip(axes[1:], CURVES):
             steps, values = zip(*r["curves"][key])
             window = 20   # running mean: per-step losses on 8 videos are noisy
             smooth = [statistics.fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
             axis.plot(steps, smooth, color=colours[r["variant"]], alpha=0.7)
-    for variant in variants:
-        axes[0].scatter([], [], color=colours[variant], label=variant_name(variant))
+    for variant in (*variants, RANDOM):
+        axes[0].scatter([], [], color=colours[variant], label=variant_name(variant),
+                        marker="x" if variant == RANDOM else "o")
     axes[0].axhline(100 / 8, color="gray", linestyle="--", label="chance")
-    axes[0].set_ylim(0, max(r["probe_top1"] for r in rows) + 10)
+    axes[0].set_ylim(0, 105)
     axes[0].set_xlabel("query-key pairs per forward (thousands)")
     axes[0].set_ylabel("linear probe top-1 (%), one dot per seed")
     axes[0].legend(fontsize=7)
