@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens-per-clip", type=int, default=16)
     parser.add_argument("--videos", type=int, default=256)
     parser.add_argument("--test-videos", type=int, default=128)
+    parser.add_argument("--probe-videos", type=int, nargs="+", default=[256, 16],
+                        help="probe training sets (videos; 256 is the pretraining set): one column each. With "
+                             "every video the probe saturates; with 2 per class it tells features apart")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--sparse", nargs="+", default=["16,1,1,0.7", "8,1,1,0.7"],
                         help="sparse variants: block size,local window,random blocks,keep rate")
@@ -109,16 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     # Pretraining runs and probes measured before under this root with the same settings are kept, so a new
     # seed, variant or probe setting runs only what it adds.
     pretrain_settings = {k: getattr(args, k) for k in ("stage1_steps", "steps", "clips", "tokens_per_clip", "videos")}
-    probe_settings = {k: getattr(args, k) for k in ("probe_steps", "probe_lr", "test_videos")}
     done_file = root / "rows.json"
     done = json.loads(done_file.read_text()) if done_file.exists() else []
     rows = [r for r in done if r["settings"] == pretrain_settings and r["seed"] in args.seeds
             and r["variant"] in (RANDOM, *variants)]
     todo = [(seed, variant) for seed in args.seeds for variant in (RANDOM, *variants)
             if not any(r["seed"] == seed and r["variant"] == variant for r in rows)]
-    probe_key = json.dumps(probe_settings, sort_keys=True)
     pretrainings = sum(variant != RANDOM for _, variant in todo)
-    probes = len(todo) + sum(probe_key not in r["probes"] for r in rows)
+    probes = len(todo) * len(args.probe_videos) + sum(
+        probe_key(args, videos) not in r["probes"] for r in rows for videos in args.probe_videos)
     with tqdm(total=pretrainings + probes, desc="pretraining runs and probes") as progress:
         for seed, variant in todo:
             row = {"seed": seed, "variant": variant, "settings": pretrain_settings, "pairs": attention_pairs(
@@ -134,12 +136,13 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             done_file.write_text(json.dumps([r for r in done if r not in rows] + rows))
         for row in rows:
-            if probe_key not in row["probes"]:
-                row["probes"][probe_key] = probe(args, root, row)
-                progress.update()
-                done_file.write_text(json.dumps([r for r in done if r not in rows] + rows))
+            for videos in args.probe_videos:
+                if probe_key(args, videos) not in row["probes"]:
+                    row["probes"][probe_key(args, videos)] = probe(args, root, row, videos)
+                    progress.update()
+                    done_file.write_text(json.dumps([r for r in done if r not in rows] + rows))
     for row in rows:
-        row["probe_top1"] = row["probes"][probe_key]["top1"]
+        row["probe_top1"] = {videos: row["probes"][probe_key(args, videos)]["top1"] for videos in args.probe_videos}
     rows.sort(key=lambda r: (r["seed"], [RANDOM, *variants].index(r["variant"])))
     table = render(rows, args, tokens, variants)
     print(table)
@@ -155,11 +158,19 @@ def common_overrides(args: argparse.Namespace, root: Path, seed: int) -> list[st
             "mlflow.system_metrics=false"]
 
 
-def probe(args: argparse.Namespace, root: Path, row: dict) -> dict:
-    """Linear-probe one pretraining run (or a random initialisation in stage 2's shape): top-1 and time."""
+def probe_key(args: argparse.Namespace, videos: int) -> str:
+    return json.dumps({"probe_steps": args.probe_steps, "probe_lr": args.probe_lr, "test_videos": args.test_videos,
+                       "probe_videos": videos}, sort_keys=True)
+
+
+def probe(args: argparse.Namespace, root: Path, row: dict, videos: int) -> dict:
+    """Linear-probe one pretraining run (or a random initialisation in stage 2's shape) trained on `videos`
+    synthetic videos: top-1 on the held-out set, and time."""
     init = [f"task.init={row['run_id']}"] if row["run_id"] else [f"model.tokens_per_clip={args.tokens_per_clip}"]
+    # A small training set is written as few shards: one loader stream per rank.
+    small = [f"data.synthetic.videos={videos}", "data.streams=2"] if videos != args.videos else []
     probe_dir, _, probe_s = launch("finetune.py", [
-        *common_overrides(args, root, row["seed"]), *init, "task.freeze=[backbone]",
+        *common_overrides(args, root, row["seed"]), *small, *init, "task.freeze=[backbone]",
         f"eval.synthetic_videos={args.test_videos}", f"train.lr={args.probe_lr}",
         f"train.max_steps={args.probe_steps}", f"train.checkpoint_every={args.probe_steps}"])
     last = json.loads((probe_dir / "eval.jsonl").read_text().splitlines()[-1])
@@ -179,15 +190,18 @@ def render(rows: list[dict], args: argparse.Namespace, tokens: int, variants: li
         "(`sparse bB wW rR keep K`: blocks of B tokens, W local blocks each side, R random blocks, BOS global; node "
         "sparsity keeps K of the visual tokens after layer 1); 8 videos per step of "
         f"{args.videos} (8 classes). Linear probe (backbone frozen, stage 2 settings) {args.probe_steps} steps at "
-        f"learning rate {args.probe_lr:g}, scored on {args.test_videos} held-out videos (one video = {100 / args.test_videos:.1f} points; chance 12.5%). "
+        f"learning rate {args.probe_lr:g}, trained on {' or '.join(map(str, args.probe_videos))} videos and scored "
+        f"on {args.test_videos} held-out videos (one video = {100 / args.test_videos:.1f} points; chance 12.5%). "
         "The probe of a random initialisation of the same shape is the floor. "
         "Objectives: mean of the last 20 steps. Generated by `python benchmarks/sparse_quality.py "
         f"--stage1-steps {args.stage1_steps} --steps {args.steps} --probe-steps {args.probe_steps} --probe-lr "
-        f"{args.probe_lr:g} --seeds {' '.join(map(str, args.seeds))} --sparse {' '.join(args.sparse)}`.",
+        f"{args.probe_lr:g} --probe-videos {' '.join(map(str, args.probe_videos))} --seeds "
+        f"{' '.join(map(str, args.seeds))} --sparse {' '.join(args.sparse)}`.",
         "",
         "| seed | attention | query-key pairs per forward | vs dense | pretrain time (s) | MEP visual | MEP audio "
-        "| pair loss | pair accuracy (%) | probe top-1 (%) |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| pair loss | pair accuracy (%) | " + " | ".join(f"probe top-1, {v} videos (%)" for v in args.probe_videos)
+        + " |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(args.probe_videos),
     ]
     dense_pairs = attention_pairs(tokens, 2, DENSE)
     for r in rows:
@@ -195,24 +209,26 @@ def render(rows: list[dict], args: argparse.Namespace, tokens: int, variants: li
                       f"| {r['pretrain_s']:.0f} | {r['loss_mep_visual']:.3f} | {r['loss_mep_audio']:.3f} "
                       f"| {r['loss_pair']:.3f} | {100 * r['pair_accuracy']:.1f}")
         lines.append(f"| {r['seed']} | {variant_name(r['variant'])} | {r['pairs']:,} | {r['pairs'] / dense_pairs:.2f} "
-                     f"{objectives} | {r['probe_top1']:.1f} |")
+                     f"{objectives} | " + " | ".join(f"{top1:.1f}" for top1 in r["probe_top1"].values()) + " |")
     dense = {r["seed"]: r for r in rows if r["variant"] == DENSE}
-    lines += ["", "| attention | vs dense cost | probe top-1, mean over seeds (%) | sparse minus dense, per seed "
-              "(points) | mean (points) | MEP visual minus dense, mean |", "|---|---:|---:|---|---:|---:|"]
-    for variant in (RANDOM, *variants):
-        mine = [r for r in rows if r["variant"] == variant and r["seed"] in dense]
-        if not mine:
-            continue
-        mean_top1 = statistics.fmean(r["probe_top1"] for r in mine)
-        if variant == DENSE:
-            lines.append(f"| {DENSE} | 1.00 | {mean_top1:.1f} | - | - | - |")
-            continue
-        gaps = [r["probe_top1"] - dense[r["seed"]]["probe_top1"] for r in mine]
-        mep = ("-" if variant == RANDOM else
-               f"{statistics.fmean(r['loss_mep_visual'] - dense[r['seed']]['loss_mep_visual'] for r in mine):+.3f}")
-        cost = "-" if variant == RANDOM else f"{mine[0]['pairs'] / dense_pairs:.2f}"
-        lines.append(f"| {variant_name(variant)} | {cost} | {mean_top1:.1f} "
-                     f"| {', '.join(f'{g:+.1f}' for g in gaps)} | {statistics.fmean(gaps):+.1f} | {mep} |")
+    lines += ["", "| probe trained on | attention | vs dense cost | probe top-1, mean over seeds (%) "
+              "| minus dense, per seed (points) | mean (points) | MEP visual minus dense, mean |",
+              "|---:|---|---:|---:|---|---:|---:|"]
+    for videos in args.probe_videos:
+        for variant in (RANDOM, *variants):
+            mine = [r for r in rows if r["variant"] == variant and r["seed"] in dense]
+            if not mine:
+                continue
+            mean_top1 = statistics.fmean(r["probe_top1"][videos] for r in mine)
+            if variant == DENSE:
+                lines.append(f"| {videos} videos | {DENSE} | 1.00 | {mean_top1:.1f} | - | - | - |")
+                continue
+            gaps = [r["probe_top1"][videos] - dense[r["seed"]]["probe_top1"][videos] for r in mine]
+            mep = ("-" if variant == RANDOM else
+                   f"{statistics.fmean(r['loss_mep_visual'] - dense[r['seed']]['loss_mep_visual'] for r in mine):+.3f}")
+            cost = "-" if variant == RANDOM else f"{mine[0]['pairs'] / dense_pairs:.2f}"
+            lines.append(f"| {videos} videos | {variant_name(variant)} | {cost} | {mean_top1:.1f} "
+                         f"| {', '.join(f'{g:+.1f}' for g in gaps)} | {statistics.fmean(gaps):+.1f} | {mep} |")
     return "\n".join(lines) + "\n"
 
 
@@ -224,9 +240,11 @@ def plot_results(rows: list[dict], args: argparse.Namespace, variants: list[str]
 
     fig, axes = plt.subplots(1, len(CURVES) + 1, figsize=(4 * (len(CURVES) + 1), 3.8))
     colours = {RANDOM: "gray", **dict(zip(variants, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))}
+    markers = dict(zip(args.probe_videos, ("o", "^", "s", "D")))
     for r in rows:
-        axes[0].scatter(r["pairs"] / 1e3, r["probe_top1"], color=colours[r["variant"]],
-                        marker="x" if r["variant"] == RANDOM else "o")
+        for videos, top1 in r["probe_top1"].items():
+            axes[0].scatter(r["pairs"] / 1e3, top1, color=colours[r["variant"]],
+                            marker="x" if r["variant"] == RANDOM else markers[videos], alpha=0.7)
         if r["variant"] == RANDOM:
             continue
         for axis, key in zip(axes[1:], CURVES):
@@ -237,6 +255,8 @@ def plot_results(rows: list[dict], args: argparse.Namespace, variants: list[str]
     for variant in (*variants, RANDOM):
         axes[0].scatter([], [], color=colours[variant], label=variant_name(variant),
                         marker="x" if variant == RANDOM else "o")
+    for videos, marker in markers.items():
+        axes[0].scatter([], [], color="black", marker=marker, label=f"probe trained on {videos} videos")
     axes[0].axhline(100 / 8, color="gray", linestyle="--", label="chance")
     axes[0].set_ylim(0, 105)
     axes[0].set_xlabel("query-key pairs per forward (thousands)")
