@@ -1,6 +1,6 @@
 """Does sparse attention keep the quality of dense attention at a fraction of its cost?
 
-    python benchmarks/sparse_quality.py [--stage1-steps 300 --steps 300 --probe-lr 1e-2 --seeds 0 1 2
+    python benchmarks/sparse_quality.py [--stage1-steps 300 --steps 300 --probe-lr 1e-2 --seeds 0 1 2 3 4
                                          --sparse 16,1,1,0.7]
 
 Pretrains the tiny model on the synthetic data through launch/pretrain.py with the temporal
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-videos", type=int, nargs="+", default=[256, 16],
                         help="probe training sets (videos; 256 is the pretraining set): one column each. With "
                              "every video the probe saturates; with 2 per class it tells features apart")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--sparse", nargs="+", default=["16,1,1,0.7", "8,1,1,0.7"],
                         help="sparse variants: block size,local window,random blocks,keep rate")
     args = parser.parse_args(argv)
