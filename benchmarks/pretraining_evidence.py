@@ -58,10 +58,15 @@ def transformer_params(sharing: str) -> int:
     return count_parameters(build_pretraining_model(cfg))["transformers"]
 
 
-def probe_accuracy(run_dir: Path) -> float:
+def probe_accuracy(run_dir: Path, steps: int) -> float:
+    """Held-out top-1 of the probe in `run_dir`, which must have run `steps` steps."""
     import json
 
-    return json.loads((run_dir / "eval.jsonl").read_text().splitlines()[-1])["test_top1"]
+    last = json.loads((run_dir / "eval.jsonl").read_text().splitlines()[-1])
+    if last["step"] != steps:   # step counts do not name a run: a longer probe there is resumed, not rerun
+        raise SystemExit(f"{run_dir} holds a probe run to step {last['step']}, not {steps}: "
+                         "remove that folder or use another --root")
+    return last["test_top1"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             progress.update()
             rows.append({"variant": name, "negatives": negatives, "sharing": sharing,
                          "transformer_params": transformer_params(sharing), "pretrain_steps": args.pretrain_steps,
-                         "pretrain_s": pretrain_s, "probe_s": probe_s, "top1": probe_accuracy(probe_dir),
+                         "pretrain_s": pretrain_s, "probe_s": probe_s, "top1": probe_accuracy(probe_dir, args.probe_steps),
                          "pretrain_run": run_id, "probe_run": probe_id})
         for name, sharing in RANDOM_VARIANTS.items():
             probe_dir, probe_id, probe_s = launch("finetune.py", [
@@ -99,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             progress.update()
             rows.append({"variant": name, "negatives": "-", "sharing": sharing,
                          "transformer_params": transformer_params(sharing), "pretrain_steps": 0, "pretrain_s": 0.0,
-                         "probe_s": probe_s, "top1": probe_accuracy(probe_dir), "pretrain_run": "-",
+                         "probe_s": probe_s, "top1": probe_accuracy(probe_dir, args.probe_steps), "pretrain_run": "-",
                          "probe_run": probe_id})
     table = render(rows, args)
     print(table)

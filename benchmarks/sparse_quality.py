@@ -27,7 +27,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from pretraining_evidence import HERE, launch
+from pretraining_evidence import HERE, launch, probe_accuracy
 
 DENSE = "dense"
 RANDOM = "random"   # no pretraining: the probe's floor
@@ -40,8 +40,10 @@ def parse_variant(text: str) -> tuple[int, int, int, float]:
 
 
 def variant_name(variant: str) -> str:
-    if variant in (DENSE, RANDOM):
-        return {DENSE: DENSE, RANDOM: "no pretraining (random init, dense)"}[variant]
+    if variant == DENSE:
+        return DENSE
+    if variant == RANDOM:
+        return "no pretraining (random init, dense)"
     block, window, random_blocks, keep = parse_variant(variant)
     return f"sparse b{block} w{window} r{random_blocks} keep {keep:g}"
 
@@ -173,11 +175,7 @@ def probe(args: argparse.Namespace, root: Path, row: dict, videos: int) -> dict:
         *common_overrides(args, root, row["seed"]), *small, *init, "task.freeze=[backbone]",
         f"eval.synthetic_videos={args.test_videos}", f"train.lr={args.probe_lr}",
         f"train.max_steps={args.probe_steps}", f"train.checkpoint_every={args.probe_steps}"])
-    last = json.loads((probe_dir / "eval.jsonl").read_text().splitlines()[-1])
-    if last["step"] != args.probe_steps:   # step counts do not name a run: a longer probe there is resumed
-        raise SystemExit(f"{probe_dir} holds a probe run to step {last['step']}, not {args.probe_steps}: "
-                         "remove that folder or use another --root")
-    return {"top1": last["test_top1"], "probe_s": probe_s}
+    return {"top1": probe_accuracy(probe_dir, args.probe_steps), "probe_s": probe_s}
 
 
 def render(rows: list[dict], args: argparse.Namespace, tokens: int, variants: list[str]) -> str:
