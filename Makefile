@@ -5,7 +5,9 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # CPU machines pin the CPU torch build; `make setup CONSTRAINTS=` skips it (bring your own torch).
-CONSTRAINTS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,constraints/cpu.txt)
+GPU := $(shell command -v nvidia-smi 2>/dev/null)
+CONSTRAINTS ?= $(if $(GPU),,constraints/cpu.txt)
+comma := ,
 # DeepSpeed JIT-compiles its ops once per machine; keep them in one project-owned place.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
@@ -15,7 +17,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml $(wildcard constraints/*.txt)
 	@command -v g++ >/dev/null || { echo "g++ is needed for DeepSpeed's JIT ops: apt-get install -y g++"; exit 1; }
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[test]' 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[test$(if $(GPU),$(comma)gpu)]' 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	$(PY) -c "import torch, deepspeed, submitit, hydra, webdataset, mlflow, av"
 	touch $@
 

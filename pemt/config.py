@@ -22,18 +22,62 @@ class ConfigError(ValueError):
 
 def run_name(override_dirname: str) -> str:
     """The run's folder name: its science-changing overrides, or 'default' when none. Path
-    separators in values (task.init=..., data.shards=...) become '_' so the run stays one folder;
-    a name past what file systems take is cut and ended with a hash of the whole."""
+    separators in values (task.init=..., data.shards=...) become '_' so the run stays one folder,
+    and the name then ends with a hash of the overrides as given, so `/d/a_b` and `/d/a/b` stay two
+    runs; a name past what file systems take is cut and ended with a hash of the whole."""
     name = override_dirname.replace(os.sep, "_") or DEFAULT_RUN_NAME
+    if name != (override_dirname or DEFAULT_RUN_NAME):
+        name += "-" + hashlib.sha1(override_dirname.encode()).hexdigest()[:8]
     if len(name.encode()) > MAX_RUN_NAME_BYTES:
-        digest = hashlib.sha1(name.encode()).hexdigest()[:12]
+        digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:12]
         name = name.encode()[:MAX_RUN_NAME_BYTES - 13].decode(errors="ignore") + "-" + digest
     return name
+
+
+def hydra_quoted(value: str) -> str:
+    """`value` as one quoted Hydra override value (paths of runs hold = , [ ] which Hydra parses)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def hydra_unquoted(value: str) -> str:
+    """The value of an override as Hydra reads it, without its quotes."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1].replace(f"\\{value[0]}", value[0]).replace("\\\\", "\\")
+    return value
+
+
+def explicit_run_dir(root: DictConfig) -> str | None:
+    """`run_dir` when the user set it (run_dir=PATH), read without resolving it: by default it is
+    Hydra's output dir, which is itself made from the sweep dir these resolvers compute."""
+    node = root._get_node("run_dir") if isinstance(root, DictConfig) else None
+    if node is None or OmegaConf.is_interpolation(root, "run_dir") or node._value() is None:
+        return None
+    return os.path.abspath(str(node._value()))
+
+
+def _sweep_dir(default: str, _root_: DictConfig) -> str:
+    explicit = explicit_run_dir(_root_)
+    return os.path.dirname(explicit) if explicit else default
+
+
+def _run_subdir(override_dirname: str, _root_: DictConfig) -> str:
+    explicit = explicit_run_dir(_root_)
+    return os.path.basename(explicit) if explicit else run_name(override_dirname)
+
+
+def _submitit_dir(default: str, _root_: DictConfig) -> str:
+    explicit = explicit_run_dir(_root_)
+    return os.path.join(explicit, ".submitit", "%j") if explicit else default
 
 
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("pemt_run_name"):
         OmegaConf.register_new_resolver("pemt_run_name", run_name)
+    if not OmegaConf.has_resolver("pemt_sweep_dir"):
+        # run_dir=PATH puts the run (Hydra's .hydra/, logs, checkpoints) in PATH itself
+        OmegaConf.register_new_resolver("pemt_sweep_dir", _sweep_dir)
+        OmegaConf.register_new_resolver("pemt_run_subdir", _run_subdir)
+        OmegaConf.register_new_resolver("pemt_submitit_dir", _submitit_dir)
     if not OmegaConf.has_resolver("pemt_abspath"):
         # Relative paths are taken from where the launch command runs.
         OmegaConf.register_new_resolver("pemt_abspath", lambda path: os.path.abspath(path))

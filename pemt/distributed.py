@@ -187,3 +187,23 @@ def min_avg_max(values: dict[str, float], device: torch.device) -> dict[str, flo
         out.update({f"{key}_min": column.min().item(), f"{key}_avg": column.mean().item(),
                     f"{key}_max": column.max().item()})
     return out
+
+
+class _RankTag(logging.Filter):
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.tag = f"[rank {rank}] "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.tag):
+            record.msg = f"{self.tag}{record.msg}"
+        return True
+
+
+def tag_log_lines(rank: int) -> None:
+    """Every log line this process writes (pemt's, Hydra's, DeepSpeed's) says which rank wrote it."""
+    tag = _RankTag(rank)
+    for logger in (logging.getLogger(), logging.getLogger("DeepSpeed")):
+        for handler in logger.handlers:
+            if not any(isinstance(f, _RankTag) for f in handler.filters):
+                handler.addFilter(tag)

@@ -1,8 +1,9 @@
-"""File checksums for manifests of shards and checkpoints."""
+"""File checksums for manifests of shards and checkpoints, and writes that are whole or absent."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 
@@ -12,3 +13,15 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text`: written to a temporary file, fsynced, renamed over it, so a
+    reader (or a crash) sees the old content or the new, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

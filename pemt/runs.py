@@ -15,10 +15,14 @@ from typing import Any
 
 import yaml
 
+from pemt.config import hydra_quoted
+from pemt.ownership import RunLock, describe
+from pemt.track.context import redact
 from pemt.train.checkpoint import Checkpointer
 from pemt.train.journal import read_journal
 
 LAUNCH_DIR = Path(__file__).resolve().parents[1] / "launch"
+ENTRY_POINTS = ("pretrain", "finetune")   # Hydra job names, each launch/<name>.py
 
 
 class RunNotFound(LookupError):
@@ -28,16 +32,18 @@ class RunNotFound(LookupError):
 @dataclass
 class RunStatus:
     run_dir: str
-    state: str                   # finished | failed | preempted | time limit | terminated | interrupted | not started
+    state: str                   # running | finished | failed | preempted | time limit | terminated | interrupted | not started
     step: int                    # step of the last complete checkpoint (0: none)
     checkpoint: str | None
     max_steps: int
     last_job: dict[str, Any] | None
     mlflow_run_id: str | None
 
+    owner: str | None = None     # the live job that owns the run dir, when state is running
+
     @property
     def resumable(self) -> bool:
-        return self.state != "finished" or self.step < self.max_steps
+        return self.state != "running" and (self.state != "finished" or self.step < self.max_steps)
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "resumable": self.resumable}
@@ -62,7 +68,7 @@ def run_dir_of_mlflow_run(run_id: str, tracking_uri: str) -> Path:
     try:
         run = MlflowClient(tracking_uri).get_run(run_id)
     except MlflowException as err:
-        raise RunNotFound(f"MLflow run {run_id} not found in {tracking_uri}: {err}") from err
+        raise RunNotFound(f"MLflow run {run_id} not found in {redact(tracking_uri)}: {redact(str(err))}") from err
     if "pemt.run_dir" not in run.data.tags:
         raise RunNotFound(f"MLflow run {run_id} has no pemt.run_dir tag: not a pemt training run")
     return Path(run.data.tags["pemt.run_dir"])
@@ -80,7 +86,10 @@ def run_status(run_dir: Path) -> RunStatus:
     last = committed[-1] if committed else None
     journal = read_journal(run_dir)
     last_job = journal[-1] if journal else None
-    if last_job is None:
+    owner = RunLock(run_dir).holder()
+    if owner is not None:
+        state = "running"
+    elif last_job is None:
         state = "not started"
     elif last_job["event"] == "start":
         state = "interrupted"  # no end recorded: killed outright, or still running
@@ -91,6 +100,7 @@ def run_status(run_dir: Path) -> RunStatus:
         run_dir=str(run_dir), state=state, step=last.step if last else 0, checkpoint=last.tag if last else None,
         max_steps=int(_job_config(run_dir)["train"]["max_steps"]), last_job=last_job,
         mlflow_run_id=id_file.read_text().strip() if id_file.exists() else None,
+        owner=describe(owner) if owner else None,
     )
 
 
@@ -98,13 +108,25 @@ def _key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 
 
+def entry_point(run_dir: Path) -> Path:
+    """The launch script that made the run (its Hydra job name), never a path the run dir holds."""
+    hydra = yaml.safe_load((Path(run_dir) / ".hydra" / "hydra.yaml").read_text())["hydra"]
+    name = str(hydra["job"]["name"])
+    script = LAUNCH_DIR / f"{name}.py"
+    if name not in ENTRY_POINTS or not script.exists():
+        raise RunNotFound(f"{run_dir} was made by job {name!r}, not one of pemt's entry points "
+                          f"({', '.join(ENTRY_POINTS)}): resume it with the script that made it")
+    return script
+
+
 def resume_command(run_dir: Path, overrides: list[str]) -> tuple[list[str], Path]:
-    """The launch command (and its working directory) that continues `run_dir`."""
-    run_dir = Path(run_dir)
+    """The launch command (and its working directory) that continues `run_dir`: the run's own
+    entry point and overrides, with `run_dir` set to where the run is now, so the relaunch lands
+    in it even if it was moved."""
+    run_dir = Path(run_dir).resolve()
     original = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
-    replaced = {_key(o) for o in overrides}
-    merged = [o for o in original if _key(o) not in replaced] + list(overrides)
+    replaced = {_key(o) for o in overrides} | {"run_dir"}
+    merged = [o for o in original if _key(o) not in replaced] + list(overrides) + [f"run_dir={hydra_quoted(str(run_dir))}"]
     hydra = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]
-    script = LAUNCH_DIR / f"{hydra['job']['name']}.py"  # launch/pretrain.py or launch/finetune.py
-    return [sys.executable, str(script if script.exists() else LAUNCH_DIR / "pretrain.py"), *merged], \
-        Path(hydra["runtime"]["cwd"])
+    launched_from = Path(hydra["runtime"]["cwd"])  # relative paths in the overrides are from there
+    return [sys.executable, str(entry_point(run_dir)), *merged], launched_from if launched_from.is_dir() else Path.cwd()

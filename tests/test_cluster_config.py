@@ -54,7 +54,9 @@ def test_run_names_stay_one_folder_of_legal_length() -> None:
     from pemt.config import MAX_RUN_NAME_BYTES, run_name
 
     assert run_name("") == "default"
-    assert run_name("data.shards=/data/ucf/train,seed=1") == "data.shards=_data_ucf_train,seed=1"
+    assert run_name("data.shards=/data/ucf/train,seed=1").startswith("data.shards=_data_ucf_train,seed=1-")
+    assert run_name("data.shards=/d/a_b") != run_name("data.shards=/d/a/b"), "a path separator is not a '_'"
+    assert run_name("deepspeed=zero1,train.lr=0.1") == "deepspeed=zero1,train.lr=0.1", "names without paths stay plain"
     long = ",".join(f"data.shards=/very/long/path/{i}" for i in range(20))
     name = run_name(long)
     assert len(name.encode()) <= MAX_RUN_NAME_BYTES and "/" not in name
@@ -90,3 +92,47 @@ def test_ctrl_c_while_waiting_for_slurm_leaves_at_once_even_mid_poll(tmp_path) -
     _, stderr = launcher.communicate(timeout=10)
     assert launcher.returncode == 130, stderr
     assert "the jobs keep running" in stderr
+
+
+def test_ctrl_c_or_a_closed_terminal_ends_the_launcher_even_when_nobody_reads_its_output(tmp_path) -> None:
+    """The log relay echoes a job's output into a pipe nobody reads until the pipe is full; Ctrl-C
+    (or SIGHUP from a closed terminal) still ends the launcher within seconds."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    job = tmp_path / "sweep" / ".submitit" / "17"
+    job.mkdir(parents=True)
+    (job / "17_0_log.err").write_text("a job's progress line\n" * 50_000)   # ~1 MB: far more than a pipe holds
+    waiting = tmp_path / "waiting"
+    script = (
+        "import pathlib, time\n"
+        "from pemt.cluster.launcher import _detach_on_interrupt\n"
+        "from pemt.cluster.relay import LogRelay\n"
+        f"relay = LogRelay({str(tmp_path / 'sweep' / '.submitit' / '%j')!r}, poll_s=0.05)\n"
+        "relay.started_at = 0\n"
+        "with _detach_on_interrupt('pemt: stopped waiting; the jobs keep running\\n'):\n"
+        "    relay.start()\n"
+        "    time.sleep(1.0)\n"
+        f"    pathlib.Path({str(waiting)!r}).touch()\n"
+        "    print('the launcher reports something', file=__import__('sys').stderr)\n"
+        "    while True:\n"
+        "        time.sleep(0.1)\n"
+    )
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        waiting.unlink(missing_ok=True)
+        launcher = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE)  # never read
+        deadline = time.time() + 60
+        while not waiting.exists() and time.time() < deadline and launcher.poll() is None:
+            time.sleep(0.05)
+        assert waiting.exists(), "the launcher got past its own report line"
+        launcher.send_signal(signum)
+        started = time.time()
+        while launcher.poll() is None and time.time() - started < 10:
+            time.sleep(0.05)
+        ended = launcher.poll()
+        if ended is None:
+            launcher.kill()
+        launcher.wait()
+        assert ended == 130, f"{signal.Signals(signum).name}: still running 10 s later" if ended is None else ended

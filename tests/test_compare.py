@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
@@ -13,9 +15,13 @@ from conftest import REPO
 
 
 def test_table_and_plots_for_an_experiment(tmp_path: Path) -> None:
+    from pemt.track.store import ensure_experiment
+
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
-    experiment = client.create_experiment("cmp")
+    experiment = ensure_experiment(uri, "cmp")
+    assert client.get_experiment(experiment).artifact_location.startswith(tmp_path.as_uri()), \
+        "artifacts beside the store, not in the working directory"
     for name, speed in (("deepspeed=zero1", 30.0), ("deepspeed=zero3", 20.0)):
         run = client.create_run(experiment, run_name=name)
         metrics = [Metric("loss", 2.0 / step, 0, step) for step in (1, 2, 3)]
@@ -27,9 +33,14 @@ def test_table_and_plots_for_an_experiment(tmp_path: Path) -> None:
                              "--tracking-uri", uri, "--metrics", "loss", "samples_per_s", "--out", str(out)],
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    zero1 = next(line for line in lines if line.startswith("deepspeed=zero1"))
-    assert "FINISHED" in zero1 and "0.6667" in zero1 and "30" in zero1
+    header, *rows = [line.split("  ") for line in result.stdout.splitlines() if line.strip()]
+    table = {cells[0]: dict(zip([h.strip() for h in header if h.strip()], [c.strip() for c in cells if c.strip()]))
+             for cells in rows}
+    assert set(table) >= {"deepspeed=zero1", "deepspeed=zero3"}
+    zero1, zero3 = table["deepspeed=zero1"], table["deepspeed=zero3"]
+    assert zero1["status"] == "FINISHED" and zero1["last step"] == "3"
+    assert float(zero1["last loss"]) == pytest.approx(2.0 / 3, rel=1e-3)
+    assert float(zero1["mean samples/s"]) == 30.0 and float(zero3["mean samples/s"]) == 20.0
     for metric in ("loss", "samples_per_s"):
         assert (out / f"{metric}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, SMALL_DATA, describe, run_name, run_pretrain
+from conftest import REPO, SMALL_DATA, describe, run_launch, run_name, run_pretrain
 
 pytestmark = pytest.mark.slow
 STEPS = 24
@@ -199,3 +199,76 @@ def test_resume_at_another_world_size(tmp_path: Path, data_cache: Path, before: 
     for step in (2, 4, 6, 8):
         reference = losses["reference"][step]
         assert abs(losses["elastic"][step] - reference) <= 1e-5 * abs(reference), (step, losses)
+
+
+def _shards_with_an_all_bad_step(folder: Path) -> Path:
+    """8 shards of 2 over 2 streams (one per rank): shard 1 (stream 1) is two truncated videos, so
+    once an epoch rank 1 has a micro-batch with no usable sample; shard 3 has a sample whose
+    metadata is a JSON list."""
+    from pemt.data.shards import write_shards
+    from pemt.data.synthetic import SyntheticSpec, make_sample
+
+    spec = SyntheticSpec(videos=16, seconds=2.0)
+    samples = [make_sample(spec, i) for i in range(16)]
+    for i in (2, 3):
+        samples[i]["mp4"] = samples[i]["mp4"][:1500]
+    samples[6]["json"] = b"[1, 2]"
+    write_shards(iter(samples), folder, samples_per_shard=2)
+    return folder
+
+
+def test_a_rank_whose_micro_batch_is_all_bad_skips_the_step_with_every_rank(tmp_path: Path, data_cache: Path) -> None:
+    shards = _shards_with_an_all_bad_step(tmp_path / "shards")
+    result = run_launch("pretrain.py", tmp_path / "runs", data_cache, "data=shards", f"data.shards={shards}",
+                        "data.streams=2",
+                          "data.num_workers=1", "train.global_batch_size=4", "train.max_steps=8", "train.log_every=4",
+                          "data.max_error_rate=0.3", timeout=900)
+    assert result.returncode == 0, describe(result)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs'}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("pemt-pretrain").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["skipped_steps"] == 2, "one step per epoch, on both ranks"
+    assert run.data.metrics["bad_samples"] == 6, "two epochs of 2 truncated videos and a list as metadata"
+    assert "skipped on every rank" in result.stdout + result.stderr
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_good_checkpoint(tmp_path: Path, data_cache: Path) -> None:
+    root = tmp_path / "runs"
+    # A learning rate of 1e30: the first step's update overflows every later forward pass.
+    result = run_pretrain(root, data_cache, "gpus_per_node=1", "train.lr=1e30", "train.max_steps=10",
+                          "train.max_skipped_steps=2", "train.checkpoint_every=1", "train.log_every=1")
+    assert result.returncode != 0, describe(result)
+    assert "steps in a row" in result.stderr and "non-finite gradients" in result.stderr, describe(result)
+    run_dir = root / "pemt-pretrain" / run_name("train.lr=1e+30")  # as Hydra writes the number
+    latest = (run_dir / "checkpoints" / "latest").read_text()
+    states = torch.load(run_dir / "checkpoints" / latest / "mp_rank_00_model_states.pt", weights_only=False)
+    weights = states["module"]
+    running = [k for k in weights if k.endswith(("running_mean", "running_var"))]
+    assert running and all(torch.isfinite(weights[k]).all() for k in weights if weights[k].is_floating_point()), \
+        "weights and BatchNorm statistics of the last checkpoint are finite"
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("pemt-pretrain").experiment_id])
+    assert run.info.status == "FAILED" and run.data.metrics["skipped_steps"] >= 1
+
+
+def test_ctrl_c_on_a_local_run_saves_before_the_ranks_exit(tmp_path: Path, data_cache: Path) -> None:
+    import os
+
+    root = tmp_path / "runs"
+    run_dir = root / "pemt-pretrain" / run_name()
+    cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), f"paths.root={root}", f"paths.cache={data_cache}",
+           *SMALL_DATA, "train.max_steps=200", "train.checkpoint_every=1000", "train.record_samples=true"]
+    # its own session: a terminal's Ctrl-C signals the whole foreground process group
+    job = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    deadline = time.time() + 300
+    while _last_step(run_dir) < 3 and time.time() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGINT)
+    output, _ = job.communicate(timeout=300)
+    assert job.returncode == 0, output[-4000:]
+    saved = int((run_dir / "checkpoints" / "latest").read_text().removeprefix("step_"))
+    assert 3 <= saved < 200, "saved where the ranks stopped, not at the end"
+    assert "stopped by SIGINT" in output and "DataLoader worker" not in output, output[-4000:]
+    ends = [json.loads(line) for line in (run_dir / "jobs.jsonl").read_text().splitlines() if '"end"' in line]
+    assert ends[-1]["outcome"] == "terminated" and ends[-1]["step"] == saved

@@ -80,7 +80,8 @@ def test_separate_flac_is_packed_and_decoded(tmp_path: Path) -> None:
     import numpy as np
 
     from conftest import video_without_audio
-    from pemt.data.decode import ClipSpec, decode_clips
+    from pemt.data.decode import ClipSpec
+    from pemt.data.loader import decode_sample
 
     folder = tmp_path / "videos"
     folder.mkdir()
@@ -97,5 +98,57 @@ def test_separate_flac_is_packed_and_decoded(tmp_path: Path) -> None:
     sample = next(stream_slots(plan, 0, 0)).sample
     assert "flac" in sample
     spec = ClipSpec(2, 2, 4, 16, 16000, 16, 25, 10)
-    out = decode_clips(sample["mp4"], spec, None, audio_data=sample["flac"])
+    out = decode_sample(sample, spec, window_seed=None)
     assert out["audio"].shape[0] == 2 and out["audio"].max() > -5, "the tone is there"
+
+
+def test_transcoding_while_packing_makes_small_seekable_videos(videos: Path, tmp_path: Path) -> None:
+    import io
+
+    import av
+
+    from pemt.data.shards import transform_warnings
+
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "make_shards.py"), str(videos), str(out),
+                             "--samples", "4", "--short-side", "16", "--fps", "8", "--sample-rate", "8000",
+                             "--keep-original"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["samples"] == 7 and manifest["transcode"]["short_side"] == 16
+    assert manifest["transcode"]["fps"] == 8 and manifest["transcode"]["sound"] == "aac"
+    plan = plan_from_manifest(str(out), streams=1, seed=0, shuffle_buffer=1)
+    sample = next(stream_slots(plan, 0, 0)).sample
+    with av.open(io.BytesIO(sample["mp4"].read())) as container:
+        video, sound = container.streams.video[0], container.streams.audio[0]
+        assert (video.width, video.height) == (16, 16) and video.average_rate == 8 and sound.rate == 8000
+        keyframes = [e.timestamp * video.time_base for e in video.index_entries if e.flags & 1]
+        assert len(keyframes) >= 1 and all(b - a <= 1 for a, b in zip(keyframes, keyframes[1:]))
+    assert "original.mp4" in sample, "--keep-original stores the source too"
+    meta = json.loads(sample["json"].read())
+    assert meta["fps"] == 8 and meta["width"] == 16
+    ask = {"crop": 32, "fps": 16, "sample_rate": 16000}
+    warned = " | ".join(transform_warnings(out, type("Data", (), ask)))
+    assert "upscaled" in warned and "repeat" in warned and "8000 Hz" in warned
+    assert not transform_warnings(out, type("Data", (), {"crop": 16, "fps": 8, "sample_rate": 8000}))
+
+
+def test_another_grouping_is_refused_or_restarted(videos: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    make_shards(videos, out, max_samples=2, progress=False)
+    with pytest.raises(ValueError, match="samples_per_shard.*--restart"):
+        make_shards(videos, out, max_samples=3, progress=False)
+    manifest = make_shards(videos, out, max_samples=3, progress=False, restart=True)
+    assert [s["samples"] for s in manifest["shards"]] == [3, 2, 2]
+    assert sorted(p.name for p in out.glob("shard-*.tar")) == [f"shard-00000{i}.tar" for i in range(3)]
+
+
+def test_distinct_inputs_never_share_a_key(tmp_path: Path) -> None:
+    spec = SyntheticSpec(videos=4, seconds=1.0, size=32)
+    names = ["a/b.mp4", "a__b.mp4", "a.b.mp4", "a_b.mp4"]
+    for i, name in enumerate(names):
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / name).write_bytes(make_sample(spec, i)["mp4"])
+    make_shards(tmp_path / "in", tmp_path / "out", max_samples=8, progress=False)
+    keys = _keys(tmp_path / "out")
+    assert len(set(keys)) == 4 and all("." not in k for k in keys), keys

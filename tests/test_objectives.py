@@ -150,3 +150,22 @@ def test_keyed_draws_do_not_depend_on_global_rng() -> None:
         torch.manual_seed(seed)
         draws.append(sample_negatives(anchor, pool, torch.tensor([0]), 50, "content", 0.5, [generator(7, 0)]))
     assert torch.equal(draws[0], draws[1])
+
+
+def test_a_checkpoint_is_never_written_from_non_finite_statistics() -> None:
+    from torch import nn
+
+    from pemt.train.guard import NonFiniteError, StepGuard
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    guard = StepGuard(model, max_skipped_in_a_row=2, device=torch.device("cpu"))
+    guard.check_finite(1)
+    guard.before_forward()
+    model[1].running_mean.fill_(float("nan"))  # a non-finite forward pass
+    assert not guard.after_step(applied=False, step=2, loss_tensor=torch.tensor(float("nan")))
+    assert torch.isfinite(model[1].running_mean).all(), "the statistics are put back"
+    model[1].running_var.fill_(float("inf"))
+    with pytest.raises(NonFiniteError, match="not finite at step 3"):
+        guard.check_finite(3)
+    with pytest.raises(NonFiniteError, match="2 steps in a row"):
+        guard.after_step(applied=False, step=4, loss_tensor=torch.tensor(float("nan")))

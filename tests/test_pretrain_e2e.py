@@ -42,6 +42,12 @@ def test_runs_checkpoints_logs_and_resumes(tmp_path: Path, data_cache: Path) -> 
     assert run.data.params["deepspeed.zero_optimization.stage"] == "2"
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     assert [a.path for a in client.list_artifacts(run.info.run_id, "config")] == ["config/resolved.yaml"]
+    experiment = client.get_experiment_by_name("pemt-pretrain")
+    assert experiment.artifact_location.startswith(tmp_path.as_uri()), "artifacts under paths.root, not ./mlruns"
+    assert run.data.tags["mlflow.source.name"] == "launch/pretrain.py" and run.data.tags["mlflow.user"]
+    assert run.data.tags["pemt.version"] and len(run.data.tags.get("mlflow.source.git.commit", "x" * 40)) == 40
+    rank1 = "".join(p.read_text() for p in (tmp_path / "pemt-pretrain" / ".submitit").glob("*/*_1_log.*"))
+    assert "[rank 1] " in rank1 and "[rank 0] " not in rank1, "each rank's lines say which rank wrote them"
 
     # The same command with more steps continues the same run from its checkpoint.
     second = run_pretrain(tmp_path, data_cache, "train.max_steps=6", "train.log_every=2",
@@ -55,6 +61,38 @@ def test_runs_checkpoints_logs_and_resumes(tmp_path: Path, data_cache: Path) -> 
     assert resumed.data.metrics["samples"] == 6 * 8, "the step count continues from the checkpoint"
     history = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in history) == [2, 4, 6]
+
+
+def test_a_run_dir_of_ones_own_holds_the_run_and_resumes_wherever_it_moves(tmp_path: Path, data_cache: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    def resume(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO / "tools" / "resume.py"), *args], capture_output=True,
+                              text=True, cwd=REPO, timeout=600)
+
+    mine = tmp_path / "mine"
+    first = run_pretrain(tmp_path / "root", data_cache, f"run_dir={mine}", "train.max_steps=2",
+                         "train.checkpoint_every=2")
+    assert first.returncode == 0, describe(first)
+    assert (mine / ".hydra" / "overrides.yaml").is_file() and (mine / ".submitit").is_dir(), "logs and overrides in PATH"
+    assert not (tmp_path / "root" / "pemt-pretrain").exists(), "nothing lands in another run's folder"
+    [status] = json.loads(resume(str(mine), "--status", "--json").stdout)
+    assert status["state"] == "finished" and status["step"] == 2
+
+    moved = tmp_path / "moved"
+    mine.rename(moved)
+    further = resume(str(moved), "train.max_steps=4")
+    assert further.returncode == 0, further.stdout[-3000:] + further.stderr[-3000:]
+    assert (moved / "checkpoints" / "latest").read_text() == "step_00000004" and not mine.exists()
+
+    changed = resume(str(moved), "train.max_steps=6", "loss.temperature=0.5")
+    assert changed.returncode != 0
+    assert "loss.temperature: 0.1 -> 0.5" in changed.stdout + changed.stderr, changed.stderr[-3000:]
+    assert (moved / "checkpoints" / "latest").read_text() == "step_00000004"
 
 
 def test_two_point_sweep_makes_two_runs(tmp_path: Path, data_cache: Path) -> None:

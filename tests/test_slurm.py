@@ -41,6 +41,7 @@ def slurm() -> Iterator[dict[str, str]]:
     started = subprocess.run([str(SCRIPT), "start", "--nodes", "3"], env=env, capture_output=True, text=True,
                              timeout=600)
     assert started.returncode == 0, f"{started.stdout}\n{started.stderr}\n" + _logs(state)
+    assert (state / "etc" / "munge.key").stat().st_mode & 0o777 == 0o400, "the munge key is readable by root alone"
     env["SLURM_CONF"] = str(state / "etc" / "slurm.conf")
     yield env
     subprocess.run([str(SCRIPT), "clean"], env=env, capture_output=True, timeout=120)
@@ -153,6 +154,8 @@ def test_sweep_of_two_node_jobs_trains_across_nodes(slurm: dict[str, str], tmp_p
 @pytest.mark.parametrize(("overrides", "expected"), [
     (["cluster.partition=gpu"], "cluster.partition=gpu: partitions on this cluster: high, normal"),
     (["nodes=4", "gpus_per_node=1"], "nodes=4 but partition normal has 3 nodes"),
+    # GPUs on nodes without any: Slurm itself refuses the job (sbatch --test-only), before anything is queued
+    (["cluster.gpus=true"], "Slurm would refuse this job"),
 ])
 def test_preflight_checks_the_partition(slurm: dict[str, str], tmp_path: Path, data_cache: Path,
                                         overrides: list[str], expected: str) -> None:
@@ -174,6 +177,8 @@ def test_preempted_job_saves_requeues_and_finishes(slurm: dict[str, str], tmp_pa
                              "--wrap", "sleep 2"], env=slurm, capture_output=True, text=True, check=True)
     output, _ = job.communicate(timeout=600)
     assert job.returncode == 0, output[-6000:]
+    # the signal reached every process of the step: the data workers ignored it
+    assert "DataLoader worker" not in output and "resource_tracker" not in output, output[-6000:]
 
     [(first, stopped), (second, finished)] = _segments(_journal(run_dir))
     assert first["job_id"] == second["job_id"], "requeued, not resubmitted"
@@ -203,6 +208,7 @@ def test_time_limit_requeues_until_finished(slurm: dict[str, str], tmp_path: Pat
                   "train.log_every=20", "train.checkpoint_every=1000", "cluster.time_min=2",
                   "cluster.signal_delay_s=60")
     assert result.returncode == 0, describe(result)
+    assert "DataLoader worker" not in result.stderr and "resource_tracker" not in result.stderr, describe(result)
     segments = _segments(_journal(run_dir))
     assert len(segments) >= 2, segments
     for (start, end), (following, _) in zip(segments, segments[1:]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -124,3 +125,56 @@ def test_error_rate_threshold_stops_with_shard_names(damaged: Path) -> None:
         bad.check(bad.errors, bad.slots)
     assert "data.max_error_rate=0.1" in str(caught.value)
     BadSamples(max_error_rate=0.9, min_slots=8).check(bad.errors, bad.slots)  # under the limit: fine
+
+
+def _claim_size(tar: Path, member: str, size: int) -> None:
+    """Rewrite one member's tar header to claim `size` bytes (base-256, checksum fixed)."""
+    import tarfile
+
+    with tarfile.open(tar) as handle:
+        offset = handle.getmember(member).offset
+    data = bytearray(tar.read_bytes())
+    header = data[offset:offset + 512]
+    header[124:136] = bytes([0x80]) + size.to_bytes(11, "big")
+    header[148:156] = b" " * 8
+    header[148:156] = f"{sum(header):06o}".encode() + b"\0 "
+    data[offset:offset + 512] = header
+    tar.write_bytes(bytes(data))
+
+
+def test_metadata_and_members_that_would_crash_are_counted_bad_samples(tmp_path: Path) -> None:
+    spec = SyntheticSpec(videos=10, seconds=1.0, size=32)
+    good = [make_sample(spec, i) for i in range(10)]
+    metadata = {"a list": b"[1, 2]", "null": b"null", "deep nesting": b"[" * 100_000 + b"]" * 100_000,
+                "1e400": b'{"label": 1e400}', "a string label": b'{"label": "cat"}',
+                "a negative class": b'{"labels": [1, -3]}', "two megabytes": b'{"x": "' + b"y" * (2 << 20) + b'"}'}
+    samples = [dict(good[i], json=raw) for i, raw in enumerate(metadata.values())] + good[7:]
+    out = tmp_path / "set"
+    write_shards(iter(samples), out, samples_per_shard=5)
+    # the second shard's last video's header claims a terabyte of extended header
+    _claim_size(out / "shard-000001.tar", "synthetic-000009.mp4", 2**40)
+    data = OmegaConf.merge(DATA, {"streams": 1, "num_workers": 0})
+    loader = iter(build_loader(data, str(out), 5, 0, 1, seed=0))
+    batches = [next(loader) for _ in range(2)]
+    keys = [k for b in batches for k in b["key"]]
+    reasons = [e["reason"] for b in batches for e in b["errors"]]
+    assert sorted(keys) == ["synthetic-000007", "synthetic-000008"], reasons
+    assert len(reasons) == 8
+    text = " | ".join(reasons)
+    for expected in ("is list, not an object", "is NoneType", "RecursionError", "1e400|inf", "'cat'",
+                     "-3", r"bytes \(at most", "unreadable shard after 4 samples"):
+        assert re.search(expected, text), f"{expected!r} not in {text}"
+
+
+def test_a_label_the_task_cannot_take_is_a_counted_bad_sample(tmp_path: Path) -> None:
+    from pemt.downstream.task import LabelCheck
+
+    spec = SyntheticSpec(videos=4, seconds=1.0, size=32)
+    samples = [make_sample(spec, i) for i in range(4)]
+    samples[1]["json"] = b'{"label": 7}'
+    write_shards(iter(samples), tmp_path / "set", samples_per_shard=4)
+    data = OmegaConf.merge(DATA, {"streams": 1, "num_workers": 0})
+    batch = next(iter(build_loader(data, str(tmp_path / "set"), 4, 0, 1, seed=0, check=LabelCheck(4, False))))
+    assert len(batch["key"]) == 3 and batch["label"].max() < 4
+    [error] = batch["errors"]
+    assert error["key"] == "synthetic-000001" and "label(s) [7] outside 0..3" in error["reason"]

@@ -134,6 +134,9 @@ def test_short_run_logs_throughput_flops_memory_and_its_job(tmp_path: Path, data
     assert m["visual_tokens_per_s"] == m["audio_tokens_per_s"] == pytest.approx(m["clips_per_s"])
     assert m["grad_norm"] > 0
     assert 0 < m["host_rss_gib_min"] <= m["host_rss_gib_avg"] <= m["host_rss_gib_max"] < 8
+    # each rank's data worker (data.num_workers=1) is counted, and how long its decodes take
+    assert 0.05 < m["data_rss_gib_min"] <= m["data_rss_gib_max"] < 8
+    assert 0 < m["decode_s_per_sample"] < 5
     # FLOPs: what the run counted per sample equals torch's count of the same model here.
     logged = m["tflops_per_device"] * 1e12 * 2 / m["samples_per_s"]
     assert logged == pytest.approx(_flops_per_sample_in_process(4), rel=0.02)
@@ -250,3 +253,85 @@ def test_mlflow_ui_shows_the_run_and_its_throughput(tmp_path: Path) -> None:
         _stop_server(server)
     assert ">pemt-ui-check<" in page, page[-2000:]
     assert "samples_per_s" in page and "27.5" in page
+
+
+DELIVERING_CHILD = """
+import sys, time
+from pathlib import Path
+from mlflow.tracking import MlflowClient
+import pemt.track.outbox as outbox_module
+from pemt.track.outbox import Outbox, deliver
+outbox_module.COMPACT_BYTES = 1500          # compact often: the kills land in compaction too
+run_dir, uri, run_id = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+client = MlflowClient(uri)
+
+def slowly(records):
+    for record in records:                  # one at a time: a kill lands mid-batch
+        deliver(client, run_id, [record])
+        time.sleep(0.01)
+
+outbox = Outbox(run_dir, slowly, flush_s=0.02)
+print("ready", flush=True)
+first = outbox.max_step
+for step in range(first + 1, first + 31):
+    outbox.put({"step": step, "time": 1000.0 + step, "metrics": {"m": float(step)}})
+outbox.start()
+time.sleep(30)
+"""
+
+
+def test_outbox_killed_anywhere_in_delivery_delivers_every_record_exactly_once(tmp_path: Path) -> None:
+    import random
+
+    from pemt.track.outbox import read_state
+    from pemt.track.store import ensure_experiment
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(ensure_experiment(uri, "unit")).info.run_id
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text("[]\n")
+    (run_dir / RUN_ID_FILE).write_text(run_id)
+    delays = random.Random(0)
+    for _ in range(8):
+        child = subprocess.Popen([sys.executable, "-c", DELIVERING_CHILD, str(run_dir), uri, run_id],
+                                 stdout=subprocess.PIPE, text=True, cwd=REPO)
+        assert child.stdout.readline().strip() == "ready"
+        time.sleep(delays.uniform(0.0, 0.6))   # while putting, sending, recording or compacting
+        child.kill()
+        child.wait()
+    synced = subprocess.run([sys.executable, "tools/mlflow_sync.py", str(run_dir), "--tracking-uri", uri],
+                            cwd=REPO, capture_output=True, text=True)
+    assert synced.returncode == 0, synced.stderr
+    last = read_state(run_dir)[1]
+    steps = [m.step for m in client.get_metric_history(run_id, "m")]
+    assert last >= 30 and sorted(steps) == list(range(1, last + 1)), f"{len(steps)} records for {last} steps"
+
+
+def test_a_job_that_starts_while_mlflow_is_down_trains_and_creates_its_run_later(tmp_path: Path) -> None:
+    from pemt.track.store import ensure_experiment
+
+    store = tmp_path / "mlflow.db"
+    ensure_experiment(f"sqlite:///{store}", "unit")   # the server's store exists; the server is down
+    port = _free_port()
+    cfg = _store_config(tmp_path, f"http://127.0.0.1:{port}")
+    (tmp_path / "run").mkdir()
+    tracker = MlflowTracker(cfg, tmp_path / "run", enabled=True)
+    assert tracker.start(cfg) is None, "no run yet, and no exception: training goes on"
+    for step in (1, 2, 3):
+        tracker.log_metrics({"loss": 1.0 / step}, step)
+    server = _start_server(port, store, tmp_path / "server.log")
+    try:
+        deadline = time.time() + 90
+        while not (tmp_path / "run" / RUN_ID_FILE).exists() and time.time() < deadline:
+            time.sleep(0.5)
+        tracker.log_metrics({"loss": 0.25}, 4)
+        tracker.finish("FINISHED")
+        run_id = (tmp_path / "run" / RUN_ID_FILE).read_text()
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["pemt.run_dir"] == str(tmp_path / "run")
+        assert _history(client, run_id, "loss") == [1, 2, 3, 4]
+    finally:
+        _stop_server(server)

@@ -2,10 +2,11 @@
 
     python tools/mlflow_sync.py RUN_DIR|SWEEP_DIR [--tracking-uri URI]
 
-Each run dir keeps every metric it logged in `mlflow_outbox.jsonl` and how many were delivered in
+Each run dir keeps the metrics it logged in `mlflow_outbox.jsonl` and the last one delivered in
 `mlflow_outbox.sent`; this sends the rest to the run's MLflow run (the id in `mlflow_run_id`, the
 store in `mlflow_tracking_uri` unless given) and records them as sent. The run's next job does the
-same by itself; this is for runs that will not have one.
+same by itself; this is for runs that will not have one. A run whose job is alive delivers its own
+metrics: it is left alone.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import sys
 from pathlib import Path
 
 from pemt.runs import find_runs
-from pemt.track.outbox import SENT, deliver, read_records
+from pemt.track.outbox import deliver, mark_delivered, read_records
+from pemt.ownership import RunLock
 from pemt.track.tracker import RUN_ID_FILE, TRACKING_URI_FILE
 
 
@@ -23,16 +25,17 @@ def sync(run_dir: Path, tracking_uri: str | None) -> int:
     """Deliver the run's undelivered records; returns how many were sent."""
     from mlflow.tracking import MlflowClient
 
-    records, delivered = read_records(run_dir)
-    pending = records[delivered:]
-    if not pending:
-        return 0
-    if not (run_dir / RUN_ID_FILE).exists():
-        raise FileNotFoundError(f"{run_dir / RUN_ID_FILE} is missing: no MLflow run to send to")
-    uri = tracking_uri or (run_dir / TRACKING_URI_FILE).read_text().strip()
-    deliver(MlflowClient(uri), (run_dir / RUN_ID_FILE).read_text().strip(), pending)
-    (run_dir / SENT).write_text(str(len(records)))
-    return len(pending)
+    with RunLock(run_dir).held("tools/mlflow_sync.py"):  # never beside a live job delivering the same records
+        records, delivered = read_records(run_dir)
+        pending = [r for r in records if r["seq"] > delivered]
+        if not pending:
+            return 0
+        if not (run_dir / RUN_ID_FILE).exists():
+            raise FileNotFoundError(f"{run_dir / RUN_ID_FILE} is missing: no MLflow run to send to")
+        uri = tracking_uri or (run_dir / TRACKING_URI_FILE).read_text().strip()
+        deliver(MlflowClient(uri), (run_dir / RUN_ID_FILE).read_text().strip(), pending)
+        mark_delivered(run_dir, pending[-1]["seq"])
+        return len(pending)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,15 +69,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     wants_more = any(o.startswith("train.max_steps=") for o in args.overrides)
-    todo = [s for s in statuses if s.resumable or wants_more]
+    for status in statuses:
+        if status.state == "running":
+            print(f"resume: {status.run_dir} is left alone: in use by {status.owner}", file=sys.stderr)
+    todo = [s for s in statuses if s.state != "running" and (s.resumable or wants_more)]
     if not todo:
         _print_table(statuses)
-        print("resume: nothing to resume: every run finished at its train.max_steps; pass "
-              "train.max_steps=N to train further", file=sys.stderr)
+        if all(s.state != "running" for s in statuses):
+            print("resume: nothing to resume: every run finished at its train.max_steps; pass "
+                  "train.max_steps=N to train further", file=sys.stderr)
         return 2
     failed = 0
     for status in todo:
-        command, cwd = resume_command(Path(status.run_dir), args.overrides)
+        try:
+            command, cwd = resume_command(Path(status.run_dir), args.overrides)
+        except RunNotFound as err:
+            print(f"resume: {err}", file=sys.stderr)
+            failed += 1
+            continue
         print(f"resuming {status.run_dir} from step {status.step} ({status.state}):\n  cd {shlex.quote(str(cwd))} && "
               + " ".join(shlex.quote(c) for c in command))
         if not args.dry_run:

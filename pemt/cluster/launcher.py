@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from hydra.core.utils import JobReturn, JobStatus
@@ -20,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from pemt.cluster import preflight
 from pemt.cluster.relay import LogRelay
-from pemt.config import ConfigError, validate
+from pemt.config import ConfigError, hydra_quoted, hydra_unquoted, validate
+from pemt.track.context import move_credentials_to_env, redact
 from pemt.track.store import TrackingError
 
 # hydra-submitit-launcher submits a sweep as one job array with one set of resources.
@@ -34,11 +36,39 @@ def _compose_points(launcher: Any, job_overrides: Sequence[Sequence[str]]) -> li
         cfg = loader.load_sweep_config(launcher.config, list(overrides))
         try:
             validate(cfg)
+            if redact(str(cfg.mlflow.tracking_uri)) != str(cfg.mlflow.tracking_uri):
+                raise ConfigError("mlflow.tracking_uri in a config file carries credentials: Hydra copies configs into "
+                                  "every run dir; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead")
         except ConfigError as err:
             point = " ".join(overrides) or "(no overrides)"
             raise ConfigError(f"{err}\n  in sweep point: {point}") from None
         configs.append(cfg)
     return configs
+
+
+def _normalised(job_overrides: Sequence[Sequence[str]]) -> list[list[str]]:
+    """Overrides as the jobs must see them: a tracking URI's user:password moved into MLflow's
+    environment variables (the jobs inherit them; Hydra writes overrides into every run dir), and
+    `run_dir=PATH` made absolute (jobs may start elsewhere) and refused in a sweep of several
+    points (it names one run)."""
+    cleaned = []
+    for overrides in job_overrides:
+        point = []
+        for override in overrides:
+            key, sep, value = override.partition("=")
+            if key.lstrip("+~") == "mlflow.tracking_uri" and sep:
+                try:
+                    override = f"{key}={move_credentials_to_env(value, os.environ)}"
+                except ValueError as err:
+                    raise ConfigError(str(err)) from None
+            elif key.lstrip("+~") == "run_dir" and sep:
+                if len(job_overrides) > 1:
+                    raise ConfigError(f"run_dir={value} names one run, but the sweep has {len(job_overrides)} points: "
+                                      "drop run_dir and let each point get its own")
+                override = f"{key}={hydra_quoted(os.path.abspath(hydra_unquoted(value)))}"
+            point.append(override)
+        cleaned.append(point)
+    return cleaned
 
 
 def _check_sweep_resources(configs: list[DictConfig]) -> None:
@@ -57,8 +87,8 @@ def prepare(configs: list[DictConfig]) -> None:
     from pemt.data.synthetic import ensure_synthetic_shards
     from pemt.track.store import ensure_experiment  # imports mlflow: only when launching
 
-    for uri, experiment in sorted({(c.mlflow.tracking_uri, c.mlflow.experiment) for c in configs}):
-        ensure_experiment(uri, experiment)
+    for uri, experiment, root in sorted({(c.mlflow.tracking_uri, c.mlflow.experiment, c.paths.root) for c in configs}):
+        ensure_experiment(uri, experiment, Path(str(root)) / "mlartifacts")
     for cfg in configs:
         if cfg.data.name == "synthetic":
             ensure_synthetic_shards(cfg)
@@ -78,17 +108,23 @@ def _summarise(results: Sequence[JobReturn], configs: list[DictConfig]) -> None:
                   file=sys.stderr)
             uris.add(str(cfg.mlflow.tracking_uri))
     for uri in sorted(uris):
-        print(f"pemt: look at it with: mlflow ui --backend-store-uri {uri}", file=sys.stderr)
+        print(f"pemt: look at it with: mlflow ui --backend-store-uri {redact(uri)}", file=sys.stderr)
 
 
-def _check_and_plan(configs: list[DictConfig], job_overrides: Sequence[Sequence[str]]) -> None:
-    """Preflight every point and print its plan; with preflight=true stop there."""
-    for index, (cfg, overrides) in enumerate(zip(configs, job_overrides)):
+def _check_and_plan(configs: list[DictConfig], job_overrides: Sequence[Sequence[str]],
+                    scheduler_check: Any = None) -> None:
+    """Preflight every point and print its plan (and ask the scheduler, where there is one); with
+    preflight=true stop there."""
+    plans = []
+    for cfg, overrides in zip(configs, job_overrides):
         try:
-            plan = preflight.check(cfg)
+            plans.append(preflight.check(cfg))
         except ConfigError as err:
             point = " ".join(overrides) or "(no overrides)"
             raise ConfigError(f"{err}\n  in sweep point: {point}") from None
+    if scheduler_check is not None:  # after pemt's own checks, whose messages name the key at fault
+        scheduler_check(configs)
+    for index, (plan, overrides) in enumerate(zip(plans, job_overrides)):
         header = f" {index + 1}/{len(configs)}: {' '.join(overrides)}" if len(configs) > 1 else ""
         print(f"pemt: plan{header}\n{plan.describe()}", file=sys.stderr)
     if configs[0].preflight:
@@ -139,9 +175,11 @@ class _PreparedLaunch:
         import submitit
 
         try:
+            job_overrides = _normalised(job_overrides)
             configs = _compose_points(self, job_overrides)
             _check_sweep_resources(configs)
-            _check_and_plan(configs, job_overrides)
+            self._adjust_params()
+            _check_and_plan(configs, job_overrides, self._scheduler_check)
             prepare(configs)
         except (ConfigError, TrackingError) as err:
             # A user error, not a crash: the message alone, no traceback, nothing submitted.
@@ -153,22 +191,23 @@ class _PreparedLaunch:
         self._before_waiting()
         relay = LogRelay(self.params["submitit_folder"])
         relay.start()
-        with self._while_waiting():
+        with self._while_waiting():  # waiting, relaying, and reporting: Ctrl-C is handled in all of them
             try:
                 results = super().launch(job_overrides, initial_job_idx)  # type: ignore[misc]
             except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as err:
                 # A job lost without a result (node failure, killed): the others may still run.
+                relay.stop()
                 _report_failures([(_summary(str(err)), cfg) for cfg in configs])
                 self._end_sweep_run(configs, parent, "FAILED")
                 raise SystemExit(1) from None
             finally:
                 relay.stop()
-        _summarise(results, configs)
-        failures = [(_job_error(r), cfg) for r, cfg in zip(results, configs) if r.status == JobStatus.FAILED]
-        self._end_sweep_run(configs, parent, "FAILED" if failures else "FINISHED")
-        if failures:
-            _report_failures(failures)
-            raise SystemExit(1)
+            _summarise(results, configs)
+            failures = [(_job_error(r), cfg) for r, cfg in zip(results, configs) if r.status == JobStatus.FAILED]
+            self._end_sweep_run(configs, parent, "FAILED" if failures else "FINISHED")
+            if failures:
+                _report_failures(failures)
+                raise SystemExit(1)
         return results
 
     @staticmethod
@@ -192,23 +231,53 @@ class _PreparedLaunch:
     def _before_waiting(self) -> None:
         pass
 
+    def _adjust_params(self) -> None:
+        """Set the submission parameters the config implies, before they are checked or used."""
+
+    _scheduler_check: Any = None
+
     def _while_waiting(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
 
+def _say_now(message: str) -> None:
+    """Write to stderr without waiting: a full pipe nobody reads drops the message instead of
+    blocking, and no Python buffer (whose lock another thread may hold, blocked on that pipe) is
+    touched."""
+    fd = sys.stderr.fileno()
+    try:
+        os.set_blocking(fd, False)
+        os.write(fd, message.encode())
+    except OSError:
+        pass
+
+
 @contextlib.contextmanager
 def _detach_on_interrupt(message: str) -> Iterator[None]:
-    """Ctrl-C ends this process at once with exit 130, saying `message`: the jobs run on Slurm
-    without it. Exiting from the handler rather than unwinding means that whatever the launcher is
-    in (a sacct poll, an MLflow write for a lost job, interpreter shutdown) cannot keep the user waiting."""
+    """Ctrl-C (or a closed terminal: SIGHUP) ends this process at once with exit 130, saying
+    `message`: the jobs run on Slurm without it. Exiting from the handler rather than unwinding
+    means that whatever the launcher is in (a sacct poll, the log relay blocked on a pipe, an MLflow
+    write for a lost job, interpreter shutdown) cannot keep the user waiting."""
     def detach(signum: int, frame: Any) -> None:
-        with contextlib.suppress(Exception):  # a write the signal interrupted may hold the buffer
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os.write(sys.stderr.fileno(), message.encode())
+        _say_now(message)
         os._exit(130)
 
-    previous = signal.signal(signal.SIGINT, detach)
+    previous = {s: signal.signal(s, detach) for s in (signal.SIGINT, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def _ranks_stop_on_interrupt() -> Iterator[None]:
+    """Local jobs: Ctrl-C reaches the ranks (the terminal signals its whole process group), which
+    save at the next step boundary and end, as on a preemption. This process and submitit's job
+    controllers ignore it (the ignore is inherited by the processes started meanwhile; the ranks
+    put their own handler back), so nothing kills the ranks mid-save; the launch then reports
+    where each run stopped."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         yield
     finally:
@@ -216,11 +285,12 @@ def _detach_on_interrupt(message: str) -> Iterator[None]:
 
 
 class LocalLauncher(_PreparedLaunch, submitit_launcher.LocalLauncher):
-    pass
+    def _while_waiting(self) -> contextlib.AbstractContextManager:
+        return _ranks_stop_on_interrupt()
 
 
 class SlurmLauncher(_PreparedLaunch, submitit_launcher.SlurmLauncher):
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+    def _adjust_params(self) -> None:
         if not self.config.cluster.gpus:  # CPU-only cluster: ask for tasks, not GPUs
             self.params.pop("gpus_per_node", None)
         # Explicit either way: submitit's requeue needs a requeueable job even on clusters
@@ -229,7 +299,30 @@ class SlurmLauncher(_PreparedLaunch, submitit_launcher.SlurmLauncher):
         flags.pop("requeue", None), flags.pop("no_requeue", None)
         flags["requeue" if self.config.cluster.requeue else "no_requeue"] = True
         self.params["additional_parameters"] = flags
-        return super().launch(job_overrides, initial_job_idx)
+
+    def _scheduler_check(self, configs: list[DictConfig]) -> None:
+        """Slurm itself judges the job as it will be submitted (`sbatch --test-only` of the very
+        script submitit writes): GRES, time limit, QOS, account and partition errors show now."""
+        preflight.check_submission(self._sbatch_script())
+        for line in preflight.tracking_store_warnings(configs):
+            print(f"pemt: warning: {line}", file=sys.stderr)
+
+    def _sbatch_script(self) -> str:
+        """The sbatch script of this launch, made by submitit from the same parameters
+        hydra-submitit-launcher hands it (its own mapping of names, repeated here)."""
+        import tempfile
+
+        import submitit
+        from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+        with tempfile.TemporaryDirectory(prefix="pemt-sbatch-") as folder:
+            init_keys = {"submitit_folder", "max_num_timeout"}
+            executor = submitit.AutoExecutor(cluster="slurm", folder=folder,
+                                             slurm_max_num_timeout=self.params.get("max_num_timeout", 0))
+            base = set(OmegaConf.structured(BaseQueueConf).keys())
+            executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in self.params.items()
+                                          if k not in init_keys})
+            return executor._executor._make_submission_file_text("true", "preflight")  # noqa: SLF001
 
     def _while_waiting(self) -> contextlib.AbstractContextManager:
         return _detach_on_interrupt(f"\npemt: stopped waiting; the jobs keep running. Where they stand: "

@@ -18,6 +18,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pemt.config import ConfigError, micro_batch_size
+from pemt.data.shards import transform_warnings
+from pemt.ownership import RunLock, describe
+from pemt.track.context import redact
 
 # Bytes a checkpoint holds per parameter: fp32 weights (or bf16 + fp32 master copy) plus
 # Adam's two fp32 moments, as DeepSpeed writes them.
@@ -42,6 +45,7 @@ class Plan:
     experiment: str
     tracking_uri: str
     init: str | None = None
+    warnings: tuple[str, ...] = ()
 
     def describe(self) -> str:
         where = f"partition {self.partition}" if self.partition else "this machine"
@@ -53,8 +57,9 @@ class Plan:
             f"  data        {self.shards} shards over {self.streams} streams",
             f"  model       {self.parameters / 1e6:.2f}M parameters, ~{_size(self.checkpoint_gib)} "
             f"per checkpoint ({self.free_gib:.1f} GiB free)",
-            f"  MLflow      experiment {self.experiment} at {self.tracking_uri}",
+            f"  MLflow      experiment {self.experiment} at {redact(self.tracking_uri)}",
             *([f"  init        {self.init}"] if self.init else []),
+            *(f"  warning     {line}" for line in self.warnings),
         ])
 
 
@@ -186,6 +191,10 @@ def check(cfg: DictConfig) -> Plan:
                           "shard; lower data.streams (a multiple of the world size) or write smaller shards")
     run_dir = run_dir_of(cfg)
     _check_writable(run_dir, "run dir")
+    owner = RunLock(run_dir).holder()
+    if owner is not None:
+        raise ConfigError(f"run dir {run_dir} is in use by {describe(owner)}: a second job would write beside it; "
+                          "wait for it to end (python tools/resume.py --list shows where runs stand)")
     disk = _check_writable(run_dir / "checkpoints", "checkpoint dir")
     parameters = _parameter_count(cfg)
     checkpoint = parameters * CHECKPOINT_BYTES_PER_PARAM
@@ -204,5 +213,61 @@ def check(cfg: DictConfig) -> Plan:
         free_gib=free / GIB, run_dir=run_dir, partition=_check_partition(cfg),
         experiment=str(cfg.mlflow.experiment), tracking_uri=str(cfg.mlflow.tracking_uri),
         init=_check_finetune(cfg) if "task" in cfg else None,
+        warnings=tuple(transform_warnings(cfg.data.shards, cfg.data)) if cfg.data.name != "synthetic" else (),
     )
 
+
+
+def check_submission(script: str) -> str:
+    """Ask Slurm whether it would take `script` (sbatch --test-only: nothing is queued); raise
+    ConfigError with Slurm's own words if not. Returns Slurm's estimate of where and when."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="pemt-preflight-") as handle:
+        handle.write(script)
+        handle.flush()
+        try:
+            result = subprocess.run(["sbatch", "--test-only", handle.name], capture_output=True, text=True, timeout=60)
+        except FileNotFoundError:
+            raise ConfigError("cluster=slurm but sbatch is not on PATH: launch from a machine with Slurm's client "
+                              "commands (a login node)") from None
+        except subprocess.TimeoutExpired:
+            raise ConfigError("cluster=slurm but `sbatch --test-only` did not answer within 60 s") from None
+    said = (result.stderr or result.stdout).strip()
+    if result.returncode:
+        raise ConfigError(f"Slurm would refuse this job: {said.removeprefix('sbatch: error: ')}")
+    return said
+
+
+_NETWORK_FILESYSTEMS = ("nfs", "lustre", "gpfs", "beegfs", "cephfs", "ceph", "glusterfs", "fuse.sshfs", "cifs",
+                        "smb3", "pvfs2", "wekafs", "9p")
+
+
+def _filesystem(path: Path) -> str | None:
+    """The type of the mount `path` is on (from /proc/mounts), or None."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return None
+    path = _existing_parent(path.resolve())
+    best = max((m for m in mounts if path == Path(m[0]) or Path(m[0]) in path.parents),
+               key=lambda m: len(m[0]), default=None)
+    return best[1] if best else None
+
+
+def tracking_store_warnings(configs: list[DictConfig]) -> list[str]:
+    """SQLite takes one writer at a time and its locks are unreliable on network file systems:
+    many Slurm jobs sharing one store there lose metrics or time out."""
+    warnings = []
+    for uri in sorted({str(c.mlflow.tracking_uri) for c in configs}):
+        if not uri.startswith("sqlite:///"):
+            continue
+        store = Path(uri.removeprefix("sqlite:///"))
+        filesystem = _filesystem(store) or "?"
+        shared = filesystem.lower().startswith(_NETWORK_FILESYSTEMS)
+        if shared or len(configs) > 1:  # only each job's rank 0 writes to it
+            where = f"on a shared {filesystem} file system" if shared else "on this file system"
+            warnings.append(f"{len(configs)} job(s) will write to one SQLite store {store} {where}: SQLite serves "
+                            "one writer at a time and network file systems break its locks; run a tracking "
+                            "server (README: Looking at runs) and set mlflow.tracking_uri=http://HOST:PORT")
+    return warnings

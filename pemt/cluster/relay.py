@@ -3,15 +3,24 @@
 submitit writes each task's stdout and stderr to files in the job folder. While the launcher
 waits for the jobs, this thread follows rank 0's files, so a user sees the log lines and the
 progress bar as if training ran in the foreground.
+
+It writes to the terminal's file descriptor directly, a pipe-buffer's worth at a time and only
+when there is room: launched with its output piped to a reader that stopped reading, the relay
+drops the echo instead of blocking (the logs stay in the job folder), and never holds a lock that
+the rest of the launcher, or its Ctrl-C handler, would wait on.
 """
 
 from __future__ import annotations
 
+import os
+import select
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import TextIO
+
+PIPE_CHUNK = 4096   # a pipe that select() calls writable takes at least this much without blocking
 
 
 class LogRelay(threading.Thread):
@@ -46,11 +55,23 @@ class LogRelay(threading.Thread):
                 end = chunk.rfind(b"\n") + 1
                 chunk, text = chunk[:end], chunk[:end].decode(errors="replace")
                 lines = [seg.split("\r")[-1] for seg in text.splitlines()]
-                self.out.write("".join(f"[{path.parent.name}] {line}\n" for line in lines if line.strip()))
+                self._write("".join(f"[{path.parent.name}] {line}\n" for line in lines if line.strip()))
             else:
-                self.out.write(chunk.decode(errors="replace"))
+                self._write(chunk.decode(errors="replace"))
             self._offsets[path] = offset + len(chunk)
-        self.out.flush()
+
+    def _write(self, text: str) -> None:
+        try:
+            fd = self.out.fileno()
+        except (AttributeError, OSError, ValueError):  # not a file (a test's buffer): write as usual
+            self.out.write(text)
+            return
+        data = text.encode()
+        for start in range(0, len(data), PIPE_CHUNK):
+            _, writable, _ = select.select([], [fd], [], self.poll_s)
+            if not writable:
+                return  # nobody reads: drop the echo rather than block
+            os.write(fd, data[start:start + PIPE_CHUNK])
 
     def run(self) -> None:
         while not self._halt.wait(self.poll_s):

@@ -1,4 +1,17 @@
-"""PyAV decoding: one encoded video -> a sequence of clips and the log-mel audio of each clip."""
+"""PyAV decoding of one sample's window: a sequence of clips and the log-mel audio of each clip.
+
+Only the window is decoded. The video is sought to the keyframe before the window's start and
+decoded up to its end; each sampled frame is resized, cropped and written into the output as it
+arrives, so a decode holds the output plus the decoder's own state (about a GOP), whatever the
+file's length, and its time grows with the window, not with the video or where the window lies.
+The audio is sought the same way. A video shorter than the window is decoded whole: its frame
+times are read from the packets first, so only the frames the window shows are converted.
+
+Frame rule: the frame at time t is the last frame whose presentation time is <= t (the first
+frame for times before it). Frames are turned upright by the stream's rotation metadata.
+Audio follows its timestamps: where the track starts late or ends early, the window is silent
+there. Anything that makes a sample unusable raises DecodeError with the reason.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +20,22 @@ import io
 import math
 import random
 from dataclasses import dataclass
+from fractions import Fraction
+from typing import BinaryIO, Union
 
 import av
 import numpy as np
 import torch
+
+Source = Union[bytes, BinaryIO]
+
+# Audio is decoded from this long before the window: AAC frames overlap their neighbours and
+# resamplers filter across samples, so the first output after a seek differs from a decode from
+# the start; a quarter second settles both.
+AUDIO_PRE_ROLL_S = 0.25
+# Packets of a short video are read this far past the window's end to find every frame shown in
+# it (B-frames arrive out of presentation order).
+REORDER_MARGIN_S = 2.0
 
 
 class DecodeError(ValueError):
@@ -28,6 +53,7 @@ class ClipSpec:
     mel_window_ms: float
     mel_hop_ms: float
     short_videos: str = "loop"   # loop | pad: how a video shorter than the window is filled
+    decode_threads: int = 1      # FFmpeg threads per decode; data workers give the parallelism
 
     @property
     def clip_seconds(self) -> float:
@@ -36,6 +62,10 @@ class ClipSpec:
     @property
     def seconds(self) -> float:
         return self.clips * self.clip_seconds
+
+    @property
+    def clip_samples(self) -> int:
+        return int(round(self.clip_seconds * self.sample_rate))
 
 
 @functools.lru_cache(maxsize=8)
@@ -67,107 +97,366 @@ def log_mel(samples: torch.Tensor, spec: ClipSpec) -> torch.Tensor:
     return torch.log(1e-6 + mel).reshape(*samples.shape[:-1], spec.mel_bins, -1)
 
 
-def _frames(container: av.container.InputContainer, times: np.ndarray, crop: int,
-            rng: random.Random | None, loop: bool) -> np.ndarray:
-    """The decoded frame shown at each time, resized and cropped. Past the end the video
-    loops, or (`loop` false) holds its last frame."""
-    stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
-    decoded: list[tuple[float, av.VideoFrame]] = []
-    last_needed = float(times.max())
-    for frame in container.decode(stream):
-        decoded.append((float(frame.time or 0.0), frame))
-        if decoded[-1][0] > last_needed:
+def mel_frames(spec: ClipSpec) -> int:
+    """Spectrogram frames per clip."""
+    hop = int(round(spec.sample_rate * spec.mel_hop_ms / 1000))
+    return spec.clip_samples // hop + 1
+
+
+def video_to_float(video: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """Decoded uint8 frames as the model reads them: [0, 1] in `dtype` on `device`. Converted
+    there, so loaders hold and move a quarter of the bytes."""
+    return video.to(device, non_blocking=True).to(torch.float32).div_(255.0).to(dtype)
+
+
+def _open(source: Source) -> av.container.InputContainer:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
+    return av.open(source, mode="r", metadata_errors="ignore")
+
+
+def _seek(container: av.container.InputContainer, stream: av.stream.Stream, seconds: float) -> None:
+    """To the keyframe at or before `seconds` (stream time); a file without an index (or one that
+    refuses) is simply decoded from where it is, which only costs time."""
+    try:
+        container.seek(max(0, int(seconds / stream.time_base)), stream=stream, backward=True, any_frame=False)
+    except av.error.FFmpegError:
+        container.seek(0)
+
+
+class _Converter:
+    """The crop of a frame, upright, as crop x crop RGB: the crop's square (a side as long as the
+    frame's short side) is cut from the decoded frame and only it is scaled and converted, in one
+    FFmpeg filter graph (cropping first converts ~half the pixels of a 16:9 frame, not all).
+
+    Where the square lies along the long side is drawn as a resized frame's crop would be: an
+    offset of 0 .. (resized long side - crop) pixels, uniform (training) or centred. Rotation
+    metadata turns the result upright."""
+
+    def __init__(self, frame: av.VideoFrame, crop: int, rng: random.Random | None) -> None:
+        self.crop = crop
+        self.turns = round((frame.rotation or 0) / 90) % 4
+        short = min(frame.width, frame.height)
+        scale = crop / short
+        upright = (frame.height, frame.width) if self.turns % 2 else (frame.width, frame.height)
+        resized = [max(crop, round(side * scale)) for side in upright]
+        if rng is None:
+            left, top = (resized[0] - crop) // 2, (resized[1] - crop) // 2
+        else:
+            left, top = rng.randint(0, resized[0] - crop), rng.randint(0, resized[1] - crop)
+        # where that crop lies as a fraction of the frame, so a change of size mid-stream keeps it
+        self.fraction = (left / max(1, resized[0] - crop), top / max(1, resized[1] - crop))
+        self.graph: av.filter.Graph | None = None
+        self.size: tuple[int, int, str] | None = None
+
+    def _build(self, frame: av.VideoFrame) -> None:
+        width, height = frame.width, frame.height
+        side = min(width, height)
+        upright = (height, width) if self.turns % 2 else (width, height)
+        x0, y0 = (round(f * (u - side)) for f, u in zip(self.fraction, upright))
+        # the upright square's place in the coded frame (np.rot90 turns coded into upright)
+        x, y = {0: (x0, y0), 1: (width - y0 - side, x0), 2: (width - x0 - side, height - y0 - side),
+                3: (y0, height - x0 - side)}[self.turns]
+        graph = av.filter.Graph()
+        chain = [graph.add_buffer(width=width, height=height, format=frame.format.name,
+                                  time_base=frame.time_base or Fraction(1, 1000)),
+                 graph.add("crop", f"{side}:{side}:{x}:{y}"),
+                 graph.add("scale", f"{self.crop}:{self.crop}:flags=bilinear"),
+                 graph.add("format", "rgb24"),
+                 graph.add("buffersink")]
+        for a, b in zip(chain, chain[1:]):
+            a.link_to(b)
+        graph.configure()
+        self.graph, self.size = graph, (width, height, frame.format.name)
+
+    def convert(self, frame: av.VideoFrame) -> np.ndarray:
+        if self.size != (frame.width, frame.height, frame.format.name):
+            self._build(frame)
+        self.graph.push(frame)
+        array = self.graph.pull().to_ndarray()
+        return np.rot90(array, self.turns) if self.turns else array
+
+
+class _FramePicker:
+    """Fills out[i] with the frame shown at times[i] (sorted), converting each frame at most once."""
+
+    def __init__(self, times: np.ndarray, crop: int, rng: random.Random | None) -> None:
+        self.times, self.crop, self.rng = times, crop, rng
+        self.out = np.empty((len(times), crop, crop, 3), dtype=np.uint8)
+        self.filled = 0
+        self.converter: _Converter | None = None
+        self.previous: tuple[float, av.VideoFrame] | None = None
+        self.first_time: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.filled == len(self.times)
+
+    def _fill_until(self, limit: float, frame: av.VideoFrame) -> None:
+        """Give `frame` to every unfilled time before `limit`."""
+        converted = None
+        while self.filled < len(self.times) and self.times[self.filled] < limit:
+            if converted is None:
+                converted = self.converter.convert(frame)
+            self.out[self.filled] = converted
+            self.filled += 1
+
+    def add(self, frame: av.VideoFrame, time: float) -> None:
+        if self.converter is None:
+            self.converter = _Converter(frame, self.crop, self.rng)
+            self.first_time = time
+        if self.previous is None:
+            self._fill_until(time, frame)       # times before the first frame: the first frame
+        else:
+            self._fill_until(time, self.previous[1])
+        self.previous = (time, frame)
+
+    def finish(self) -> None:
+        """At the end of the stream: the last frame holds."""
+        if self.previous is None:
+            raise DecodeError("no video frames")
+        self._fill_until(math.inf, self.previous[1])
+
+
+def _frame_times(container: av.container.InputContainer, stream: av.stream.Stream, until: float) -> np.ndarray:
+    """Presentation times of the video's frames from its packets (no decoding), sorted, up to
+    the first one past `until`."""
+    found = []
+    for packet in container.demux(stream):
+        if packet.pts is None:
+            if packet.dts is None:
+                continue
+            stamp = packet.dts
+        else:
+            stamp = packet.pts
+        found.append(float(stamp * stream.time_base))
+        if packet.dts is not None and float(packet.dts * stream.time_base) > until + REORDER_MARGIN_S:
             break
-    if not decoded:
+    starts = np.unique(np.array(found, dtype=np.float64))
+    past = np.searchsorted(starts, until, side="right")
+    return starts[:past + 1]
+
+
+def _decode_into(picker: _FramePicker, container: av.container.InputContainer, stream: av.stream.Stream) -> None:
+    for index, frame in enumerate(container.decode(stream)):
+        time = frame.time
+        if time is None:  # no timestamps (a raw elementary stream): count frames
+            time = index / float(stream.average_rate or 25)
+        picker.add(frame, time)
+        if picker.done:
+            return
+    picker.finish()
+
+
+class _WindowPastEnd(Exception):
+    """The header's duration was longer than the video: the window starts after its last frame."""
+
+    def __init__(self, last_frame: float) -> None:
+        super().__init__(last_frame)
+        self.last_frame = last_frame
+
+
+def _window_frames(container: av.container.InputContainer, stream: av.stream.Stream, times: np.ndarray,
+                   crop: int, rng: random.Random | None) -> np.ndarray:
+    """Frames at `times` of a video longer than the window: seek, decode the window, stop."""
+    picker = _FramePicker(times, crop, rng)
+    _seek(container, stream, float(times[0]))
+    _decode_into(picker, container, stream)
+    stream_start = float((stream.start_time or 0) * stream.time_base)
+    if picker.first_time is not None and picker.first_time > max(times[0], stream_start) + 1e-6:
+        # The seek landed past the window's start (a broken index): decode from the start.
+        container.seek(0)
+        picker = _FramePicker(times, crop, rng)
+        _decode_into(picker, container, stream)
+    if picker.previous is not None and picker.previous[0] < times[0]:
+        raise _WindowPastEnd(picker.previous[0])
+    return picker.out
+
+
+def _short_frames(container: av.container.InputContainer, stream: av.stream.Stream, times: np.ndarray,
+                  crop: int, rng: random.Random | None, loop: bool) -> np.ndarray:
+    """Frames at `times` of a video no longer than the window: it loops (or holds its last
+    frame). Frame times come from the packets, so only the frames shown are converted."""
+    starts = _frame_times(container, stream, float(times.max()))
+    if len(starts) == 0:
         raise DecodeError("no video frames")
-    starts = np.array([t for t, _ in decoded])
     span = starts[-1] + (starts[-1] - starts[-2] if len(starts) > 1 else 1.0)
-    picked = np.searchsorted(starts, times % span if loop else times, side="right") - 1
-    first = decoded[0][1]
-    scale = crop / min(first.width, first.height)
-    width, height = max(crop, round(first.width * scale)), max(crop, round(first.height * scale))
-    if rng is None:
-        left, top = (width - crop) // 2, (height - crop) // 2
-    else:
-        left, top = rng.randint(0, width - crop), rng.randint(0, height - crop)
-    out = np.empty((len(times), crop, crop, 3), dtype=np.uint8)
-    cache: dict[int, np.ndarray] = {}
-    for i, index in enumerate(np.clip(picked, 0, len(decoded) - 1)):
-        if index not in cache:
-            array = decoded[index][1].to_ndarray(format="rgb24", width=width, height=height)
-            cache[index] = array[top:top + crop, left:left + crop]
-        out[i] = cache[index]
-    return out
+    picked = np.clip(np.searchsorted(starts, times % span if loop else times, side="right") - 1, 0, len(starts) - 1)
+    shown, inverse = np.unique(picked, return_inverse=True)
+    container.seek(0)
+    picker = _FramePicker(starts[shown], crop, rng)
+    _decode_into(picker, container, stream)
+    return picker.out[inverse]
 
 
-def _audio(container: av.container.InputContainer, sample_rate: int) -> np.ndarray:
+def _header_duration(container: av.container.InputContainer) -> float | None:
+    if container.duration and container.duration > 0:
+        return container.duration / av.time_base
+    return None
+
+
+def _mono(resampler: av.AudioResampler, frame: av.AudioFrame | None) -> list[np.ndarray]:
+    return [r.to_ndarray().reshape(-1) for r in resampler.resample(frame)]
+
+
+def _on_output_grid(frame: av.AudioFrame, rate: int) -> tuple[av.AudioFrame, int]:
+    """The first frame after a seek, trimmed to start on an instant that is a whole sample at
+    `rate` (and that sample's index): the resampler then computes the same samples as in a decode
+    from the start, not ones shifted by a fraction of a sample."""
+    position = int(round((frame.time or 0.0) * frame.sample_rate))
+    step = frame.sample_rate // math.gcd(frame.sample_rate, rate)
+    trim = -position % step
+    if trim and trim < frame.samples:
+        planes = frame.to_ndarray()
+        planar = planes.shape[0] == len(frame.layout.channels) and frame.format.is_planar
+        kept = planes[:, trim:] if planar else planes[:, trim * len(frame.layout.channels):]
+        trimmed = av.AudioFrame.from_ndarray(np.ascontiguousarray(kept), format=frame.format.name,
+                                             layout=frame.layout.name)
+        trimmed.sample_rate = frame.sample_rate
+        frame, position = trimmed, position + trim
+    return frame, position * rate // frame.sample_rate
+
+
+def _decode_audio(container: av.container.InputContainer, begin: float, rate: int,
+                  stop_at: int | None) -> tuple[np.ndarray, int]:
+    """Mono samples at `rate` from the audio packet at or before `begin` seconds, and the index
+    (time x rate) of the first one; decoding stops once sample `stop_at` is held (None: the end)."""
     if not container.streams.audio:
         raise DecodeError("no audio track")
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-    pieces = []
-    for frame in container.decode(container.streams.audio[0]):
-        pieces.extend(r.to_ndarray().reshape(-1) for r in resampler.resample(frame))
-    pieces.extend(r.to_ndarray().reshape(-1) for r in resampler.resample(None))
-    if not pieces:
+    stream = container.streams.audio[0]
+    if begin > 0:
+        _seek(container, stream, begin)
+    else:
+        container.seek(0)
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+    pieces: list[np.ndarray] = []
+    held, origin = 0, None
+    for frame in container.decode(stream):
+        if origin is None:
+            frame, origin = _on_output_grid(frame, rate) if begin > 0 else (frame, 0)
+        for piece in _mono(resampler, frame):
+            pieces.append(piece)
+            held += len(piece)
+        # a few samples more: the resampler holds some back until it is flushed
+        if stop_at is not None and origin + held >= stop_at + 64:
+            break
+    else:
+        pieces += _mono(resampler, None)
+    if not pieces or not sum(len(p) for p in pieces):
         raise DecodeError("empty audio track")
-    return np.concatenate(pieces)
+    audio = np.concatenate(pieces)
+    if not np.isfinite(audio).all():
+        raise DecodeError("non-finite audio samples")
+    return audio, origin or 0
 
 
-def decode_clips(data: bytes | None, spec: ClipSpec, rng: random.Random | None = None,
-                 audio_data: bytes | None = None) -> dict[str, torch.Tensor]:
-    """Encoded video -> {"video": (T, 3, F, crop, crop) in [0, 1], "audio": (T, 1, mel, frames)}.
+def _audio_window(container: av.container.InputContainer, start: float, needed: int, rate: int,
+                  short: bool, loop: bool) -> np.ndarray:
+    """`needed` mono samples at `rate` from `start` seconds on.
 
-    The sound comes from `audio_data` (a separate file, e.g. flac) when given, else from the
-    video's own audio track. With no video (`data` None) the frames are black.
-    `rng` picks a random window and crop (training); None takes the centred ones (evaluation).
-    Videos shorter than the window loop or are padded (`spec.short_videos`).
+    A long video's track is sought and placed by its timestamps: what it does not cover is
+    silence. A short video's track (`short`, decoded whole from its first sample) repeats with its
+    picture (`loop`) or ends in silence."""
+    first = int(round(start * rate))
+    if short:
+        audio, origin = _decode_audio(container, 0.0, rate, None)
+        if loop and first + needed > len(audio):
+            audio = np.tile(audio, math.ceil((first + needed) / len(audio)))
+    else:
+        audio, origin = _decode_audio(container, start - AUDIO_PRE_ROLL_S, rate, first + needed)
+    return _cut(audio, first - origin, needed)
+
+
+def _cut(audio: np.ndarray, offset: int, needed: int) -> np.ndarray:
+    """audio[offset:offset + needed], silent where that reaches outside the array."""
+    window = np.zeros(needed, dtype=np.float32)
+    lo, hi = max(0, offset), min(len(audio), offset + needed)
+    if hi > lo:
+        window[lo - offset:hi - offset] = audio[lo:hi]
+    return window
+
+
+def _mel_clips(window: np.ndarray, spec: ClipSpec) -> torch.Tensor:
+    """The log-mel spectrogram of each clip of the window's samples."""
+    clips = torch.from_numpy(window).reshape(spec.clips, spec.clip_samples)
+    return log_mel(clips, spec).unsqueeze(1)
+
+
+def _video_frames(container: av.container.InputContainer, spec: ClipSpec, rng: random.Random | None
+                  ) -> tuple[np.ndarray, float, bool]:
+    """The window's frames, where it starts, and whether the video is shorter than the window."""
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    stream.codec_context.thread_count = max(0, spec.decode_threads)
+    duration = _header_duration(container) or spec.seconds
+    # the same draw as a window anywhere in the file: start = slack x fraction
+    fraction = rng.random() if rng is not None else 0.5
+    offsets = np.arange(spec.clips * spec.frames_per_clip) / spec.fps
+    for _ in range(2):
+        slack = max(0.0, duration - spec.seconds)
+        start = slack * fraction
+        if slack == 0:
+            return _short_frames(container, stream, offsets, spec.crop, rng, spec.short_videos == "loop"), 0.0, True
+        try:
+            return _window_frames(container, stream, start + offsets, spec.crop, rng), start, False
+        except _WindowPastEnd as past:  # the header's duration lied: the frames there are decide
+            duration = past.last_frame
+            container.seek(0)
+    raise DecodeError("the video's frames do not reach the window its header promises")
+
+
+def decode_clips(data: Source | None, spec: ClipSpec, rng: random.Random | None = None,
+                 audio_data: Source | None = None) -> dict[str, torch.Tensor]:
+    """Encoded video -> {"video": (T, 3, F, crop, crop) uint8, "audio": (T, 1, mel, frames)}.
+
+    `data` and `audio_data` are bytes or seekable binary files. The sound comes from
+    `audio_data` (a separate file, e.g. flac) when given, else from the video's own audio track.
+    With no video (`data` None) the frames are black. `rng` picks a random window and crop
+    (training); None takes the centred ones (evaluation). Videos shorter than the window loop
+    or are padded (`spec.short_videos`). `video_to_float` turns the pixels into model input.
     """
     if data is None:
         return _decode_audio_only(audio_data, spec)
+    needed = spec.clips * spec.clip_samples
+    loop = spec.short_videos == "loop"
     try:
-        with av.open(io.BytesIO(data)) as container:
+        with _open(data) as container:
             if not container.streams.video:
                 raise DecodeError("no video track")
-            duration = container.duration / av.time_base if container.duration else spec.seconds
-            slack = max(0.0, duration - spec.seconds)
-            start = rng.uniform(0.0, slack) if rng is not None else slack / 2
-            times = start + np.arange(spec.clips * spec.frames_per_clip) / spec.fps
-            frames = _frames(container, times, spec.crop, rng, spec.short_videos == "loop")
+            frames, start, short = _video_frames(container, spec, rng)
             if audio_data is None:
-                container.seek(0)
-                audio = _audio(container, spec.sample_rate)
+                audio = _audio_window(container, start, needed, spec.sample_rate, short, loop)
         if audio_data is not None:
-            with av.open(io.BytesIO(audio_data)) as sound:
-                audio = _audio(sound, spec.sample_rate)
+            with _open(audio_data) as sound:
+                audio = _audio_window(sound, start, needed, spec.sample_rate, short, loop)
     except av.error.FFmpegError as err:
         raise DecodeError(f"undecodable video: {err}") from err
+    except (MemoryError, OverflowError) as err:
+        raise DecodeError(f"undecodable video: {type(err).__name__}: {err}") from err
     video = torch.from_numpy(frames).reshape(spec.clips, spec.frames_per_clip, spec.crop, spec.crop, 3)
-    video = video.permute(0, 4, 1, 2, 3).float().div_(255.0)
-    return {"video": video.contiguous(), "audio": _mel_clips(audio, start, spec)}
+    return {"video": video.permute(0, 4, 1, 2, 3).contiguous(), "audio": _mel_clips(audio, spec)}
 
 
-def _decode_audio_only(audio_data: bytes | None, spec: ClipSpec) -> dict[str, torch.Tensor]:
+def _decode_audio_only(audio_data: Source | None, spec: ClipSpec) -> dict[str, torch.Tensor]:
     """A sound without picture (ESC-50's clips): its centred window, and black frames."""
     if audio_data is None:
         raise DecodeError("neither video nor audio data")
+    needed = spec.clips * spec.clip_samples
     try:
-        with av.open(io.BytesIO(audio_data)) as sound:
-            audio = _audio(sound, spec.sample_rate)
+        with _open(audio_data) as sound:
+            duration = _header_duration(sound)
+            if duration is None or duration <= spec.seconds:  # short, or of unknown length: decode it whole
+                audio, _ = _decode_audio(sound, 0.0, spec.sample_rate, None)
+                start = max(0.0, len(audio) / spec.sample_rate - spec.seconds) / 2
+                if spec.short_videos == "loop" and len(audio) < needed:
+                    audio = np.tile(audio, math.ceil(needed / len(audio)))
+                window = _cut(audio, int(round(start * spec.sample_rate)), needed)
+            else:
+                start = (duration - spec.seconds) / 2
+                window = _audio_window(sound, start, needed, spec.sample_rate, short=False, loop=False)
     except av.error.FFmpegError as err:
         raise DecodeError(f"undecodable audio: {err}") from err
-    start = max(0.0, len(audio) / spec.sample_rate - spec.seconds) / 2
-    video = torch.zeros(spec.clips, 3, spec.frames_per_clip, spec.crop, spec.crop)
-    return {"video": video, "audio": _mel_clips(audio, start, spec)}
-
-
-def _mel_clips(audio: np.ndarray, start: float, spec: ClipSpec) -> torch.Tensor:
-    """The log-mel spectrogram of each clip of the window starting at `start` seconds."""
-    clip_samples = int(round(spec.clip_seconds * spec.sample_rate))
-    first = int(round(start * spec.sample_rate))
-    needed = spec.clips * clip_samples
-    if first + needed > len(audio):  # short: loop the sound with the picture, or pad with silence
-        reps = math.ceil((first + needed) / len(audio))
-        audio = np.tile(audio, reps) if spec.short_videos == "loop" else np.pad(audio, (0, first + needed - len(audio)))
-    window = audio[first:first + needed]
-    return log_mel(torch.from_numpy(window.copy()).reshape(spec.clips, clip_samples), spec).unsqueeze(1)
+    except (MemoryError, OverflowError) as err:
+        raise DecodeError(f"undecodable audio: {type(err).__name__}: {err}") from err
+    video = torch.zeros(spec.clips, 3, spec.frames_per_clip, spec.crop, spec.crop, dtype=torch.uint8)
+    return {"video": video, "audio": _mel_clips(window, spec)}

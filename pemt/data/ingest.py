@@ -7,12 +7,18 @@ bytes, in input order), so the same inputs always give the same shards. Each sha
 by a worker process to a temporary name and renamed when complete, then recorded in
 `progress.jsonl`; a restarted run keeps the shards recorded there and writes only the rest, so
 it finishes without duplicates. Inputs that cannot be opened are skipped and listed with the
-reason in `skipped.jsonl`.
+reason in `skipped.jsonl`. `plan.json` records what the shards are made of (inputs, shard
+size, transform): a run with other ones refuses to mix them into the same folder.
+
+With a `Transcode`, each video is re-encoded while it is packed (smaller, at most a frame rate,
+a keyframe a second: pemt.data.transcode) and the manifest records the transform, so the loader
+can warn when a config asks for more pixels or frames than the shards hold.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -23,11 +29,13 @@ import av
 from tqdm import tqdm
 
 from pemt.data.shards import MANIFEST, describe_shard
+from pemt.data.transcode import Transcode, transcode
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v"}
 SOUND_SUFFIXES = {".wav", ".flac"}
 PROGRESS = "progress.jsonl"
 SKIPPED = "skipped.jsonl"
+PLAN = "plan.json"
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,18 @@ def read_inputs(source: Path) -> list[VideoInput]:
 def sample_key(relative: Path) -> str:
     # WebDataset splits keys from extensions at the first dot; keep keys dot-free.
     return str(relative.with_suffix("")).replace(os.sep, "__").replace(".", "_")
+
+
+def unique_keys(inputs: list[VideoInput]) -> list[VideoInput]:
+    """Distinct inputs whose keys came out the same (`a/b.mp4` and `a__b.mp4`, `a.b.mp4` and
+    `a_b.mp4`) get their path's hash appended: a key names one video."""
+    seen: dict[str, int] = {}
+    for item in inputs:
+        seen[item.key] = seen.get(item.key, 0) + 1
+    return [item if seen[item.key] == 1 else
+            VideoInput(item.path, f"{item.key}-{hashlib.sha1(item.path.encode()).hexdigest()[:10]}",
+                       item.label, item.labels)
+            for item in inputs]
 
 
 def plan_shards(inputs: list[VideoInput], max_samples: int | None, max_bytes: int | None) -> list[list[VideoInput]]:
@@ -115,7 +135,28 @@ def _probe_sound(path: str) -> dict:
         raise ValueError(f"unreadable sound: {err}") from err
 
 
-def write_shard(index: int, items: list[VideoInput], out_dir: str) -> tuple[dict | None, list[dict]]:
+def _sample(item: VideoInput, recode: Transcode | None, keep_original: bool) -> dict:
+    """One input as a shard sample; raises ValueError or OSError with the reason if unusable."""
+    suffix = Path(item.path).suffix.lower()
+    if suffix in SOUND_SUFFIXES:
+        meta, member, data = probe(item.path), suffix[1:], Path(item.path).read_bytes()
+    elif recode is not None:
+        data, facts = transcode(item.path, recode)
+        meta, member = {**facts, "has_audio": True}, "mp4"
+    else:
+        meta, member, data = probe(item.path), "mp4", Path(item.path).read_bytes()
+    meta.update(item.metadata())
+    sample = {"__key__": item.key, member: data, "json": json.dumps(meta).encode()}
+    if recode is not None and keep_original and member == "mp4":
+        sample[f"original{suffix}"] = Path(item.path).read_bytes()
+    flac = Path(item.path).with_suffix(".flac")
+    if member == "mp4" and flac.exists():  # the sound as a separate file beside the video
+        sample["flac"] = flac.read_bytes()
+    return sample
+
+
+def write_shard(index: int, items: list[VideoInput], out_dir: str, recode: Transcode | None = None,
+                keep_original: bool = False) -> tuple[dict | None, list[dict]]:
     """Write one shard atomically; return its manifest entry and the skipped inputs."""
     import webdataset as wds
 
@@ -125,18 +166,10 @@ def write_shard(index: int, items: list[VideoInput], out_dir: str) -> tuple[dict
     with wds.TarWriter(str(partial)) as writer:
         for item in items:
             try:
-                meta = probe(item.path)
-                data = Path(item.path).read_bytes()
+                sample = _sample(item, recode, keep_original)
             except (ValueError, OSError) as err:
                 skipped.append({"path": item.path, "reason": str(err)})
                 continue
-            meta.update(item.metadata())
-            suffix = Path(item.path).suffix.lower()
-            member = suffix[1:] if suffix in SOUND_SUFFIXES else "mp4"
-            sample = {"__key__": item.key, member: data, "json": json.dumps(meta).encode()}
-            flac = Path(item.path).with_suffix(".flac")
-            if member == "mp4" and flac.exists():  # the sound as a separate file beside the video
-                sample["flac"] = flac.read_bytes()
             writer.write(sample)
             written += 1
     if not written:
@@ -147,28 +180,57 @@ def write_shard(index: int, items: list[VideoInput], out_dir: str) -> tuple[dict
 
 
 def make_shards(source: Path, out_dir: Path, max_samples: int | None = None, max_mb: float | None = None,
-                processes: int = 2, progress: bool = True) -> dict:
+                processes: int = 2, progress: bool = True, recode: Transcode | None = None,
+                keep_original: bool = False, restart: bool = False) -> dict:
     """Write (or finish writing) the shards of `source` into `out_dir`; returns the manifest."""
     inputs = read_inputs(source)
     if not inputs:
         raise FileNotFoundError(f"{source}: no video files found ({', '.join(sorted(VIDEO_SUFFIXES))})")
-    return write_inputs(inputs, out_dir, max_samples, max_mb, processes, progress, {"source": str(source)})
+    return write_inputs(inputs, out_dir, max_samples, max_mb, processes, progress, {"source": str(source)},
+                        recode=recode, keep_original=keep_original, restart=restart)
+
+
+def _check_plan(out_dir: Path, plan: dict, restart: bool) -> None:
+    """Refuse to finish a folder begun with other inputs, shard size or transform (or, with
+    `restart`, start it afresh): shards of two groupings must never mix."""
+    recorded = out_dir / PLAN
+    begun = (out_dir / PROGRESS).exists() or any(out_dir.glob("shard-*.tar"))
+    if restart:
+        for path in [*out_dir.glob("shard-*.tar"), out_dir / PROGRESS, out_dir / SKIPPED, out_dir / MANIFEST]:
+            path.unlink(missing_ok=True)
+    elif begun and recorded.exists():
+        before = json.loads(recorded.read_text())
+        changed = sorted(k for k in plan if before.get(k) != plan[k])
+        if changed:
+            raise ValueError(f"{out_dir} holds shards made with other {', '.join(changed)}; write to a new "
+                             "folder, or pass --restart to delete them and start again")
+    elif begun:
+        raise ValueError(f"{out_dir} holds shards but no {PLAN} saying how they were made; write to a new "
+                         "folder, or pass --restart to delete them and start again")
+    recorded.write_text(json.dumps(plan, indent=1))
 
 
 def write_inputs(inputs: list[VideoInput], out_dir: Path, max_samples: int | None = None,
                  max_mb: float | None = None, processes: int = 2, progress: bool = True,
-                 extra: dict | None = None) -> dict:
-    """Write (or finish writing) shards of `inputs` into `out_dir`; `extra` goes into the manifest."""
+                 extra: dict | None = None, recode: Transcode | None = None, keep_original: bool = False,
+                 restart: bool = False) -> dict:
+    """Write (or finish writing) shards of `inputs` into `out_dir`; `extra` goes into the manifest.
+    `--mb` groups by the source files' sizes (a transcoded shard is smaller)."""
     if not max_samples and not max_mb:
         raise ValueError("give a shard size: samples per shard or megabytes per shard")
+    inputs = unique_keys(inputs)
     out_dir.mkdir(parents=True, exist_ok=True)
+    listing = hashlib.sha256(json.dumps([[i.path, i.key, i.label, list(i.labels)] for i in inputs]).encode())
+    _check_plan(out_dir, {"inputs": listing.hexdigest(), "samples_per_shard": max_samples, "mb_per_shard": max_mb,
+                          "transcode": recode.describe() if recode else None,
+                          "keep_original": keep_original if recode else None}, restart)
     groups = plan_shards(inputs, max_samples, int(max_mb * 2**20) if max_mb else None)
     done = _recorded(out_dir / PROGRESS)
     for stale in out_dir.glob(".shard-*.partial"):  # left by an interrupted run
         stale.unlink()
     todo = [i for i in range(len(groups)) if i not in done]
     with ProcessPoolExecutor(max_workers=processes) as pool, (out_dir / PROGRESS).open("a") as log:
-        futures = {pool.submit(write_shard, i, groups[i], str(out_dir)): i for i in todo}
+        futures = {pool.submit(write_shard, i, groups[i], str(out_dir), recode, keep_original): i for i in todo}
         for future in tqdm(as_completed(futures), total=len(futures), desc=f"shards {out_dir.name}",
                            disable=not progress):
             entry, skipped = future.result()
@@ -180,7 +242,7 @@ def write_inputs(inputs: list[VideoInput], out_dir: Path, max_samples: int | Non
     skipped = [s for i in sorted(done) for s in done[i]["skipped"]]
     (out_dir / SKIPPED).write_text("".join(json.dumps(s) + "\n" for s in skipped))
     manifest = {"shards": shards, "samples": sum(s["samples"] for s in shards), "skipped": len(skipped),
-                **(extra or {})}
+                **({"transcode": recode.describe()} if recode else {}), **(extra or {})}
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 

@@ -5,19 +5,28 @@ Rank r reads its share of the virtual streams (see pemt.data.stream). Each micro
 w, w + N, ... and only reads past the others' slots, so batches arrive in step order. Samples
 that cannot be decoded are dropped from their batch and reported with it (`errors`), never
 raised: the trainer counts them and stops past `data.max_error_rate`.
+
+What a worker holds: the index of each shard it is in (member names and offsets from the tar
+headers), a shuffle buffer of such entries (`data.shuffle_buffer` samples, a few hundred bytes
+each), one decode (its output plus the decoder's state, about a GOP) and the finished batches
+waiting for the trainer (`prefetch_factor` per worker; frames stay uint8 until the device). It
+reads only the samples it decodes, and of each only what its window needs.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import random
-from typing import Iterator
+import time
+from typing import Callable, Iterator
 
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pemt.data.decode import ClipSpec, DecodeError, decode_clips
+from pemt.data.members import member_bytes, member_size, member_source
+from pemt.data.metadata import MAX_METADATA_BYTES, parse_metadata
 from pemt.data.stream import Slot, StreamPlan, plan_from_manifest, stream_slots
 
 # Sound stored beside (or instead of) the video, in the order they are looked for.
@@ -29,7 +38,7 @@ def clip_spec(data_cfg: DictConfig) -> ClipSpec:
         clips=data_cfg.clips, frames_per_clip=data_cfg.frames_per_clip, fps=data_cfg.fps,
         crop=data_cfg.crop, sample_rate=data_cfg.sample_rate, mel_bins=data_cfg.mel_bins,
         mel_window_ms=data_cfg.mel_window_ms, mel_hop_ms=data_cfg.mel_hop_ms,
-        short_videos=data_cfg.get("short_videos", "loop"),
+        short_videos=data_cfg.get("short_videos", "loop"), decode_threads=int(data_cfg.get("decode_threads", 1)),
     )
 
 
@@ -38,31 +47,34 @@ def _decode(slot: Slot, spec: ClipSpec, seed: int, train: bool) -> dict:
 
 
 def decode_sample(sample: dict, spec: ClipSpec, window_seed: str | None) -> dict:
-    """A raw WebDataset sample -> key, labels and clips. `window_seed` draws the random window and
-    crop (training); None takes the centred ones."""
+    """A raw WebDataset sample (members as bytes, or as pemt.data.members.Member windows onto
+    the shard) -> key, labels and clips. `window_seed` draws the random window and crop
+    (training); None takes the centred ones."""
     sound = next((sample[k] for k in SOUND_MEMBERS if k in sample), None)
     if "mp4" not in sample and sound is None:
         raise DecodeError(f"no .mp4 or sound member (has {sorted(k for k in sample if not k.startswith('__'))})")
-    try:
-        meta = json.loads(sample["json"]) if "json" in sample else {}
-        label = int(meta.get("label", -1))
-        labels = [int(v) for v in meta.get("labels", [] if label < 0 else [label])]
-    except (ValueError, TypeError) as err:
-        raise DecodeError(f"malformed json metadata: {err}") from err
+    meta = {"label": -1, "labels": []}
+    if "json" in sample:
+        if member_size(sample["json"]) > MAX_METADATA_BYTES:
+            raise DecodeError(f"json metadata of {member_size(sample['json'])} bytes (at most {MAX_METADATA_BYTES})")
+        meta = parse_metadata(member_bytes(sample["json"]))
     # The random window and crop depend on the slot alone: the same on any rank or worker.
     rng = random.Random(window_seed) if window_seed is not None else None
-    clips = decode_clips(sample.get("mp4"), spec, rng, audio_data=sound)
-    return {"key": sample["__key__"], "label": label, "labels": labels, **clips}
+    with contextlib.ExitStack() as opened:
+        video = opened.enter_context(member_source(sample["mp4"])) if "mp4" in sample else None
+        audio = opened.enter_context(member_source(sound)) if sound is not None else None
+        clips = decode_clips(video, spec, rng, audio_data=audio)
+    return {"key": sample["__key__"], "label": meta["label"], "labels": meta["labels"], **clips}
 
 
 class StreamDataset(IterableDataset):
     """Micro-batches of one rank from micro-step `start` on, in step order, without end."""
 
     def __init__(self, plan: StreamPlan, streams: list[int], per_stream: int, start: int,
-                 spec: ClipSpec, train: bool = True) -> None:
+                 spec: ClipSpec, train: bool = True, check: Callable[[dict], None] | None = None) -> None:
         super().__init__()
         self.plan, self.streams, self.per_stream = plan, streams, per_stream
-        self.start, self.spec, self.train = start, spec, train
+        self.start, self.spec, self.train, self.check = start, spec, train, check
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -71,31 +83,39 @@ class StreamDataset(IterableDataset):
         micro = self.start
         while True:
             mine = (micro - self.start) % workers == worker
-            samples, errors = [], []
+            samples, errors, decode_s = [], [], 0.0
             for v in self.streams:
                 for _ in range(self.per_stream):
                     slot = next(slots[v])
                     if not mine:
-                        continue
+                        continue  # another worker's step: its index entry is passed, nothing is read
                     if slot.sample is None:
                         errors.append({"shard": slot.shard, "key": None, "reason": slot.error})
                         continue
+                    began = time.perf_counter()
                     try:
-                        samples.append(_decode(slot, self.spec, self.plan.seed, self.train))
+                        sample = _decode(slot, self.spec, self.plan.seed, self.train)
+                        if self.check is not None:
+                            self.check(sample)
+                        samples.append(sample)
                     except DecodeError as err:
                         errors.append({"shard": slot.shard, "key": slot.sample.get("__key__"), "reason": str(err)})
+                    except Exception as err:  # noqa: BLE001 - whatever one sample does, it is one bad sample
+                        errors.append({"shard": slot.shard, "key": slot.sample.get("__key__"),
+                                       "reason": f"{type(err).__name__}: {str(err)[:300]}"})
+                    decode_s += time.perf_counter() - began
             if mine:
-                yield _collate(samples, errors, micro)
+                yield _collate(samples, errors, micro, decode_s)
             micro += 1
 
 
-def _collate(samples: list[dict], errors: list[dict], micro: int) -> dict:
+def _collate(samples: list[dict], errors: list[dict], micro: int, decode_s: float = 0.0) -> dict:
     batch = {"micro_step": micro, "key": [s["key"] for s in samples], "errors": errors,
-             "slots": len(samples) + len(errors)}
+             "slots": len(samples) + len(errors), "decode_s": decode_s}
     if samples:
         batch["label"] = torch.tensor([s["label"] for s in samples])
         batch["labels"] = [s["labels"] for s in samples]  # every label of each sample (multi-label)
-        batch["video"] = torch.stack([s["video"] for s in samples])
+        batch["video"] = torch.stack([s["video"] for s in samples])  # uint8: video_to_float on the device
         batch["audio"] = torch.stack([s["audio"] for s in samples])
     return batch
 
@@ -112,11 +132,12 @@ def stream_layout(streams: int, rank: int, world_size: int, micro_batch: int) ->
 
 
 def build_loader(data_cfg: DictConfig, shards: str, micro_batch: int, rank: int, world_size: int,
-                 seed: int, start_micro_step: int = 0) -> DataLoader:
-    """This rank's endless loader, resuming at `start_micro_step`."""
+                 seed: int, start_micro_step: int = 0, check: Callable[[dict], None] | None = None) -> DataLoader:
+    """This rank's endless loader, resuming at `start_micro_step`. `check` (picklable: it runs in
+    the workers) raises DecodeError for a decoded sample the task cannot use (a label out of range)."""
     plan = plan_from_manifest(shards, int(data_cfg.streams), seed, int(data_cfg.shuffle_buffer))
     streams, per_stream = stream_layout(plan.streams, rank, world_size, micro_batch)
-    dataset = StreamDataset(plan, streams, per_stream, start_micro_step, clip_spec(data_cfg))
+    dataset = StreamDataset(plan, streams, per_stream, start_micro_step, clip_spec(data_cfg), check=check)
     workers = int(data_cfg.num_workers)
     return DataLoader(
         dataset, batch_size=None, num_workers=workers,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import webdataset as wds
 
@@ -36,6 +36,27 @@ def write_shards(samples: Iterable[dict], out_dir: Path, samples_per_shard: int,
     manifest = {"shards": shards, "samples": sum(counts.values()), **(extra or {})}
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return shards
+
+
+def transform_warnings(folder: str | Path, data_cfg: Any) -> list[str]:
+    """What the config asks for beyond what transcoded shards hold (upscaled or repeated frames,
+    upsampled sound), one line each; nothing for shards stored as they were."""
+    manifest = Path(folder) / MANIFEST
+    try:
+        recorded = json.loads(manifest.read_text()).get("transcode") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    lines = []
+    if recorded.get("short_side") and int(data_cfg.crop) > int(recorded["short_side"]):
+        lines.append(f"data.crop={data_cfg.crop} but the shards in {folder} were made with short side "
+                     f"{recorded['short_side']}: frames are upscaled")
+    if recorded.get("fps") and float(data_cfg.fps) > float(recorded["fps"]):
+        lines.append(f"data.fps={data_cfg.fps} but the shards in {folder} hold at most {recorded['fps']} "
+                     "frames per second: frames repeat")
+    if recorded.get("sample_rate") and int(data_cfg.sample_rate) > int(recorded["sample_rate"]):
+        lines.append(f"data.sample_rate={data_cfg.sample_rate} but the shards' sound in {folder} was resampled to "
+                     f"{recorded['sample_rate']} Hz: no sound above {int(recorded['sample_rate']) // 2} Hz")
+    return lines
 
 
 def read_manifest(folder: str | Path) -> list[dict]:

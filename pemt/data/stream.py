@@ -19,6 +19,7 @@ from typing import Iterator
 
 import webdataset as wds
 
+from pemt.data.members import can_index, indexed_samples
 from pemt.data.shards import read_manifest
 
 
@@ -72,17 +73,25 @@ def plan_from_manifest(folder: str, streams: int, seed: int, shuffle_buffer: int
                       tuple(e["samples"] for e in entries), streams, seed, shuffle_buffer)
 
 
-def _shard_samples(url: str, count: int) -> Iterator[tuple[dict | None, str | None]]:
+def _read_samples(url: str) -> Iterator[dict]:
+    """A shard's samples in order. A local tar is indexed (members read later, only by the
+    worker that decodes them: pemt.data.members); anything else is streamed by WebDataset."""
+    if can_index(url):
+        return indexed_samples(url)
+    return wds.tarfile_to_samples()([{"url": url}])
+
+
+def shard_samples(url: str, count: int) -> Iterator[tuple[dict | None, str | None]]:
     """Exactly `count` entries: the shard's samples, then placeholders if it ends early."""
     produced = 0
     try:
-        for sample in wds.tarfile_to_samples()([{"url": url}]):
+        for sample in _read_samples(url):
             if produced == count:
                 break
             produced += 1
             yield sample, None
     except Exception as err:  # a corrupt tar ends the shard; its remaining slots stay empty
-        reason = f"unreadable shard after {produced} samples: {err}"
+        reason = f"unreadable shard after {produced} samples: {type(err).__name__}: {err}"
     else:
         reason = f"shard has {produced} samples, manifest says {count}"
     for _ in range(count - produced):
@@ -113,7 +122,7 @@ def stream_slots(plan: StreamPlan, stream: int, start: int) -> Iterator[Slot]:
                 continue
             rng = random.Random(f"shuffle-{plan.seed}-{stream}-{epoch}-{shard}")
             url = plan.urls[shard]
-            for index, (sample, error) in enumerate(_shuffled(_shard_samples(url, count), plan.shuffle_buffer, rng)):
+            for index, (sample, error) in enumerate(_shuffled(shard_samples(url, count), plan.shuffle_buffer, rng)):
                 if index >= offset:
                     yield Slot(stream, position, url, sample, error)
                 position += 1

@@ -16,6 +16,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import BinaryIO
 
 import av
 import numpy as np
@@ -178,3 +179,24 @@ def generate(spec: SyntheticSpec, out_dir: Path, progress: bool = True) -> Path:
 
 def ensure_synthetic_shards(cfg: DictConfig) -> Path:
     return generate(spec_from_config(cfg), shard_dir(cfg))
+
+
+def repeat_video(source: str | BinaryIO, target: str | BinaryIO, times: int, fmt: str | None = None) -> None:
+    """`source`'s packets `times` over, timestamps shifted: a long video made in seconds and not
+    re-encoded (for tests and benchmarks of long inputs)."""
+    with av.open(source) as given, av.open(target, mode="w", format=fmt or given.format.name.split(",")[0]) as out:
+        streams = list(given.streams)
+        packets = [(p.stream.index, bytes(p), p.pts, p.dts, p.is_keyframe, p.duration)
+                   for p in given.demux() if p.dts is not None]
+        spans = {s.index: max(p[2] + (p[5] or 0) for p in packets if p[0] == s.index)
+                 - min(p[2] for p in packets if p[0] == s.index) for s in streams}
+        targets = {s.index: out.add_stream_from_template(s) for s in streams}
+        for repeat in range(times):
+            for index, payload, pts, dts, key, duration in packets:
+                packet = av.Packet(payload)
+                packet.stream, packet.time_base = targets[index], streams[index].time_base
+                packet.pts, packet.dts = pts + repeat * spans[index], dts + repeat * spans[index]
+                packet.is_keyframe = key
+                if duration:
+                    packet.duration = duration
+                out.mux(packet)

@@ -2,94 +2,82 @@
 
 Sample i of the folder (in manifest order) goes to rank i mod W and is decoded with the centred
 window and crop. Every rank runs the same number of forward passes (ZeRO-3 gathers parameters
-collectively), padding with repeats that are dropped. Undecodable samples are counted, not fatal.
+collectively), a blank input where it has nothing left. Undecodable samples are counted, not fatal.
 Metrics: top-1 and top-5 accuracy (single-label), mean average precision over the classes that
 have positives (multi-label, as Charades reports).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
-import webdataset as wds
 
-from pemt.data.decode import ClipSpec, DecodeError
+from pemt.data.decode import ClipSpec, DecodeError, mel_frames, video_to_float
 from pemt.data.loader import decode_sample
 from pemt.data.shards import read_manifest
+from pemt.data.stream import shard_samples
 
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _samples(folder: str) -> Iterator[tuple[str, dict | None, str | None]]:
-    from pathlib import Path
-
+def _my_slots(folder: str, rank: int, world: int, max_samples: int | None
+              ) -> Iterator[tuple[str, dict | None, str | None]]:
+    """Slot i of the folder (manifest order; a shard that ends early keeps its slots, empty) is
+    rank i mod W's: (shard, raw sample or None, why there is none)."""
+    index = 0
     for entry in read_manifest(folder):
         url = str(Path(folder) / entry["name"])
-        try:
-            for sample in wds.tarfile_to_samples()([{"url": url}]):
-                yield url, sample, None
-        except Exception as err:  # noqa: BLE001 - a corrupt shard is reported, the rest evaluated
-            yield url, None, f"unreadable shard: {err}"
+        for sample, error in shard_samples(url, int(entry["samples"])):
+            if max_samples is not None and index >= max_samples:
+                return
+            if index % world == rank:
+                yield url, sample, error
+            index += 1
 
 
-def _batches(folder: str, spec: ClipSpec, rank: int, world: int, batch_size: int, max_samples: int | None
-             ) -> tuple[list[dict], list[dict]]:
-    """This rank's decoded samples grouped in batches, and the samples that failed."""
-    mine, errors = [], []
-    index = 0
-    for url, sample, error in _samples(folder):
-        if max_samples is not None and index >= max_samples:
-            break
-        if error is not None:
-            errors.append({"shard": url, "key": None, "reason": error})
-            continue
-        if index % world == rank:
-            try:
-                mine.append(decode_sample(sample, spec, window_seed=None))
-            except DecodeError as err:
-                errors.append({"shard": url, "key": sample.get("__key__"), "reason": str(err)})
-        index += 1
-    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)], errors
-
-
-def _count_to_all(count: int, device: torch.device) -> int:
-    if not dist.is_initialized():
-        return count
-    value = torch.tensor([count], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return int(value.item())
+def _slot_count(folder: str, max_samples: int | None) -> int:
+    total = sum(int(e["samples"]) for e in read_manifest(folder))
+    return total if max_samples is None else min(total, max_samples)
 
 
 def predict(score: Scorer, folder: str, spec: ClipSpec, device: torch.device, dtype: torch.dtype,
             batch_size: int, max_samples: int | None = None) -> tuple[list[dict], list[dict]]:
-    """Collective. Every sample's key, labels and scores, and every failure, from all ranks."""
+    """Collective. Every sample's key, labels and scores, and every failure, from all ranks.
+
+    Batches are decoded as they are scored (a rank holds one batch, not its share of the set);
+    every rank runs the same number of rounds, known from the manifest."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    batches, errors = _batches(folder, spec, rank, world, batch_size, max_samples)
-    rounds = _count_to_all(len(batches), device)
-    results = []
-    for i in range(rounds):
-        batch = batches[min(i, len(batches) - 1)] if batches else None
-        if batch is None:  # nothing decoded here: run a blank input so the collectives still match
-            video = torch.zeros(1, spec.clips, 3, spec.frames_per_clip, spec.crop, spec.crop)
-            audio = torch.zeros(1, spec.clips, 1, spec.mel_bins, _mel_frames(spec))
-        else:
+    rounds = math.ceil(math.ceil(_slot_count(folder, max_samples) / world) / batch_size)
+    slots = _my_slots(folder, rank, world, max_samples)
+    results, errors = [], []
+    for _ in range(rounds):
+        batch = []
+        for url, sample, error in itertools.islice(slots, batch_size):
+            if sample is None:
+                errors.append({"shard": url, "key": None, "reason": error})
+                continue
+            try:
+                batch.append(decode_sample(sample, spec, window_seed=None))
+            except DecodeError as err:
+                errors.append({"shard": url, "key": sample.get("__key__"), "reason": str(err)})
+        if batch:
             video, audio = torch.stack([s["video"] for s in batch]), torch.stack([s["audio"] for s in batch])
-        scores = score(video.to(device, dtype), audio.to(device, dtype)).float().cpu()
-        if batch is not None and i < len(batches):
-            results += [{"key": s["key"], "labels": s["labels"], "scores": row.tolist()} for s, row in zip(batch, scores)]
+        else:  # nothing decoded here: a blank input, so the collectives still match
+            video = torch.zeros(1, spec.clips, 3, spec.frames_per_clip, spec.crop, spec.crop, dtype=torch.uint8)
+            audio = torch.zeros(1, spec.clips, 1, spec.mel_bins, mel_frames(spec))
+        scores = score(video_to_float(video, device, dtype), audio.to(device, dtype)).float().cpu()
+        results += [{"key": s["key"], "labels": s["labels"], "scores": row.tolist()} for s, row in zip(batch, scores)]
     if world > 1:
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, (results, errors))
         results = [r for part, _ in gathered for r in part]
         errors = [e for _, part in gathered for e in part]
     return sorted(results, key=lambda r: r["key"]), errors
-
-
-def _mel_frames(spec: ClipSpec) -> int:
-    hop = int(round(spec.sample_rate * spec.mel_hop_ms / 1000))
-    return int(round(spec.clip_seconds * spec.sample_rate)) // hop + 1
 
 
 def top_k_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:

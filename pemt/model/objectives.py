@@ -61,14 +61,22 @@ def negative_probabilities(anchors: torch.Tensor, pool: torch.Tensor, exclude: t
     `content`: proportional to exp(cosine similarity / temperature), so negatives that look
     like the positive are drawn more often; `uniform`: every other pool entry alike.
     """
+    uniform = torch.zeros(len(anchors), len(pool), device=pool.device)
     if strategy == "content":
         scores = F.normalize(anchors.float(), dim=-1) @ F.normalize(pool.float(), dim=-1).T / temperature
     elif strategy == "uniform":
-        scores = torch.zeros(len(anchors), len(pool), device=pool.device)
+        scores = uniform
     else:
         raise ValueError(f"loss.sampling={strategy!r}: choose content or uniform")
-    scores[torch.arange(len(anchors), device=pool.device), exclude] = float("-inf")
-    return scores.softmax(dim=-1)
+    rows = torch.arange(len(anchors), device=pool.device)
+    scores[rows, exclude] = float("-inf")
+    probs = scores.softmax(dim=-1)
+    if strategy == "content":
+        # Non-finite embeddings (a diverging step) make no distribution: draw uniformly there, so
+        # the step reaches its non-finite loss and is skipped instead of failing in the sampler.
+        uniform[rows, exclude] = float("-inf")
+        probs = torch.where(torch.isfinite(probs).all(-1, keepdim=True), probs, uniform.softmax(dim=-1))
+    return probs
 
 
 def sample_negatives(anchors: torch.Tensor, pool: torch.Tensor, exclude: torch.Tensor, count: int,

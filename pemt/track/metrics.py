@@ -20,6 +20,18 @@ def host_rss_gib() -> float:
     return psutil.Process().memory_info().rss / GIB
 
 
+def data_rss_gib() -> float:
+    """Resident memory of this rank's child processes: its data workers (and their forkserver).
+    Pages they share with each other count once per process, so this is an upper bound."""
+    total = 0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:  # a worker that ended meanwhile
+            continue
+    return total / GIB
+
+
 def device_memory() -> dict[str, float]:
     """Peak allocated and reserved memory of this rank's GPU since the last call (GiB and % of
     capacity) and the allocator's retries so far; empty on CPU."""

@@ -11,6 +11,8 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
+from pemt.track.context import redact
+
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be used; the message names the URI."""
@@ -23,18 +25,25 @@ def _check_server(uri: str, timeout_s: float = 5.0) -> None:
             pass
     except (urllib.error.URLError, OSError) as err:
         raise TrackingError(
-            f"MLflow tracking server {uri} is not reachable ({err}); start it, or set "
+            f"MLflow tracking server {redact(uri)} is not reachable ({redact(str(err))}); start it, or set "
             "mlflow.tracking_uri to a local store such as sqlite:///path/mlflow.db"
         ) from err
 
 
-def ensure_experiment(tracking_uri: str, experiment: str) -> str:
-    """Create the store (SQLite file or server check) and the experiment; return its id."""
+def ensure_experiment(tracking_uri: str, experiment: str, artifact_root: str | Path | None = None) -> str:
+    """Create the store (SQLite file or server check) and the experiment; return its id.
+
+    A local store's experiment keeps its artifacts under `artifact_root` (default: beside the
+    SQLite file), never in the working directory (MLflow's `./mlruns`); a tracking server keeps
+    them where it was told to (`--artifacts-destination`)."""
     from mlflow.tracking import MlflowClient
 
     scheme = urlparse(tracking_uri).scheme
+    location = None
     if scheme == "sqlite":
-        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        store = Path(tracking_uri.removeprefix("sqlite:///"))
+        store.parent.mkdir(parents=True, exist_ok=True)
+        location = Path(artifact_root or store.parent / "mlartifacts").resolve().as_uri()
     elif scheme in ("http", "https"):
         _check_server(tracking_uri)
     client = MlflowClient(tracking_uri)
@@ -42,8 +51,8 @@ def ensure_experiment(tracking_uri: str, experiment: str) -> str:
     if found is not None:
         if found.lifecycle_stage == "deleted":
             raise TrackingError(
-                f"MLflow experiment {experiment!r} in {tracking_uri} is deleted; restore it "
+                f"MLflow experiment {experiment!r} in {redact(tracking_uri)} is deleted; restore it "
                 "or choose another mlflow.experiment"
             )
         return found.experiment_id
-    return client.create_experiment(experiment)
+    return client.create_experiment(experiment, artifact_location=location)

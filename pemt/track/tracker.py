@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from pemt.track.context import context_tags, redact, redact_config
 from pemt.track.outbox import Outbox, deliver
 
 log = logging.getLogger(__name__)
@@ -49,11 +51,14 @@ class MlflowTracker:
         self._client: Any = None
         self._outbox: Outbox | None = None
         self._monitor: Any = None
+        self._opening: tuple | None = None   # what creating/opening the run needs, until the store answers
         self._started_at = time.time()
 
     def start(self, cfg: DictConfig, run_id: str | None = None, segment: dict[str, Any] | None = None,
               tags: dict[str, str] | None = None) -> str | None:
-        """Create the run (with `tags`), or re-attach to `run_id` (else the one recorded in the run dir)."""
+        """Create the run (with `tags`), or re-attach to `run_id` (else the one recorded in the run
+        dir). A tracking store that does not answer does not stop the job: it trains, its metrics
+        wait in the outbox, and the run is created (or updated) once the store answers."""
         if not self.enabled:
             return None
         # MLflow's HTTP client retries a dead server for minutes inside one call; the outbox
@@ -62,38 +67,47 @@ class MlflowTracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         from mlflow.tracking import MlflowClient
 
-        self._client = client = MlflowClient(self.tracking_uri)
+        self._client = MlflowClient(self.tracking_uri)
         id_file = self.run_dir / RUN_ID_FILE
         run_id = run_id or (id_file.read_text().strip() if id_file.exists() else None)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        if run_id is None:
-            run_id = self._create(client, resolved, tags or {})
-            id_file.write_text(run_id)
-        self.run_id = run_id
-        (self.run_dir / TRACKING_URI_FILE).write_text(self.tracking_uri)
+        (self.run_dir / TRACKING_URI_FILE).write_text(redact(self.tracking_uri))
+        self._opening = (redact_config(OmegaConf.to_container(cfg, resolve=True)), tags or {}, segment)
         self._outbox = Outbox(self.run_dir, self._send)
         self.logged_until = self._outbox.max_step
-        self._outbox.start()
         try:
-            client.update_run(run_id, status="RUNNING")
-            client.log_text(run_id, OmegaConf.to_yaml(resolved), "config/resolved.yaml")
-            if segment is not None:
-                client.set_tag(run_id, f"pemt.segment.{segment['segment']:03d}", json.dumps(segment))
-        except Exception as err:  # noqa: BLE001 - a tracking outage must not stop a resumed job
-            log.warning("MLflow run %s not updated at start (%s); training goes on", run_id, err)
+            self._open(run_id)
+        except Exception as err:  # noqa: BLE001 - a tracking outage must not stop the job
+            self.run_id = run_id
+            log.warning("MLflow at %s does not answer (%s); training goes on and the run is %s when it does",
+                        redact(self.tracking_uri), err, "updated" if run_id else "created")
+        self._outbox.start()
         if self.logged_until:
-            log.info("re-attached to MLflow run %s (steps up to %d already logged)", run_id, self.logged_until)
+            log.info("re-attached to MLflow run %s (steps up to %d already logged)", self.run_id, self.logged_until)
+        return self.run_id
+
+    def _open(self, run_id: str | None) -> None:
+        """Create or re-attach the run and mark it running (raises while the store is down)."""
+        resolved, tags, segment = self._opening
+        client = self._client
+        if run_id is None:
+            run_id = self._create(client, resolved, tags)
+            (self.run_dir / RUN_ID_FILE).write_text(run_id)
+        self.run_id = run_id
+        client.update_run(run_id, status="RUNNING")
+        client.log_text(run_id, OmegaConf.to_yaml(resolved), "config/resolved.yaml")
+        if segment is not None:
+            client.set_tag(run_id, f"pemt.segment.{segment['segment']:03d}", json.dumps(segment))
+        self._opening = None
         if self.system_metrics:
             self._monitor = _start_system_metrics(run_id, self.tracking_uri)
-        return run_id
 
     def _create(self, client: Any, resolved: dict, extra_tags: dict[str, str]) -> str:
         from mlflow.entities import Param
 
         experiment = client.get_experiment_by_name(self.experiment)
         if experiment is None:
-            raise RuntimeError(f"MLflow experiment {self.experiment!r} missing in {self.tracking_uri}")
-        tags = {"pemt.run_dir": str(self.run_dir), **extra_tags}
+            raise RuntimeError(f"MLflow experiment {self.experiment!r} missing in {redact(self.tracking_uri)}")
+        tags = {**context_tags(), "pemt.run_dir": str(self.run_dir), **extra_tags}
         if self.parent_run_id:  # a point of a sweep: shown under the sweep's run in the UI
             tags["mlflow.parentRunId"] = self.parent_run_id
         run = client.create_run(experiment.experiment_id, run_name=self.run_dir.name, tags=tags)
@@ -103,6 +117,9 @@ class MlflowTracker:
         return run.info.run_id
 
     def _send(self, records: list[dict[str, Any]]) -> None:
+        if self._opening is not None:  # the store was down when the job started
+            self._open(self.run_id)
+            log.info("MLflow answers: run %s is open, buffered metrics follow", self.run_id)
         # A status left undelivered by an earlier job is stale: this job is running.
         current = [r for r in records if "status" not in r or r["time"] >= self._started_at]
         deliver(self._client, self.run_id, current)
@@ -115,16 +132,30 @@ class MlflowTracker:
         self._outbox.put({"step": int(step), "time": time.time(),
                           "metrics": {k: float(v) for k, v in metrics.items()}})
 
-    def finish(self, status: str) -> None:
+    def finish(self, status: str, timeout_s: float = 30.0) -> None:
+        """Queue the final status and deliver what is pending for up to `timeout_s` (what is left
+        stays in the outbox for the next job or tools/mlflow_sync.py)."""
+        deadline = time.time() + timeout_s
         if self._monitor is not None:
-            self._monitor.finish()
+            # MLflow's sampler flushes to the store on finishing: bounded like everything else here
+            stopping = threading.Thread(target=self._monitor.finish, daemon=True, name="pemt-system-metrics-stop")
+            stopping.start()
+            stopping.join(timeout_s)
         if self._outbox is not None:
             self._outbox.put({"status": status, "time": time.time()})
-            self._outbox.close()
+            self._outbox.close(max(0.0, deadline - time.time()))
 
 
 def _start_system_metrics(run_id: str, tracking_uri: str) -> Any:
     """MLflow's CPU, memory, disk, network (and GPU) sampler, limited to this job's GPUs."""
+    import torch
+
+    if torch.cuda.is_available():
+        try:
+            import pynvml  # noqa: F401 - what MLflow's GPU sampler needs
+        except ImportError:
+            log.warning("GPU system metrics (system/gpu_*) are off: nvidia-ml-py is not installed "
+                        "(pip install 'pemt[gpu]', or make setup on a machine with nvidia-smi)")
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 

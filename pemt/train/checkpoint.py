@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from pemt.distributed import world
-from pemt.integrity import sha256
+from pemt.integrity import sha256, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +72,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -185,12 +176,12 @@ class Checkpointer:
         if rank == 0:
             manifest = {"step": step, "world_size": size, "saved_at": time.time(), "state": state,
                         "files": files}
-            _write_atomic(staging / MANIFEST, json.dumps(manifest, indent=1))
+            write_atomic(staging / MANIFEST, json.dumps(manifest, indent=1))
             final = self.directory / tag
             if final.exists():  # a step saved before a rollback: the new one replaces it
                 shutil.rmtree(final)
             staging.rename(final)
-            _write_atomic(self.directory / LATEST, tag)
+            write_atomic(self.directory / LATEST, tag)
             _fsync_dir(self.directory)
             self._prune()
         _barrier()

@@ -25,11 +25,13 @@ def build_optimizer(model: nn.Module, train_cfg: DictConfig) -> tuple[torch.opti
         lr=float(train_cfg.lr), betas=(0.9, 0.98), eps=1e-6,
     )
     warmup, total = int(train_cfg.warmup_steps), int(train_cfg.max_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total))
 
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """The learning rate's share of train.lr after `step` optimizer steps: linear warmup, then a
+    cosine to 0 at `total` (train.max_steps)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))

@@ -1,28 +1,65 @@
 """Preemption and time limits: a signal becomes a collective save at the next step boundary.
 
-Slurm (and submitit's local executor) send SIGUSR2 before preemption or the time limit, and
-SIGTERM before killing. The handler only records the signal. At each step boundary the ranks
-agree (one all-reduce) whether any of them got one; then all save together, and the job hands
-over to submitit's own USR2 handler, which requeues it from rank 0 (submitit's checkpoint path
-under hydra-submitit-launcher). After SIGTERM the job exits without requeueing itself: the
-scheduler requeues or ends it.
+Slurm (and submitit's local executor) send the preemption signal (SIGUSR2, or what
+SUBMITIT_PREEMPT_SIGNAL names) before preemption or the time limit, and SIGTERM before killing;
+Ctrl-C sends SIGINT. The handler only records the signal. At each step boundary the ranks agree
+(one all-reduce) whether any of them got one; then all save together, and after the preemption
+signal the job hands over to submitit's own handler, which requeues it from rank 0 (submitit's
+checkpoint path under hydra-submitit-launcher). After SIGTERM or SIGINT the job exits without
+requeueing itself: the scheduler requeues or ends it, or the user resumes it.
+
+Slurm delivers signals to every process of a job step, data workers included: they are started
+ignoring them (`shielded`), so only the training process decides what a signal means.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing
+import os
 import signal
 import sys
 import time
 from types import FrameType
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+def preemption_signal() -> signal.Signals:
+    """The signal submitit requeues on: SUBMITIT_PREEMPT_SIGNAL (a name such as USR1), else USR2."""
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").upper().removeprefix("SIG")
+    try:
+        return signal.Signals[f"SIG{name}"]
+    except KeyError:
+        raise ValueError(f"SUBMITIT_PREEMPT_SIGNAL={name!r} is not a signal name (e.g. USR2)") from None
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """What stops a job, in increasing precedence: Ctrl-C, SIGTERM, the preemption signal."""
+    return tuple(dict.fromkeys((signal.SIGINT, signal.SIGTERM, preemption_signal())))
+
+
+@contextlib.contextmanager
+def shielded() -> Iterator[None]:
+    """Child processes started inside (data workers, their forkserver, multiprocessing's resource
+    tracker) ignore the stop signals for life: an ignored signal stays ignored across fork and exec.
+    This process's own handlers are back on leaving."""
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in stop_signals()}
+    try:
+        from multiprocessing import forkserver, resource_tracker
+
+        resource_tracker.ensure_running()
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            forkserver.ensure_running()
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class StopRequest:
@@ -30,9 +67,11 @@ class StopRequest:
         self.signum: int | None = None
         self.received_at: float | None = None
         self.previous: dict[int, Any] = {}
+        self.signals = stop_signals()
+        self.preempt = preemption_signal()
 
     def install(self) -> None:
-        for signum in STOP_SIGNALS:
+        for signum in self.signals:
             self.previous[signum] = signal.signal(signum, self._record)
 
     def uninstall(self) -> None:
@@ -47,8 +86,9 @@ class StopRequest:
         self.signum = self.signum or signum
 
     def agreed(self, device: torch.device) -> int | None:
-        """Collective: the signal any rank received (USR2 over TERM), or None."""
-        code = {None: 0, signal.SIGTERM: 1, signal.SIGUSR2: 2}[self.signum]
+        """Collective: the signal any rank received (the preemption signal over SIGTERM over
+        SIGINT), or None."""
+        code = 0 if self.signum is None else self.signals.index(self.signum) + 1
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             flag = torch.tensor([code], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -57,15 +97,15 @@ class StopRequest:
                 first = torch.tensor([self.received_at or float("inf")], dtype=torch.float64, device=device)
                 dist.all_reduce(first, op=dist.ReduceOp.MIN)
                 self.received_at = float(first.item())
-        return {0: None, 1: signal.SIGTERM, 2: signal.SIGUSR2}[code]
+        return self.signals[code - 1] if code else None
 
     def hand_over(self, signum: int, requeue: bool = True) -> None:
-        """After the save: requeue through submitit's handler (rank 0 exits inside it), then exit.
-
-        Without `requeue` (jobs submitted --no-requeue) the job just ends; the run is continued
+        """After the save: on the preemption signal, requeue through submitit's handler (rank 0
+        exits inside it) and exit. Otherwise (SIGTERM, Ctrl-C, or jobs submitted --no-requeue)
+        return: the job ends with its result, and the run is continued by launching it again or
         with tools/resume.py."""
         previous: Callable | Any = self.previous.get(signum)
         self.uninstall()
-        if requeue and signum == signal.SIGUSR2 and callable(previous):
+        if requeue and signum == self.preempt and callable(previous):
             previous(signum, None)
-        sys.exit(0)
+            sys.exit(0)

@@ -6,11 +6,13 @@ so pretraining and fine-tuning share it by handing it a different task.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
+
+from pemt.data.decode import video_to_float
 
 if TYPE_CHECKING:
     from pemt.train.trainer import Trainer
@@ -30,6 +32,11 @@ class Task:
         """MLflow tags for a new run (links to other runs)."""
         return {}
 
+    def sample_check(self) -> Callable[[dict], None] | None:
+        """A picklable check run on every decoded sample in the data workers; it raises
+        DecodeError for a sample this task cannot train on (counted as bad, not fatal)."""
+        return None
+
     def evaluate(self, trainer: Trainer, step: int) -> dict[str, float]:
         """Collective: metrics on held-out data after `step` (none by default)."""
         return {}
@@ -48,5 +55,5 @@ class PretrainTask(Task):
         return AVPretrainingModel(cfg.model, cfg.data, cfg.loss, clips, tokens_per_clip)
 
     def forward(self, engine: Any, batch: dict, dtype: torch.dtype, step_seed: int) -> dict[str, torch.Tensor]:
-        return engine(batch["video"].to(engine.device, dtype), batch["audio"].to(engine.device, dtype),
+        return engine(video_to_float(batch["video"], engine.device, dtype), batch["audio"].to(engine.device, dtype),
                       step_seed=step_seed)

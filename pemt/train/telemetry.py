@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pemt.distributed import all_reduce, min_avg_max
-from pemt.track.metrics import Throughput, device_memory, host_rss_gib, peak_tflops
+from pemt.track.metrics import Throughput, data_rss_gib, device_memory, host_rss_gib, peak_tflops
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ class Telemetry:
         log.info("MFU against %.3g TFLOP/s per device (%s)", self.peak, source)
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
+        self.decode_s, self.decoded = 0.0, 0   # data workers' decode time and samples since the last report
         # The current curriculum stage's sequence shape (set by the trainer).
         self.clips = int(cfg.data.clips)
         self.tokens_per_clip = int(OmegaConf.select(cfg, "model.tokens_per_clip", default=1) or 1)
@@ -34,6 +35,11 @@ class Telemetry:
     def set_flops(self, flops: int, micro_batch: int) -> None:
         self.flops_per_sample = flops / micro_batch
         log.info("%.3f GFLOP per sample (forward + backward)", self.flops_per_sample / 1e9)
+
+    def add_batch(self, batch: dict) -> None:
+        """A micro-batch as the loader delivered it: how long its samples took to decode."""
+        self.decode_s += float(batch.get("decode_s", 0.0))
+        self.decoded += len(batch["key"]) + len(batch["errors"])
 
     def add_micro_step(self, out: dict[str, torch.Tensor]) -> None:
         for key, value in out.items():
@@ -43,11 +49,15 @@ class Telemetry:
     def report(self, samples: int, lr: float, grad_norm: float | None, bad_errors: int,
                bad_slots: int) -> tuple[dict[str, float], dict[str, float]]:
         """Collective. The metrics to log, and the bad-sample totals every rank checks."""
-        means = all_reduce({k: float(v) / self.count for k, v in self.sums.items()}, self.device)
+        decode = {"decode_s_per_sample": self.decode_s / max(1, self.decoded)}
+        # every rank has the same keys: the same steps were skipped everywhere
+        means = all_reduce({**{k: float(v) / max(1, self.count) for k, v in self.sums.items()}, **decode}, self.device)
         self.sums, self.count = {}, 0
+        self.decode_s, self.decoded = 0.0, 0
         totals = all_reduce({"bad_samples": bad_errors, "slots": bad_slots}, self.device, mean=False)
         speed = self.meter.report()
-        memory = min_avg_max({"host_rss_gib": host_rss_gib(), **device_memory()}, self.device)
+        memory = min_avg_max({"host_rss_gib": host_rss_gib(), "data_rss_gib": data_rss_gib(), **device_memory()},
+                             self.device)
         clips, tokens = self.clips, self.clips * self.tokens_per_clip
         metrics: dict[str, Any] = {**means, "lr": lr, "samples": samples, **speed,
                                    "clips_per_s": speed["samples_per_s"] * clips,

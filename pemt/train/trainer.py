@@ -19,17 +19,22 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from pemt.config import ConfigError, validate, world_size
-from pemt.data.errors import BadSamples, DataError
+from pemt.data.errors import BadSamples
 from pemt.data.loader import build_loader, shard_source
-from pemt.distributed import DistInfo, init_distributed
+from pemt.data.shards import transform_warnings
+from pemt.distributed import DistInfo, init_distributed, tag_log_lines
+from pemt.ownership import RunBusy, RunLock, describe
+from pemt.track.context import redact_config
 from pemt.track.metrics import counting_flops
 from pemt.track.tracker import MlflowTracker
 from pemt.train.checkpoint import Checkpointer
+from pemt.train.continuity import check_continuity, manifest_digest
 from pemt.train.curriculum import Stage, stage_at, stage_data_config, stages
 from pemt.train.engine_config import deepspeed_config
+from pemt.train.guard import StepGuard
 from pemt.train.journal import RunJournal
 from pemt.train.optimizer import build_optimizer
-from pemt.train.preemption import StopRequest
+from pemt.train.preemption import StopRequest, shielded
 from pemt.train.task import PretrainTask, Task
 from pemt.train.telemetry import Telemetry
 
@@ -37,6 +42,8 @@ log = logging.getLogger(__name__)
 
 # Slurm checks time limits (and sends their warning signal) on a ~30 s timer.
 SLURM_TIMER_SLACK_S = 60
+# How long a job stopped by a signal waits for MLflow before it requeues.
+STOP_DELIVERY_S = 5.0
 
 
 def _shared_run_id(run_id: str | None, info: DistInfo) -> str | None:
@@ -55,6 +62,9 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.info = init_distributed(float(cfg.train.collective_timeout_min))
+        tag_log_lines(self.info.rank)
+        self.lock = RunLock(self.run_dir)
+        self._own_run_dir()
         if self.info.world_size != world_size(cfg):
             raise ConfigError(
                 f"the job has {self.info.world_size} processes but nodes x gpus_per_node = {world_size(cfg)}"
@@ -80,7 +90,29 @@ class Trainer:
         self.dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
         self.tracker = MlflowTracker(cfg, self.run_dir, enabled=self.info.is_main)
         self.telemetry = Telemetry(cfg, self.engine.device, self.dtype, self.info.world_size)
+        self.guard = StepGuard(self.engine.module, int(cfg.train.max_skipped_steps), self.engine.device)
         self.journal = RunJournal(self.run_dir, enabled=self.info.is_main)
+        if self.info.is_main:
+            for line in transform_warnings(shard_source(cfg), cfg.data):
+                log.warning(line)
+
+    def _own_run_dir(self) -> None:
+        """Rank 0 takes the run dir's lock before anything else is written; every rank learns
+        whether it may go on."""
+        refusal = None
+        if self.info.is_main:
+            try:
+                gone = self.lock.acquire("training")
+            except RunBusy as err:
+                refusal = str(err)
+            else:
+                if gone:
+                    log.warning("took over %s from %s, which is gone", self.run_dir, describe(gone))
+        box = [refusal]
+        if self.info.world_size > 1:
+            dist.broadcast_object_list(box, src=0)
+        if box[0]:
+            raise RunBusy(box[0])
 
     def _restore(self) -> dict[str, Any]:
         if self.resume_from is None:
@@ -97,13 +129,19 @@ class Trainer:
             raise ConfigError(
                 f"data.streams={self.cfg.data.streams} but the checkpoint was written with "
                 f"data.streams={saved['streams']}: the sample order would change; resume with the same value")
+        check_continuity(state, self.cfg, self._resolved(), manifest_digest(shard_source(self.cfg)), int(state["step"]))
         return state
+
+    def _resolved(self) -> dict[str, Any]:
+        return redact_config(OmegaConf.to_container(self.cfg, resolve=True))
 
     def _log(self, step: int, samples: int, progress: tqdm, bad: BadSamples) -> None:
         metrics, totals = self.telemetry.report(samples, self.engine.get_lr()[0], self.engine.get_global_grad_norm(),
-                                           bad.errors, bad.slots)
+                                                bad.errors, bad.slots)
+        metrics["skipped_steps"] = self.guard.skipped
         self.tracker.log_metrics(metrics, step)
-        progress.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+        if "loss" in metrics:
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
         bad.check(totals["bad_samples"], totals["slots"])  # every rank sees the same totals
 
     def _micro_step(self, batch: dict, count_flops: bool) -> dict[str, torch.Tensor]:
@@ -117,40 +155,63 @@ class Trainer:
             self.telemetry.set_flops(counted["flops"], len(batch["key"]))
         return out
 
+    def _step(self, step: int, batches: list[dict], count_flops: bool) -> bool:
+        """One optimizer step over its micro-batches; False when every rank skipped it."""
+        if self.guard.any_empty(batches):
+            self.guard.skip_empty(step, batches)
+            return False
+        self.guard.before_forward()
+        outs = [self._micro_step(batch, count_flops=count_flops and i == 0) for i, batch in enumerate(batches)]
+        if not self.guard.after_step(self.engine.was_step_applied(), step, outs[-1]["loss"]):
+            return False
+        for out in outs:
+            self.telemetry.add_micro_step(out)
+        return True
+
     def _batches(self, start_micro: int, bad: BadSamples, stage: Stage) -> Iterator[dict]:
         """Micro-batches from `start_micro` on, decoded for `stage`, each recorded and counted before use."""
         cfg, info = self.cfg, self.info
         loader = build_loader(stage_data_config(cfg.data, stage), shard_source(cfg),
                               self.engine.train_micro_batch_size_per_gpu(),
-                              info.rank, info.world_size, seed=cfg.seed, start_micro_step=start_micro)
+                              info.rank, info.world_size, seed=cfg.seed, start_micro_step=start_micro,
+                              check=self.task.sample_check())
         record = None
         if cfg.train.record_samples:
             (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
             record = (self.run_dir / "samples" / f"rank{info.rank:05d}.jsonl").open("a")
         accum = int(cfg.train.grad_accum_steps)
-        for batch in loader:
+        with shielded() if loader.num_workers else contextlib.nullcontext():
+            iterator = iter(loader)  # starts the workers: they ignore the signals this process acts on
+        for batch in iterator:
             bad.add(batch)
+            self.telemetry.add_batch(batch)
             if record is not None:
                 record.write(json.dumps({"step": batch["micro_step"] // accum + 1,
                                          "micro_step": batch["micro_step"], "keys": batch["key"]}) + "\n")
                 record.flush()
-            if "video" not in batch:
-                raise DataError(f"every sample of micro-step {batch['micro_step']} on rank {info.rank} failed: "
-                                + "; ".join(f"{e['shard']}: {e['reason']}" for e in batch["errors"]))
             yield batch
 
     def _save(self, step: int, samples: int, run_id: str | None) -> None:
         cfg = self.cfg
+        self.guard.check_finite(step)
         accum = int(cfg.train.grad_accum_steps)
         state = {"step": step, "samples": samples, "mlflow_run_id": run_id, "world_size": self.info.world_size,
                  "data_cursor": {"micro_step": step * accum, "streams": int(cfg.data.streams), "seed": int(cfg.seed)},
-                 "config": OmegaConf.to_container(cfg, resolve=True)}
+                 "config": self._resolved(), "data_manifest": manifest_digest(shard_source(cfg))}
         seconds = self.checkpointer.save(self.engine, step, state)
         delay = OmegaConf.select(cfg, "cluster.signal_delay_s")
         if delay and seconds > 0.5 * delay:
             log.warning("saving took %.0f s, over half of cluster.signal_delay_s=%s: a save on preemption "
                         "may not finish before the job is killed; raise the signal delay", seconds, delay)
         self.tracker.log_metrics({"checkpoint_save_s": seconds}, step, replayed=True)
+
+    def _warn_if_slow_to_stop(self) -> None:
+        """After a signal: the save and the bounded MLflow delivery must fit the signal's notice."""
+        delay = OmegaConf.select(self.cfg, "cluster.signal_delay_s")
+        spent = time.time() - (self.stop.received_at or time.time())
+        if delay and spent > 0.5 * delay:
+            log.warning("from the signal to requeueing took %.0f s (save and MLflow delivery), over half of "
+                        "cluster.signal_delay_s=%s: raise the signal delay", spent, delay)
 
     def _enter(self, stage: Stage, step: int, bad: BadSamples, count: int) -> tuple[Stage, Iterator[dict]]:
         """Start (or resume into) a curriculum stage: the model's sequence settings and a loader
@@ -180,7 +241,7 @@ class Trainer:
     def _stop_outcome(self, signum: int | None) -> str:
         """Why a signal stopped the job. Slurm sends the same USR2 before the time limit and on
         preemption; one that comes when the limit is near is the limit's."""
-        if signum != signal.SIGUSR2:
+        if signum != self.stop.preempt:
             return "terminated"
         limit_min = OmegaConf.select(self.cfg, "cluster.time_min")
         delay_s = OmegaConf.select(self.cfg, "cluster.signal_delay_s") or 0
@@ -208,19 +269,17 @@ class Trainer:
             all_stages, stage, batches = stages(cfg), None, iter(())
             progress = tqdm(total=cfg.train.max_steps, initial=step, desc=self.task.name, unit="step",
                             disable=not info.is_main, dynamic_ncols=True, mininterval=1.0)
-            first_step = True
+            first_step, count_flops = True, True
             while step < cfg.train.max_steps:
-                count_flops = first_step
                 current = stage_at(all_stages, step)
                 if stage != current:
                     stage, batches = self._enter(current, step, bad, len(all_stages))
                     count_flops = True  # a stage's sequences cost differently: count them again
-                waited_for_data = 0.0
-                for micro in range(accum):
-                    asked = time.perf_counter()
-                    batch = next(batches)
-                    waited_for_data += time.perf_counter() - asked
-                    self.telemetry.add_micro_step(self._micro_step(batch, count_flops=count_flops and micro == 0))
+                asked = time.perf_counter()
+                micro_batches = [next(batches) for _ in range(accum)]
+                waited_for_data = time.perf_counter() - asked
+                if self._step(step + 1, micro_batches, count_flops):
+                    count_flops = False
                 step += 1
                 if first_step:
                     first_step = False
@@ -238,6 +297,8 @@ class Trainer:
                 stop = self.stop.agreed(engine.device)
                 if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps or stop:
                     self._save(step, samples, run_id)
+                    # a signal that came during the save: that checkpoint is the one to stop on
+                    stop = stop or self.stop.agreed(engine.device)
                 if stop:
                     waited = time.time() - (self.stop.received_at or time.time())
                     log.warning("stopped by %s at step %d: checkpoint committed %.2f s after the signal",
@@ -252,11 +313,16 @@ class Trainer:
             reason = f"{type(err).__name__}: {err}"
             raise
         finally:
-            self.tracker.finish(status)
+            # after a signal the job has seconds left: what MLflow has not taken by then stays
+            # in the outbox for the next job
+            self.tracker.finish(status, timeout_s=STOP_DELIVERY_S if stop else 30.0)
             outcome = {"FINISHED": "finished", "FAILED": "failed"}.get(status)
             outcome = outcome or self._stop_outcome(stop)
             self.journal.end(outcome, step, reason)
+            if not stop:  # a requeue hands the run dir to this job's next run, which takes it over
+                self.lock.release()
         if stop:
+            self._warn_if_slow_to_stop()
             self.stop.hand_over(stop, requeue=bool(OmegaConf.select(self.cfg, "cluster.requeue", default=True)))
         self.stop.uninstall()
         return {"step": step, "samples": samples, "run_dir": str(self.run_dir), "mlflow_run_id": run_id}

@@ -1,0 +1,128 @@
+"""Shard members read where they lie, not loaded: a tar's index from its headers, and each
+member opened as a window onto the tar file.
+
+WebDataset streams a tar by reading every byte of every member into memory. A data worker
+decodes only every N-th step and a decode reads only the part of a video its window needs, so
+for local shards the stream reads the tar's headers (seeking past the data: 512 bytes a member),
+keeps where each member lies, and a decode opens just its own members. What a worker holds
+for a shard is its index, never its videos. Members are grouped into samples by WebDataset's
+own rule (`group_by_keys`), so keys and suffixes are the same as in a streamed read.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Iterator
+
+from webdataset.tariterators import group_by_keys
+
+
+@dataclass(frozen=True)
+class Member:
+    """One file inside a tar shard: where its bytes lie."""
+
+    path: str
+    offset: int
+    size: int
+
+    def open(self) -> BinaryIO:
+        """A seekable, read-only file of the member's bytes (nothing is read until asked)."""
+        return io.BufferedReader(_Window(self.path, self.offset, self.size), buffer_size=1 << 16)
+
+    def read(self) -> bytes:
+        with self.open() as handle:
+            return handle.read()
+
+
+class _Window(io.RawIOBase):
+    """Bytes [offset, offset + size) of a file, as a file of their own."""
+
+    def __init__(self, path: str, offset: int, size: int) -> None:
+        super().__init__()
+        self._fd = os.open(path, os.O_RDONLY)
+        self._offset, self._size, self._position = offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        wanted = min(len(buffer), self._size - self._position)
+        if wanted <= 0:
+            return 0
+        data = os.pread(self._fd, wanted, self._offset + self._position)
+        buffer[:len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
+def member_size(value: bytes | Member) -> int:
+    return value.size if isinstance(value, Member) else len(value)
+
+
+def member_bytes(value: bytes | Member) -> bytes:
+    return value.read() if isinstance(value, Member) else value
+
+
+def member_source(value: bytes | Member) -> BinaryIO:
+    """A file of the member's bytes for a decoder to open: the member's window onto the shard,
+    or the bytes already in memory."""
+    return value.open() if isinstance(value, Member) else io.BytesIO(value)
+
+
+def can_index(url: str) -> bool:
+    """A local, uncompressed tar: its members can be read where they lie."""
+    if not os.path.isfile(url):
+        return False
+    try:
+        with open(url, "rb") as handle:
+            header = handle.read(tarfile.BLOCKSIZE)
+        tarfile.TarInfo.frombuf(header, tarfile.ENCODING, "surrogateescape")
+    except (OSError, tarfile.HeaderError):
+        return False
+    return True
+
+
+def indexed_samples(url: str) -> Iterator[dict]:
+    """The samples of a local tar in order, each a dict of suffix -> Member plus `__key__` and
+    `__url__`. A tar that ends early (cut mid-member, a header whose size runs past the end of
+    the file) raises tarfile.ReadError after its last complete sample."""
+    members: list[dict] = []
+    failure: Exception | None = None
+    info = None
+    with tarfile.open(url, mode="r:") as tar:
+        try:
+            while (info := tar.next()) is not None:
+                if info.isreg():
+                    members.append({"fname": info.name, "data": Member(url, info.offset_data, info.size),
+                                    "__url__": url})
+        except (tarfile.TarError, MemoryError, OverflowError, ValueError) as err:
+            # a header that lies (a size past the end, a terabyte of extended header): the tar ends here
+            failure = tarfile.ReadError(f"{type(err).__name__} after {info.name if info else 'the start'}: {err}")
+    if failure is None and members and members[-1]["data"].offset + members[-1]["data"].size > os.path.getsize(url):
+        failure = tarfile.ReadError(f"unexpected end of data in {members[-1]['fname']}")
+    samples = list(group_by_keys(iter(members)))
+    if failure is not None:
+        # the last sample holds the member the tar was cut in: it is not whole
+        samples = samples[:-1]
+    yield from samples
+    if failure is not None:
+        raise failure

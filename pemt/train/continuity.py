@@ -1,0 +1,79 @@
+"""A resumed run trains what its checkpoint was training, or says plainly what changed.
+
+On resume the checkpoint's resolved config is compared with the new one. Keys that only say how
+or where the run executes (the keys left out of run names: resources, intervals, paths,
+tracking) may change freely; any other difference is refused with the keys named, unless the
+user accepts them with `train.allow_config_change=[key, ...]` (a key accepts everything below
+it). A shard folder whose manifest changed under the run is refused the same way (accept it as
+`data.shards`). A longer or shorter `train.max_steps` stretches the cosine schedule: the log says
+by how much the learning rate moves at the step the run resumes from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from pemt.config import ConfigError
+from pemt.track.tracker import flatten
+from pemt.train.optimizer import lr_factor
+
+log = logging.getLogger(__name__)
+
+# How a run executes, not what it learns; they may differ from the checkpoint's.
+EXECUTION_KEYS = ("nodes", "gpus_per_node", "cluster", "preflight", "paths", "run_dir", "mlflow", "metrics",
+                  "train.max_steps", "train.log_every", "train.checkpoint_every", "train.keep_last",
+                  "train.keep_every", "train.record_samples", "train.collective_timeout_min",
+                  "train.max_skipped_steps", "train.allow_config_change", "data.num_workers",
+                  "data.decode_threads", "data.shards", "eval.every", "eval.batch_size", "profile")
+
+
+def _under(key: str, prefixes: Any) -> bool:
+    return any(key == p or key.startswith(f"{p}.") for p in prefixes)
+
+
+def manifest_digest(folder: str | Path) -> str | None:
+    """sha256 of a shard folder's manifest: it fixes every sample's place in the order."""
+    path = Path(folder) / "manifest.json"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def check_continuity(saved: dict[str, Any], cfg: DictConfig, current_config: dict[str, Any],
+                     current_manifest: str | None, step: int) -> None:
+    """Raise ConfigError naming what changed in what is learned since the checkpoint (`saved`: its
+    trainer state, with the resolved config and the manifest digest)."""
+    allowed = [str(k) for k in (OmegaConf.select(cfg, "train.allow_config_change") or [])]
+    before, now = flatten(saved.get("config") or {}), flatten(current_config)
+    changed = sorted(k for k in before.keys() & now.keys()
+                     if before[k] != now[k] and not _under(k, EXECUTION_KEYS) and not _under(k, allowed))
+    if saved.get("data_manifest") and saved["data_manifest"] != current_manifest and not _under("data.shards", allowed):
+        changed.append("data.shards (its manifest.json changed)")
+    if changed:
+        shown = "; ".join(f"{k}: {before.get(k, '?')} -> {now.get(k, '?')}" for k in changed if k in before) or ""
+        raise ConfigError(
+            f"resuming would change what the run learns: {', '.join(changed)}" + (f" ({shown})" if shown else "")
+            + ". Use the checkpoint's values, start a new run (another run_dir), or accept the change with "
+            f"train.allow_config_change=[{','.join(k.split(' ')[0] for k in changed)}]")
+    accepted = sorted(k for k in before.keys() & now.keys() if before[k] != now[k] and _under(k, allowed))
+    if accepted:
+        log.warning("resuming with changes accepted by train.allow_config_change: %s", ", ".join(accepted))
+    new = sorted(k for k in now.keys() - before.keys() if not _under(k, EXECUTION_KEYS))
+    if before and new:
+        log.warning("keys the checkpoint's config did not have, taken as they are now: %s", ", ".join(new))
+    _report_schedule(saved.get("config") or {}, cfg, step)
+
+
+def _report_schedule(saved: dict[str, Any], cfg: DictConfig, step: int) -> None:
+    train = saved.get("train") or {}
+    if "max_steps" not in train or int(train["max_steps"]) == int(cfg.train.max_steps):
+        return
+    warmup, lr = int(cfg.train.warmup_steps), float(cfg.train.lr)
+    before = lr * lr_factor(step, warmup, int(train["max_steps"]))
+    after = lr * lr_factor(step, warmup, int(cfg.train.max_steps))
+    log.warning("train.max_steps %s -> %s: the cosine schedule now decays over %d steps instead of %d; at step %d "
+                "the learning rate goes from %.3g to %.3g", train["max_steps"], cfg.train.max_steps,
+                int(cfg.train.max_steps) - warmup, int(train["max_steps"]) - warmup, step, before, after)
