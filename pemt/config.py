@@ -105,7 +105,7 @@ def _positive_int(cfg: DictConfig, key: str) -> int:
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the key and value if `cfg` cannot run."""
     for key in ("nodes", "gpus_per_node", "train.max_steps", "train.log_every",
-                "train.checkpoint_every", "train.global_batch_size", "train.grad_accum_steps",
+                "train.checkpoint_every", "train.global_batch_size", "train.grad_accum_steps", "train.keep_last",
                 "data.clips", "data.frames_per_clip"):
         _positive_int(cfg, key)
     world = world_size(cfg)

@@ -96,3 +96,24 @@ def test_missing_shards_or_manifest_name_the_place(tmp_path: Path) -> None:
     (tmp_path / "bare" / "manifest.json").write_text('{"shards": [{"name": "a.tar"}]}')
     with pytest.raises(ValueError, match="not a shard manifest"):
         read_manifest(tmp_path / "bare")
+
+
+def test_the_sync_task_hides_the_class_from_each_modality_alone() -> None:
+    """The class is which shape flashes with which tone: every video also shows a decoy shape and
+    plays a decoy tone, so the shapes seen and the tones heard do not give it; their timing does."""
+    spec = SyntheticSpec(videos=64, classes=32, seconds=4.0, task="sync")
+    metas = [render(spec, i)[2] for i in range(64)]
+    assert len({m["label"] for m in metas}) > 20, "labels spread over the 32 classes"
+    for meta in metas:
+        assert meta["decoy_shape"] != meta["shape"] and meta["decoy_pitch_hz"] != meta["pitch_hz"]
+    for index in (5, 6, 7):
+        frames, audio, meta = render(spec, index)
+        slot_frames, slot_samples = int(0.5 * spec.source_fps), int(0.5 * spec.sample_rate)
+        tone = [audio[s * slot_samples:(s + 1) * slot_samples].std() > 0.1 for s in range(8)]
+        flash = [frames[s * slot_frames:(s + 1) * slot_frames].max() > 180 for s in range(8)]
+        assert sum(tone) == 4 and sum(flash) == 4, "2 synced events, a decoy tone twice, a decoy flash twice"
+        together = [s for s in range(8) if tone[s] and flash[s]]
+        assert together == meta["synced_slots"], "only the class's pair flashes and sounds together"
+    assert SyntheticSpec().digest() == "be4069c12f93", "sets made before the task existed keep their folder"
+    with pytest.raises(ValueError, match="at most 32"):
+        SyntheticSpec(classes=40, task="sync")

@@ -198,8 +198,15 @@ def check(cfg: DictConfig) -> Plan:
     disk = _check_writable(run_dir / "checkpoints", "checkpoint dir")
     parameters = _parameter_count(cfg)
     checkpoint = parameters * CHECKPOINT_BYTES_PER_PARAM
-    # Steady state: keep_last checkpoints plus the one being written; what exists already counts.
-    needed = (int(cfg.train.keep_last) + 1) * checkpoint - _bytes_under(run_dir / "checkpoints")
+    # Steady state: keep_last checkpoints plus the one being written. Committed ones count towards
+    # it; leftovers (unfinished saves, conversion caches) do not: retention deletes them only once
+    # a newer checkpoint is durable, so until then they take room of their own.
+    from pemt.train.checkpoint import Checkpointer
+
+    checkpoints = Checkpointer(run_dir / "checkpoints")
+    committed = sum(_bytes_under(c.path) for c in checkpoints.committed())
+    leftovers = checkpoints.leftover_bytes()
+    needed = (int(cfg.train.keep_last) + 1) * checkpoint - committed
     free = shutil.disk_usage(disk).free
     if needed > free:
         raise ConfigError(
@@ -213,7 +220,9 @@ def check(cfg: DictConfig) -> Plan:
         free_gib=free / GIB, run_dir=run_dir, partition=_check_partition(cfg),
         experiment=str(cfg.mlflow.experiment), tracking_uri=str(cfg.mlflow.tracking_uri),
         init=_check_finetune(cfg) if "task" in cfg else None,
-        warnings=tuple(transform_warnings(cfg.data.shards, cfg.data)) if cfg.data.name != "synthetic" else (),
+        warnings=(*(transform_warnings(cfg.data.shards, cfg.data) if cfg.data.name != "synthetic" else ()),
+                  *([f"{leftovers / GIB:.2f} GiB of unfinished saves and conversion caches under "
+                     f"{run_dir / 'checkpoints'}: deleted once the next checkpoint commits"] if leftovers else ())),
     )
 
 

@@ -1,9 +1,16 @@
 """Synthetic audio-visual videos with structure a model can learn, written as shards.
 
-Each of K classes pairs a visual pattern (a shape of one colour moving at one speed) with a
-sound (a tone of one pitch, beating in one range of tempi). Within a video the shape flashes in
-time with the beats, at a per-video tempo and phase, so which audio belongs to which video is
-learnable from timing as well as from class. Everything is deterministic from the seed.
+Two tasks (`data.synthetic.task`):
+- `classes`: each of K classes pairs a visual pattern (a shape of one colour moving at one speed)
+  with a sound (a tone of one pitch, beating in one range of tempi). Within a video the shape
+  flashes in time with the beats, at a per-video tempo and phase. Either modality alone (even a
+  colour histogram) tells the class: easy, and probes saturate on it.
+- `sync`: the class is which of 4 shapes flashes *in time with* which of 8 tones (32 classes).
+  Every video also shows a decoy shape flashing off the beat and plays a decoy tone with no flash,
+  over moving distractors and noise, colours drawn at random: the picture alone shows two shapes,
+  the sound two tones, and only their synchrony says which pair is the class (a probe on either
+  modality is capped near 1/16 and 1/8, on both without timing near 1/4).
+Everything is deterministic from the seed.
 """
 
 from __future__ import annotations
@@ -36,9 +43,24 @@ class SyntheticSpec:
     sample_rate: int = 16000
     videos_per_shard: int = 8
     seed: int = 0
+    task: str = "classes"   # classes | sync
+
+    def __post_init__(self) -> None:
+        if self.task not in ("classes", "sync"):
+            raise ValueError(f"data.synthetic.task={self.task!r}: choose classes or sync")
+        if self.task == "sync" and not 2 <= self.classes <= len(_SHAPES) * len(_SYNC_PITCHES):
+            raise ValueError(f"data.synthetic.classes={self.classes}: the sync task has at most "
+                             f"{len(_SHAPES) * len(_SYNC_PITCHES)} (shape, tone) pairs")
+
+    def described(self) -> dict:
+        """The spec as recorded (the default task left out, so sets made before it existed keep their name)."""
+        facts = asdict(self)
+        if self.task == "classes":
+            facts.pop("task")
+        return facts
 
     def digest(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return hashlib.sha1(json.dumps(self.described(), sort_keys=True).encode()).hexdigest()[:12]
 
 
 _COLOURS = np.array(
@@ -48,6 +70,9 @@ _COLOURS = np.array(
 
 
 _SHAPES = ("square", "disc", "bar", "cross")
+_SYNC_PITCHES = tuple(300.0 * 2 ** (i / 2.5) for i in range(8))   # 300 Hz to 2.1 kHz, clearly apart
+SYNC_SLOT_S = 0.5     # events start on a half-second grid (a clip of the default window)
+SYNC_FLASH_S = 0.25   # how long a flash or a tone lasts
 
 
 @dataclass(frozen=True)
@@ -81,7 +106,12 @@ def _shape_mask(shape: str, side: int) -> np.ndarray:
 
 
 def render(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Frames (N, H, W, 3) uint8, mono audio (S,) float32 and metadata for one video.
+    """Frames (N, H, W, 3) uint8, mono audio (S,) float32 and metadata for one video."""
+    return render_sync(spec, index) if spec.task == "sync" else render_classes(spec, index)
+
+
+def render_classes(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The `classes` task: frames, audio and metadata for one video.
 
     The shape flashes on the beats of the tone: per-video tempo and phase within the class's
     rhythm, so audio and video of one video are in sync and other pairings mostly are not.
@@ -109,6 +139,61 @@ def render(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarray, dic
     audio = 0.4 * envelope * np.sin(2 * np.pi * style.pitch * t) + 0.01 * rng.standard_normal(t.shape)
     meta = {"id": f"synthetic-{index:06d}", "label": label, "duration": spec.seconds,
             "fps": spec.source_fps, "source": "synthetic", "shape": style.shape, "beat_hz": beat_hz}
+    return frames, audio.astype(np.float32), meta
+
+
+def render_sync(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The `sync` task: class = (shape, tone) that flash and sound together; a decoy shape flashes
+    off the beat, a decoy tone sounds without a flash, distractors move over noise."""
+    rng = np.random.default_rng([spec.seed, index, 7])
+    label = int(rng.integers(spec.classes))
+    shape, pitch = label % len(_SHAPES), label // len(_SHAPES)
+    decoy_shape = int(rng.choice([s for s in range(len(_SHAPES)) if s != shape]))
+    decoy_pitch = int(rng.choice([p for p in range(len(_SYNC_PITCHES)) if p != pitch]))
+    slots = int(spec.seconds / SYNC_SLOT_S)
+    if slots < 6:
+        raise ValueError(f"data.synthetic.seconds={spec.seconds}: the sync task needs at least {6 * SYNC_SLOT_S} s")
+    order = rng.permutation(slots)
+    synced, flash_only, tone_only = order[:2], order[2:4], order[4:6]
+    jitter = rng.uniform(0.0, SYNC_SLOT_S - SYNC_FLASH_S, size=slots)
+    flashes = {shape: [(s * SYNC_SLOT_S + jitter[s]) for s in synced],
+               decoy_shape: [(s * SYNC_SLOT_S + jitter[s]) for s in flash_only]}
+    tones = {pitch: [(s * SYNC_SLOT_S + jitter[s]) for s in synced],
+             decoy_pitch: [(s * SYNC_SLOT_S + jitter[s]) for s in tone_only]}
+
+    n_frames, size = int(round(spec.seconds * spec.source_fps)), spec.size
+    side = max(6, size // 4)
+    colours = _COLOURS[rng.permutation(len(_COLOURS) - 1)[:2]]         # random (and bright): colour says nothing
+    corners = rng.permutation([(2, 2), (2, size - side - 2), (size - side - 2, 2), (size - side - 2, size - side - 2)])
+    places = {shape: corners[0], decoy_shape: corners[1]}
+    tint = {shape: colours[0], decoy_shape: colours[1]}
+    yy, xx = np.mgrid[:size, :size]
+    blobs = rng.uniform(0, size, size=(2, 2)), rng.uniform(-8, 8, size=(2, 2))   # distractors: place, velocity
+    base = rng.uniform(10, 40, size=(size, size, 3)).astype(np.float32)
+    frames = np.empty((n_frames, size, size, 3), dtype=np.uint8)
+    for i in range(n_frames):
+        t = i / spec.source_fps
+        frame = base + rng.normal(0, 6, size=base.shape).astype(np.float32)
+        for (y, x), (vy, vx) in zip(*blobs):
+            cy, cx = (y + vy * t) % size, (x + vx * t) % size
+            frame[(yy - cy) ** 2 + (xx - cx) ** 2 <= (size / 8) ** 2] += 60
+        for which, times in flashes.items():
+            lit = any(start <= t < start + SYNC_FLASH_S for start in times)
+            y0, x0 = places[which]
+            region = frame[y0:y0 + side, x0:x0 + side]
+            region[_shape_mask(_SHAPES[which], side)] = tint[which] * (1.0 if lit else 0.3)
+        frames[i] = frame.clip(0, 255).astype(np.uint8)
+
+    t = np.arange(int(spec.seconds * spec.sample_rate)) / spec.sample_rate
+    audio = 0.03 * rng.standard_normal(t.shape)
+    for which, times in tones.items():
+        for start in times:
+            on = (t >= start) & (t < start + SYNC_FLASH_S)
+            audio[on] += 0.4 * np.sin(2 * np.pi * _SYNC_PITCHES[which] * t[on])
+    meta = {"id": f"synthetic-{index:06d}", "label": label, "duration": spec.seconds, "fps": spec.source_fps,
+            "source": "synthetic-sync", "shape": _SHAPES[shape], "pitch_hz": _SYNC_PITCHES[pitch],
+            "decoy_shape": _SHAPES[decoy_shape], "decoy_pitch_hz": _SYNC_PITCHES[decoy_pitch],
+            "synced_slots": sorted(int(s) for s in synced)}
     return frames, audio.astype(np.float32), meta
 
 
@@ -168,7 +253,7 @@ def generate(spec: SyntheticSpec, out_dir: Path, progress: bool = True) -> Path:
     samples = (make_sample(spec, i) for i in range(spec.videos))
     samples = tqdm(samples, total=spec.videos, desc="synthetic videos", disable=not progress)
     write_shards(samples, staging, samples_per_shard=spec.videos_per_shard,
-                 extra={"synthetic": asdict(spec)})
+                 extra={"synthetic": spec.described()})
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
         staging.rename(out_dir)

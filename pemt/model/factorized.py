@@ -9,6 +9,7 @@ bias) or `input` (shared in->rank, private rank->out).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,9 +23,17 @@ class Factorization:
     rank: int = 128
     shared: str = "output"        # output | input: the side every modality shares
     inner: str = "orthogonal"     # orthogonal | free
-    normalize: bool = True        # L2-normalise after the first projection, as the public code does
+    # After the first projection: "unit" L2-normalises (the public code: a unit vector, so each of its
+    # rank coordinates is ~1/sqrt(rank) and the layer's output ~sqrt(rank) times smaller than a dense
+    # layer's), "rms" normalises to unit RMS (the direction alone, at a dense layer's scale), "none".
+    # true/false mean unit/none.
+    normalize: bool | str = True
 
     def __post_init__(self) -> None:
+        mode = {True: "unit", False: "none"}.get(self.normalize, self.normalize)
+        if mode not in ("unit", "rms", "none"):
+            raise ValueError(f"factorized.normalize={self.normalize!r}: choose unit, rms or none (true: unit)")
+        object.__setattr__(self, "normalize", mode)
         if self.shared not in ("output", "input"):
             raise ValueError(f"factorized.shared={self.shared!r}: choose output or input")
         if self.inner not in ("orthogonal", "free"):
@@ -64,8 +73,10 @@ class FactorizedDense(nn.Module):
 
     def forward(self, x: torch.Tensor, modality: int = 0) -> torch.Tensor:
         hidden = self._pick(self.first, modality)(x)
-        if self.spec.normalize:
+        if self.spec.normalize != "none":
             hidden = F.normalize(hidden, dim=-1)
+            if self.spec.normalize == "rms":
+                hidden = hidden * math.sqrt(hidden.shape[-1])
         return self._pick(self.last, modality)(self.inner[modality](hidden))
 
 

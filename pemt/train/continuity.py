@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 # How a run executes, not what it learns; they may differ from the checkpoint's.
 EXECUTION_KEYS = ("nodes", "gpus_per_node", "cluster", "preflight", "paths", "run_dir", "mlflow", "metrics",
                   "train.max_steps", "train.log_every", "train.checkpoint_every", "train.keep_last",
-                  "train.keep_every", "train.record_samples", "train.collective_timeout_min",
+                  "train.keep_every", "train.async_checkpoint", "train.record_samples", "train.collective_timeout_min",
                   "train.max_skipped_steps", "train.allow_config_change", "data.num_workers",
                   "data.decode_threads", "data.shards", "eval.every", "eval.batch_size", "profile")
 

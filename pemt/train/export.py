@@ -14,7 +14,8 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from pemt.train.checkpoint import Checkpointer, glob_safe, verify
+from pemt.train.checkpoint import Checkpointer, verify
+from pemt.train.universal import glob_safe
 
 
 def consolidated_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

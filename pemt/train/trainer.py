@@ -27,7 +27,7 @@ from pemt.ownership import RunBusy, RunLock, describe
 from pemt.track.context import redact_config
 from pemt.track.metrics import counting_flops
 from pemt.track.tracker import MlflowTracker
-from pemt.train.checkpoint import Checkpointer
+from pemt.train.checkpoint import CheckpointError, Checkpointer
 from pemt.train.continuity import check_continuity, manifest_digest
 from pemt.train.curriculum import Stage, stage_at, stage_data_config, stages
 from pemt.train.engine_config import deepspeed_config
@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 SLURM_TIMER_SLACK_S = 60
 # How long a job stopped by a signal waits for MLflow before it requeues.
 STOP_DELIVERY_S = 5.0
+# How long a job stopped by a signal waits for the checkpoint being written in the background
+# before it gives it up and writes its final one.
+STOP_SETTLE_S = 30.0
 
 
 def _shared_run_id(run_id: str | None, info: DistInfo) -> str | None:
@@ -73,7 +76,8 @@ class Trainer:
         self.stop = StopRequest()
         self.stop.install()
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep_last=int(cfg.train.keep_last),
-                                         keep_every=int(cfg.train.keep_every))
+                                         keep_every=int(cfg.train.keep_every),
+                                         asynchronous=bool(cfg.train.async_checkpoint))
         self.resume_from = self.checkpointer.select()
         self.elastic = bool(self.resume_from and self.resume_from.manifest["world_size"] != self.info.world_size)
         import deepspeed
@@ -87,6 +91,7 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=engine_config
         )
+        self.checkpointer.attach(self.engine)
         self.dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
         self.tracker = MlflowTracker(cfg, self.run_dir, enabled=self.info.is_main)
         self.telemetry = Telemetry(cfg, self.engine.device, self.dtype, self.info.world_size)
@@ -117,7 +122,7 @@ class Trainer:
     def _restore(self) -> dict[str, Any]:
         if self.resume_from is None:
             return {}
-        state = self.checkpointer.load(self.engine, self.resume_from, universal=self.elastic)
+        self.resume_from, state = self.checkpointer.load(self.engine, self.resume_from, universal=self.elastic)
         if self.elastic:
             # Per-rank random streams cannot carry over to another world size; reseed them
             # from the step so the continuation is still reproducible.
@@ -191,19 +196,27 @@ class Trainer:
                 record.flush()
             yield batch
 
-    def _save(self, step: int, samples: int, run_id: str | None) -> None:
+    def _save(self, step: int, samples: int, run_id: str | None, final: bool = False) -> None:
+        """Collective. A checkpoint at `step`: in the background, unless `final` (the last one, or
+        one on a signal), which is on disk when this returns."""
         cfg = self.cfg
         self.guard.check_finite(step)
         accum = int(cfg.train.grad_accum_steps)
         state = {"step": step, "samples": samples, "mlflow_run_id": run_id, "world_size": self.info.world_size,
                  "data_cursor": {"micro_step": step * accum, "streams": int(cfg.data.streams), "seed": int(cfg.seed)},
                  "config": self._resolved(), "data_manifest": manifest_digest(shard_source(cfg))}
-        seconds = self.checkpointer.save(self.engine, step, state)
+        report = self.checkpointer.save(self.engine, step, state, final=final)
         delay = OmegaConf.select(cfg, "cluster.signal_delay_s")
-        if delay and seconds > 0.5 * delay:
+        if delay and not report.asynchronous and report.stall_s > 0.5 * delay:
             log.warning("saving took %.0f s, over half of cluster.signal_delay_s=%s: a save on preemption "
-                        "may not finish before the job is killed; raise the signal delay", seconds, delay)
-        self.tracker.log_metrics({"checkpoint_save_s": seconds}, step, replayed=True)
+                        "may not finish before the job is killed; raise the signal delay", report.stall_s, delay)
+        if final and not report.committed:
+            raise CheckpointError(f"the checkpoint at step {step} could not be written (see above); the previous "
+                                  "one stays `latest`")
+        timing = {"checkpoint_save_s": report.stall_s, "checkpoint_failures": self.checkpointer.failures}
+        if report.asynchronous:
+            timing["checkpoint_host_copy_gib"] = report.host_copy_bytes / 2**30
+        self.tracker.log_metrics(timing, step, replayed=True)
 
     def _warn_if_slow_to_stop(self) -> None:
         """After a signal: the save and the bounded MLflow delivery must fit the signal's notice."""
@@ -295,10 +308,16 @@ class Trainer:
                     if evaluated:
                         self.tracker.log_metrics(evaluated, step)
                 stop = self.stop.agreed(engine.device)
-                if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps or stop:
-                    self._save(step, samples, run_id)
+                final = step == cfg.train.max_steps or bool(stop)
+                if stop:  # what is in flight is finished, or given up within its share of the notice
+                    self.checkpointer.settle(timeout_s=STOP_SETTLE_S)
+                if step % cfg.train.checkpoint_every == 0 or final:
+                    self._save(step, samples, run_id, final=final)
                     # a signal that came during the save: that checkpoint is the one to stop on
-                    stop = stop or self.stop.agreed(engine.device)
+                    if not stop:
+                        stop = self.stop.agreed(engine.device)
+                        if stop:  # ... once it is written, if it went to the background
+                            self.checkpointer.settle()
                 if stop:
                     waited = time.time() - (self.stop.received_at or time.time())
                     log.warning("stopped by %s at step %d: checkpoint committed %.2f s after the signal",
@@ -315,6 +334,7 @@ class Trainer:
         finally:
             # after a signal the job has seconds left: what MLflow has not taken by then stays
             # in the outbox for the next job
+            self.checkpointer.settle()  # nothing left half-written in the background
             self.tracker.finish(status, timeout_s=STOP_DELIVERY_S if stop else 30.0)
             outcome = {"FINISHED": "finished", "FAILED": "failed"}.get(status)
             outcome = outcome or self._stop_outcome(stop)

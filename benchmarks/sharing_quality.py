@@ -1,0 +1,308 @@
+"""Does sharing (and factorising) the transformers cost what they learn? Measured on a task only
+audio-visual synchrony solves.
+
+    python benchmarks/sharing_quality.py                 # the table: ~2 h of 2 cores; continues where it stopped
+    python benchmarks/sharing_quality.py --quick         # a smoke run of the whole path (minutes)
+
+Data: `data.synthetic.task=sync` (32 classes: which of 4 shapes flashes in time with which of 8
+tones, under a decoy shape flashing off the beat, a decoy tone without a flash, moving distractors
+and noise; neither modality alone nor the pair without timing gives the class). Model: the tiny
+CNNs with transformers of hidden 256, 4 layers, 4 heads, FFN 512. Every variant pretrains through
+launch/pretrain.py with the same steps, batch, data and seeds (MLflow experiment `pemt-evidence`).
+
+Probe: the frozen model's features of every video (the multimodal transformer's BOS output and its
+mean visual and audio outputs, concatenated) are computed once per model; a multinomial logistic
+regression (L-BFGS, weight decay) is fit on the features of k videos per class (k = 2, 4, 8; three
+draws each, averaged) and of all training videos, and scored on a fixed held-out set. Random
+initialisations of each shape give the floor. Each pretraining run and each probe is cached in
+`<root>/rows.json`, so an interrupted build continues where it stopped.
+Writes benchmarks/results/sharing_quality.{md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RUN_LINE = re.compile(r"pemt: run at step (\d+) in (.+) \(MLflow run (\w+)\)")
+FACTORIZED = "[layer,cross,factorized]"
+# name: overrides (each also pretrained from scratch with the same budget)
+VARIANTS = {
+    "none": ["model.sharing=[]"],
+    "layer": ["model.sharing=[layer]"],
+    "layer+cross": ["model.sharing=[layer,cross]"],
+    "factorized r32": [f"model.sharing={FACTORIZED}", "model.factorized.rank=32"],
+    "factorized r64": [f"model.sharing={FACTORIZED}", "model.factorized.rank=64"],
+    "factorized r64, uniform negatives": [f"model.sharing={FACTORIZED}", "model.factorized.rank=64",
+                                          "loss.sampling=uniform"],
+    "none, uniform negatives": ["model.sharing=[]", "loss.sampling=uniform"],
+    "factorized r64, free inner": [f"model.sharing={FACTORIZED}", "model.factorized.rank=64",
+                                   "model.factorized.inner=free"],
+    "factorized r64, not normalised": [f"model.sharing={FACTORIZED}", "model.factorized.rank=64",
+                                       "model.factorized.normalize=false"],
+    "factorized r64, input shared": [f"model.sharing={FACTORIZED}", "model.factorized.rank=64",
+                                     "model.factorized.shared=input"],
+    "factorized r64, rms-normalised": [f"model.sharing={FACTORIZED}", "model.factorized.rank=64",
+                                       "model.factorized.normalize=rms"],
+}
+RANDOM_OF = ["none", "layer", "layer+cross", "factorized r64"]   # random initialisations probed as floors
+SHOTS = (2, 4, 8)
+
+
+def model_overrides(args: argparse.Namespace) -> list[str]:
+    return [f"model.hidden_size={args.hidden}", f"model.num_layers={args.layers}", "model.num_heads=4",
+            f"model.ffn_size={2 * args.hidden}"]
+
+
+def data_overrides(args: argparse.Namespace, videos: int, seed: int) -> list[str]:
+    return ["data.synthetic.task=sync", "data.synthetic.classes=32", f"data.synthetic.videos={videos}",
+            "data.synthetic.seconds=4.0", f"data.synthetic.videos_per_shard={max(1, videos // 32)}",
+            f"data.synthetic.seed={seed}", "data.clips=8", "data.frames_per_clip=4", "data.fps=8"]
+
+
+def pretrain_overrides(args: argparse.Namespace, root: Path, variant: str, seed: int) -> list[str]:
+    return [f"paths.root={root}", "mlflow.experiment=pemt-evidence", "mlflow.system_metrics=false",
+            "gpus_per_node=1", f"seed={seed}", *data_overrides(args, args.videos, 0), *model_overrides(args),
+            *VARIANTS[variant], f"train.max_steps={args.steps}", f"train.checkpoint_every={args.steps}",
+            f"train.log_every={max(1, args.steps // 20)}", f"train.global_batch_size={args.batch}",
+            f"train.warmup_steps={max(1, args.steps // 20)}", "data.streams=8"]
+
+
+def launch(overrides: list[str]) -> tuple[Path, str, float]:
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), *overrides], cwd=REPO,
+                          capture_output=True, text=True)
+    found = RUN_LINE.search(done.stderr)
+    if done.returncode or not found:
+        sys.stderr.write(done.stderr[-4000:])
+        raise SystemExit(f"pretraining {' '.join(overrides)} failed (exit {done.returncode})")
+    return Path(found.group(2)), found.group(3), time.perf_counter() - started
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    import pemt.config  # noqa: F401
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose("pretrain", overrides=overrides)
+
+
+def videos_of(args: argparse.Namespace, root: Path, videos: int, seed: int) -> dict:
+    """Decoded clips and labels of a synthetic set (decoded once, cached as tensors)."""
+    import torch
+
+    cache = root / f"decoded-{videos}-{seed}.pt"
+    if cache.exists():
+        return torch.load(cache, weights_only=True)
+    from pemt.data.loader import clip_spec, decode_sample
+    from pemt.data.shards import read_manifest
+    from pemt.data.stream import shard_samples
+    from pemt.data.synthetic import ensure_synthetic_shards
+
+    cfg = _compose([f"paths.root={root}", *data_overrides(args, videos, seed)])
+    folder = ensure_synthetic_shards(cfg)
+    spec = clip_spec(cfg.data)
+    decoded = [decode_sample(sample, spec, window_seed=None)
+               for entry in read_manifest(folder)
+               for sample, _ in shard_samples(str(folder / entry["name"]), int(entry["samples"]))]
+    out = {"video": torch.stack([d["video"] for d in decoded]), "audio": torch.stack([d["audio"] for d in decoded]),
+           "label": torch.tensor([d["label"] for d in decoded])}
+    torch.save(out, cache)
+    return out
+
+
+def features(model, data: dict, batch: int = 64):
+    """The frozen model's features: fused BOS output, mean fused visual and audio outputs."""
+    import torch
+
+    from pemt.data.decode import video_to_float
+
+    backbone, outs = model.backbone, []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(data["label"]), batch):
+            video = video_to_float(data["video"][i:i + batch], "cpu", torch.float32)
+            visual, audio = backbone.embed_clips(video, data["audio"][i:i + batch])
+            visual_out = backbone.contextualise("visual", visual)[:, 1:]
+            audio_out = backbone.contextualise("audio", audio)[:, 1:]
+            fused = backbone.fuse(visual_out, audio_out)
+            length = visual.shape[1]
+            outs.append(torch.cat([fused[:, 0], fused[:, 1:1 + length].mean(1), fused[:, 2 + length:].mean(1)], 1))
+    return torch.cat(outs)
+
+
+def fit_probe(train_x, train_y, test_x, test_y, classes: int, weight_decay: float = 1e-3) -> float:
+    """Top-1 (%) of a multinomial logistic regression on standardised features."""
+    import torch
+
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    linear = torch.nn.Linear(train_x.shape[1], classes)
+    optimizer = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(linear(train_x), train_y) + weight_decay * linear.weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return 100.0 * float((linear(test_x).argmax(1) == test_y).float().mean())
+
+
+def probe_model(args: argparse.Namespace, root: Path, variant: str, seed: int, run_dir: Path | None) -> dict:
+    """Probe accuracies (full and k-shot) of a pretrained run, or of a random initialisation."""
+    import torch
+
+    from pemt.model.pretraining import build_pretraining_model
+
+    if run_dir is None:
+        torch.manual_seed(seed)
+        model = build_pretraining_model(_compose([*data_overrides(args, args.videos, 0), *model_overrides(args),
+                                                  *VARIANTS[variant]]))
+    else:
+        from omegaconf import OmegaConf
+
+        from pemt.train.export import consolidated_state
+
+        weights, saved = consolidated_state(run_dir)
+        model = build_pretraining_model(OmegaConf.create(saved["config"]))
+        model.load_state_dict(weights, strict=True)
+    train, test = videos_of(args, root, args.videos, 0), videos_of(args, root, args.test_videos, 1)
+    train_x, test_x = features(model, train), features(model, test)
+    train_y, test_y = train["label"], test["label"]
+    result = {"full": fit_probe(train_x, train_y, test_x, test_y, 32)}
+    for shots in SHOTS:
+        scores = []
+        for draw in range(3):
+            generator = torch.Generator().manual_seed(1000 * shots + draw)
+            chosen = torch.cat([torch.nonzero(train_y == c).squeeze(1)[
+                torch.randperm(int((train_y == c).sum()), generator=generator)[:shots]] for c in range(32)])
+            scores.append(fit_probe(train_x[chosen], train_y[chosen], test_x, test_y, 32))
+        result[f"{shots}-shot"] = statistics.mean(scores)
+    return result
+
+
+def transformer_params(args: argparse.Namespace, variant: str) -> int:
+    import torch
+
+    from pemt.model.params import count_parameters
+    from pemt.model.pretraining import build_pretraining_model
+
+    torch.manual_seed(0)
+    cfg = _compose([*data_overrides(args, args.videos, 0), *model_overrides(args), *VARIANTS[variant]])
+    return count_parameters(build_pretraining_model(cfg))["transformers"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=REPO / "outputs" / "sharing_quality")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--videos", type=int, default=1024, help="pretraining (and probe training) videos")
+    parser.add_argument("--test-videos", type=int, default=256, help="held-out videos (one video < 0.5 point)")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 variants, 1 seed, few steps and videos")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.videos, args.test_videos, args.seeds = 4, 64, 64, [0]
+        args.hidden, args.layers, args.batch, args.variants = 64, 2, 16, ["none", "factorized r64"]
+    from tqdm import tqdm
+
+    root = args.root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    settings = {k: getattr(args, k) for k in ("steps", "batch", "videos", "test_videos", "hidden", "layers")}
+    done_file = root / "rows.json"
+    rows = [r for r in (json.loads(done_file.read_text()) if done_file.exists() else []) if r["settings"] == settings]
+    wanted = [(v, s, False) for v in args.variants for s in args.seeds] + \
+             [(v, s, True) for v in RANDOM_OF if v in args.variants for s in args.seeds]
+    todo = [w for w in wanted if not any((r["variant"], r["seed"], r["random"]) == w for r in rows)]
+    for variant, seed, random_init in tqdm(todo, desc="pretraining runs and probes"):
+        row = {"variant": variant, "seed": seed, "random": random_init, "settings": settings, "pretrain_s": 0.0}
+        run_dir = None
+        if not random_init:
+            run_dir, row["run_id"], row["pretrain_s"] = launch(pretrain_overrides(args, root, variant, seed))
+        started = time.perf_counter()
+        row["probe"] = probe_model(args, root, variant, seed, run_dir)
+        row["probe_s"] = time.perf_counter() - started
+        rows.append(row)
+        kept = [r for r in (json.loads(done_file.read_text()) if done_file.exists() else []) if r["settings"] != settings]
+        done_file.write_text(json.dumps(kept + rows, indent=1))
+    params = {v: transformer_params(args, v) for v in args.variants}
+    table = render([r for r in rows if (r["variant"], r["seed"], r["random"]) in wanted], args, params)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "sharing_quality_quick" if args.quick else "sharing_quality"
+    (args.out / f"{name}.md").write_text(table)
+    plot(rows, args, params, args.out / f"{name}.png")
+    return 0
+
+
+def _stats(values: list[float]) -> str:
+    if not values:
+        return "-"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {spread:.1f}"
+
+
+def render(rows: list[dict], args: argparse.Namespace, params: dict[str, int]) -> str:
+    columns = ["full", *(f"{k}-shot" for k in SHOTS)]
+    lines = [f"# Sharing quality on the sync task\n",
+             f"{args.steps} pretraining steps x batch {args.batch}, {args.videos} videos (32 classes), held-out "
+             f"{args.test_videos}; transformers hidden {args.hidden}, {args.layers} layers; seeds "
+             f"{', '.join(map(str, args.seeds))}; probe top-1 % (mean ± sd over seeds; chance 3.1%)\n",
+             "| variant | transformer params | vs none | " + " | ".join(columns) + " | pretrain min |",
+             "|---|---:|---:|" + "---:|" * len(columns) + "---:|"]
+    none = params.get("none")
+    for random_init in (True, False):
+        for variant in args.variants:
+            mine = [r for r in rows if r["variant"] == variant and r["random"] == random_init]
+            if not mine:
+                continue
+            name = f"random init, {variant}" if random_init else variant
+            ratio = f"{params[variant] / none:.2f}" if none else "-"
+            cells = [_stats([r["probe"][c] for r in mine]) for c in columns]
+            minutes = statistics.mean(r["pretrain_s"] for r in mine) / 60
+            lines.append(f"| {name} | {params[variant] / 1e6:.2f}M | {ratio} | " + " | ".join(cells)
+                         + f" | {minutes:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], args: argparse.Namespace, params: dict[str, int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, column in zip(axes, ("8-shot", "full")):
+        for random_init, marker in ((False, "o"), (True, "x")):
+            for variant in args.variants:
+                mine = [r["probe"][column] for r in rows if r["variant"] == variant and r["random"] == random_init]
+                if mine:
+                    ax.errorbar(params[variant] / 1e6, statistics.mean(mine),
+                                yerr=statistics.stdev(mine) if len(mine) > 1 else 0, marker=marker, capsize=3,
+                                label=f"{'random ' if random_init else ''}{variant}")
+        ax.set(xscale="log", xlabel="transformer parameters (M)", ylabel=f"{column} probe top-1 (%)", title=column)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
