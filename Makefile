@@ -11,7 +11,7 @@ comma := ,
 # DeepSpeed JIT-compiles its ops once per machine; keep them in one project-owned place.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup run test clean
+.PHONY: setup run lint test clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml $(wildcard constraints/*.txt)
@@ -24,7 +24,13 @@ $(VENV)/.installed: pyproject.toml $(wildcard constraints/*.txt)
 run: setup
 	$(PY) launch/pretrain.py $(ARGS)
 
-test: setup
+# Lint, format and strict types on pemt/, before the tests
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -31,7 +31,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import pemt.config  # noqa: F401
-from pemt.model.pretraining import build_pretraining_model
+from pemt.model.factory import build_pretraining_model
 from pemt.train.checkpoint import Checkpointer
 
 HERE = Path(__file__).resolve().parent
@@ -40,8 +40,12 @@ REPO = HERE.parent
 
 def dd_write_mb_s(folder: Path, megabytes: int) -> float:
     target = folder / "dd.bin"
-    out = subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=1M", f"count={megabytes}", "conv=fdatasync"],
-                         capture_output=True, text=True, check=True).stderr
+    out = subprocess.run(
+        ["dd", "if=/dev/zero", f"of={target}", "bs=1M", f"count={megabytes}", "conv=fdatasync"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stderr
     target.unlink()
     seconds = float(re.search(r"copied, ([\d.]+) s", out).group(1))
     return megabytes * 2**20 / seconds / 1e6
@@ -67,14 +71,30 @@ def _rank_main(rank: int, model_name: str, folder: str, port: int, steps: int, e
 
     import deepspeed
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DS_ACCELERATOR="cpu",
+    )
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("pretrain", overrides=[f"model={model_name}", "data.clips=2", "data.frames_per_clip=2",
-                                             "data.crop=32", "gpus_per_node=2", "train.global_batch_size=2",
-                                             "data.streams=2"])
+        cfg = compose(
+            "pretrain",
+            overrides=[
+                f"model={model_name}",
+                "data.clips=2",
+                "data.frames_per_clip=2",
+                "data.crop=32",
+                "gpus_per_node=2",
+                "train.global_batch_size=2",
+                "data.streams=2",
+            ],
+        )
     torch.manual_seed(0)
     model = build_pretraining_model(cfg)
     optimizer = torch.optim.AdamW(model.parameters())
@@ -121,8 +141,11 @@ def _rank_main(rank: int, model_name: str, folder: str, port: int, steps: int, e
     gathered = [None, None]
     torch.distributed.all_gather_object(gathered, results)
     if rank == 0:
-        merged = {**gathered[0], "host_copy_bytes": sum(g["host_copy_bytes"] for g in gathered),
-                  "async_total_s": max(g["async_total_s"] for g in gathered)}
+        merged = {
+            **gathered[0],
+            "host_copy_bytes": sum(g["host_copy_bytes"] for g in gathered),
+            "async_total_s": max(g["async_total_s"] for g in gathered),
+        }
         (Path(folder) / "results.json").write_text(json.dumps(merged))
 
 
@@ -150,10 +173,19 @@ def _first_steps(db: Path) -> int:
 def preemption_timings(folder: Path) -> dict[str, float]:
     from mlflow.tracking import MlflowClient
 
-    cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), f"paths.root={folder / 'job'}",
-           "train.max_steps=400", "train.log_every=10", "train.checkpoint_every=1000"]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    cmd = [
+        sys.executable,
+        str(REPO / "launch" / "pretrain.py"),
+        f"paths.root={folder / 'job'}",
+        "train.max_steps=400",
+        "train.log_every=10",
+        "train.checkpoint_every=1000",
+    ]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     output = (folder / "job.log").open("w")
     job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
     db = folder / "job" / "mlflow.db"
@@ -164,7 +196,9 @@ def preemption_timings(folder: Path) -> dict[str, float]:
         if not signalled and logs and "first step" in logs[0].read_text():
             time.sleep(2)
             for proc in psutil.process_iter(["cmdline"]):
-                if "submitit.core._submit" in " ".join(proc.info["cmdline"] or []) and str(folder) in " ".join(proc.info["cmdline"]):
+                if "submitit.core._submit" in " ".join(proc.info["cmdline"] or []) and str(folder) in " ".join(
+                    proc.info["cmdline"]
+                ):
                     proc.send_signal(signal.SIGUSR2)
             signalled = True
         if signalled and logs and "resumed from" in logs[0].read_text() and _first_steps(db) >= 2:
@@ -180,8 +214,11 @@ def preemption_timings(folder: Path) -> dict[str, float]:
         raise RuntimeError(f"the job did not start:\n{(folder / 'job.log').read_text()[-3000:]}")
     [run] = client.search_runs([client.get_experiment_by_name("pemt-pretrain").experiment_id])
     first = client.get_metric_history(run.info.run_id, "time_to_first_step_s")
-    return {"signal_to_commit_s": run.data.metrics["signal_to_commit_s"],
-            "fresh_start_to_first_step_s": first[0].value, "requeue_to_first_resumed_step_s": first[-1].value}
+    return {
+        "signal_to_commit_s": run.data.metrics["signal_to_commit_s"],
+        "fresh_start_to_first_step_s": first[0].value,
+        "requeue_to_first_resumed_step_s": first[-1].value,
+    }
 
 
 def main() -> None:
@@ -199,22 +236,26 @@ def main() -> None:
     mb = io["bytes"] / 1e6
     sync_rate, async_rate = mb / io["sync_stall_s"], mb / io["async_total_s"]
     slowdown = io["checkpointed_steps_per_s"] / io["plain_steps_per_s"]
-    lines = ["| measurement | value | ratio | target |", "|---|---|---|---|",
-             f"| dd sequential write (fdatasync) | {disk:.0f} MB/s | 1.00x of dd | |",
-             f"| plain torch.save + fsync of as many bytes | {plain:.0f} MB/s | {plain / disk:.2f}x of dd | |",
-             f"| synchronous save, {args.model} ZeRO-2 on 2 ranks ({mb:.0f} MB): training waits | "
-             f"{io['sync_stall_s']:.2f} s, {sync_rate:.0f} MB/s | {sync_rate / disk:.2f}x of dd | |",
-             f"| background save: training waits (host copy) | {io['async_stall_s']:.3f} s | "
-             f"{io['async_stall_s'] / io['sync_stall_s']:.2f}x of synchronous | <= 0.10x |",
-             f"| background save: copy to committed (write, fsync, sha256, manifest) | {io['async_total_s']:.2f} s, "
-             f"{async_rate:.0f} MB/s | {async_rate / disk:.2f}x of dd | >= 0.80x |",
-             f"| host memory of the copy (both ranks) | {io['host_copy_bytes'] / 2**30:.2f} GiB | | |",
-             f"| load (verify + load) | {io['load_s']:.2f} s, {mb / io['load_s']:.0f} MB/s | {mb / io['load_s'] / disk:.2f}x of dd | |",
-             f"| steps/s, checkpoint every {args.every} steps vs none ({args.steps} steps) | "
-             f"{io['checkpointed_steps_per_s']:.3f} vs {io['plain_steps_per_s']:.3f} | {slowdown:.3f}x | >= 0.97x |",
-             f"| SIGUSR2 -> committed checkpoint (tiny, 2 ranks) | {timings['signal_to_commit_s']:.2f} s | | |",
-             f"| fresh job start -> first step (tiny, 2 ranks) | {timings['fresh_start_to_first_step_s']:.1f} s | | |",
-             f"| requeued job start -> first resumed step | {timings['requeue_to_first_resumed_step_s']:.1f} s | | |"]
+    lines = [
+        "| measurement | value | ratio | target |",
+        "|---|---|---|---|",
+        f"| dd sequential write (fdatasync) | {disk:.0f} MB/s | 1.00x of dd | |",
+        f"| plain torch.save + fsync of as many bytes | {plain:.0f} MB/s | {plain / disk:.2f}x of dd | |",
+        f"| synchronous save, {args.model} ZeRO-2 on 2 ranks ({mb:.0f} MB): training waits | "
+        f"{io['sync_stall_s']:.2f} s, {sync_rate:.0f} MB/s | {sync_rate / disk:.2f}x of dd | |",
+        f"| background save: training waits (host copy) | {io['async_stall_s']:.3f} s | "
+        f"{io['async_stall_s'] / io['sync_stall_s']:.2f}x of synchronous | <= 0.10x |",
+        f"| background save: copy to committed (write, fsync, sha256, manifest) | {io['async_total_s']:.2f} s, "
+        f"{async_rate:.0f} MB/s | {async_rate / disk:.2f}x of dd | >= 0.80x |",
+        f"| host memory of the copy (both ranks) | {io['host_copy_bytes'] / 2**30:.2f} GiB | | |",
+        f"| load (verify + load) | {io['load_s']:.2f} s, {mb / io['load_s']:.0f} MB/s | "
+        f"{mb / io['load_s'] / disk:.2f}x of dd | |",
+        f"| steps/s, checkpoint every {args.every} steps vs none ({args.steps} steps) | "
+        f"{io['checkpointed_steps_per_s']:.3f} vs {io['plain_steps_per_s']:.3f} | {slowdown:.3f}x | >= 0.97x |",
+        f"| SIGUSR2 -> committed checkpoint (tiny, 2 ranks) | {timings['signal_to_commit_s']:.2f} s | | |",
+        f"| fresh job start -> first step (tiny, 2 ranks) | {timings['fresh_start_to_first_step_s']:.1f} s | | |",
+        f"| requeued job start -> first resumed step | {timings['requeue_to_first_resumed_step_s']:.1f} s | | |",
+    ]
     setting = f"{datetime.date.today()}, CPU, {os.cpu_count()} cores, checkpoints under {folder}"
     table = "\n".join(lines)
     print(f"{setting}\n\n{table}")

@@ -31,7 +31,7 @@ from pemt.data.decode import decode_clips
 from pemt.data.ingest import make_shards
 from pemt.data.loader import build_loader, clip_spec
 from pemt.data.synthetic import SyntheticSpec, make_sample
-from pemt.model.pretraining import build_pretraining_model
+from pemt.model.factory import build_pretraining_model
 
 HERE = Path(__file__).resolve().parent
 
@@ -87,8 +87,16 @@ def main() -> None:
             next(iterator)
         return _rate((batches - 1) * args.batch, time.perf_counter() - begin)
 
-    torch_rate = drain(DataLoader(FolderDataset(files, spec), batch_size=args.batch, num_workers=w,
-                                  multiprocessing_context="forkserver", persistent_workers=True), n // args.batch)
+    torch_rate = drain(
+        DataLoader(
+            FolderDataset(files, spec),
+            batch_size=args.batch,
+            num_workers=w,
+            multiprocessing_context="forkserver",
+            persistent_workers=True,
+        ),
+        n // args.batch,
+    )
     pemt_rate = drain(build_loader(cfg.data, str(work / "shards"), args.batch, 0, 1, seed=0), n // args.batch)
 
     model = build_pretraining_model(cfg)
@@ -104,20 +112,31 @@ def main() -> None:
     needed = args.batch / step
     per_worker = pemt_rate / w
 
-    rows = [("bare PyAV (1 process)", bare, 1), (f"torch Dataset ({w} workers)", torch_rate, w),
-            (f"pemt stream ({w} workers)", pemt_rate, w)]
+    rows = [
+        ("bare PyAV (1 process)", bare, 1),
+        (f"torch Dataset ({w} workers)", torch_rate, w),
+        (f"pemt stream ({w} workers)", pemt_rate, w),
+    ]
     lines = ["| loader | samples/s | clips/s | clips/s per worker | per worker vs bare PyAV |", "|---|---|---|---|---|"]
     for name, rate, workers in rows:
-        lines.append(f"| {name} | {rate:.1f} | {rate * spec.clips:.1f} | {rate * spec.clips / workers:.1f} "
-                     f"| {rate / workers / bare:.2f}x |")
-    setting = (f"{datetime.date.today()}, CPU, {args.videos} videos of {args.seconds:g} s at {args.size}px -> "
-               f"{spec.clips} clips x {spec.frames_per_clip} frames at {spec.crop}px, batch {args.batch}")
-    feed = (f"tiny model training step (1 thread, batch {args.batch}): {step * 1000:.0f} ms -> needs "
-            f"{needed:.1f} samples/s; at {per_worker:.1f} samples/s per worker that is "
-            f"{math.ceil(needed / per_worker)} worker(s) per rank")
+        lines.append(
+            f"| {name} | {rate:.1f} | {rate * spec.clips:.1f} | {rate * spec.clips / workers:.1f} "
+            f"| {rate / workers / bare:.2f}x |"
+        )
+    setting = (
+        f"{datetime.date.today()}, CPU, {args.videos} videos of {args.seconds:g} s at {args.size}px -> "
+        f"{spec.clips} clips x {spec.frames_per_clip} frames at {spec.crop}px, batch {args.batch}"
+    )
+    feed = (
+        f"tiny model training step (1 thread, batch {args.batch}): {step * 1000:.0f} ms -> needs "
+        f"{needed:.1f} samples/s; at {per_worker:.1f} samples/s per worker that is "
+        f"{math.ceil(needed / per_worker)} worker(s) per rank"
+    )
     table = "\n".join(lines)
     print(f"{setting}\n\n{table}\n\n{feed}")
-    (HERE / "results" / "loader_throughput_cpu.md").write_text(f"# Loader throughput\n\n{setting}\n\n{table}\n\n{feed}\n")
+    (HERE / "results" / "loader_throughput_cpu.md").write_text(
+        f"# Loader throughput\n\n{setting}\n\n{table}\n\n{feed}\n"
+    )
 
 
 if __name__ == "__main__":

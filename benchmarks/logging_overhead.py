@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 
 from pemt.data.decode import log_mel
 from pemt.data.loader import clip_spec
-from pemt.model.pretraining import build_pretraining_model
+from pemt.model.factory import build_pretraining_model
 from pemt.track.store import ensure_experiment
 from pemt.track.tracker import MlflowTracker
 
@@ -37,9 +37,25 @@ REPO = HERE.parent
 
 
 def _metrics(step: int) -> dict[str, float]:
-    names = ["loss", "loss_mep_visual", "loss_mep_audio", "loss_pair", "pair_accuracy", "lr", "samples",
-             "samples_per_s", "step_time_s", "data_wait_pct", "clips_per_s", "visual_tokens_per_s",
-             "audio_tokens_per_s", "bad_samples", "grad_norm", "tflops_per_device", "mfu_pct"]
+    names = [
+        "loss",
+        "loss_mep_visual",
+        "loss_mep_audio",
+        "loss_pair",
+        "pair_accuracy",
+        "lr",
+        "samples",
+        "samples_per_s",
+        "step_time_s",
+        "data_wait_pct",
+        "clips_per_s",
+        "visual_tokens_per_s",
+        "audio_tokens_per_s",
+        "bad_samples",
+        "grad_norm",
+        "tflops_per_device",
+        "mfu_pct",
+    ]
     names += [f"host_rss_gib_{s}" for s in ("min", "avg", "max")]
     return {name: float(step) + i / 100 for i, name in enumerate(names)}
 
@@ -98,13 +114,18 @@ def main() -> None:
             share = 100.0 * call_s / (args.log_every * step_s)
             rows.append((mode, step_s, call_s, share))
     base = rows[0][1]
-    lines = [f"# Logging overhead ({datetime.date.today()}, CPU, {torch.get_num_threads()} threads, default model, "
-             f"batch 8, a log every {args.log_every} steps)", "",
-             "| mode | step time | wait per log call | overhead vs step time | step time vs baseline |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"# Logging overhead ({datetime.date.today()}, CPU, {torch.get_num_threads()} threads, default model, "
+        f"batch 8, a log every {args.log_every} steps)",
+        "",
+        "| mode | step time | wait per log call | overhead vs step time | step time vs baseline |",
+        "|---|---|---|---|---|",
+    ]
     for mode, step_s, call_s, share in rows:
-        lines.append(f"| {mode} | {step_s * 1000:.1f} ms | {call_s * 1000:.3f} ms | "
-                     f"{share if mode != 'baseline' else 0:.3f}% | {step_s / base:.2f}x |")
+        lines.append(
+            f"| {mode} | {step_s * 1000:.1f} ms | {call_s * 1000:.3f} ms | "
+            f"{share if mode != 'baseline' else 0:.3f}% | {step_s / base:.2f}x |"
+        )
     table = "\n".join(lines)
     print(table)
     (HERE / "results").mkdir(exist_ok=True)

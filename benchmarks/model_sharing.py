@@ -36,11 +36,17 @@ def measure(args: argparse.Namespace) -> dict:
     from hydra import compose, initialize_config_dir
 
     import pemt.config  # noqa: F401
+    from pemt.model.factory import build_pretraining_model
     from pemt.model.params import count_parameters
-    from pemt.model.pretraining import build_pretraining_model
 
-    overrides = ["model=avbert_base", f"model.sharing={args.sharing}", f"data.clips={args.clips}",
-                 f"data.frames_per_clip={args.frames}", f"data.fps={args.frames}", f"data.crop={args.crop}"]
+    overrides = [
+        "model=avbert_base",
+        f"model.sharing={args.sharing}",
+        f"data.clips={args.clips}",
+        f"data.frames_per_clip={args.frames}",
+        f"data.fps={args.frames}",
+        f"data.crop={args.crop}",
+    ]
     with initialize_config_dir(config_dir=str(HERE.parent / "configs"), version_base="1.3"):
         cfg = compose("pretrain", overrides=overrides)
     device = torch.device(args.device)
@@ -67,12 +73,21 @@ def measure(args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - start)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values()
-                      for t in s.values() if torch.is_tensor(t))
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"params": counts["total"], "transformer_params": counts["transformers"],
-            "optimizer_state_bytes": state_bytes, "fwd_bwd_s": statistics.median(times), "peak_bytes": peak}
+    state_bytes = sum(
+        t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
+    )
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    return {
+        "params": counts["total"],
+        "transformer_params": counts["transformers"],
+        "optimizer_state_bytes": state_bytes,
+        "fwd_bwd_s": statistics.median(times),
+        "peak_bytes": peak,
+    }
 
 
 def main() -> None:
@@ -95,21 +110,27 @@ def main() -> None:
     passthrough = [a for a in sys.argv[1:]]
     results = {}
     for name, sharing in tqdm(MODES.items(), desc="sharing modes"):
-        out = subprocess.run([sys.executable, __file__, *passthrough, "--sharing", sharing],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, *passthrough, "--sharing", sharing], capture_output=True, text=True, check=True
+        )
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
     base = results["none"]
-    header = ("| mode | params (M) | transformer params (M) | optimizer state (MiB) | fwd+bwd (s) "
-              "| peak memory (MiB) | fwd+bwd vs none | peak vs none |")
+    header = (
+        "| mode | params (M) | transformer params (M) | optimizer state (MiB) | fwd+bwd (s) "
+        "| peak memory (MiB) | fwd+bwd vs none | peak vs none |"
+    )
     lines = [header, "|" + "---|" * 8]
     for name, r in results.items():
         lines.append(
             f"| {name} | {r['params'] / 1e6:.2f} | {r['transformer_params'] / 1e6:.2f} "
             f"| {r['optimizer_state_bytes'] / 2**20:.1f} | {r['fwd_bwd_s']:.3f} | {r['peak_bytes'] / 2**20:.0f} "
-            f"| {r['fwd_bwd_s'] / base['fwd_bwd_s']:.2f}x | {r['peak_bytes'] / base['peak_bytes']:.2f}x |")
-    setting = (f"{datetime.date.today()}, {args.device} ({platform.processor() or platform.machine()}), "
-               f"{args.precision}, batch {args.batch}, {args.clips} clips x {args.frames} frames at "
-               f"{args.crop}px, median of {args.repeats}")
+            f"| {r['fwd_bwd_s'] / base['fwd_bwd_s']:.2f}x | {r['peak_bytes'] / base['peak_bytes']:.2f}x |"
+        )
+    setting = (
+        f"{datetime.date.today()}, {args.device} ({platform.processor() or platform.machine()}), "
+        f"{args.precision}, batch {args.batch}, {args.clips} clips x {args.frames} frames at "
+        f"{args.crop}px, median of {args.repeats}"
+    )
     table = "\n".join(lines)
     print(f"{setting}\n\n{table}")
     out = HERE / "results" / f"model_sharing_{args.device}_{args.precision}.md"

@@ -36,8 +36,9 @@ RUN_LINE = re.compile(r"pemt: run at step (\d+) in (.+) \(MLflow run (\w+)\)")
 def launch(script: str, overrides: list[str]) -> tuple[Path, str, float]:
     """Run one launch script; its run dir, MLflow run id and wall time."""
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, str(REPO / "launch" / script), *overrides], cwd=REPO,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "launch" / script), *overrides], cwd=REPO, capture_output=True, text=True
+    )
     seconds = time.perf_counter() - started
     found = RUN_LINE.search(done.stderr)
     if done.returncode or not found:
@@ -50,8 +51,8 @@ def transformer_params(sharing: str) -> int:
     from hydra import compose, initialize_config_dir
 
     import pemt.config  # noqa: F401
+    from pemt.model.factory import build_pretraining_model
     from pemt.model.params import count_parameters
-    from pemt.model.pretraining import build_pretraining_model
 
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
         cfg = compose("pretrain", overrides=[f"model.sharing={sharing}"])
@@ -63,9 +64,10 @@ def probe_accuracy(run_dir: Path, steps: int) -> float:
     import json
 
     last = json.loads((run_dir / "eval.jsonl").read_text().splitlines()[-1])
-    if last["step"] != steps:   # step counts do not name a run: a longer probe there is resumed, not rerun
-        raise SystemExit(f"{run_dir} holds a probe run to step {last['step']}, not {steps}: "
-                         "remove that folder or use another --root")
+    if last["step"] != steps:  # step counts do not name a run: a longer probe there is resumed, not rerun
+        raise SystemExit(
+            f"{run_dir} holds a probe run to step {last['step']}, not {steps}: remove that folder or use another --root"
+        )
     return last["test_top1"]
 
 
@@ -80,32 +82,78 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
-    data = [f"paths.root={args.root}", f"data.synthetic.videos={args.videos}",
-            f"data.synthetic.classes={args.classes}", f"seed={args.seed}", "mlflow.system_metrics=false"]
+    data = [
+        f"paths.root={args.root}",
+        f"data.synthetic.videos={args.videos}",
+        f"data.synthetic.classes={args.classes}",
+        f"seed={args.seed}",
+        "mlflow.system_metrics=false",
+    ]
     rows = []
     with tqdm(total=len(PRETRAIN_VARIANTS) * 2 + len(RANDOM_VARIANTS), desc="evidence runs") as progress:
         for name, (negatives, sharing) in PRETRAIN_VARIANTS.items():
-            run_dir, run_id, pretrain_s = launch("pretrain.py", [
-                *data, f"loss.sampling={negatives}", f"model.sharing={sharing}",
-                f"train.max_steps={args.pretrain_steps}", f"train.checkpoint_every={args.pretrain_steps}"])
+            run_dir, run_id, pretrain_s = launch(
+                "pretrain.py",
+                [
+                    *data,
+                    f"loss.sampling={negatives}",
+                    f"model.sharing={sharing}",
+                    f"train.max_steps={args.pretrain_steps}",
+                    f"train.checkpoint_every={args.pretrain_steps}",
+                ],
+            )
             progress.update()
-            probe_dir, probe_id, probe_s = launch("finetune.py", [
-                *data, f"task.init={run_id}", "task.freeze=[backbone]", f"train.max_steps={args.probe_steps}",
-                f"train.checkpoint_every={args.probe_steps}"])
+            probe_dir, probe_id, probe_s = launch(
+                "finetune.py",
+                [
+                    *data,
+                    f"task.init={run_id}",
+                    "task.freeze=[backbone]",
+                    f"train.max_steps={args.probe_steps}",
+                    f"train.checkpoint_every={args.probe_steps}",
+                ],
+            )
             progress.update()
-            rows.append({"variant": name, "negatives": negatives, "sharing": sharing,
-                         "transformer_params": transformer_params(sharing), "pretrain_steps": args.pretrain_steps,
-                         "pretrain_s": pretrain_s, "probe_s": probe_s, "top1": probe_accuracy(probe_dir, args.probe_steps),
-                         "pretrain_run": run_id, "probe_run": probe_id})
+            rows.append(
+                {
+                    "variant": name,
+                    "negatives": negatives,
+                    "sharing": sharing,
+                    "transformer_params": transformer_params(sharing),
+                    "pretrain_steps": args.pretrain_steps,
+                    "pretrain_s": pretrain_s,
+                    "probe_s": probe_s,
+                    "top1": probe_accuracy(probe_dir, args.probe_steps),
+                    "pretrain_run": run_id,
+                    "probe_run": probe_id,
+                }
+            )
         for name, sharing in RANDOM_VARIANTS.items():
-            probe_dir, probe_id, probe_s = launch("finetune.py", [
-                *data, f"model.sharing={sharing}", "task.freeze=[backbone]", f"train.max_steps={args.probe_steps}",
-                f"train.checkpoint_every={args.probe_steps}"])
+            probe_dir, probe_id, probe_s = launch(
+                "finetune.py",
+                [
+                    *data,
+                    f"model.sharing={sharing}",
+                    "task.freeze=[backbone]",
+                    f"train.max_steps={args.probe_steps}",
+                    f"train.checkpoint_every={args.probe_steps}",
+                ],
+            )
             progress.update()
-            rows.append({"variant": name, "negatives": "-", "sharing": sharing,
-                         "transformer_params": transformer_params(sharing), "pretrain_steps": 0, "pretrain_s": 0.0,
-                         "probe_s": probe_s, "top1": probe_accuracy(probe_dir, args.probe_steps), "pretrain_run": "-",
-                         "probe_run": probe_id})
+            rows.append(
+                {
+                    "variant": name,
+                    "negatives": "-",
+                    "sharing": sharing,
+                    "transformer_params": transformer_params(sharing),
+                    "pretrain_steps": 0,
+                    "pretrain_s": 0.0,
+                    "probe_s": probe_s,
+                    "top1": probe_accuracy(probe_dir, args.probe_steps),
+                    "pretrain_run": "-",
+                    "probe_run": probe_id,
+                }
+            )
     table = render(rows, args)
     print(table)
     out = HERE / "results" / "pretraining_evidence.md"
@@ -127,13 +175,16 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
         "Generated by `python benchmarks/pretraining_evidence.py`. 32 test videos: one video is 3.1 points; "
         "chance is 12.5%.",
         "",
-        "| variant | transformer params | pretrain steps | pretrain time (s) | probe time (s) | probe top-1 (%) | vs random, same shape |",
+        "| variant | transformer params | pretrain steps | pretrain time (s) | probe time (s) | probe top-1 (%) "
+        "| vs random, same shape |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         baseline = by_name["random+factorised" if r["sharing"] == FACTORISED else "random+no sharing"]
-        lines.append(f"| {r['variant']} | {r['transformer_params']:,} | {r['pretrain_steps']} | {r['pretrain_s']:.0f} "
-                     f"| {r['probe_s']:.0f} | {r['top1']:.1f} | {r['top1'] - baseline['top1']:+.1f} |")
+        lines.append(
+            f"| {r['variant']} | {r['transformer_params']:,} | {r['pretrain_steps']} | {r['pretrain_s']:.0f} "
+            f"| {r['probe_s']:.0f} | {r['top1']:.1f} | {r['top1'] - baseline['top1']:+.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -144,8 +195,11 @@ def plot_results(rows: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (bars, scatter) = plt.subplots(1, 2, figsize=(11, 4))
-    bars.barh([r["variant"] for r in rows], [r["top1"] for r in rows],
-              color=["tab:blue" if r["pretrain_steps"] else "tab:gray" for r in rows])
+    bars.barh(
+        [r["variant"] for r in rows],
+        [r["top1"] for r in rows],
+        color=["tab:blue" if r["pretrain_steps"] else "tab:gray" for r in rows],
+    )
     bars.set_xlabel("linear probe top-1 (%)")
     bars.invert_yaxis()
     for r in rows:
@@ -165,8 +219,15 @@ def record(args: argparse.Namespace, rows: list[dict], table: Path, plot: Path) 
     mlflow.set_tracking_uri(f"sqlite:///{args.root.resolve()}/mlflow.db")
     mlflow.set_experiment("pemt-evidence")
     with mlflow.start_run(run_name=f"evidence seed {args.seed}"):
-        mlflow.log_params({"pretrain_steps": args.pretrain_steps, "probe_steps": args.probe_steps,
-                           "videos": args.videos, "classes": args.classes, "seed": args.seed})
+        mlflow.log_params(
+            {
+                "pretrain_steps": args.pretrain_steps,
+                "probe_steps": args.probe_steps,
+                "videos": args.videos,
+                "classes": args.classes,
+                "seed": args.seed,
+            }
+        )
         for r in rows:
             key = r["variant"].replace("+", "_").replace(" ", "_")
             mlflow.log_metric(f"{key}_top1", r["top1"])

@@ -41,45 +41,84 @@ VARIANTS = {
     "layer+cross": ["model.sharing=[layer,cross]"],
     "factorized r32": [f"model.sharing={FACTORIZED}", "model.factorized.rank=32"],
     "factorized r64": [f"model.sharing={FACTORIZED}", "model.factorized.rank=64"],
-    "factorized r64, uniform negatives": [f"model.sharing={FACTORIZED}", "model.factorized.rank=64",
-                                          "loss.sampling=uniform"],
+    "factorized r64, uniform negatives": [
+        f"model.sharing={FACTORIZED}",
+        "model.factorized.rank=64",
+        "loss.sampling=uniform",
+    ],
     "none, uniform negatives": ["model.sharing=[]", "loss.sampling=uniform"],
-    "factorized r64, free inner": [f"model.sharing={FACTORIZED}", "model.factorized.rank=64",
-                                   "model.factorized.inner=free"],
-    "factorized r64, not normalised": [f"model.sharing={FACTORIZED}", "model.factorized.rank=64",
-                                       "model.factorized.normalize=false"],
-    "factorized r64, input shared": [f"model.sharing={FACTORIZED}", "model.factorized.rank=64",
-                                     "model.factorized.shared=input"],
-    "factorized r64, rms-normalised": [f"model.sharing={FACTORIZED}", "model.factorized.rank=64",
-                                       "model.factorized.normalize=rms"],
+    "factorized r64, free inner": [
+        f"model.sharing={FACTORIZED}",
+        "model.factorized.rank=64",
+        "model.factorized.inner=free",
+    ],
+    "factorized r64, not normalised": [
+        f"model.sharing={FACTORIZED}",
+        "model.factorized.rank=64",
+        "model.factorized.normalize=false",
+    ],
+    "factorized r64, input shared": [
+        f"model.sharing={FACTORIZED}",
+        "model.factorized.rank=64",
+        "model.factorized.shared=input",
+    ],
+    "factorized r64, rms-normalised": [
+        f"model.sharing={FACTORIZED}",
+        "model.factorized.rank=64",
+        "model.factorized.normalize=rms",
+    ],
 }
-RANDOM_OF = ["none", "layer", "layer+cross", "factorized r64"]   # random initialisations probed as floors
+RANDOM_OF = ["none", "layer", "layer+cross", "factorized r64"]  # random initialisations probed as floors
 SHOTS = (2, 4, 8)
 
 
 def model_overrides(args: argparse.Namespace) -> list[str]:
-    return [f"model.hidden_size={args.hidden}", f"model.num_layers={args.layers}", "model.num_heads=4",
-            f"model.ffn_size={2 * args.hidden}"]
+    return [
+        f"model.hidden_size={args.hidden}",
+        f"model.num_layers={args.layers}",
+        "model.num_heads=4",
+        f"model.ffn_size={2 * args.hidden}",
+    ]
 
 
 def data_overrides(args: argparse.Namespace, videos: int, seed: int) -> list[str]:
-    return ["data.synthetic.task=sync", "data.synthetic.classes=32", f"data.synthetic.videos={videos}",
-            "data.synthetic.seconds=4.0", f"data.synthetic.videos_per_shard={max(1, videos // 32)}",
-            f"data.synthetic.seed={seed}", "data.clips=8", "data.frames_per_clip=4", "data.fps=8"]
+    return [
+        "data.synthetic.task=sync",
+        "data.synthetic.classes=32",
+        f"data.synthetic.videos={videos}",
+        "data.synthetic.seconds=4.0",
+        f"data.synthetic.videos_per_shard={max(1, videos // 32)}",
+        f"data.synthetic.seed={seed}",
+        "data.clips=8",
+        "data.frames_per_clip=4",
+        "data.fps=8",
+    ]
 
 
 def pretrain_overrides(args: argparse.Namespace, root: Path, variant: str, seed: int) -> list[str]:
-    return [f"paths.root={root}", "mlflow.experiment=pemt-evidence", "mlflow.system_metrics=false",
-            "gpus_per_node=1", f"seed={seed}", *data_overrides(args, args.videos, 0), *model_overrides(args),
-            *VARIANTS[variant], f"train.max_steps={args.steps}", f"train.checkpoint_every={args.steps}",
-            f"train.log_every={max(1, args.steps // 20)}", f"train.global_batch_size={args.batch}",
-            f"train.warmup_steps={max(1, args.steps // 20)}", "data.streams=8"]
+    return [
+        f"paths.root={root}",
+        "mlflow.experiment=pemt-evidence",
+        "mlflow.system_metrics=false",
+        "gpus_per_node=1",
+        f"seed={seed}",
+        *data_overrides(args, args.videos, 0),
+        *model_overrides(args),
+        *VARIANTS[variant],
+        f"train.max_steps={args.steps}",
+        f"train.checkpoint_every={args.steps}",
+        f"train.log_every={max(1, args.steps // 20)}",
+        f"train.global_batch_size={args.batch}",
+        f"train.warmup_steps={max(1, args.steps // 20)}",
+        "data.streams=8",
+    ]
 
 
 def launch(overrides: list[str]) -> tuple[Path, str, float]:
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), *overrides], cwd=REPO,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "pretrain.py"), *overrides], cwd=REPO, capture_output=True, text=True
+    )
     found = RUN_LINE.search(done.stderr)
     if done.returncode or not found:
         sys.stderr.write(done.stderr[-4000:])
@@ -111,11 +150,16 @@ def videos_of(args: argparse.Namespace, root: Path, videos: int, seed: int) -> d
     cfg = _compose([f"paths.root={root}", *data_overrides(args, videos, seed)])
     folder = ensure_synthetic_shards(cfg)
     spec = clip_spec(cfg.data)
-    decoded = [decode_sample(sample, spec, window_seed=None)
-               for entry in read_manifest(folder)
-               for sample, _ in shard_samples(str(folder / entry["name"]), int(entry["samples"]))]
-    out = {"video": torch.stack([d["video"] for d in decoded]), "audio": torch.stack([d["audio"] for d in decoded]),
-           "label": torch.tensor([d["label"] for d in decoded])}
+    decoded = [
+        decode_sample(sample, spec, window_seed=None)
+        for entry in read_manifest(folder)
+        for sample, _ in shard_samples(str(folder / entry["name"]), int(entry["samples"]))
+    ]
+    out = {
+        "video": torch.stack([d["video"] for d in decoded]),
+        "audio": torch.stack([d["audio"] for d in decoded]),
+        "label": torch.tensor([d["label"] for d in decoded]),
+    }
     torch.save(out, cache)
     return out
 
@@ -130,13 +174,13 @@ def features(model, data: dict, batch: int = 64):
     model.eval()
     with torch.no_grad():
         for i in range(0, len(data["label"]), batch):
-            video = video_to_float(data["video"][i:i + batch], "cpu", torch.float32)
-            visual, audio = backbone.embed_clips(video, data["audio"][i:i + batch])
+            video = video_to_float(data["video"][i : i + batch], "cpu", torch.float32)
+            visual, audio = backbone.embed_clips(video, data["audio"][i : i + batch])
             visual_out = backbone.contextualise("visual", visual)[:, 1:]
             audio_out = backbone.contextualise("audio", audio)[:, 1:]
             fused = backbone.fuse(visual_out, audio_out)
             length = visual.shape[1]
-            outs.append(torch.cat([fused[:, 0], fused[:, 1:1 + length].mean(1), fused[:, 2 + length:].mean(1)], 1))
+            outs.append(torch.cat([fused[:, 0], fused[:, 1 : 1 + length].mean(1), fused[:, 2 + length :].mean(1)], 1))
     return torch.cat(outs)
 
 
@@ -164,12 +208,13 @@ def probe_model(args: argparse.Namespace, root: Path, variant: str, seed: int, r
     """Probe accuracies (full and k-shot) of a pretrained run, or of a random initialisation."""
     import torch
 
-    from pemt.model.pretraining import build_pretraining_model
+    from pemt.model.factory import build_pretraining_model
 
     if run_dir is None:
         torch.manual_seed(seed)
-        model = build_pretraining_model(_compose([*data_overrides(args, args.videos, 0), *model_overrides(args),
-                                                  *VARIANTS[variant]]))
+        model = build_pretraining_model(
+            _compose([*data_overrides(args, args.videos, 0), *model_overrides(args), *VARIANTS[variant]])
+        )
     else:
         from omegaconf import OmegaConf
 
@@ -186,8 +231,14 @@ def probe_model(args: argparse.Namespace, root: Path, variant: str, seed: int, r
         scores = []
         for draw in range(3):
             generator = torch.Generator().manual_seed(1000 * shots + draw)
-            chosen = torch.cat([torch.nonzero(train_y == c).squeeze(1)[
-                torch.randperm(int((train_y == c).sum()), generator=generator)[:shots]] for c in range(32)])
+            chosen = torch.cat(
+                [
+                    torch.nonzero(train_y == c).squeeze(1)[
+                        torch.randperm(int((train_y == c).sum()), generator=generator)[:shots]
+                    ]
+                    for c in range(32)
+                ]
+            )
             scores.append(fit_probe(train_x[chosen], train_y[chosen], test_x, test_y, 32))
         result[f"{shots}-shot"] = statistics.mean(scores)
     return result
@@ -196,8 +247,8 @@ def probe_model(args: argparse.Namespace, root: Path, variant: str, seed: int, r
 def transformer_params(args: argparse.Namespace, variant: str) -> int:
     import torch
 
+    from pemt.model.factory import build_pretraining_model
     from pemt.model.params import count_parameters
-    from pemt.model.pretraining import build_pretraining_model
 
     torch.manual_seed(0)
     cfg = _compose([*data_overrides(args, args.videos, 0), *model_overrides(args), *VARIANTS[variant]])
@@ -228,8 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: getattr(args, k) for k in ("steps", "batch", "videos", "test_videos", "hidden", "layers")}
     done_file = root / "rows.json"
     rows = [r for r in (json.loads(done_file.read_text()) if done_file.exists() else []) if r["settings"] == settings]
-    wanted = [(v, s, False) for v in args.variants for s in args.seeds] + \
-             [(v, s, True) for v in RANDOM_OF if v in args.variants for s in args.seeds]
+    wanted = [(v, s, False) for v in args.variants for s in args.seeds] + [
+        (v, s, True) for v in RANDOM_OF if v in args.variants for s in args.seeds
+    ]
     todo = [w for w in wanted if not any((r["variant"], r["seed"], r["random"]) == w for r in rows)]
     for variant, seed, random_init in tqdm(todo, desc="pretraining runs and probes"):
         row = {"variant": variant, "seed": seed, "random": random_init, "settings": settings, "pretrain_s": 0.0}
@@ -240,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         row["probe"] = probe_model(args, root, variant, seed, run_dir)
         row["probe_s"] = time.perf_counter() - started
         rows.append(row)
-        kept = [r for r in (json.loads(done_file.read_text()) if done_file.exists() else []) if r["settings"] != settings]
+        kept = [
+            r for r in (json.loads(done_file.read_text()) if done_file.exists() else []) if r["settings"] != settings
+        ]
         done_file.write_text(json.dumps(kept + rows, indent=1))
     params = {v: transformer_params(args, v) for v in args.variants}
     table = render([r for r in rows if (r["variant"], r["seed"], r["random"]) in wanted], args, params)
@@ -261,12 +315,14 @@ def _stats(values: list[float]) -> str:
 
 def render(rows: list[dict], args: argparse.Namespace, params: dict[str, int]) -> str:
     columns = ["full", *(f"{k}-shot" for k in SHOTS)]
-    lines = [f"# Sharing quality on the sync task\n",
-             f"{args.steps} pretraining steps x batch {args.batch}, {args.videos} videos (32 classes), held-out "
-             f"{args.test_videos}; transformers hidden {args.hidden}, {args.layers} layers; seeds "
-             f"{', '.join(map(str, args.seeds))}; probe top-1 % (mean ± sd over seeds; chance 3.1%)\n",
-             "| variant | transformer params | vs none | " + " | ".join(columns) + " | pretrain min |",
-             "|---|---:|---:|" + "---:|" * len(columns) + "---:|"]
+    lines = [
+        "# Sharing quality on the sync task\n",
+        f"{args.steps} pretraining steps x batch {args.batch}, {args.videos} videos (32 classes), held-out "
+        f"{args.test_videos}; transformers hidden {args.hidden}, {args.layers} layers; seeds "
+        f"{', '.join(map(str, args.seeds))}; probe top-1 % (mean ± sd over seeds; chance 3.1%)\n",
+        "| variant | transformer params | vs none | " + " | ".join(columns) + " | pretrain min |",
+        "|---|---:|---:|" + "---:|" * len(columns) + "---:|",
+    ]
     none = params.get("none")
     for random_init in (True, False):
         for variant in args.variants:
@@ -277,8 +333,9 @@ def render(rows: list[dict], args: argparse.Namespace, params: dict[str, int]) -
             ratio = f"{params[variant] / none:.2f}" if none else "-"
             cells = [_stats([r["probe"][c] for r in mine]) for c in columns]
             minutes = statistics.mean(r["pretrain_s"] for r in mine) / 60
-            lines.append(f"| {name} | {params[variant] / 1e6:.2f}M | {ratio} | " + " | ".join(cells)
-                         + f" | {minutes:.1f} |")
+            lines.append(
+                f"| {name} | {params[variant] / 1e6:.2f}M | {ratio} | " + " | ".join(cells) + f" | {minutes:.1f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -294,9 +351,14 @@ def plot(rows: list[dict], args: argparse.Namespace, params: dict[str, int], pat
             for variant in args.variants:
                 mine = [r["probe"][column] for r in rows if r["variant"] == variant and r["random"] == random_init]
                 if mine:
-                    ax.errorbar(params[variant] / 1e6, statistics.mean(mine),
-                                yerr=statistics.stdev(mine) if len(mine) > 1 else 0, marker=marker, capsize=3,
-                                label=f"{'random ' if random_init else ''}{variant}")
+                    ax.errorbar(
+                        params[variant] / 1e6,
+                        statistics.mean(mine),
+                        yerr=statistics.stdev(mine) if len(mine) > 1 else 0,
+                        marker=marker,
+                        capsize=3,
+                        label=f"{'random ' if random_init else ''}{variant}",
+                    )
         ax.set(xscale="log", xlabel="transformer parameters (M)", ylabel=f"{column} probe top-1 (%)", title=column)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="best")

@@ -53,7 +53,7 @@ def measure(args: argparse.Namespace) -> dict:
         else:
             block_sparse_attention(q, q, q, list(bos), spec)
     times = []
-    for _ in range(args.repeats + 1):   # the first is warm-up
+    for _ in range(args.repeats + 1):  # the first is warm-up
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
@@ -65,9 +65,14 @@ def measure(args: argparse.Namespace) -> dict:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"kind": args.kind, "tokens_per_clip": args.tokens_per_clip, "tokens": n,
-            "attention_gflop": counted["flops"] / 1e9, "step_ms": 1000 * statistics.median(times[1:]),
-            "peak_mib": peak}
+    return {
+        "kind": args.kind,
+        "tokens_per_clip": args.tokens_per_clip,
+        "tokens": n,
+        "attention_gflop": counted["flops"] / 1e9,
+        "step_ms": 1000 * statistics.median(times[1:]),
+        "peak_mib": peak,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,9 +92,27 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     points = [(k, kind) for k in TOKENS_PER_CLIP for kind in ("dense", "sparse")]
     for k, kind in tqdm(points, desc="lengths"):
-        done = subprocess.run([sys.executable, __file__, "--device", args.device, "--precision", args.precision,
-                               "--batch", str(args.batch), "--repeats", str(args.repeats), "--kind", kind,
-                               "--tokens-per-clip", str(k)], capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--device",
+                args.device,
+                "--precision",
+                args.precision,
+                "--batch",
+                str(args.batch),
+                "--repeats",
+                str(args.repeats),
+                "--kind",
+                kind,
+                "--tokens-per-clip",
+                str(k),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     table = render(rows, args)
     print(table)
@@ -116,9 +139,11 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
     ]
     for k in TOKENS_PER_CLIP:
         d, s = by[(k, "dense")], by[(k, "sparse")]
-        lines.append(f"| {k} | {d['tokens']} | {d['attention_gflop']:.3f} | {s['attention_gflop']:.3f} "
-                     f"| {s['attention_gflop'] / d['attention_gflop']:.2f} | {d['step_ms']:.0f} | {s['step_ms']:.0f} "
-                     f"| {s['step_ms'] / d['step_ms']:.2f} | {d['peak_mib']:.0f} | {s['peak_mib']:.0f} |")
+        lines.append(
+            f"| {k} | {d['tokens']} | {d['attention_gflop']:.3f} | {s['attention_gflop']:.3f} "
+            f"| {s['attention_gflop'] / d['attention_gflop']:.2f} | {d['step_ms']:.0f} | {s['step_ms']:.0f} "
+            f"| {s['step_ms'] / d['step_ms']:.2f} | {d['peak_mib']:.0f} | {s['peak_mib']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

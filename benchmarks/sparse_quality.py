@@ -30,7 +30,7 @@ from pathlib import Path
 from pretraining_evidence import HERE, launch, probe_accuracy
 
 DENSE = "dense"
-RANDOM = "random"   # no pretraining: the probe's floor
+RANDOM = "random"  # no pretraining: the probe's floor
 CURVES = ("loss_mep_visual", "loss_mep_audio", "loss_pair")
 
 
@@ -59,9 +59,9 @@ def attention_pairs(tokens: int, layers: int, variant: str) -> int:
         spec = BlockSparsity(block, window, random_blocks)
     total = 0
     for layer in range(layers):
-        visual = tokens if layer == 0 else math.ceil(keep * tokens)   # pruned after layer 1
-        total += pairs(visual, 1, spec) + pairs(tokens, 1, spec)        # visual, audio transformers
-        total += pairs(visual + tokens, 2, spec)                        # multimodal
+        visual = tokens if layer == 0 else math.ceil(keep * tokens)  # pruned after layer 1
+        total += pairs(visual, 1, spec) + pairs(tokens, 1, spec)  # visual, audio transformers
+        total += pairs(visual + tokens, 2, spec)  # multimodal
     return total
 
 
@@ -69,8 +69,10 @@ def curriculum(args: argparse.Namespace, variant: str) -> str:
     stage2 = f"steps:1,clips:{args.clips},tokens_per_clip:{args.tokens_per_clip}"
     if variant != DENSE:
         block, window, random_blocks, keep = parse_variant(variant)
-        stage2 += (f",keep_rate:{keep},attention:{{kind:block_sparse,block_size:{block},local_window:{window},"
-                   f"random_blocks:{random_blocks}}}")
+        stage2 += (
+            f",keep_rate:{keep},attention:{{kind:block_sparse,block_size:{block},local_window:{window},"
+            f"random_blocks:{random_blocks}}}"
+        )
     return f"curriculum.stages=[{{steps:{args.stage1_steps},clips:{args.clips},tokens_per_clip:1}},{{{stage2}}}]"
 
 
@@ -91,18 +93,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage1-steps", type=int, default=300)
     parser.add_argument("--steps", type=int, default=300, help="stage 2 steps (long sequence)")
     parser.add_argument("--probe-steps", type=int, default=150)
-    parser.add_argument("--probe-lr", type=float, default=1e-2,
-                        help="linear probe learning rate (at 1e-3 a 150-step probe has not converged)")
+    parser.add_argument(
+        "--probe-lr",
+        type=float,
+        default=1e-2,
+        help="linear probe learning rate (at 1e-3 a 150-step probe has not converged)",
+    )
     parser.add_argument("--clips", type=int, default=8)
     parser.add_argument("--tokens-per-clip", type=int, default=16)
     parser.add_argument("--videos", type=int, default=256)
     parser.add_argument("--test-videos", type=int, default=128)
-    parser.add_argument("--probe-videos", type=int, nargs="+", default=[256, 16],
-                        help="probe training sets (videos; 256 is the pretraining set): one column each. With "
-                             "every video the probe saturates; with 2 per class it tells features apart")
+    parser.add_argument(
+        "--probe-videos",
+        type=int,
+        nargs="+",
+        default=[256, 16],
+        help="probe training sets (videos; 256 is the pretraining set): one column each. With "
+        "every video the probe saturates; with 2 per class it tells features apart",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--sparse", nargs="+", default=["16,1,1,0.7", "8,1,1,0.7"],
-                        help="sparse variants: block size,local window,random blocks,keep rate")
+    parser.add_argument(
+        "--sparse",
+        nargs="+",
+        default=["16,1,1,0.7", "8,1,1,0.7"],
+        help="sparse variants: block size,local window,random blocks,keep rate",
+    )
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
@@ -116,22 +131,42 @@ def main(argv: list[str] | None = None) -> int:
     pretrain_settings = {k: getattr(args, k) for k in ("stage1_steps", "steps", "clips", "tokens_per_clip", "videos")}
     done_file = root / "rows.json"
     done = json.loads(done_file.read_text()) if done_file.exists() else []
-    rows = [r for r in done if r["settings"] == pretrain_settings and r["seed"] in args.seeds
-            and r["variant"] in (RANDOM, *variants)]
-    todo = [(seed, variant) for seed in args.seeds for variant in (RANDOM, *variants)
-            if not any(r["seed"] == seed and r["variant"] == variant for r in rows)]
+    rows = [
+        r
+        for r in done
+        if r["settings"] == pretrain_settings and r["seed"] in args.seeds and r["variant"] in (RANDOM, *variants)
+    ]
+    todo = [
+        (seed, variant)
+        for seed in args.seeds
+        for variant in (RANDOM, *variants)
+        if not any(r["seed"] == seed and r["variant"] == variant for r in rows)
+    ]
     pretrainings = sum(variant != RANDOM for _, variant in todo)
     probes = len(todo) * len(args.probe_videos) + sum(
-        probe_key(args, videos) not in r["probes"] for r in rows for videos in args.probe_videos)
+        probe_key(args, videos) not in r["probes"] for r in rows for videos in args.probe_videos
+    )
     with tqdm(total=pretrainings + probes, desc="pretraining runs and probes") as progress:
         for seed, variant in todo:
-            row = {"seed": seed, "variant": variant, "settings": pretrain_settings, "pairs": attention_pairs(
-                tokens, 2, DENSE if variant == RANDOM else variant), "run_id": None, "pretrain_s": 0.0, "probes": {}}
+            row = {
+                "seed": seed,
+                "variant": variant,
+                "settings": pretrain_settings,
+                "pairs": attention_pairs(tokens, 2, DENSE if variant == RANDOM else variant),
+                "run_id": None,
+                "pretrain_s": 0.0,
+                "probes": {},
+            }
             if variant != RANDOM:
-                _, row["run_id"], row["pretrain_s"] = launch("pretrain.py", [
-                    *common_overrides(args, root, seed), curriculum(args, variant),
-                    f"train.max_steps={args.stage1_steps + args.steps}",
-                    f"train.checkpoint_every={args.stage1_steps + args.steps}"])
+                _, row["run_id"], row["pretrain_s"] = launch(
+                    "pretrain.py",
+                    [
+                        *common_overrides(args, root, seed),
+                        curriculum(args, variant),
+                        f"train.max_steps={args.stage1_steps + args.steps}",
+                        f"train.checkpoint_every={args.stage1_steps + args.steps}",
+                    ],
+                )
                 curves = {key: metric_history(row["run_id"], root, key) for key in (*CURVES, "pair_accuracy")}
                 row.update(curves=curves, **{key: final_mean(curves[key]) for key in curves})
                 progress.update()
@@ -155,14 +190,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def common_overrides(args: argparse.Namespace, root: Path, seed: int) -> list[str]:
-    return [f"paths.root={root}", f"data.synthetic.videos={args.videos}", "data.synthetic.classes=8",
-            f"data.clips={args.clips}", f"seed={seed}", "data.synthetic.seconds=4.0", "data.fps=16",
-            "mlflow.system_metrics=false"]
+    return [
+        f"paths.root={root}",
+        f"data.synthetic.videos={args.videos}",
+        "data.synthetic.classes=8",
+        f"data.clips={args.clips}",
+        f"seed={seed}",
+        "data.synthetic.seconds=4.0",
+        "data.fps=16",
+        "mlflow.system_metrics=false",
+    ]
 
 
 def probe_key(args: argparse.Namespace, videos: int) -> str:
-    return json.dumps({"probe_steps": args.probe_steps, "probe_lr": args.probe_lr, "test_videos": args.test_videos,
-                       "probe_videos": videos}, sort_keys=True)
+    return json.dumps(
+        {
+            "probe_steps": args.probe_steps,
+            "probe_lr": args.probe_lr,
+            "test_videos": args.test_videos,
+            "probe_videos": videos,
+        },
+        sort_keys=True,
+    )
 
 
 def probe(args: argparse.Namespace, root: Path, row: dict, videos: int) -> dict:
@@ -171,10 +220,19 @@ def probe(args: argparse.Namespace, root: Path, row: dict, videos: int) -> dict:
     init = [f"task.init={row['run_id']}"] if row["run_id"] else [f"model.tokens_per_clip={args.tokens_per_clip}"]
     # A small training set is written as few shards: one loader stream per rank.
     small = [f"data.synthetic.videos={videos}", "data.streams=2"] if videos != args.videos else []
-    probe_dir, _, probe_s = launch("finetune.py", [
-        *common_overrides(args, root, row["seed"]), *small, *init, "task.freeze=[backbone]",
-        f"eval.synthetic_videos={args.test_videos}", f"train.lr={args.probe_lr}",
-        f"train.max_steps={args.probe_steps}", f"train.checkpoint_every={args.probe_steps}"])
+    probe_dir, _, probe_s = launch(
+        "finetune.py",
+        [
+            *common_overrides(args, root, row["seed"]),
+            *small,
+            *init,
+            "task.freeze=[backbone]",
+            f"eval.synthetic_videos={args.test_videos}",
+            f"train.lr={args.probe_lr}",
+            f"train.max_steps={args.probe_steps}",
+            f"train.checkpoint_every={args.probe_steps}",
+        ],
+    )
     return {"top1": probe_accuracy(probe_dir, args.probe_steps), "probe_s": probe_s}
 
 
@@ -197,21 +255,30 @@ def render(rows: list[dict], args: argparse.Namespace, tokens: int, variants: li
         f"{' '.join(map(str, args.seeds))} --sparse {' '.join(args.sparse)}`.",
         "",
         "| seed | attention | query-key pairs per forward | vs dense | pretrain time (s) | MEP visual | MEP audio "
-        "| pair loss | pair accuracy (%) | " + " | ".join(f"probe top-1, {v} videos (%)" for v in args.probe_videos)
+        "| pair loss | pair accuracy (%) | "
+        + " | ".join(f"probe top-1, {v} videos (%)" for v in args.probe_videos)
         + " |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(args.probe_videos),
     ]
     dense_pairs = attention_pairs(tokens, 2, DENSE)
     for r in rows:
-        objectives = ("| - | - | - | - | -" if r["variant"] == RANDOM else
-                      f"| {r['pretrain_s']:.0f} | {r['loss_mep_visual']:.3f} | {r['loss_mep_audio']:.3f} "
-                      f"| {r['loss_pair']:.3f} | {100 * r['pair_accuracy']:.1f}")
-        lines.append(f"| {r['seed']} | {variant_name(r['variant'])} | {r['pairs']:,} | {r['pairs'] / dense_pairs:.2f} "
-                     f"{objectives} | " + " | ".join(f"{top1:.1f}" for top1 in r["probe_top1"].values()) + " |")
+        objectives = (
+            "| - | - | - | - | -"
+            if r["variant"] == RANDOM
+            else f"| {r['pretrain_s']:.0f} | {r['loss_mep_visual']:.3f} | {r['loss_mep_audio']:.3f} "
+            f"| {r['loss_pair']:.3f} | {100 * r['pair_accuracy']:.1f}"
+        )
+        lines.append(
+            f"| {r['seed']} | {variant_name(r['variant'])} | {r['pairs']:,} | {r['pairs'] / dense_pairs:.2f} "
+            f"{objectives} | " + " | ".join(f"{top1:.1f}" for top1 in r["probe_top1"].values()) + " |"
+        )
     dense = {r["seed"]: r for r in rows if r["variant"] == DENSE}
-    lines += ["", "| probe trained on | attention | vs dense cost | probe top-1, mean over seeds (%) "
-              "| minus dense, per seed (points) | mean (points) | MEP visual minus dense, mean |",
-              "|---:|---|---:|---:|---|---:|---:|"]
+    lines += [
+        "",
+        "| probe trained on | attention | vs dense cost | probe top-1, mean over seeds (%) "
+        "| minus dense, per seed (points) | mean (points) | MEP visual minus dense, mean |",
+        "|---:|---|---:|---:|---|---:|---:|",
+    ]
     for videos in args.probe_videos:
         for variant in (RANDOM, *variants):
             mine = [r for r in rows if r["variant"] == variant and r["seed"] in dense]
@@ -222,11 +289,15 @@ def render(rows: list[dict], args: argparse.Namespace, tokens: int, variants: li
                 lines.append(f"| {videos} videos | {DENSE} | 1.00 | {mean_top1:.1f} | - | - | - |")
                 continue
             gaps = [r["probe_top1"][videos] - dense[r["seed"]]["probe_top1"][videos] for r in mine]
-            mep = ("-" if variant == RANDOM else
-                   f"{statistics.fmean(r['loss_mep_visual'] - dense[r['seed']]['loss_mep_visual'] for r in mine):+.3f}")
+            mep = "-"
+            if variant != RANDOM:
+                mep_gaps = [r["loss_mep_visual"] - dense[r["seed"]]["loss_mep_visual"] for r in mine]
+                mep = f"{statistics.fmean(mep_gaps):+.3f}"
             cost = "-" if variant == RANDOM else f"{mine[0]['pairs'] / dense_pairs:.2f}"
-            lines.append(f"| {videos} videos | {variant_name(variant)} | {cost} | {mean_top1:.1f} "
-                         f"| {', '.join(f'{g:+.1f}' for g in gaps)} | {statistics.fmean(gaps):+.1f} | {mep} |")
+            lines.append(
+                f"| {videos} videos | {variant_name(variant)} | {cost} | {mean_top1:.1f} "
+                f"| {', '.join(f'{g:+.1f}' for g in gaps)} | {statistics.fmean(gaps):+.1f} | {mep} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -241,18 +312,24 @@ def plot_results(rows: list[dict], args: argparse.Namespace, variants: list[str]
     markers = dict(zip(args.probe_videos, ("o", "^", "s", "D")))
     for r in rows:
         for videos, top1 in r["probe_top1"].items():
-            axes[0].scatter(r["pairs"] / 1e3, top1, color=colours[r["variant"]],
-                            marker="x" if r["variant"] == RANDOM else markers[videos], alpha=0.7)
+            axes[0].scatter(
+                r["pairs"] / 1e3,
+                top1,
+                color=colours[r["variant"]],
+                marker="x" if r["variant"] == RANDOM else markers[videos],
+                alpha=0.7,
+            )
         if r["variant"] == RANDOM:
             continue
         for axis, key in zip(axes[1:], CURVES):
             steps, values = zip(*r["curves"][key])
-            window = 20   # running mean: per-step losses on 8 videos are noisy
-            smooth = [statistics.fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+            window = 20  # running mean: per-step losses on 8 videos are noisy
+            smooth = [statistics.fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
             axis.plot(steps, smooth, color=colours[r["variant"]], alpha=0.7)
     for variant in (*variants, RANDOM):
-        axes[0].scatter([], [], color=colours[variant], label=variant_name(variant),
-                        marker="x" if variant == RANDOM else "o")
+        axes[0].scatter(
+            [], [], color=colours[variant], label=variant_name(variant), marker="x" if variant == RANDOM else "o"
+        )
     for videos, marker in markers.items():
         axes[0].scatter([], [], color="black", marker=marker, label=f"probe trained on {videos} videos")
     axes[0].axhline(100 / 8, color="gray", linestyle="--", label="chance")

@@ -38,16 +38,19 @@ from fractions import Fraction
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BEFORE = "a8404bc"   # the last commit whose decoder decoded from the start of the file
-WINDOW = dict(clips=30, frames_per_clip=16, fps=16, crop=112, sample_rate=16000, mel_bins=32, mel_window_ms=25,
-              mel_hop_ms=10)
+BEFORE = "a8404bc"  # the last commit whose decoder decoded from the start of the file
+WINDOW = dict(
+    clips=30, frames_per_clip=16, fps=16, crop=112, sample_rate=16000, mel_bins=32, mel_window_ms=25, mel_hop_ms=10
+)
 H100_BF16_TFLOPS, MFU = 989.0, 0.40
 SOURCE_FPS = 25
 RAW_FRAME_BYTES = 1.5  # yuv420p bytes per pixel: what the old decoder held per decoded frame
-TORCHCODEC_NEEDS = ("It needs FFmpeg 4-8 shared libraries (Debian: libavcodec59 libavformat59 libavutil57 "
-                    "libswscale6 libswresample4 libavfilter8 libavdevice59) and a torchcodec build matching torch; "
-                    "PyPI's wheel is a CUDA 13 build that loads libnvrtc.so.13 even for CPU decoding, and the "
-                    "CPU build is on download.pytorch.org/whl/cpu.")
+TORCHCODEC_NEEDS = (
+    "It needs FFmpeg 4-8 shared libraries (Debian: libavcodec59 libavformat59 libavutil57 "
+    "libswscale6 libswresample4 libavfilter8 libavdevice59) and a torchcodec build matching torch; "
+    "PyPI's wheel is a CUDA 13 build that loads libnvrtc.so.13 even for CPU decoding, and the "
+    "CPU build is on download.pytorch.org/whl/cpu."
+)
 
 
 # -- sources --------------------------------------------------------------------------------
@@ -144,10 +147,9 @@ def _pemt(path: str, seed: int) -> None:
 
 
 def _torchcodec(path: str, seed: int) -> None:
-    from torchcodec.decoders import AudioDecoder, VideoDecoder
-
     import torch
     from torch.nn.functional import interpolate
+    from torchcodec.decoders import AudioDecoder, VideoDecoder
 
     seconds = WINDOW["clips"] * WINDOW["frames_per_clip"] / WINDOW["fps"]
     video = VideoDecoder(path, seek_mode="approximate", device="cpu")
@@ -157,9 +159,10 @@ def _torchcodec(path: str, seed: int) -> None:
     scale = WINDOW["crop"] / min(frames.shape[-2:])
     resized = interpolate(frames.float(), scale_factor=scale, mode="bilinear")
     top, left = (resized.shape[-2] - WINDOW["crop"]) // 2, (resized.shape[-1] - WINDOW["crop"]) // 2
-    resized[..., top:top + WINDOW["crop"], left:left + WINDOW["crop"]].to(torch.uint8)
+    resized[..., top : top + WINDOW["crop"], left : left + WINDOW["crop"]].to(torch.uint8)
     AudioDecoder(path, sample_rate=WINDOW["sample_rate"], num_channels=1).get_samples_played_in_range(
-        start, start + seconds)
+        start, start + seconds
+    )
 
 
 METHODS = {"floor": _floor, "before": _before, "pemt": _pemt, "transcoded": _pemt, "torchcodec": _torchcodec}
@@ -190,8 +193,9 @@ def measure(method: str, path: str, seed: int) -> dict:
 def run_measure(method: str, path: Path, seed: int, work: Path) -> dict | None:
     """One measurement in a fresh process (its own resting RSS and peak)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(work), str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, __file__, "--measure", method, str(path), str(seed)],
-                            capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [sys.executable, __file__, "--measure", method, str(path), str(seed)], capture_output=True, text=True, env=env
+    )
     if result.returncode:
         return {"error": (result.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -222,7 +226,7 @@ def flops_per_sample() -> float:
     import pemt.config  # noqa: F401
     from pemt.data.decode import mel_frames
     from pemt.data.loader import clip_spec
-    from pemt.model.pretraining import build_pretraining_model
+    from pemt.model.factory import build_pretraining_model
     from pemt.track.metrics import counting_flops
 
     overrides = ["model=avbert_base", "loss.mep_weight=0", *(f"data.{k}={v}" for k, v in WINDOW.items())]
@@ -249,8 +253,9 @@ def _old_decoder_fits(height: int, seconds: int) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.replace("{BEFORE}", BEFORE),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.replace("{BEFORE}", BEFORE), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--heights", type=int, nargs="+", default=[360, 720, 1080])
     parser.add_argument("--lengths", type=int, nargs="+", default=[10, 120, 600], help="seconds (multiples of 10)")
     parser.add_argument("--seeds", type=int, default=2, help="windows per source")
@@ -268,8 +273,9 @@ def main() -> None:
         args.heights, args.lengths, args.seeds = [360], [10, 120], 1
     work = args.work or Path(tempfile.mkdtemp(prefix="pemt-decode-"))
     work.mkdir(parents=True, exist_ok=True)
-    old = subprocess.run(["git", "show", f"{BEFORE}:pemt/data/decode.py"], capture_output=True, text=True,
-                         cwd=HERE.parent)
+    old = subprocess.run(
+        ["git", "show", f"{BEFORE}:pemt/data/decode.py"], capture_output=True, text=True, cwd=HERE.parent
+    )
     methods = ["floor", "pemt", "transcoded"]
     if old.returncode == 0:
         (work / "git_decoder.py").write_text(old.stdout)
@@ -281,8 +287,9 @@ def main() -> None:
 
         methods.append("torchcodec")
     except Exception as err:  # noqa: BLE001 - an optional backend: say why it is left out
-        torchcodec_note = (f"torchcodec not measured: {type(err).__name__}: {str(err).splitlines()[0][:160]}. "
-                           + TORCHCODEC_NEEDS)
+        torchcodec_note = (
+            f"torchcodec not measured: {type(err).__name__}: {str(err).splitlines()[0][:160]}. " + TORCHCODEC_NEEDS
+        )
     else:
         torchcodec_note = ""
     files = make_sources(work, args.heights, args.lengths)
@@ -301,15 +308,21 @@ def main() -> None:
         if errors:
             rows.append({"height": height, "seconds": seconds, "method": method, "error": errors[0]})
             continue
-        rows.append({"height": height, "seconds": seconds, "method": method,
-                     "core_s": statistics.mean(r["core_s"] for r in runs),
-                     "added_mb": max(r["added_mb"] for r in runs)})
+        rows.append(
+            {
+                "height": height,
+                "seconds": seconds,
+                "method": method,
+                "core_s": statistics.mean(r["core_s"] for r in runs),
+                "added_mb": max(r["added_mb"] for r in runs),
+            }
+        )
     flops = flops_per_sample()
     report(rows, methods, flops, args, torchcodec_note)
 
 
 def report(rows: list[dict], methods: list[str], flops: float, args: argparse.Namespace, note: str) -> None:
-    per_gpu = MFU * H100_BF16_TFLOPS * 1e12 / flops   # samples/s one GPU trains
+    per_gpu = MFU * H100_BF16_TFLOPS * 1e12 / flops  # samples/s one GPU trains
     get = {(r["height"], r["seconds"], r["method"]): r for r in rows}
 
     def cell(height: int, seconds: int, method: str) -> str:
@@ -320,7 +333,9 @@ def report(rows: list[dict], methods: list[str], flops: float, args: argparse.Na
             return f"error: {r['error'][:60]}"
         return f"{r['core_s']:.2f} s, +{r['added_mb']:.0f} MB"
 
-    header = "| source | " + " | ".join(methods) + " | pemt / floor | pemt / transcoded | cores per GPU (pemt, transcoded) |"
+    header = (
+        "| source | " + " | ".join(methods) + " | pemt / floor | pemt / transcoded | cores per GPU (pemt, transcoded) |"
+    )
     lines = [header, "|" + "---|" * (len(methods) + 4)]
     for height in args.heights:
         for seconds in args.lengths:
@@ -328,16 +343,26 @@ def report(rows: list[dict], methods: list[str], flops: float, args: argparse.Na
             ours, floor, small = (get.get((height, seconds, m), {}) for m in ("pemt", "floor", "transcoded"))
             ratio = f"{ours['core_s'] / floor['core_s']:.2f}x" if "core_s" in ours and "core_s" in floor else "-"
             speedup = f"{ours['core_s'] / small['core_s']:.1f}x" if "core_s" in ours and "core_s" in small else "-"
-            cores = (f"{per_gpu * ours['core_s']:.0f}, {per_gpu * small['core_s']:.0f}"
-                     if "core_s" in ours and "core_s" in small else "-")
-            lines.append(f"| {height}p, {seconds // 60} min {seconds % 60} s | " + " | ".join(values)
-                         + f" | {ratio} | {speedup} | {cores} |")
-    setting = (f"{datetime.date.today()}, {os.cpu_count()} cores, one decode per process; window "
-               f"{WINDOW['clips']} clips x {WINDOW['frames_per_clip']} frames at {WINDOW['fps']} fps, crop "
-               f"{WINDOW['crop']}, {WINDOW['sample_rate']} Hz; mean of {args.seeds} window(s) per source")
-    model = (f"avbert_base at this window: {flops / 1e12:.2f} TFLOP per sample (forward + backward, the trainer's "
-             f"counter); an H100 SXM at {MFU:.0%} of {H100_BF16_TFLOPS:g} TFLOP/s trains {per_gpu:.0f} samples/s, "
-             "so cores per GPU = that rate x core-seconds per sample.")
+            cores = (
+                f"{per_gpu * ours['core_s']:.0f}, {per_gpu * small['core_s']:.0f}"
+                if "core_s" in ours and "core_s" in small
+                else "-"
+            )
+            lines.append(
+                f"| {height}p, {seconds // 60} min {seconds % 60} s | "
+                + " | ".join(values)
+                + f" | {ratio} | {speedup} | {cores} |"
+            )
+    setting = (
+        f"{datetime.date.today()}, {os.cpu_count()} cores, one decode per process; window "
+        f"{WINDOW['clips']} clips x {WINDOW['frames_per_clip']} frames at {WINDOW['fps']} fps, crop "
+        f"{WINDOW['crop']}, {WINDOW['sample_rate']} Hz; mean of {args.seeds} window(s) per source"
+    )
+    model = (
+        f"avbert_base at this window: {flops / 1e12:.2f} TFLOP per sample (forward + backward, the trainer's "
+        f"counter); an H100 SXM at {MFU:.0%} of {H100_BF16_TFLOPS:g} TFLOP/s trains {per_gpu:.0f} samples/s, "
+        "so cores per GPU = that rate x core-seconds per sample."
+    )
     table = "\n".join(lines)
     text = f"# Video decode per sample\n\n{setting}\n\n{table}\n\n{model}\n" + (f"\n{note}\n" if note else "")
     print(text)
@@ -355,12 +380,20 @@ def _plot(rows: list[dict], methods: list[str], args: argparse.Namespace, path: 
     fig, axes = plt.subplots(1, len(args.heights), figsize=(4.5 * len(args.heights), 3.6), squeeze=False)
     for ax, height in zip(axes[0], args.heights):
         for method in methods:
-            points = [(r["seconds"] / 60, r["core_s"]) for r in rows
-                      if r["height"] == height and r["method"] == method and "core_s" in r]
+            points = [
+                (r["seconds"] / 60, r["core_s"])
+                for r in rows
+                if r["height"] == height and r["method"] == method and "core_s" in r
+            ]
             if points:
                 ax.plot(*zip(*points), marker="o", label=method)
-        ax.set(title=f"{height}p source", xlabel="video length (min)", ylabel="core-seconds per sample",
-               xscale="log", yscale="log")
+        ax.set(
+            title=f"{height}p source",
+            xlabel="video length (min)",
+            ylabel="core-seconds per sample",
+            xscale="log",
+            yscale="log",
+        )
         ax.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()

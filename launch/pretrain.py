@@ -1,27 +1,9 @@
-"""Pretrain an audio-visual transformer.
+"""Pretrain an audio-visual transformer: see pemt/apps/pretrain.py (installed: `pemt-pretrain`).
 
-    python launch/pretrain.py                          # embedded default: local, CPU, tiny model
-    python launch/pretrain.py -m deepspeed=zero1,zero2 # a sweep: one run per point
-    python launch/pretrain.py -m cluster=slurm nodes=8 # on a Slurm cluster
-
-Every invocation is a sweep of one or more points submitted through hydra-submitit-launcher;
-see configs/pretrain.yaml for the keys.
+python launch/pretrain.py [overrides...]
 """
 
-from __future__ import annotations
-
-import hydra
-from omegaconf import DictConfig
-
-import pemt.config  # noqa: F401  (registers the config resolvers)
-
-
-@hydra.main(config_path="../configs", config_name="pretrain", version_base="1.3")
-def main(cfg: DictConfig) -> dict:
-    from pemt.train.trainer import train
-
-    return train(cfg)
-
+from pemt.apps.pretrain import main
 
 if __name__ == "__main__":
     main()

@@ -1,19 +1,22 @@
-"""Checks on a composed config, run before any job starts, and the config resolvers.
+"""What every part of pemt shares about configs: the error a bad value raises, the helpers each
+component uses to check its own section, the run name, and the resolvers configs refer to.
 
-Hydra reports unknown groups and keys by itself; what it cannot know is how values relate
-(world size against batch size, say). Those checks live here so the launcher can run them
-for every point of a sweep before submitting anything.
+Each component checks the keys it reads (pemt.train.engine_config the training and world keys,
+pemt.data.loader the data keys, pemt.model.factory the model and loss keys, pemt.curriculum the
+stages, pemt.cluster.launcher the cluster keys, pemt.downstream.task the task keys);
+pemt.checks runs them all, for every point of a sweep before anything is submitted.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 DEFAULT_RUN_NAME = "default"
-MAX_RUN_NAME_BYTES = 200   # file systems take 255 bytes per name
+MAX_RUN_NAME_BYTES = 200  # file systems take 255 bytes per name
 
 
 class ConfigError(ValueError):
@@ -30,7 +33,7 @@ def run_name(override_dirname: str) -> str:
         name += "-" + hashlib.sha1(override_dirname.encode()).hexdigest()[:8]
     if len(name.encode()) > MAX_RUN_NAME_BYTES:
         digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:12]
-        name = name.encode()[:MAX_RUN_NAME_BYTES - 13].decode(errors="ignore") + "-" + digest
+        name = name.encode()[: MAX_RUN_NAME_BYTES - 13].decode(errors="ignore") + "-" + digest
     return name
 
 
@@ -95,80 +98,30 @@ def micro_batch_size(cfg: DictConfig) -> int:
     return int(cfg.train.global_batch_size) // (world_size(cfg) * int(cfg.train.grad_accum_steps))
 
 
-def _positive_int(cfg: DictConfig, key: str) -> int:
+def positive_int(cfg: DictConfig, key: str) -> int:
+    """`key`'s value, which must be a whole number >= 1 (ConfigError naming it otherwise)."""
     value = OmegaConf.select(cfg, key)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{key}={value!r}: must be a whole number >= 1")
     return value
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError naming the key and value if `cfg` cannot run."""
-    for key in ("nodes", "gpus_per_node", "train.max_steps", "train.log_every",
-                "train.checkpoint_every", "train.global_batch_size", "train.grad_accum_steps", "train.keep_last",
-                "data.clips", "data.frames_per_clip"):
-        _positive_int(cfg, key)
-    world = world_size(cfg)
-    per_step = world * int(cfg.train.grad_accum_steps)
-    if cfg.train.global_batch_size % per_step:
-        raise ConfigError(
-            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by "
-            f"world size {world} (nodes={cfg.nodes} x gpus_per_node={cfg.gpus_per_node})"
-            f" x train.grad_accum_steps={cfg.train.grad_accum_steps}"
-        )
-    streams = _positive_int(cfg, "data.streams")
-    if streams % world:
-        raise ConfigError(f"data.streams={streams} is not divisible by world size {world}; "
-                          "choose a multiple of nodes x gpus_per_node")
-    if cfg.train.global_batch_size % (streams * int(cfg.train.grad_accum_steps)):
-        raise ConfigError(
-            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by data.streams="
-            f"{streams} x train.grad_accum_steps={cfg.train.grad_accum_steps}: every stream gives "
-            "the same number of samples to each step")
-    if cfg.cluster.name == "local" and cfg.nodes != 1:
-        raise ConfigError(f"nodes={cfg.nodes}: cluster=local runs on this machine only; use nodes=1")
-    if cfg.precision not in ("fp32", "bf16"):
-        raise ConfigError(f"precision={cfg.precision!r}: choose fp32 or bf16")
-    if cfg.data.name != "synthetic" and not cfg.data.shards:
-        raise ConfigError("data.shards is not set: give a shard folder with its manifest.json")
-    if cfg.model.hidden_size % cfg.model.num_heads:
-        raise ConfigError(
-            f"model.hidden_size={cfg.model.hidden_size} is not divisible by "
-            f"model.num_heads={cfg.model.num_heads}"
-        )
-    unknown = set(cfg.model.sharing) - {"layer", "cross", "factorized"}
-    if unknown:
-        raise ConfigError(f"model.sharing={list(cfg.model.sharing)}: unknown {sorted(unknown)}; "
-                          "use any of layer, cross, factorized")
-    if cfg.model.fusion not in ("mid", "early", "late"):
-        raise ConfigError(f"model.fusion={cfg.model.fusion!r}: choose mid, early or late")
-    if cfg.data.short_videos not in ("loop", "pad"):
-        raise ConfigError(f"data.short_videos={cfg.data.short_videos!r}: choose loop or pad")
-    if cfg.loss.sampling not in ("content", "uniform"):
-        raise ConfigError(f"loss.sampling={cfg.loss.sampling!r}: choose content or uniform")
-    if not 0.0 < cfg.loss.mask_ratio < 1.0:
-        raise ConfigError(f"loss.mask_ratio={cfg.loss.mask_ratio}: must be between 0 and 1")
-    from pemt.train.curriculum import stages
-
-    stages(cfg)  # the curriculum's stages, or the one stage of the plain config
-    if "task" in cfg:
-        _validate_finetune(cfg)
+def one_of(cfg: DictConfig, key: str, choices: tuple[Any, ...]) -> object:
+    """`key`'s value, which must be one of `choices` (compared with their types: `no` is not false)."""
+    value = OmegaConf.select(cfg, key)
+    if not any(value == c and type(value) is type(c) for c in choices):
+        raise ConfigError(f"{key}={value!r}: choose {' or '.join(map(repr, choices))}")
+    return value
 
 
-def _validate_finetune(cfg: DictConfig) -> None:
-    from pemt.downstream.models import FREEZABLE, TASKS
+def plain(cfg: DictConfig, resolve: bool = True) -> dict[str, Any]:
+    """A config section as plain Python containers (for dataclasses, JSON, DeepSpeed)."""
+    container = OmegaConf.to_container(cfg, resolve=resolve)
+    if not isinstance(container, dict):
+        raise ConfigError(f"expected a mapping, got {container!r}")
+    return {str(k): v for k, v in container.items()}
 
-    if cfg.task.name not in TASKS:
-        raise ConfigError(f"task.name={cfg.task.name!r}: choose one of {', '.join(TASKS)}")
-    unknown = set(cfg.task.freeze) - set(FREEZABLE)
-    if unknown:
-        raise ConfigError(f"task.freeze={list(cfg.task.freeze)}: unknown {sorted(unknown)}; "
-                          f"use any of {', '.join(FREEZABLE)}")
-    if cfg.task.loss not in ("cross_entropy", "multi_margin"):
-        raise ConfigError(f"task.loss={cfg.task.loss!r}: choose cross_entropy or multi_margin")
-    from pemt.downstream.pretrained import is_mlflow_run_id
 
-    init = str(cfg.task.init or "")
-    if init and not os.path.exists(init) and not is_mlflow_run_id(init):
-        raise ConfigError(f"task.init={init}: no such run dir or file (nor an MLflow run id)")
-    _positive_int(cfg, "eval.batch_size")
+def detached(cfg: DictConfig, resolve: bool = False) -> DictConfig:
+    """An independent copy of `cfg` (no parent, no shared nodes) that can be edited freely."""
+    return OmegaConf.create(plain(cfg, resolve=resolve))

@@ -66,8 +66,9 @@ def node_address(name: str) -> str:
     except socket.gaierror:
         pass
     try:
-        shown = subprocess.run(["scontrol", "show", "node", "--oneliner", name], capture_output=True,
-                               text=True, timeout=60, check=True).stdout
+        shown = subprocess.run(
+            ["scontrol", "show", "node", "--oneliner", name], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
     except (OSError, subprocess.SubprocessError) as err:
         raise RuntimeError(f"node {name!r} does not resolve and Slurm cannot say its address: {err}") from err
     found = re.search(r"\bNodeAddr=(\S+)", shown)
@@ -147,10 +148,14 @@ def init_distributed(timeout_min: float = 30.0) -> DistInfo:
         cores = len(os.sched_getaffinity(0))
         torch.set_num_threads(max(1, cores // info.local_world_size))
     if info.rank == 0 and not torch.cuda.is_available() and not _shm_op_built():
-        log.info("building DeepSpeed's CPU communication op: the first run on this machine "
-                 "takes about a minute; later runs reuse it from %s", _extensions_dir())
-    deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False,
-                               timeout=datetime.timedelta(minutes=timeout_min))
+        log.info(
+            "building DeepSpeed's CPU communication op: the first run on this machine "
+            "takes about a minute; later runs reuse it from %s",
+            _extensions_dir(),
+        )
+    deepspeed.init_distributed(
+        dist_backend=backend(), auto_mpi_discovery=False, timeout=datetime.timedelta(minutes=timeout_min)
+    )
     return info
 
 
@@ -184,8 +189,9 @@ def min_avg_max(values: dict[str, float], device: torch.device) -> dict[str, flo
     out: dict[str, float] = {}
     for index, key in enumerate(values):
         column = table[:, index]
-        out.update({f"{key}_min": column.min().item(), f"{key}_avg": column.mean().item(),
-                    f"{key}_max": column.max().item()})
+        out.update(
+            {f"{key}_min": column.min().item(), f"{key}_avg": column.mean().item(), f"{key}_max": column.max().item()}
+        )
     return out
 
 

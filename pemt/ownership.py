@@ -18,13 +18,26 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 LOCK = ".pemt.lock"
 # Slurm states of a job that is still (or again) going to run: it owns its run dir.
-LIVE_SLURM_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
-                     "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"}
+LIVE_SLURM_STATES = {
+    "PENDING",
+    "RUNNING",
+    "CONFIGURING",
+    "COMPLETING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "RESIZING",
+    "SUSPENDED",
+    "STOPPED",
+    "SIGNALING",
+    "STAGE_OUT",
+}
 
 
 class RunBusy(RuntimeError):
@@ -42,8 +55,14 @@ def _start_time(pid: int) -> float | None:
 
 def this_process(purpose: str) -> dict[str, Any]:
     pid = os.getpid()
-    return {"job_id": os.environ.get("SLURM_JOB_ID"), "host": socket.gethostname(), "pid": pid,
-            "pid_started": _start_time(pid), "purpose": purpose, "since": time.time()}
+    return {
+        "job_id": os.environ.get("SLURM_JOB_ID"),
+        "host": socket.gethostname(),
+        "pid": pid,
+        "pid_started": _start_time(pid),
+        "purpose": purpose,
+        "since": time.time(),
+    }
 
 
 def _slurm_state(job_id: str) -> str | None:
@@ -86,7 +105,8 @@ class RunLock:
 
     def recorded(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self.path.read_text() or "null")
+            recorded: dict[str, Any] | None = json.loads(self.path.read_text() or "null")
+            return recorded
         except (OSError, ValueError):
             return None
 
@@ -117,8 +137,10 @@ class RunLock:
         if previous and previous.get("pid") != os.getpid() and is_alive(previous):
             fcntl.flock(handle, fcntl.LOCK_UN)
             handle.close()
-            raise RunBusy(f"{self.path.parent} is in use by {describe(previous)} (its lock is not visible "
-                          f"from here; if it is gone, delete {self.path})")
+            raise RunBusy(
+                f"{self.path.parent} is in use by {describe(previous)} (its lock is not visible "
+                f"from here; if it is gone, delete {self.path})"
+            )
         handle.seek(0)
         handle.truncate()
         handle.write(json.dumps(this_process(purpose)))

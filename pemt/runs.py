@@ -17,12 +17,12 @@ import yaml
 
 from pemt.config import hydra_quoted
 from pemt.ownership import RunLock, describe
+from pemt.rundir import is_run_dir
 from pemt.track.context import redact
 from pemt.train.checkpoint import Checkpointer
 from pemt.train.journal import read_journal
 
-LAUNCH_DIR = Path(__file__).resolve().parents[1] / "launch"
-ENTRY_POINTS = ("pretrain", "finetune")   # Hydra job names, each launch/<name>.py
+ENTRY_POINTS = ("pretrain", "finetune")  # Hydra job names, each the app pemt.apps.<name>
 
 
 class RunNotFound(LookupError):
@@ -32,14 +32,14 @@ class RunNotFound(LookupError):
 @dataclass
 class RunStatus:
     run_dir: str
-    state: str                   # running | finished | failed | preempted | time limit | terminated | interrupted | not started
-    step: int                    # step of the last complete checkpoint (0: none)
+    state: str  # running | finished | failed | preempted | time limit | terminated | interrupted | not started
+    step: int  # step of the last complete checkpoint (0: none)
     checkpoint: str | None
     max_steps: int
     last_job: dict[str, Any] | None
     mlflow_run_id: str | None
 
-    owner: str | None = None     # the live job that owns the run dir, when state is running
+    owner: str | None = None  # the live job that owns the run dir, when state is running
 
     @property
     def resumable(self) -> bool:
@@ -47,18 +47,6 @@ class RunStatus:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "resumable": self.resumable}
-
-
-def is_run_dir(path: Path) -> bool:
-    return (path / ".hydra" / "overrides.yaml").is_file()
-
-
-def find_runs(root: Path) -> list[Path]:
-    """Run dirs at or below `root` (a run dir, a sweep dir or any folder above them)."""
-    root = Path(root)
-    if is_run_dir(root):
-        return [root]
-    return sorted(p.parent.parent for p in root.rglob(".hydra/overrides.yaml") if ".submitit" not in p.parts)
 
 
 def run_dir_of_mlflow_run(run_id: str, tracking_uri: str) -> Path:
@@ -75,7 +63,8 @@ def run_dir_of_mlflow_run(run_id: str, tracking_uri: str) -> Path:
 
 
 def _job_config(run_dir: Path) -> dict[str, Any]:
-    return yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    config: dict[str, Any] = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    return config
 
 
 def run_status(run_dir: Path) -> RunStatus:
@@ -97,8 +86,12 @@ def run_status(run_dir: Path) -> RunStatus:
         state = last_job["outcome"]
     id_file = run_dir / "mlflow_run_id"
     return RunStatus(
-        run_dir=str(run_dir), state=state, step=last.step if last else 0, checkpoint=last.tag if last else None,
-        max_steps=int(_job_config(run_dir)["train"]["max_steps"]), last_job=last_job,
+        run_dir=str(run_dir),
+        state=state,
+        step=last.step if last else 0,
+        checkpoint=last.tag if last else None,
+        max_steps=int(_job_config(run_dir)["train"]["max_steps"]),
+        last_job=last_job,
         mlflow_run_id=id_file.read_text().strip() if id_file.exists() else None,
         owner=describe(owner) if owner else None,
     )
@@ -108,15 +101,17 @@ def _key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 
 
-def entry_point(run_dir: Path) -> Path:
-    """The launch script that made the run (its Hydra job name), never a path the run dir holds."""
+def entry_point(run_dir: Path) -> str:
+    """The module of the app that made the run (from its Hydra job name), never a path the run
+    dir holds."""
     hydra = yaml.safe_load((Path(run_dir) / ".hydra" / "hydra.yaml").read_text())["hydra"]
     name = str(hydra["job"]["name"])
-    script = LAUNCH_DIR / f"{name}.py"
-    if name not in ENTRY_POINTS or not script.exists():
-        raise RunNotFound(f"{run_dir} was made by job {name!r}, not one of pemt's entry points "
-                          f"({', '.join(ENTRY_POINTS)}): resume it with the script that made it")
-    return script
+    if name not in ENTRY_POINTS:
+        raise RunNotFound(
+            f"{run_dir} was made by job {name!r}, not one of pemt's entry points "
+            f"({', '.join(ENTRY_POINTS)}): resume it with the script that made it"
+        )
+    return f"pemt.apps.{name}"
 
 
 def resume_command(run_dir: Path, overrides: list[str]) -> tuple[list[str], Path]:
@@ -126,7 +121,14 @@ def resume_command(run_dir: Path, overrides: list[str]) -> tuple[list[str], Path
     run_dir = Path(run_dir).resolve()
     original = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
     replaced = {_key(o) for o in overrides} | {"run_dir"}
-    merged = [o for o in original if _key(o) not in replaced] + list(overrides) + [f"run_dir={hydra_quoted(str(run_dir))}"]
+    merged = (
+        [o for o in original if _key(o) not in replaced] + list(overrides) + [f"run_dir={hydra_quoted(str(run_dir))}"]
+    )
     hydra = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]
     launched_from = Path(hydra["runtime"]["cwd"])  # relative paths in the overrides are from there
-    return [sys.executable, str(entry_point(run_dir)), *merged], launched_from if launched_from.is_dir() else Path.cwd()
+    return [
+        sys.executable,
+        "-m",
+        entry_point(run_dir),
+        *merged,
+    ], launched_from if launched_from.is_dir() else Path.cwd()

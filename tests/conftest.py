@@ -1,14 +1,20 @@
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import random
+import socket
 import subprocess
 import sys
+import wave
 from pathlib import Path
 
 import av
+import numpy as np
 import pytest
 
-from pemt.data.synthetic import SyntheticSpec, render
+from pemt.data.synthetic import SyntheticSpec, encode_mp4, render
 
 REPO = Path(__file__).resolve().parents[1]
 # DeepSpeed JIT-compiles its communication op once; every test run reuses the project's cache.
@@ -17,6 +23,15 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 # Small enough for a 2-core machine; 8 shards, one per virtual stream (data.streams=8).
 SMALL_DATA = ["data.synthetic.videos=16", "data.synthetic.videos_per_shard=2", "data.synthetic.seconds=2.0"]
+
+
+@pytest.fixture(scope="session")
+def single_rank_deepspeed() -> None:
+    """DeepSpeed's process group in this process: one rank over gloo, for engine-level tests."""
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +45,9 @@ def run_pretrain(root: Path, cache: Path, *overrides: str, timeout: int = 600) -
     return run_launch("pretrain.py", root, cache, *SMALL_DATA, *overrides, timeout=timeout)
 
 
-def run_launch(script: str, root: Path, cache: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_launch(
+    script: str, root: Path, cache: Path, *overrides: str, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """`python launch/<script>` as a user runs it, with outputs under `root`."""
     flags = [o for o in overrides if o.startswith("-")]
     values = [o for o in overrides if not o.startswith("-")]
@@ -43,6 +60,16 @@ def run_name(*overrides: str) -> str:
     from pemt.config import run_name as folder_name
 
     return folder_name(",".join(sorted([*SMALL_DATA, *overrides])))
+
+
+def keys_by_step(run_dir: Path) -> dict[int, list[str]]:
+    """The sample keys every step saw, over all ranks (from train.record_samples=true)."""
+    steps: dict[int, list[str]] = {}
+    for record in sorted((run_dir / "samples").glob("rank*.jsonl")):
+        for line in record.read_text().splitlines():
+            entry = json.loads(line)
+            steps[entry["step"]] = sorted(steps.get(entry["step"], []) + entry["keys"])
+    return steps
 
 
 def describe(result: subprocess.CompletedProcess) -> str:
@@ -67,10 +94,20 @@ def video_without_audio(size: int = 32, seconds: float = 1.0) -> bytes:
     return buffer.getvalue()
 
 
-def encode_video(seconds: float = 4.0, fps: int = 16, size: tuple[int, int] = (48, 32), gop: int = 16,
-                 bframes: int = 0, open_gop: bool = False, audio_seconds: float | None = None,
-                 rate: int = 16000, layout: str = "mono", rotation: int = 0, fmt: str = "mp4",
-                 vfr: bool = False) -> bytes:
+def encode_video(
+    seconds: float = 4.0,
+    fps: int = 16,
+    size: tuple[int, int] = (48, 32),
+    gop: int = 16,
+    bframes: int = 0,
+    open_gop: bool = False,
+    audio_seconds: float | None = None,
+    rate: int = 16000,
+    layout: str = "mono",
+    rotation: int = 0,
+    fmt: str = "mp4",
+    vfr: bool = False,
+) -> bytes:
     """A real H.264 (+ AAC) file made the way real-world ones differ: GOP, B-frames and open GOPs,
     variable frame rate, rotation metadata, audio of another length, rate or layout, container.
     Frame i carries its index in its colour (red = 7 i mod 256), a white marker top-left, and the
@@ -85,8 +122,12 @@ def encode_video(seconds: float = 4.0, fps: int = 16, size: tuple[int, int] = (4
     with av.open(buffer, mode="w", format=fmt) as container:
         video = container.add_stream("libx264", rate=fps)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        video.options = {"g": str(gop), "bf": str(bframes), "preset": "veryfast" if bframes else "ultrafast",
-                         **({"x264-params": "open-gop=1"} if open_gop else {})}
+        video.options = {
+            "g": str(gop),
+            "bf": str(bframes),
+            "preset": "veryfast" if bframes else "ultrafast",
+            **({"x264-params": "open-gop=1"} if open_gop else {}),
+        }
         if vfr:
             video.codec_context.time_base = Fraction(1, 1000)
         if rotation:
@@ -129,3 +170,91 @@ def repeat_video(data: bytes, times: int, fmt: str = "mp4") -> bytes:
     out = io.BytesIO()
     repeat(io.BytesIO(data), out, times, fmt)
     return out.getvalue()
+
+
+def write_video(path: Path, index: int = 0) -> None:
+    spec = SyntheticSpec(seconds=1.0, size=24)
+    frames, audio, _ = render(spec, index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode_mp4(frames, audio, spec.source_fps, spec.sample_rate))
+
+
+def write_wav(path: Path, seconds: float = 1.0, rate: int = 16000) -> None:
+    t = np.arange(int(seconds * rate)) / rate
+    samples = (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as handle:
+        handle.setnchannels(1), handle.setsampwidth(2), handle.setframerate(rate)
+        handle.writeframes(samples.tobytes())
+
+
+def make_charades(root: Path) -> None:
+    (root / "Charades").mkdir(parents=True)
+    (root / "Charades" / "Charades_v1_classes.txt").write_text(
+        "c000 Holding some clothes\nc001 Putting clothes somewhere\nc002 Taking some clothes from somewhere\n"
+    )
+    header = "id,subject,scene,quality,relevance,verified,script,objects,descriptions,actions,length\n"
+    train = {
+        "46GP8": "c000 0.0 5.0;c002 1.0 3.0",
+        "N11GT": "c001 2.0 4.0",
+        "0IH69": "c000 1.0 2.0",
+        "KRF68": "c002 0.0 1.0;c001 0.5 1.5",
+    }
+    test = {"YSKX3": "c000 0.0 1.0;c001 1.0 2.0", "ZZZZ1": "c002 0.0 1.0", "QQQQ2": ""}
+    for name, table in (("train", train), ("test", test)):
+        (root / "Charades" / f"Charades_v1_{name}.csv").write_text(
+            header + "".join(f'{vid},P1,Kitchen,6,7,Yes,s,o,d,"{acts}",10\n' for vid, acts in table.items())
+        )
+    for i, vid in enumerate([*train, *test]):
+        write_video(root / "Charades_v1_480" / f"{vid}.mp4", i)
+
+
+_PORT_LOCKS = Path(os.environ.get("TMPDIR", "/tmp")) / "pemt-test-ports"
+_held_ports: list[int] = []  # lock file descriptors, held until this process ends
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _reserve(port: int) -> int | None:
+    """A lock on `port` held for this process, if no other test process holds it and it is free."""
+    handle = os.open(_PORT_LOCKS / str(port), os.O_CREAT | os.O_RDWR, 0o666)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with socket.socket() as probe:  # not in use by something outside the tests
+            probe.bind(("127.0.0.1", port))
+    except OSError:
+        os.close(handle)
+        return None
+    return handle
+
+
+def free_port(count: int = 1) -> int:
+    """The first of `count` consecutive TCP ports for servers a test starts, held for this
+    process without a socket.
+
+    Binding port 0 and closing it hands the port back to the kernel, which may give it to any
+    other process before the server binds it. Instead the ports come from below the kernel's
+    ephemeral range (which `bind(0)` and outgoing connections never use) and are reserved with
+    lock files every test process on the machine respects, for as long as this process lives.
+    """
+    _PORT_LOCKS.mkdir(parents=True, exist_ok=True)
+    high = min(_ephemeral_low(), 32768)
+    high = high if high > 21000 else 30000  # a machine whose ephemeral range starts low
+    for first in random.sample(range(20000, high - count), 200):
+        handles = []
+        for port in range(first, first + count):
+            handle = _reserve(port)
+            if handle is None:
+                break
+            handles.append(handle)
+        if len(handles) == count:
+            _held_ports.extend(handles)
+            return first
+        for handle in handles:
+            os.close(handle)
+    raise RuntimeError(f"no {count} free ports between 20000 and {high}")

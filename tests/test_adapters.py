@@ -4,35 +4,18 @@ from __future__ import annotations
 
 import json
 import tarfile
-import wave
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from conftest import make_charades, write_video, write_wav
 from pemt.data.adapters import LayoutError, charades, esc50, kinetics_sounds, ucf101, write_dataset
 from pemt.data.decode import ClipSpec
 from pemt.data.loader import decode_sample
-from pemt.data.synthetic import SyntheticSpec, encode_mp4, render
 
-SPEC = ClipSpec(clips=2, frames_per_clip=2, fps=4, crop=16, sample_rate=16000, mel_bins=16,
-                mel_window_ms=25, mel_hop_ms=10)
-
-
-def write_video(path: Path, index: int = 0) -> None:
-    spec = SyntheticSpec(seconds=1.0, size=24)
-    frames, audio, _ = render(spec, index)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(encode_mp4(frames, audio, spec.source_fps, spec.sample_rate))
-
-
-def write_wav(path: Path, seconds: float = 1.0, rate: int = 16000) -> None:
-    t = np.arange(int(seconds * rate)) / rate
-    samples = (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with wave.open(str(path), "wb") as handle:
-        handle.setnchannels(1), handle.setsampwidth(2), handle.setframerate(rate)
-        handle.writeframes(samples.tobytes())
+SPEC = ClipSpec(
+    clips=2, frames_per_clip=2, fps=4, crop=16, sample_rate=16000, mel_bins=16, mel_window_ms=25, mel_hop_ms=10
+)
 
 
 def shard_samples(folder: Path) -> dict[str, dict]:
@@ -56,9 +39,11 @@ def test_ucf101_layout_to_labelled_splits(tmp_path: Path) -> None:
     lists.mkdir(parents=True)
     (lists / "classInd.txt").write_text("1 ApplyEyeMakeup\n2 HandstandPushups\n")
     # The real lists spell one class folder differently from the class index: case is ignored.
-    (lists / "trainlist01.txt").write_text("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1\n"
-                                           "HandStandPushups/v_HandStandPushups_g08_c01.avi 2\n"
-                                           "ApplyEyeMakeup/v_ApplyEyeMakeup_g09_c01.avi 1\n")
+    (lists / "trainlist01.txt").write_text(
+        "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1\n"
+        "HandStandPushups/v_HandStandPushups_g08_c01.avi 2\n"
+        "ApplyEyeMakeup/v_ApplyEyeMakeup_g09_c01.avi 1\n"
+    )
     (lists / "testlist01.txt").write_text("HandstandPushups/v_HandstandPushups_g01_c01.avi\n")
     write_video(root / "UCF-101" / "ApplyEyeMakeup" / "v_ApplyEyeMakeup_g08_c01.avi", 0)
     write_video(root / "UCF-101" / "HandstandPushups" / "v_HandStandPushups_g08_c01.avi", 1)
@@ -95,7 +80,8 @@ def test_esc50_folds_and_audio_only_samples(tmp_path: Path) -> None:
     rows = [("1-100-A-0.wav", 1, 0, "dog"), ("2-100-A-1.wav", 2, 1, "rooster"), ("3-101-A-0.wav", 1, 0, "dog")]
     (root / "meta" / "esc50.csv").write_text(
         "filename,fold,target,category,esc10,src_file,take\n"
-        + "".join(f"{f},{fold},{t},{c},True,100,A\n" for f, fold, t, c in rows))
+        + "".join(f"{f},{fold},{t},{c},True,100,A\n" for f, fold, t, c in rows)
+    )
     for filename, *_ in rows:
         write_wav(root / "audio" / filename)
 
@@ -116,37 +102,25 @@ def test_kinetics_sounds_subset_and_clip_names(tmp_path: Path) -> None:
     (root / "annotations").mkdir(parents=True)
     header = "label,youtube_id,time_start,time_end,split\n"
     (root / "annotations" / "train.csv").write_text(
-        header + "playing drums,abc123,10,20,train\nbowling,def456,0,10,train\nsinging,zzz999,5,15,train\n")
+        header + "playing drums,abc123,10,20,train\nbowling,def456,0,10,train\nsinging,zzz999,5,15,train\n"
+    )
     (root / "annotations" / "validate.csv").write_text(header + "bowling,ghi789,30,40,val\n")
     write_video(root / "train" / "playing drums" / "abc123_000010_000020.mp4", 0)
     write_video(root / "train" / "bowling" / "def456_000000_000010.mp4", 1)
     write_video(root / "train" / "singing" / "zzz999_000005_000015.mp4", 2)
-    write_video(root / "val" / "bowling" / "ghi789.mp4", 3)    # named by id alone
+    write_video(root / "val" / "bowling" / "ghi789.mp4", 3)  # named by id alone
     classes = tmp_path / "kinetics_sounds.txt"
-    classes.write_text("bowling\nplaying drums\n")              # singing is outside the subset
+    classes.write_text("bowling\nplaying drums\n")  # singing is outside the subset
 
     manifests = write_dataset(kinetics_sounds(root, classes), tmp_path / "out", samples_per_shard=4, progress=False)
 
     assert manifests["train"]["classes"] == ["bowling", "playing drums"]
     train = labels_of(tmp_path / "out" / "train")
     assert sorted((m["source"].split("/")[-1], m["label"]) for m in train.values()) == [
-        ("abc123_000010_000020.mp4", 1), ("def456_000000_000010.mp4", 0)]
+        ("abc123_000010_000020.mp4", 1),
+        ("def456_000000_000010.mp4", 0),
+    ]
     assert [m["label"] for m in labels_of(tmp_path / "out" / "val").values()] == [0]
-
-
-def make_charades(root: Path) -> None:
-    (root / "Charades").mkdir(parents=True)
-    (root / "Charades" / "Charades_v1_classes.txt").write_text(
-        "c000 Holding some clothes\nc001 Putting clothes somewhere\nc002 Taking some clothes from somewhere\n")
-    header = "id,subject,scene,quality,relevance,verified,script,objects,descriptions,actions,length\n"
-    train = {"46GP8": "c000 0.0 5.0;c002 1.0 3.0", "N11GT": "c001 2.0 4.0", "0IH69": "c000 1.0 2.0",
-             "KRF68": "c002 0.0 1.0;c001 0.5 1.5"}
-    test = {"YSKX3": "c000 0.0 1.0;c001 1.0 2.0", "ZZZZ1": "c002 0.0 1.0", "QQQQ2": ""}
-    for name, table in (("train", train), ("test", test)):
-        (root / "Charades" / f"Charades_v1_{name}.csv").write_text(
-            header + "".join(f'{vid},P1,Kitchen,6,7,Yes,s,o,d,"{acts}",10\n' for vid, acts in table.items()))
-    for i, vid in enumerate([*train, *test]):
-        write_video(root / "Charades_v1_480" / f"{vid}.mp4", i)
 
 
 def test_charades_is_multi_label(tmp_path: Path) -> None:

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
-import random
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, free_port
 from pemt.train.checkpoint import INCOMPLETE, LATEST, MANIFEST, Checkpointer, step_tag, verify
 
 ENGINE = textwrap.dedent("""
@@ -36,19 +33,8 @@ ENGINE = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def engine_factory():
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(_free_port()), DS_ACCELERATOR="cpu")
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+def engine_factory(single_rank_deepspeed: None) -> dict[str, Any]:
     namespace: dict = {}
     exec(ENGINE, namespace)
     return namespace
@@ -148,8 +134,13 @@ def test_kill_at_any_point_of_a_background_save_resumes_bitwise(engine_factory: 
     uninterrupted run at that step; every committed one verifies."""
     ckpt = tmp_path / "ckpt"
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
-    result = subprocess.run([sys.executable, "-c", KILLED_WRITERS, str(ckpt), "7", str(REPO), str(_free_port())],
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITERS, str(ckpt), "7", str(REPO), str(free_port(count=10))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert int(result.stdout.split()[-1]) >= 8, "most kills landed while a save was being written"
     checkpointer = Checkpointer(ckpt)
@@ -174,8 +165,9 @@ def test_a_missing_optimizer_shard_with_a_valid_manifest_falls_back(engine_facto
     assert checkpointer.select().step == 1
 
 
-def test_a_checkpoint_that_verifies_but_does_not_load_is_set_aside(engine_factory: dict, tmp_path: Path,
-                                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_a_checkpoint_that_verifies_but_does_not_load_is_set_aside(
+    engine_factory: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     import hashlib
     import json
 
@@ -188,10 +180,13 @@ def test_a_checkpoint_that_verifies_but_does_not_load_is_set_aside(engine_factor
     checkpointer.save(engine, 2, {"step": 2})
     newest = checkpointer.committed()[-1]
     states = next(newest.path.glob("*model_states.pt"))
-    torch.save({"not": "a DeepSpeed checkpoint"}, states)   # intact on disk, wrong inside
+    torch.save({"not": "a DeepSpeed checkpoint"}, states)  # intact on disk, wrong inside
     manifest = json.loads((newest.path / MANIFEST).read_text())
     name = str(states.relative_to(newest.path))
-    manifest["files"][name] = {"bytes": states.stat().st_size, "sha256": hashlib.sha256(states.read_bytes()).hexdigest()}
+    manifest["files"][name] = {
+        "bytes": states.stat().st_size,
+        "sha256": hashlib.sha256(states.read_bytes()).hexdigest(),
+    }
     (newest.path / MANIFEST).write_text(json.dumps(manifest))
     chosen = checkpointer.select()
     assert chosen.step == 2, "it verifies"
@@ -237,14 +232,20 @@ def test_a_full_disk_fails_that_save_on_every_rank_at_once_and_keeps_the_last_go
     disk.mkdir()
     # room for one checkpoint (~4 MB for this model over 2 ranks) and a little: the next cannot be written
     # while the previous one must stay
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk)], capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk)], capture_output=True, text=True
+    )
     if mounted.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
         script = tmp_path / "full_disk.py"
         script.write_text(FULL_DISK)
-        result = subprocess.run([sys.executable, str(script), str(disk / "ckpt"), str(REPO), str(_free_port())],
-                                capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [sys.executable, str(script), str(disk / "ckpt"), str(REPO), str(free_port())],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"rank"')]
         outcomes = {r["rank"]: r["committed"] for r in reports}

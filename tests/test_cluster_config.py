@@ -20,8 +20,15 @@ def test_local_cluster_runs_processes_on_this_machine() -> None:
 
 
 def test_slurm_cluster_takes_partition_time_shape_and_signal_from_config() -> None:
-    launcher = _launcher("cluster=slurm", "nodes=8", "gpus_per_node=4", "cluster.partition=gpu",
-                         "cluster.time_min=90", "cluster.signal_delay_s=300", "cluster.max_requeue=5")
+    launcher = _launcher(
+        "cluster=slurm",
+        "nodes=8",
+        "gpus_per_node=4",
+        "cluster.partition=gpu",
+        "cluster.time_min=90",
+        "cluster.signal_delay_s=300",
+        "cluster.max_requeue=5",
+    )
     assert launcher._target_ == "hydra_plugins.pemt_launcher.launchers.SlurmLauncher"
     assert launcher.partition == "gpu"
     assert launcher.timeout_min == 90
@@ -104,7 +111,7 @@ def test_ctrl_c_or_a_closed_terminal_ends_the_launcher_even_when_nobody_reads_it
 
     job = tmp_path / "sweep" / ".submitit" / "17"
     job.mkdir(parents=True)
-    (job / "17_0_log.err").write_text("a job's progress line\n" * 50_000)   # ~1 MB: far more than a pipe holds
+    (job / "17_0_log.err").write_text("a job's progress line\n" * 50_000)  # ~1 MB: far more than a pipe holds
     waiting = tmp_path / "waiting"
     script = (
         "import pathlib, time\n"

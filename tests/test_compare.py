@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
@@ -20,8 +19,9 @@ def test_table_and_plots_for_an_experiment(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     experiment = ensure_experiment(uri, "cmp")
-    assert client.get_experiment(experiment).artifact_location.startswith(tmp_path.as_uri()), \
+    assert client.get_experiment(experiment).artifact_location.startswith(tmp_path.as_uri()), (
         "artifacts beside the store, not in the working directory"
+    )
     for name, speed in (("deepspeed=zero1", 30.0), ("deepspeed=zero3", 20.0)):
         run = client.create_run(experiment, run_name=name)
         metrics = [Metric("loss", 2.0 / step, 0, step) for step in (1, 2, 3)]
@@ -29,13 +29,30 @@ def test_table_and_plots_for_an_experiment(tmp_path: Path) -> None:
         client.log_batch(run.info.run_id, metrics=metrics)
         client.set_terminated(run.info.run_id)
     out = tmp_path / "plots"
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "compare.py"), "--experiment", "cmp",
-                             "--tracking-uri", uri, "--metrics", "loss", "samples_per_s", "--out", str(out)],
-                            capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "compare.py"),
+            "--experiment",
+            "cmp",
+            "--tracking-uri",
+            uri,
+            "--metrics",
+            "loss",
+            "samples_per_s",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert result.returncode == 0, result.stderr
     header, *rows = [line.split("  ") for line in result.stdout.splitlines() if line.strip()]
-    table = {cells[0]: dict(zip([h.strip() for h in header if h.strip()], [c.strip() for c in cells if c.strip()]))
-             for cells in rows}
+    table = {
+        cells[0]: dict(zip([h.strip() for h in header if h.strip()], [c.strip() for c in cells if c.strip()]))
+        for cells in rows
+    }
     assert set(table) >= {"deepspeed=zero1", "deepspeed=zero3"}
     zero1, zero3 = table["deepspeed=zero1"], table["deepspeed=zero3"]
     assert zero1["status"] == "FINISHED" and zero1["last step"] == "3"
@@ -46,6 +63,17 @@ def test_table_and_plots_for_an_experiment(tmp_path: Path) -> None:
 
 
 def test_unknown_experiment_is_a_clear_error(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "compare.py"), "--experiment", "nope",
-                             "--tracking-uri", f"sqlite:///{tmp_path}/m.db"], capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "compare.py"),
+            "--experiment",
+            "nope",
+            "--tracking-uri",
+            f"sqlite:///{tmp_path}/m.db",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert result.returncode == 2 and "no MLflow experiment 'nope'" in result.stderr

@@ -27,6 +27,8 @@ def _assert_nothing_started(root: Path) -> None:
         (["data.streams=3"], "data.streams=3 is not divisible by world size 2"),
         (["data.streams=16"], "train.global_batch_size=8 is not divisible by data.streams=16"),
         (["nodes=2"], "cluster=local runs on this machine only"),
+        (["cluster=slurm", "cluster.requeue=no"], "cluster.requeue='no': choose True or False"),  # a truthy string
+        (["model.factorized.normalize=maybe", "model.sharing=[factorized]"], "factorized.normalize='maybe'"),
         (["-m", "nodes=1", "gpus_per_node=1,2"], "gpus_per_node differs between sweep points"),
         (["-m", "train.global_batch_size=8,9"], "train.global_batch_size=9 is not divisible"),
         # Preflight: checks against the machine.
@@ -50,8 +52,9 @@ def test_unreachable_tracking_server_fails_before_any_job(tmp_path: Path, data_c
 
 
 def test_preflight_prints_the_plan_and_submits_nothing(tmp_path: Path, data_cache: Path) -> None:
-    result = run_pretrain(tmp_path, data_cache, "preflight=true", "train.grad_accum_steps=2",
-                          "train.global_batch_size=16", timeout=120)
+    result = run_pretrain(
+        tmp_path, data_cache, "preflight=true", "train.grad_accum_steps=2", "train.global_batch_size=16", timeout=120
+    )
     assert result.returncode == 0, describe(result)
     plan = result.stderr
     assert f"run dir     {tmp_path}/pemt-pretrain/" in plan
@@ -73,9 +76,19 @@ def test_unwritable_checkpoint_dir_stops_the_launch(tmp_path: Path, data_cache: 
 
 
 def test_missing_shard_folder_stops_the_launch(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), f"paths.root={tmp_path}",
-                             "data=shards", f"data.shards={tmp_path}/nonexistent"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "pretrain.py"),
+            f"paths.root={tmp_path}",
+            "data=shards",
+            f"data.shards={tmp_path}/nonexistent",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2, describe(result)
     assert f"data.shards={tmp_path}/nonexistent: no shard folder at {tmp_path}/nonexistent" in result.stderr
     _assert_nothing_started(tmp_path)

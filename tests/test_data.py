@@ -17,8 +17,9 @@ from pemt.data.decode import ClipSpec, DecodeError, decode_clips, log_mel
 from pemt.data.shards import read_manifest
 from pemt.data.synthetic import SyntheticSpec, encode_mp4, generate, make_sample, render
 
-SPEC = ClipSpec(clips=4, frames_per_clip=4, fps=8, crop=32, sample_rate=16000, mel_bins=32,
-                mel_window_ms=25, mel_hop_ms=10)
+SPEC = ClipSpec(
+    clips=4, frames_per_clip=4, fps=8, crop=32, sample_rate=16000, mel_bins=32, mel_window_ms=25, mel_hop_ms=10
+)
 SMALL = SyntheticSpec(videos=8, videos_per_shard=2, seconds=2.0)
 
 
@@ -109,8 +110,8 @@ def test_the_sync_task_hides_the_class_from_each_modality_alone() -> None:
     for index in (5, 6, 7):
         frames, audio, meta = render(spec, index)
         slot_frames, slot_samples = int(0.5 * spec.source_fps), int(0.5 * spec.sample_rate)
-        tone = [audio[s * slot_samples:(s + 1) * slot_samples].std() > 0.1 for s in range(8)]
-        flash = [frames[s * slot_frames:(s + 1) * slot_frames].max() > 180 for s in range(8)]
+        tone = [audio[s * slot_samples : (s + 1) * slot_samples].std() > 0.1 for s in range(8)]
+        flash = [frames[s * slot_frames : (s + 1) * slot_frames].max() > 180 for s in range(8)]
         assert sum(tone) == 4 and sum(flash) == 4, "2 synced events, a decoy tone twice, a decoy flash twice"
         together = [s for s in range(8) if tone[s] and flash[s]]
         assert together == meta["synced_slots"], "only the class's pair flashes and sounds together"

@@ -16,8 +16,9 @@ import torch
 from conftest import encode_video, repeat_video
 from pemt.data.decode import ClipSpec, DecodeError, decode_clips, log_mel
 
-SPEC = ClipSpec(clips=3, frames_per_clip=4, fps=8, crop=32, sample_rate=16000, mel_bins=16,
-                mel_window_ms=25, mel_hop_ms=10)
+SPEC = ClipSpec(
+    clips=3, frames_per_clip=4, fps=8, crop=32, sample_rate=16000, mel_bins=16, mel_window_ms=25, mel_hop_ms=10
+)
 TIMES = np.arange(SPEC.clips * SPEC.frames_per_clip) / SPEC.fps
 
 
@@ -112,7 +113,7 @@ def _tone_window(data: bytes, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     with av.open(io.BytesIO(data)) as container:
         start = _window_start(container.duration / av.time_base, seed)
     first, needed = int(round(start * SPEC.sample_rate)), SPEC.clips * SPEC.clip_samples
-    reference = torch.from_numpy(whole[first:first + needed].copy()).reshape(SPEC.clips, -1)
+    reference = torch.from_numpy(whole[first : first + needed].copy()).reshape(SPEC.clips, -1)
     return decode_clips(data, SPEC, random.Random(seed))["audio"], log_mel(reference, SPEC).unsqueeze(1)
 
 
@@ -128,8 +129,8 @@ def test_audio_window_equals_the_same_window_of_the_whole_track(rate: int, layou
 
 
 def test_audio_that_ends_before_the_video_is_silence_after_its_end() -> None:
-    data = encode_video(seconds=20.0, audio_seconds=1.0)   # 20 s of video, 1 s of sound
-    late = decode_clips(data, SPEC, random.Random(3))       # fraction 0.24: from ~4.4 s
+    data = encode_video(seconds=20.0, audio_seconds=1.0)  # 20 s of video, 1 s of sound
+    late = decode_clips(data, SPEC, random.Random(3))  # fraction 0.24: from ~4.4 s
     assert late["audio"].max() < -13.0, "no sound past the track's end"
     assert decode_clips(data, SPEC, None)["audio"].max() < -13.0
     assert decode_clips(encode_video(seconds=1.0), SPEC, None)["audio"].max() > 0.0, "a short one loops its sound"
@@ -168,18 +169,24 @@ def _wav(with_nan: bool = False) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize(("name", "video", "audio", "reason"), [
-    ("empty file", b"", None, "undecodable video"),
-    ("not a video", b"\x00" * 4096, None, "undecodable video"),
-    ("cut in half", "half", None, "undecodable video|no video frames"),
-    ("no frames", "empty video", None, "undecodable video|no video frames"),
-    ("no audio track", "silent", None, "no audio track"),
-    ("non-finite sound", "silent", "nan", "non-finite audio"),
-])
+@pytest.mark.parametrize(
+    ("name", "video", "audio", "reason"),
+    [
+        ("empty file", b"", None, "undecodable video"),
+        ("not a video", b"\x00" * 4096, None, "undecodable video"),
+        ("cut in half", "half", None, "undecodable video|no video frames"),
+        ("no frames", "empty video", None, "undecodable video|no video frames"),
+        ("no audio track", "silent", None, "no audio track"),
+        ("non-finite sound", "silent", "nan", "non-finite audio"),
+    ],
+)
 def test_unusable_inputs_are_decode_errors_with_their_reason(name: str, video, audio, reason: str) -> None:
     whole = encode_video(seconds=2.0)
-    video = {"half": whole[: len(whole) // 2], "silent": encode_video(seconds=2.0, audio_seconds=0),
-             "empty video": encode_video(seconds=0.0)}.get(video, video)
+    video = {
+        "half": whole[: len(whole) // 2],
+        "silent": encode_video(seconds=2.0, audio_seconds=0),
+        "empty video": encode_video(seconds=0.0),
+    }.get(video, video)
     audio = _wav(with_nan=True) if audio == "nan" else audio
     with pytest.raises(DecodeError, match=reason):
         decode_clips(video, SPEC, random.Random(0), audio_data=audio)
@@ -192,7 +199,7 @@ def test_the_crop_is_a_square_of_the_short_side_scaled_to_the_crop() -> None:
     with av.open(buffer, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=8)
         stream.width, stream.height, stream.pix_fmt = 96, 48, "yuv444p"
-        stream.options = {"preset": "ultrafast", "qp": "0"}   # lossless: the gradient survives
+        stream.options = {"preset": "ultrafast", "qp": "0"}  # lossless: the gradient survives
         image = np.zeros((48, 96, 3), np.uint8)
         image[..., 0] = (2 * np.arange(96)).astype(np.uint8)[None, :]
         for _ in range(16):
@@ -201,8 +208,9 @@ def test_the_crop_is_a_square_of_the_short_side_scaled_to_the_crop() -> None:
         for packet in stream.encode(None):
             container.mux(packet)
     data = buffer.getvalue()
-    spec = ClipSpec(clips=1, frames_per_clip=1, fps=8, crop=32, sample_rate=16000, mel_bins=16, mel_window_ms=25,
-                    mel_hop_ms=10)
+    spec = ClipSpec(
+        clips=1, frames_per_clip=1, fps=8, crop=32, sample_rate=16000, mel_bins=16, mel_window_ms=25, mel_hop_ms=10
+    )
     with pytest.raises(DecodeError, match="no audio track"):  # the picture is decoded first
         decode_clips(data, spec, None)
     sound = _wav()
@@ -210,8 +218,8 @@ def test_the_crop_is_a_square_of_the_short_side_scaled_to_the_crop() -> None:
     assert abs(centre[16, 0].item() - 2 * 24.75) <= 3 and abs(centre[16, -1].item() - 2 * 71.25) <= 3
     for seed in range(4):
         draw = random.Random(seed)
-        draw.random()                     # the window's draw comes first
-        left = draw.randint(0, 64 - 32)   # where a 64x32 resized frame's crop would start
+        draw.random()  # the window's draw comes first
+        left = draw.randint(0, 64 - 32)  # where a 64x32 resized frame's crop would start
         red = decode_clips(data, spec, random.Random(seed), audio_data=sound)["video"][0, 0, 0].float()
-        first_column = left / 32 * 48     # the same place on the 96-wide source, in source pixels
+        first_column = left / 32 * 48  # the same place on the 96-wide source, in source pixels
         assert abs(red[16, 0].item() - 2 * (first_column + 0.75)) <= 4, (seed, left, red[16, 0].item())

@@ -15,15 +15,21 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, SMALL_DATA, describe, run_launch, run_name, run_pretrain
+from conftest import REPO, SMALL_DATA, describe, keys_by_step, run_launch, run_name, run_pretrain
 
 pytestmark = pytest.mark.slow
 STEPS = 24
 
 
 def _launch(root: Path, cache: Path, *overrides: str) -> subprocess.Popen:
-    cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), f"paths.root={root}", f"paths.cache={cache}",
-           *SMALL_DATA, *overrides]
+    cmd = [
+        sys.executable,
+        str(REPO / "launch" / "pretrain.py"),
+        f"paths.root={root}",
+        f"paths.cache={cache}",
+        *SMALL_DATA,
+        *overrides,
+    ]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -69,8 +75,7 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_interrupted_twice_by_signals_ends_bitwise_equal(tmp_path: Path, data_cache: Path) -> None:
     # Periodic checkpoints every 3 steps are written in the background: the signals come while
     # one may be in flight, and the final save on the signal must still leave an exact run.
-    common = [f"train.max_steps={STEPS}", "train.log_every=4", "train.checkpoint_every=3",
-              "train.record_samples=true"]
+    common = [f"train.max_steps={STEPS}", "train.log_every=4", "train.checkpoint_every=3", "train.record_samples=true"]
     name = run_name()
     reference = run_pretrain(tmp_path / "reference", data_cache, *common)
     assert reference.returncode == 0, describe(reference)
@@ -105,8 +110,13 @@ def test_interrupted_twice_by_signals_ends_bitwise_equal(tmp_path: Path, data_ca
 
 
 def _resume(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "tools" / "resume.py"), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / "resume.py"), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_failed_run_is_resumed_by_resume_py_and_exported(tmp_path: Path, data_cache: Path) -> None:
@@ -129,7 +139,7 @@ def test_failed_run_is_resumed_by_resume_py_and_exported(tmp_path: Path, data_ca
     assert before["last_job"]["reason"], "why it stopped"
 
     dry = _resume(str(root), "--dry-run")
-    assert dry.returncode == 0 and "launch/pretrain.py" in dry.stdout
+    assert dry.returncode == 0 and "-m pemt.apps.pretrain" in dry.stdout
     resumed = _resume(before["mlflow_run_id"], "--tracking-uri", f"sqlite:///{root}/mlflow.db")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     [after] = json.loads(_resume(str(run_dir), "--status", "--json").stdout)
@@ -149,29 +159,22 @@ def test_failed_run_is_resumed_by_resume_py_and_exported(tmp_path: Path, data_ca
     assert "finished" in listed.stdout and str(run_dir) in listed.stdout
 
     # Export: one fp32 file + config that load without DeepSpeed and match the checkpoint.
-    from omegaconf import OmegaConf
     from safetensors.torch import load_file
 
-    from pemt.model.pretraining import build_pretraining_model
+    from pemt.model.factory import load_exported
 
-    exported = subprocess.run([sys.executable, str(REPO / "tools" / "export.py"), str(run_dir), "--out",
-                               str(tmp_path / "model.safetensors")], capture_output=True, text=True, cwd=REPO)
+    exported = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "export.py"), str(run_dir), "--out", str(tmp_path / "model.safetensors")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert exported.returncode == 0, exported.stderr
-    model = build_pretraining_model(OmegaConf.load(tmp_path / "model.yaml"))
+    model, _ = load_exported(tmp_path / "model.safetensors")  # strict: every tensor in its place
     weights = load_file(tmp_path / "model.safetensors")
-    model.load_state_dict(weights, strict=True)
     reference = _final_weights(run_dir)
     assert all(torch.equal(weights[k], reference[k]) for k in reference if k in weights)
     assert len(weights) == len(model.state_dict())
-
-
-def _keys_by_step(run_dir: Path) -> dict[int, list[str]]:
-    steps: dict[int, list[str]] = {}
-    for record in sorted((run_dir / "samples").glob("rank*.jsonl")):
-        for line in record.read_text().splitlines():
-            entry = json.loads(line)
-            steps[entry["step"]] = sorted(steps.get(entry["step"], []) + entry["keys"])
-    return steps
 
 
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
@@ -189,7 +192,7 @@ def test_resume_at_another_world_size(tmp_path: Path, data_cache: Path, before: 
     assert f"resumed at world size {after} from a checkpoint written at {before}" in log
     assert (run_dir / "checkpoints" / ".universal" / "step_00000004" / ".complete").exists()
     # The data stream goes on without repeats or gaps: every step saw what it would have.
-    assert _keys_by_step(run_dir) == _keys_by_step(tmp_path / "reference" / "pemt-pretrain" / run_name())
+    assert keys_by_step(run_dir) == keys_by_step(tmp_path / "reference" / "pemt-pretrain" / run_name())
     losses = {}
     for name, store in (("elastic", root), ("reference", tmp_path / "reference")):
         client = MlflowClient(f"sqlite:///{store}/mlflow.db")
@@ -222,10 +225,20 @@ def _shards_with_an_all_bad_step(folder: Path) -> Path:
 
 def test_a_rank_whose_micro_batch_is_all_bad_skips_the_step_with_every_rank(tmp_path: Path, data_cache: Path) -> None:
     shards = _shards_with_an_all_bad_step(tmp_path / "shards")
-    result = run_launch("pretrain.py", tmp_path / "runs", data_cache, "data=shards", f"data.shards={shards}",
-                        "data.streams=2",
-                          "data.num_workers=1", "train.global_batch_size=4", "train.max_steps=8", "train.log_every=4",
-                          "data.max_error_rate=0.3", timeout=900)
+    result = run_launch(
+        "pretrain.py",
+        tmp_path / "runs",
+        data_cache,
+        "data=shards",
+        f"data.shards={shards}",
+        "data.streams=2",
+        "data.num_workers=1",
+        "train.global_batch_size=4",
+        "train.max_steps=8",
+        "train.log_every=4",
+        "data.max_error_rate=0.3",
+        timeout=900,
+    )
     assert result.returncode == 0, describe(result)
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs'}/mlflow.db")
     [run] = client.search_runs([client.get_experiment_by_name("pemt-pretrain").experiment_id])
@@ -235,11 +248,21 @@ def test_a_rank_whose_micro_batch_is_all_bad_skips_the_step_with_every_rank(tmp_
     assert "skipped on every rank" in result.stdout + result.stderr
 
 
-def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_good_checkpoint(tmp_path: Path, data_cache: Path) -> None:
+def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_good_checkpoint(
+    tmp_path: Path, data_cache: Path
+) -> None:
     root = tmp_path / "runs"
     # A learning rate of 1e30: the first step's update overflows every later forward pass.
-    result = run_pretrain(root, data_cache, "gpus_per_node=1", "train.lr=1e30", "train.max_steps=10",
-                          "train.max_skipped_steps=2", "train.checkpoint_every=1", "train.log_every=1")
+    result = run_pretrain(
+        root,
+        data_cache,
+        "gpus_per_node=1",
+        "train.lr=1e30",
+        "train.max_steps=10",
+        "train.max_skipped_steps=2",
+        "train.checkpoint_every=1",
+        "train.log_every=1",
+    )
     assert result.returncode != 0, describe(result)
     assert "steps in a row" in result.stderr and "non-finite gradients" in result.stderr, describe(result)
     run_dir = root / "pemt-pretrain" / run_name("train.lr=1e+30")  # as Hydra writes the number
@@ -247,8 +270,9 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_good_checkpoint(
     states = torch.load(run_dir / "checkpoints" / latest / "mp_rank_00_model_states.pt", weights_only=False)
     weights = states["module"]
     running = [k for k in weights if k.endswith(("running_mean", "running_var"))]
-    assert running and all(torch.isfinite(weights[k]).all() for k in weights if weights[k].is_floating_point()), \
+    assert running and all(torch.isfinite(weights[k]).all() for k in weights if weights[k].is_floating_point()), (
         "weights and BatchNorm statistics of the last checkpoint are finite"
+    )
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     [run] = client.search_runs([client.get_experiment_by_name("pemt-pretrain").experiment_id])
     assert run.info.status == "FAILED" and run.data.metrics["skipped_steps"] >= 1
@@ -259,11 +283,20 @@ def test_ctrl_c_on_a_local_run_saves_before_the_ranks_exit(tmp_path: Path, data_
 
     root = tmp_path / "runs"
     run_dir = root / "pemt-pretrain" / run_name()
-    cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), f"paths.root={root}", f"paths.cache={data_cache}",
-           *SMALL_DATA, "train.max_steps=200", "train.checkpoint_every=1000", "train.record_samples=true"]
+    cmd = [
+        sys.executable,
+        str(REPO / "launch" / "pretrain.py"),
+        f"paths.root={root}",
+        f"paths.cache={data_cache}",
+        *SMALL_DATA,
+        "train.max_steps=200",
+        "train.checkpoint_every=1000",
+        "train.record_samples=true",
+    ]
     # its own session: a terminal's Ctrl-C signals the whole foreground process group
-    job = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           start_new_session=True)
+    job = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     deadline = time.time() + 300
     while _last_step(run_dir) < 3 and time.time() < deadline and job.poll() is None:
         time.sleep(0.05)

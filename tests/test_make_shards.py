@@ -35,8 +35,12 @@ def _keys(out: Path) -> list[str]:
 
 
 def test_folder_to_shards_with_manifest_and_skips(videos: Path, tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "make_shards.py"), str(videos),
-                             str(tmp_path / "out"), "--samples", "3"], capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "make_shards.py"), str(videos), str(tmp_path / "out"), "--samples", "3"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert result.returncode == 0, result.stderr
     out = tmp_path / "out"
     manifest = json.loads((out / "manifest.json").read_text())
@@ -110,9 +114,26 @@ def test_transcoding_while_packing_makes_small_seekable_videos(videos: Path, tmp
     from pemt.data.shards import transform_warnings
 
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "make_shards.py"), str(videos), str(out),
-                             "--samples", "4", "--short-side", "16", "--fps", "8", "--sample-rate", "8000",
-                             "--keep-original"], capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "make_shards.py"),
+            str(videos),
+            str(out),
+            "--samples",
+            "4",
+            "--short-side",
+            "16",
+            "--fps",
+            "8",
+            "--sample-rate",
+            "8000",
+            "--keep-original",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["samples"] == 7 and manifest["transcode"]["short_side"] == 16

@@ -16,9 +16,10 @@ from conftest import REPO
 from pemt.data.decode import decode_clips, video_to_float
 from pemt.data.loader import clip_spec
 from pemt.data.synthetic import SyntheticSpec, make_sample
+from pemt.model.cnn import BatchNorm
 from pemt.model.factorized import Factorization, FactorizedDense
+from pemt.model.factory import build_pretraining_model
 from pemt.model.params import count_parameters
-from pemt.model.pretraining import build_pretraining_model
 
 SHARING = ["[]", "[layer]", "[cross]", "[layer,cross]", "[factorized]", "[layer,cross,factorized]"]
 
@@ -49,17 +50,39 @@ def test_every_fusion_and_sharing_mode_trains(fusion: str, sharing: str) -> None
     assert not unused, f"parameters with no gradient: {unused}"
 
 
-def test_bf16_parameters_with_fp32_statistics_run() -> None:
-    """As DeepSpeed's bf16 mode leaves it: parameters bf16, BatchNorm statistics fp32."""
-    cfg = _cfg()
+def test_bf16_through_deepspeed_keeps_fp32_statistics_and_master_weights(single_rank_deepspeed: None) -> None:
+    """precision=bf16 as the trainer builds it: DeepSpeed's bf16 engine computes in bf16, keeps
+    fp32 master weights the optimizer updates, and leaves BatchNorm statistics in fp32."""
+    import deepspeed
+
+    from pemt.train.engine_config import deepspeed_config
+    from pemt.train.optimizer import build_optimizer
+
+    cfg = _cfg("precision=bf16", "gpus_per_node=1", "train.global_batch_size=4", "data.streams=4")
     model = build_pretraining_model(cfg)
-    for param in model.parameters():
-        param.data = param.data.bfloat16()
+    optimizer, scheduler = build_optimizer(model, cfg.train)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
+    )
+    assert engine.bfloat16_enabled()
+    assert {p.dtype for p in engine.module.parameters()} == {torch.bfloat16}
+    masters = engine.optimizer.single_partition_of_fp32_groups  # ZeRO's flat fp32 copies
+    assert masters and all(p.dtype == torch.float32 for p in masters)
+    before = [p.detach().float().clone() for p in engine.module.parameters()]
+    statistics = next(m for m in engine.module.modules() if isinstance(m, BatchNorm))
+    running_before = statistics.running_mean.clone()
+
     video, audio = _batch(cfg)
-    out = model(video.bfloat16(), audio.bfloat16())
-    out["loss"].backward()
+    out = engine(video.bfloat16(), audio.bfloat16())
     assert torch.isfinite(out["loss"])
-    assert all(b.dtype in (torch.float32, torch.int64) for b in model.buffers())
+    engine.backward(out["loss"])
+    engine.step()
+
+    assert {b.dtype for b in engine.module.buffers()} <= {torch.float32, torch.int64}
+    assert statistics.running_mean.dtype == torch.float32
+    assert not torch.equal(statistics.running_mean, running_before), "statistics were not updated"
+    changed = sum(not torch.equal(a, p.detach().float()) for a, p in zip(before, engine.module.parameters()))
+    assert changed > len(before) // 2, "the optimizer step did not reach the bf16 weights"
 
 
 def test_backbone_output_shapes() -> None:
@@ -79,9 +102,19 @@ def test_backbone_output_shapes() -> None:
 )
 def test_paper_transformer_counts_within_two_percent(sharing: str, expected_millions: float) -> None:
     result = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "count_params.py"), "model=avbert_base",
-         f"model.sharing={sharing}", "data.clips=30", "--json"],
-        capture_output=True, text=True, check=True, cwd=REPO)
+        [
+            sys.executable,
+            str(REPO / "tools" / "count_params.py"),
+            "model=avbert_base",
+            f"model.sharing={sharing}",
+            "data.clips=30",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    )
     rows = json.loads(result.stdout)
     assert abs(rows["transformers"] / 1e6 - expected_millions) / expected_millions < 0.02, rows
     assert rows["total"] > rows["transformers"]
@@ -115,9 +148,14 @@ def test_sharing_divides_transformer_parameters() -> None:
     def transformers(sharing: str) -> int:
         return count_parameters(build_pretraining_model(_cfg(f"model.sharing={sharing}")))["transformers"]
 
-    embeddings = sum(v for k, v in count_parameters(build_pretraining_model(_cfg())).items()
-                     if k.startswith("embeddings."))
-    none, layer, both = transformers("[]") - embeddings, transformers("[layer]") - embeddings, transformers("[layer,cross]") - embeddings
+    embeddings = sum(
+        v for k, v in count_parameters(build_pretraining_model(_cfg())).items() if k.startswith("embeddings.")
+    )
+    none, layer, both = (
+        transformers("[]") - embeddings,
+        transformers("[layer]") - embeddings,
+        transformers("[layer,cross]") - embeddings,
+    )
     assert layer * _cfg().model.num_layers == none
     assert both * 3 == layer
 
@@ -156,8 +194,9 @@ def few_pairs() -> tuple[torch.Tensor, torch.Tensor]:
     """Four real synthetic videos, decoded: distinct content a model can memorise."""
     spec = SyntheticSpec(videos=4, seconds=2.0)
     clips = [decode_clips(make_sample(spec, i)["mp4"], clip_spec(_cfg().data), None) for i in range(4)]
-    return video_to_float(torch.stack([c["video"] for c in clips]), "cpu", torch.float32), \
-        torch.stack([c["audio"] for c in clips])
+    return video_to_float(torch.stack([c["video"] for c in clips]), "cpu", torch.float32), torch.stack(
+        [c["audio"] for c in clips]
+    )
 
 
 @pytest.mark.parametrize("sharing", SHARING)
@@ -185,12 +224,45 @@ def test_tiny_model_overfits_a_few_pairs(sharing: str, few_pairs: tuple[torch.Te
     assert after["pair_accuracy"] == 1.0, after
 
 
-def test_thirty_second_clips_run_forward_and_backward_with_checkpointing() -> None:
-    cfg = _cfg("data.clips=30", "data.frames_per_clip=16", "data.fps=16", "data.crop=16",
-               "model.activation_checkpointing.cnns=true", "model.activation_checkpointing.transformers=true")
+def _thirty_second_step(checkpointing: bool) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Bytes saved for backward during the forward pass, the gradients, and BatchNorm's
+    statistics after one step of a 30 s (480-frame) sequence."""
+    flag = str(checkpointing).lower()
+    cfg = _cfg(
+        "data.clips=30",
+        "data.frames_per_clip=16",
+        "data.fps=16",
+        "data.crop=16",
+        f"model.activation_checkpointing.cnns={flag}",
+        f"model.activation_checkpointing.transformers={flag}",
+    )
+    torch.manual_seed(0)
     model = build_pretraining_model(cfg)
+    torch.manual_seed(1)
     video, audio = _batch(cfg, batch=2)
     assert video.shape[1] * video.shape[3] == 480, "30 s at 16 fps"
-    out = model(video, audio)
+    saved = 0
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        out = model(video, audio, step_seed=7)
     out["loss"].backward()
-    assert all(p.grad is not None for p in model.parameters())
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    stats = {n: b.clone() for n, b in model.named_buffers()}
+    assert len(grads) == len(list(model.parameters()))
+    return saved, grads, stats
+
+
+def test_thirty_second_clips_checkpointed_give_the_same_gradients_for_far_less_memory() -> None:
+    plain_bytes, plain_grads, plain_stats = _thirty_second_step(False)
+    checkpointed_bytes, grads, stats = _thirty_second_step(True)
+    assert checkpointed_bytes < plain_bytes / 4, (checkpointed_bytes, plain_bytes)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # The recomputation in the backward pass must not update BatchNorm's statistics a second time
+    for name, value in plain_stats.items():
+        torch.testing.assert_close(stats[name], value, msg=name)

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import free_port
 from pemt.model.collectives import gather_rows
-from pemt.model.objectives import (generator, masked_embedding_loss, negative_probabilities,
-                                   random_mask, sample_negatives)
+from pemt.model.objectives import (
+    generator,
+    masked_embedding_loss,
+    negative_probabilities,
+    random_mask,
+    sample_negatives,
+)
 
 
 def _pool() -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,12 +68,6 @@ def test_masked_embedding_loss_prefers_the_right_prediction() -> None:
     assert right < wrong
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gather_worker(rank: int, port: int, results: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -81,7 +80,7 @@ def _gather_worker(rank: int, port: int, results: dict) -> None:
 
 def test_gathered_rows_span_every_rank_and_send_gradient_home() -> None:
     results = mp.Manager().dict()
-    mp.spawn(_gather_worker, args=(_free_port(), results), nprocs=2)
+    mp.spawn(_gather_worker, args=(free_port(), results), nprocs=2)
     for rank in (0, 1):
         pool, offset, grad = results[rank]
         assert pool.shape == (5, 4)
@@ -109,13 +108,13 @@ def _loss_and_grads(model, video, audio) -> tuple[float, list[torch.Tensor]]:
 
 
 def _invariance_worker(rank: int, port: int, video, audio, results: dict) -> None:
-    from pemt.model.pretraining import build_pretraining_model
+    from pemt.model.factory import build_pretraining_model
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(0)
     model = build_pretraining_model(_cfg())
-    loss, grads = _loss_and_grads(model, video[2 * rank:2 * rank + 2], audio[2 * rank:2 * rank + 2])
+    loss, grads = _loss_and_grads(model, video[2 * rank : 2 * rank + 2], audio[2 * rank : 2 * rank + 2])
     mean = torch.tensor([loss])
     dist.all_reduce(mean)
     for grad in grads:  # as DeepSpeed does: gradients averaged over ranks
@@ -128,7 +127,7 @@ def _invariance_worker(rank: int, port: int, video, audio, results: dict) -> Non
 def test_a_step_on_two_ranks_equals_one_process() -> None:
     from test_model import _batch
 
-    from pemt.model.pretraining import build_pretraining_model
+    from pemt.model.factory import build_pretraining_model
 
     cfg = _cfg()
     torch.manual_seed(5)
@@ -136,7 +135,7 @@ def test_a_step_on_two_ranks_equals_one_process() -> None:
     torch.manual_seed(0)
     single_loss, single_grads = _loss_and_grads(build_pretraining_model(cfg), video, audio)
     results = mp.Manager().dict()
-    mp.spawn(_invariance_worker, args=(_free_port(), video, audio, results), nprocs=2)
+    mp.spawn(_invariance_worker, args=(free_port(), video, audio, results), nprocs=2)
     loss, grads = results[0]
     assert abs(loss - single_loss) < 1e-5, (loss, single_loss)
     worst = max((a - b).abs().max().item() for a, b in zip(grads, single_grads))

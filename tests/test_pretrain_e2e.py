@@ -8,12 +8,22 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import describe, run_name, run_pretrain
+from conftest import describe, keys_by_step, run_name, run_pretrain
 
 pytestmark = pytest.mark.slow
 
-EXPECTED_METRICS = {"loss", "loss_mep_visual", "loss_mep_audio", "loss_pair", "pair_accuracy", "lr",
-                    "samples_per_s", "step_time_s", "host_rss_gib_max", "samples"}
+EXPECTED_METRICS = {
+    "loss",
+    "loss_mep_visual",
+    "loss_mep_audio",
+    "loss_pair",
+    "pair_accuracy",
+    "lr",
+    "samples_per_s",
+    "step_time_s",
+    "host_rss_gib_max",
+    "samples",
+}
 
 
 def _runs(root: Path, experiment: str = "pemt-pretrain") -> list:
@@ -23,8 +33,7 @@ def _runs(root: Path, experiment: str = "pemt-pretrain") -> list:
 
 
 def test_runs_checkpoints_logs_and_resumes(tmp_path: Path, data_cache: Path) -> None:
-    first = run_pretrain(tmp_path, data_cache, "train.max_steps=4", "train.log_every=2",
-                         "train.checkpoint_every=2")
+    first = run_pretrain(tmp_path, data_cache, "train.max_steps=4", "train.log_every=2", "train.checkpoint_every=2")
     assert first.returncode == 0, describe(first)
     run_dir = tmp_path / "pemt-pretrain" / run_name()
     checkpoints = run_dir / "checkpoints"
@@ -44,14 +53,13 @@ def test_runs_checkpoints_logs_and_resumes(tmp_path: Path, data_cache: Path) -> 
     assert [a.path for a in client.list_artifacts(run.info.run_id, "config")] == ["config/resolved.yaml"]
     experiment = client.get_experiment_by_name("pemt-pretrain")
     assert experiment.artifact_location.startswith(tmp_path.as_uri()), "artifacts under paths.root, not ./mlruns"
-    assert run.data.tags["mlflow.source.name"] == "launch/pretrain.py" and run.data.tags["mlflow.user"]
+    assert run.data.tags["mlflow.source.name"] == "pemt-pretrain" and run.data.tags["mlflow.user"]
     assert run.data.tags["pemt.version"] and len(run.data.tags.get("mlflow.source.git.commit", "x" * 40)) == 40
     rank1 = "".join(p.read_text() for p in (tmp_path / "pemt-pretrain" / ".submitit").glob("*/*_1_log.*"))
     assert "[rank 1] " in rank1 and "[rank 0] " not in rank1, "each rank's lines say which rank wrote them"
 
     # The same command with more steps continues the same run from its checkpoint.
-    second = run_pretrain(tmp_path, data_cache, "train.max_steps=6", "train.log_every=2",
-                          "train.checkpoint_every=2")
+    second = run_pretrain(tmp_path, data_cache, "train.max_steps=6", "train.log_every=2", "train.checkpoint_every=2")
     assert second.returncode == 0, describe(second)
     assert "resumed from" in (run_dir / "pretrain.log").read_text()
     assert (checkpoints / "latest").read_text() == "step_00000006"
@@ -71,14 +79,22 @@ def test_a_run_dir_of_ones_own_holds_the_run_and_resumes_wherever_it_moves(tmp_p
     from conftest import REPO
 
     def resume(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(REPO / "tools" / "resume.py"), *args], capture_output=True,
-                              text=True, cwd=REPO, timeout=600)
+        return subprocess.run(
+            [sys.executable, str(REPO / "tools" / "resume.py"), *args],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=600,
+        )
 
     mine = tmp_path / "mine"
-    first = run_pretrain(tmp_path / "root", data_cache, f"run_dir={mine}", "train.max_steps=2",
-                         "train.checkpoint_every=2")
+    first = run_pretrain(
+        tmp_path / "root", data_cache, f"run_dir={mine}", "train.max_steps=2", "train.checkpoint_every=2"
+    )
     assert first.returncode == 0, describe(first)
-    assert (mine / ".hydra" / "overrides.yaml").is_file() and (mine / ".submitit").is_dir(), "logs and overrides in PATH"
+    assert (mine / ".hydra" / "overrides.yaml").is_file() and (mine / ".submitit").is_dir(), (
+        "logs and overrides in PATH"
+    )
     assert not (tmp_path / "root" / "pemt-pretrain").exists(), "nothing lands in another run's folder"
     [status] = json.loads(resume(str(mine), "--status", "--json").stdout)
     assert status["state"] == "finished" and status["step"] == 2
@@ -98,10 +114,23 @@ def test_a_run_dir_of_ones_own_holds_the_run_and_resumes_wherever_it_moves(tmp_p
 def test_two_point_sweep_makes_two_runs(tmp_path: Path, data_cache: Path) -> None:
     # bf16 here, fp32 elsewhere: both precisions run end to end; so do edge and node sparsity
     # under the ZeRO stages the other sparse tests do not use.
-    sparse = ("model.tokens_per_clip=4", "model.attention.kind=block_sparse", "model.attention.block_size=4",
-              "model.node_sparsity.keep_rate=0.5")
-    result = run_pretrain(tmp_path, data_cache, "-m", "deepspeed=zero1,zero3", "precision=bf16", *sparse,
-                          "train.max_steps=2", "train.log_every=1", "train.checkpoint_every=2")
+    sparse = (
+        "model.tokens_per_clip=4",
+        "model.attention.kind=block_sparse",
+        "model.attention.block_size=4",
+        "model.node_sparsity.keep_rate=0.5",
+    )
+    result = run_pretrain(
+        tmp_path,
+        data_cache,
+        "-m",
+        "deepspeed=zero1,zero3",
+        "precision=bf16",
+        *sparse,
+        "train.max_steps=2",
+        "train.log_every=1",
+        "train.checkpoint_every=2",
+    )
     assert result.returncode == 0, describe(result)
     everything = _runs(tmp_path)
     # The sweep is a parent run; its points are its children, side by side in the UI.
@@ -116,3 +145,69 @@ def test_two_point_sweep_makes_two_runs(tmp_path: Path, data_cache: Path) -> Non
     assert stages == {zero1: "1", zero3: "3"}
     for name in stages:
         assert (tmp_path / "pemt-pretrain" / name / "checkpoints" / "latest").read_text() == "step_00000002"
+
+
+def _losses(root: Path, metric: str = "loss") -> dict[int, float]:
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    [run] = _runs(root)
+    return {m.step: m.value for m in client.get_metric_history(run.info.run_id, metric)}
+
+
+def test_accumulated_steps_with_the_contrastive_loss_resume_exactly(tmp_path: Path, data_cache: Path) -> None:
+    """Two micro-batches per rank per step and the optional InfoNCE: a run stopped at step 3 and
+    resumed sees the same samples and computes the same losses as one that never stopped; a
+    resume that would change the sample order (another data.streams) is refused."""
+    common = (
+        "train.grad_accum_steps=2",
+        "loss.contrastive_weight=0.5",
+        "train.log_every=1",
+        "train.checkpoint_every=3",
+        "train.record_samples=true",
+    )
+    straight = run_pretrain(tmp_path / "straight", data_cache, "train.max_steps=6", *common)
+    assert straight.returncode == 0, describe(straight)
+    for steps in (3, 6):
+        part = run_pretrain(tmp_path / "resumed", data_cache, f"train.max_steps={steps}", *common)
+        assert part.returncode == 0, describe(part)
+    name = run_name("train.grad_accum_steps=2", "loss.contrastive_weight=0.5")
+    run_dir = tmp_path / "resumed" / "pemt-pretrain" / name
+    seen = keys_by_step(run_dir)
+    assert sorted(seen) == [1, 2, 3, 4, 5, 6] and all(len(keys) == 8 for keys in seen.values()), seen
+    assert seen == keys_by_step(tmp_path / "straight" / "pemt-pretrain" / name)
+    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
+    contrastive = _losses(tmp_path / "resumed", "loss_contrastive")
+    assert sorted(contrastive) == [1, 2, 3, 4, 5, 6] and all(v > 0 for v in contrastive.values())
+
+    other_order = run_pretrain(
+        tmp_path / "resumed", data_cache, "train.max_steps=8", *common, "data.streams=4", f"run_dir={run_dir}"
+    )
+    assert other_order.returncode != 0 and "data.streams" in other_order.stderr, describe(other_order)
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000006", "nothing was trained"
+
+
+def test_a_sweep_with_a_failing_point_finishes_the_others_and_says_how_to_continue(
+    tmp_path: Path, data_cache: Path
+) -> None:
+    # A learning rate of 1e30 makes every step after the first non-finite: that point fails.
+    result = run_pretrain(
+        tmp_path,
+        data_cache,
+        "-m",
+        "train.lr=1e-3,1e30",
+        "gpus_per_node=1",
+        "train.max_steps=4",
+        "train.max_skipped_steps=1",
+        "train.checkpoint_every=4",
+        "mlflow.system_metrics=false",
+    )
+    assert result.returncode == 1, describe(result)
+    failed_dir = tmp_path / "pemt-pretrain" / run_name("train.lr=1e+30")
+    assert f"continue it with: python tools/resume.py {failed_dir}" in result.stderr, describe(result)
+    assert "Traceback" not in result.stderr.split("pemt: a job did not finish")[-1]
+    everything = _runs(tmp_path)
+    [parent] = [r for r in everything if r.data.tags.get("pemt.sweep")]
+    assert parent.info.status == "FAILED"
+    status = {r.info.run_name: r.info.status for r in everything if r is not parent}
+    assert status == {run_name("train.lr=0.001"): "FINISHED", run_name("train.lr=1e+30"): "FAILED"}, status
+    finished = tmp_path / "pemt-pretrain" / run_name("train.lr=0.001")
+    assert (finished / "checkpoints" / "latest").read_text() == "step_00000004"

@@ -34,8 +34,13 @@ time.sleep(600)
 def owner(tmp_path: Path):
     """A live process that owns tmp_path/run (its lock held, its identity recorded)."""
     run_dir = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True,
-                               cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert process.stdout.readline().strip() == "held"
     yield run_dir, process
     process.kill()
@@ -65,7 +70,11 @@ def test_an_owner_recorded_on_a_file_system_without_shared_locks_still_counts(tm
 
         from pemt.ownership import this_process
 
-        record = {**this_process("training"), "pid": sleeper.pid, "pid_started": psutil.Process(sleeper.pid).create_time()}
+        record = {
+            **this_process("training"),
+            "pid": sleeper.pid,
+            "pid_started": psutil.Process(sleeper.pid).create_time(),
+        }
         (tmp_path / ".pemt.lock").write_text(json.dumps(record))
         with pytest.raises(RunBusy, match="not visible from here"):
             RunLock(tmp_path).acquire("training")
@@ -79,8 +88,9 @@ def _fake_run(run_dir: Path, job: str = "pretrain", launched_from: Path = REPO) 
     hydra_dir = run_dir / ".hydra"
     hydra_dir.mkdir(parents=True, exist_ok=True)
     (hydra_dir / "overrides.yaml").write_text(yaml.safe_dump(["deepspeed=zero1", "train.max_steps=10"]))
-    (hydra_dir / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"job": {"name": job},
-                                                                    "runtime": {"cwd": str(launched_from)}}}))
+    (hydra_dir / "hydra.yaml").write_text(
+        yaml.safe_dump({"hydra": {"job": {"name": job}, "runtime": {"cwd": str(launched_from)}}})
+    )
     (hydra_dir / "config.yaml").write_text(yaml.safe_dump({"train": {"max_steps": 10}}))
     return run_dir
 
@@ -89,24 +99,35 @@ def test_resume_py_leaves_a_live_run_alone(owner) -> None:
     run_dir, process = owner
     _fake_run(run_dir)
     assert run_status(run_dir).state == "running"
-    resumed = subprocess.run([sys.executable, str(REPO / "tools" / "resume.py"), str(run_dir), "--dry-run"],
-                             capture_output=True, text=True, cwd=REPO)
+    resumed = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "resume.py"), str(run_dir), "--dry-run"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert resumed.returncode == 2 and f"in use by training (pid {process.pid}" in resumed.stderr, resumed.stderr
 
 
 def test_the_resume_command_lands_in_the_run_dir_wherever_it_is(tmp_path: Path) -> None:
     run_dir = _fake_run(tmp_path / "moved" / "model.sharing=[layer,cross],seed=1")
     command, cwd = resume_command(run_dir, ["train.max_steps=20"])
-    assert command[1] == str(REPO / "launch" / "pretrain.py") and cwd == REPO
-    assert command[2:] == ["deepspeed=zero1", "train.max_steps=20", f"run_dir='{run_dir.resolve()}'"]
+    assert command[1:3] == ["-m", "pemt.apps.pretrain"] and cwd == REPO
+    assert command[3:] == ["deepspeed=zero1", "train.max_steps=20", f"run_dir='{run_dir.resolve()}'"]
     _fake_run(tmp_path / "odd", job="../../tmp/evil")
     with pytest.raises(RunNotFound, match="not one of pemt's entry points"):
         resume_command(tmp_path / "odd", [])
 
 
-SAVED = {"config": {"seed": 0, "nodes": 1, "train": {"lr": 0.001, "max_steps": 10, "warmup_steps": 2},
-                    "loss": {"temperature": 0.1}, "data": {"shards": "/d/a", "num_workers": 2}},
-         "data_manifest": "abc"}
+SAVED = {
+    "config": {
+        "seed": 0,
+        "nodes": 1,
+        "train": {"lr": 0.001, "max_steps": 10, "warmup_steps": 2},
+        "loss": {"temperature": 0.1},
+        "data": {"shards": "/d/a", "num_workers": 2},
+    },
+    "data_manifest": "abc",
+}
 
 
 def _config(**changes: object) -> tuple:
@@ -124,7 +145,9 @@ def test_resuming_refuses_a_change_of_what_is_learned_and_names_it(caplog: pytes
     cfg, config = _config(nodes=4, data__num_workers=8, data__shards="/moved/a")
     check_continuity(SAVED, cfg, config, "abc", 5)  # resources and where the data now is: fine
     cfg, config = _config(loss__temperature=0.5)
-    with pytest.raises(ConfigError, match=r"loss.temperature: 0.1 -> 0.5.*train.allow_config_change=\[loss.temperature\]"):
+    with pytest.raises(
+        ConfigError, match=r"loss.temperature: 0.1 -> 0.5.*train.allow_config_change=\[loss.temperature\]"
+    ):
         check_continuity(SAVED, cfg, config, "abc", 5)
     cfg.train.allow_config_change = ["loss"]
     with caplog.at_level(logging.WARNING):

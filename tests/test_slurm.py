@@ -7,6 +7,7 @@ cluster=slurm_local`, i.e. hydra-submitit-launcher's Slurm executor and sbatch.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -15,8 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -26,8 +27,12 @@ from conftest import REPO, SMALL_DATA, describe, run_name
 pytestmark = pytest.mark.slow
 SCRIPT = REPO / "slurm" / "cluster.sh"
 # Ports of a cluster of the tests' own, so a cluster started by hand keeps running beside it.
-PORTS = {"PEMT_SLURM_CTLD_PORT": "15817", "PEMT_SLURM_DBD_PORT": "15819", "PEMT_SLURM_DB_PORT": "15306",
-         "PEMT_SLURM_NODE_PORT": "15000"}
+PORTS = {
+    "PEMT_SLURM_CTLD_PORT": "15817",
+    "PEMT_SLURM_DBD_PORT": "15819",
+    "PEMT_SLURM_DB_PORT": "15306",
+    "PEMT_SLURM_NODE_PORT": "15000",
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +43,9 @@ def slurm() -> Iterator[dict[str, str]]:
     # Short path: munge and MariaDB sockets live below it (unix socket paths are limited to 108 bytes).
     state = Path(tempfile.mkdtemp(prefix="pemt-slurm-"))
     env = {**os.environ, **PORTS, "PEMT_SLURM_DIR": str(state), "PEMT_SLURM_GRACE_S": "60"}
-    started = subprocess.run([str(SCRIPT), "start", "--nodes", "3"], env=env, capture_output=True, text=True,
-                             timeout=600)
+    started = subprocess.run(
+        [str(SCRIPT), "start", "--nodes", "3"], env=env, capture_output=True, text=True, timeout=600
+    )
     assert started.returncode == 0, f"{started.stdout}\n{started.stderr}\n" + _logs(state)
     assert (state / "etc" / "munge.key").stat().st_mode & 0o777 == 0o400, "the munge key is readable by root alone"
     env["SLURM_CONF"] = str(state / "etc" / "slurm.conf")
@@ -55,18 +61,34 @@ def _logs(state: Path) -> str:
 def _command(root: Path, cache: Path, *overrides: str) -> list[str]:
     flags = [o for o in overrides if o.startswith("-")]
     values = [o for o in overrides if not o.startswith("-")]
-    return [sys.executable, str(REPO / "launch" / "pretrain.py"), *flags, "cluster=slurm_local",
-            f"paths.root={root}", f"paths.cache={cache}", *SMALL_DATA, "train.log_every=4", *values]
+    return [
+        sys.executable,
+        str(REPO / "launch" / "pretrain.py"),
+        *flags,
+        "cluster=slurm_local",
+        f"paths.root={root}",
+        f"paths.cache={cache}",
+        *SMALL_DATA,
+        "train.log_every=4",
+        *values,
+    ]
 
 
 def _run(env: dict[str, str], root: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_command(root, cache, *overrides), cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        _command(root, cache, *overrides), cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def _start(env: dict[str, str], root: Path, cache: Path, *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen(_command(root, cache, *overrides), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        _command(root, cache, *overrides),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _journal(run_dir: Path) -> list[dict]:
@@ -98,8 +120,13 @@ def _sacct(env: dict[str, str], job_id: str, timeout_s: float = 60) -> list[dict
     once the job has ended (the launcher returns when the result is in, a moment before)."""
     deadline = time.time() + timeout_s
     while True:
-        out = subprocess.run(["sacct", "-n", "-P", "-X", "--duplicates", "-j", job_id, "-o",
-                              "JobID,State,NodeList"], env=env, capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            ["sacct", "-n", "-P", "-X", "--duplicates", "-j", job_id, "-o", "JobID,State,NodeList"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         records = [dict(zip(("job", "state", "nodes"), line.split("|"))) for line in out.splitlines() if line]
         if records and records[-1]["state"] not in ("PENDING", "RUNNING", "COMPLETING") or time.time() > deadline:
             return records
@@ -119,11 +146,19 @@ def _segments(journal: list[dict]) -> list[tuple[dict, dict | None]]:
     return [(s, ends[i] if i < len(ends) else None) for i, s in enumerate(starts)]
 
 
-def test_sweep_of_two_node_jobs_trains_across_nodes(slurm: dict[str, str], tmp_path: Path,
-                                                    data_cache: Path) -> None:
+def test_sweep_of_two_node_jobs_trains_across_nodes(slurm: dict[str, str], tmp_path: Path, data_cache: Path) -> None:
     root = tmp_path / "runs"
-    result = _run(slurm, root, data_cache, "-m", "nodes=2", "gpus_per_node=1", "train.max_steps=8",
-                  "train.record_samples=true", "train.lr=0.001,0.002")
+    result = _run(
+        slurm,
+        root,
+        data_cache,
+        "-m",
+        "nodes=2",
+        "gpus_per_node=1",
+        "train.max_steps=8",
+        "train.record_samples=true",
+        "train.lr=0.001,0.002",
+    )
     assert result.returncode == 0, describe(result)
     assert "partition normal" in result.stderr, "the plan names the partition"
     jobs = set()
@@ -151,30 +186,46 @@ def test_sweep_of_two_node_jobs_trains_across_nodes(slurm: dict[str, str], tmp_p
     assert all(r.info.status == "FINISHED" and r.data.metrics["samples"] == 8 * 8 for r in runs)
 
 
-@pytest.mark.parametrize(("overrides", "expected"), [
-    (["cluster.partition=gpu"], "cluster.partition=gpu: partitions on this cluster: high, normal"),
-    (["nodes=4", "gpus_per_node=1"], "nodes=4 but partition normal has 3 nodes"),
-    # GPUs on nodes without any: Slurm itself refuses the job (sbatch --test-only), before anything is queued
-    (["cluster.gpus=true"], "Slurm would refuse this job"),
-])
-def test_preflight_checks_the_partition(slurm: dict[str, str], tmp_path: Path, data_cache: Path,
-                                        overrides: list[str], expected: str) -> None:
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["cluster.partition=gpu"], "cluster.partition=gpu: partitions on this cluster: high, normal"),
+        (["nodes=4", "gpus_per_node=1"], "nodes=4 but partition normal has 3 nodes"),
+        # GPUs on nodes without any: Slurm itself refuses the job (sbatch --test-only), before anything is queued
+        (["cluster.gpus=true"], "Slurm would refuse this job"),
+    ],
+)
+def test_preflight_checks_the_partition(
+    slurm: dict[str, str], tmp_path: Path, data_cache: Path, overrides: list[str], expected: str
+) -> None:
     result = _run(slurm, tmp_path, data_cache, *overrides)
     assert result.returncode == 2 and expected in result.stderr, describe(result)
     assert not list(tmp_path.rglob(".submitit")), "nothing submitted"
 
 
-def test_preempted_job_saves_requeues_and_finishes(slurm: dict[str, str], tmp_path: Path,
-                                                   data_cache: Path) -> None:
+def test_preempted_job_saves_requeues_and_finishes(slurm: dict[str, str], tmp_path: Path, data_cache: Path) -> None:
     root = tmp_path / "runs"
     run_dir = root / "pemt-pretrain" / run_name()
     # No periodic checkpoint before the end: the only one mid-run is the one the signal causes.
-    job = _start(slurm, root, data_cache, "nodes=2", "gpus_per_node=1", "train.max_steps=30",
-                 "train.checkpoint_every=1000", "train.record_samples=true")
+    job = _start(
+        slurm,
+        root,
+        data_cache,
+        "nodes=2",
+        "gpus_per_node=1",
+        "train.max_steps=30",
+        "train.checkpoint_every=1000",
+        "train.record_samples=true",
+    )
     _wait_for_step(run_dir, 5, job)
     # A job of the high-priority partition that needs every node: Slurm preempts ours for it.
-    urgent = subprocess.run(["sbatch", "--parsable", "-p", "high", "-N", "3", "--exclusive", "-o", "/dev/null",
-                             "--wrap", "sleep 2"], env=slurm, capture_output=True, text=True, check=True)
+    urgent = subprocess.run(
+        ["sbatch", "--parsable", "-p", "high", "-N", "3", "--exclusive", "-o", "/dev/null", "--wrap", "sleep 2"],
+        env=slurm,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     output, _ = job.communicate(timeout=600)
     assert job.returncode == 0, output[-6000:]
     # the signal reached every process of the step: the data workers ignored it
@@ -199,34 +250,76 @@ def test_preempted_job_saves_requeues_and_finishes(slurm: dict[str, str], tmp_pa
     assert [(s["job_id"], s["restart"]) for s in segments] == [(first["job_id"], 0), (first["job_id"], 1)]
 
 
+def _job_started_at(env: dict[str, str], job_id: str) -> float:
+    """When Slurm started the job's current allocation (epoch seconds)."""
+    shown = subprocess.run(
+        ["squeue", "-h", "-j", job_id, "-o", "%S"], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    return datetime.datetime.fromisoformat(shown).timestamp()
+
+
 def test_time_limit_requeues_until_finished(slurm: dict[str, str], tmp_path: Path, data_cache: Path) -> None:
+    """The first job segment ends at the time limit on a machine of any speed: its ranks are
+    held still (SIGSTOP) past Slurm's warning signal, then let go; they save, requeue, and the
+    following segments continue, ending at the limit again or finishing."""
     root = tmp_path / "runs"
     run_dir = root / "pemt-pretrain" / run_name()
-    # A 2 min limit with the signal 60 s before it (Slurm sends it up to 30 s early): each job
-    # segment trains 15-45 s, too short for 200 steps on two cores.
-    result = _run(slurm, root, data_cache, "nodes=1", "gpus_per_node=2", "train.max_steps=200",
-                  "train.log_every=20", "train.checkpoint_every=1000", "cluster.time_min=2",
-                  "cluster.signal_delay_s=60")
-    assert result.returncode == 0, describe(result)
-    assert "DataLoader worker" not in result.stderr and "resource_tracker" not in result.stderr, describe(result)
+    limit_s, delay_s = 120, 60
+    job = _start(
+        slurm,
+        root,
+        data_cache,
+        "nodes=1",
+        "gpus_per_node=2",
+        "train.max_steps=200",
+        "train.log_every=20",
+        "train.checkpoint_every=1000",
+        "train.record_samples=true",
+        f"cluster.time_min={limit_s // 60}",
+        f"cluster.signal_delay_s={delay_s}",
+    )
+    _wait_for_step(run_dir, 2, job)
+    [start] = [r for r in _journal(run_dir) if r["event"] == "start"]
+    job_id = str(start["job_id"])
+    began = _job_started_at(slurm, job_id)
+    subprocess.run(["scancel", "--signal=STOP", job_id], env=slurm, check=True)
+    # Slurm sends the warning `delay_s` before the limit (its timer up to 30 s early): by
+    # limit - delay + 35 s it is pending in the stopped ranks, with 25 s left to save and requeue.
+    time.sleep(max(0.0, began + limit_s - delay_s + 35 - time.time()))
+    subprocess.run(["scancel", "--signal=CONT", job_id], env=slurm, check=True)
+    output, _ = job.communicate(timeout=900)
+    assert job.returncode == 0, output[-6000:]
+    assert "DataLoader worker" not in output and "resource_tracker" not in output, output[-6000:]
+
     segments = _segments(_journal(run_dir))
     assert len(segments) >= 2, segments
-    for (start, end), (following, _) in zip(segments, segments[1:]):
-        assert end["outcome"] == "time limit" and following["step"] == end["step"] > start["step"]
+    assert segments[0][1]["outcome"] == "time limit" and segments[0][1]["step"] < 200
+    for (start_record, end), (following, _) in zip(segments, segments[1:]):
+        assert end["outcome"] == "time limit" and following["step"] == end["step"] > start_record["step"]
     assert segments[-1][1]["outcome"] == "finished" and segments[-1][1]["step"] == 200
-    states = [r["state"] for r in _sacct(slurm, segments[0][0]["job_id"])]
+    states = [r["state"] for r in _sacct(slurm, job_id)]
     assert states[-1] == "COMPLETED" and states[:-1] == ["REQUEUED"] * (len(states) - 1), states
     _, run = _only_run(root)
     assert run.info.status == "FINISHED" and run.data.metrics["samples"] == 200 * 8
 
 
-def test_job_on_a_dead_node_fails_and_resume_py_finishes_it(slurm: dict[str, str], tmp_path: Path,
-                                                              data_cache: Path) -> None:
+def test_job_on_a_dead_node_fails_and_resume_py_finishes_it(
+    slurm: dict[str, str], tmp_path: Path, data_cache: Path
+) -> None:
     root = tmp_path / "runs"
     run_dir = root / "pemt-pretrain" / run_name()
     # requeue=false: Slurm must not bring the job back by itself, so the failure is the user's to see.
-    job = _start(slurm, root, data_cache, "nodes=2", "gpus_per_node=1", "train.max_steps=24",
-                 "train.checkpoint_every=4", "train.record_samples=true", "cluster.requeue=false")
+    job = _start(
+        slurm,
+        root,
+        data_cache,
+        "nodes=2",
+        "gpus_per_node=1",
+        "train.max_steps=24",
+        "train.checkpoint_every=4",
+        "train.record_samples=true",
+        "cluster.requeue=false",
+    )
     _wait_for_step(run_dir, 6, job)
     [start] = [r for r in _journal(run_dir) if r["event"] == "start"]
     dead = start["hosts"][1]
@@ -237,8 +330,13 @@ def test_job_on_a_dead_node_fails_and_resume_py_finishes_it(slurm: dict[str, str
         deadline = time.time() + 120
         while not [r for r in _journal(run_dir) if r["event"] == "end"] and time.time() < deadline:
             time.sleep(0.5)
-        status = subprocess.run([sys.executable, "tools/resume.py", str(run_dir), "--status", "--json"],
-                                cwd=REPO, env=slurm, capture_output=True, text=True)
+        status = subprocess.run(
+            [sys.executable, "tools/resume.py", str(run_dir), "--status", "--json"],
+            cwd=REPO,
+            env=slurm,
+            capture_output=True,
+            text=True,
+        )
         [before] = json.loads(status.stdout)
         assert before["state"] == "failed" and before["resumable"] and before["step"] >= 4, before
         # The user stops waiting (Ctrl-C): the launcher leaves, saying where to look.
@@ -252,8 +350,14 @@ def test_job_on_a_dead_node_fails_and_resume_py_finishes_it(slurm: dict[str, str
         while not any(mark in _node_state(slurm, dead) for mark in ("*", "down")) and time.time() < deadline:
             time.sleep(1)
 
-        resumed = subprocess.run([sys.executable, "tools/resume.py", str(run_dir)], cwd=REPO, env=slurm,
-                                 capture_output=True, text=True, timeout=600)
+        resumed = subprocess.run(
+            [sys.executable, "tools/resume.py", str(run_dir)],
+            cwd=REPO,
+            env=slurm,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert resumed.returncode == 0, describe(resumed)
     finally:
         subprocess.run([str(SCRIPT), "start"], env=slurm, capture_output=True, timeout=300)
@@ -267,5 +371,6 @@ def test_job_on_a_dead_node_fails_and_resume_py_finishes_it(slurm: dict[str, str
 
 
 def _node_state(env: dict[str, str], node: str) -> str:
-    return subprocess.run(["sinfo", "-h", "-n", node, "-o", "%T"], env=env, capture_output=True,
-                          text=True).stdout.strip()
+    return subprocess.run(
+        ["sinfo", "-h", "-n", node, "-o", "%T"], env=env, capture_output=True, text=True
+    ).stdout.strip()

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import REPO
-from pemt.model.pretraining import build_pretraining_model
+from pemt.model.factory import build_pretraining_model
 from pemt.model.sparse_attention import BlockSparsity, block_sparse_attention, key_blocks
 
 
@@ -20,20 +20,28 @@ def _qkv(n: int, batch: int = 2, heads: int = 3, dim: int = 8) -> list[torch.Ten
 
 
 @pytest.mark.parametrize("global_index", [[0], [0, 13]])
-@pytest.mark.parametrize("spec", [BlockSparsity(4, local_window=10, random_blocks=0),
-                                  BlockSparsity(4, local_window=0, random_blocks=10),
-                                  BlockSparsity(5, local_window=1, random_blocks=3)])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        BlockSparsity(4, local_window=10, random_blocks=0),
+        BlockSparsity(4, local_window=0, random_blocks=10),
+        BlockSparsity(5, local_window=1, random_blocks=3),
+    ],
+)
 def test_full_pattern_equals_dense(spec: BlockSparsity, global_index: list[int]) -> None:
-    q, k, v = _qkv(26)   # 24 or 25 tokens + BOS(es): 5 to 7 blocks, the last one padded
+    q, k, v = _qkv(26)  # 24 or 25 tokens + BOS(es): 5 to 7 blocks, the last one padded
     assert spec.covers_all(26 - len(global_index))
     # through the gathered blocks, not the dense shortcut
-    torch.testing.assert_close(block_sparse_attention(q, k, v, global_index, spec, dense_when_full=False),
-                               F.scaled_dot_product_attention(q, k, v))
+    torch.testing.assert_close(
+        block_sparse_attention(q, k, v, global_index, spec, dense_when_full=False),
+        F.scaled_dot_product_attention(q, k, v),
+    )
     assert not BlockSparsity(5, local_window=1, random_blocks=2).covers_all(25)
 
 
-def _dense_mask(n: int, global_index: list[int], spec: BlockSparsity, index: torch.Tensor,
-                valid: torch.Tensor) -> torch.Tensor:
+def _dense_mask(
+    n: int, global_index: list[int], spec: BlockSparsity, index: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
     """The same pattern as an explicit boolean mask over the whole sequence."""
     local = [i for i in range(n) if i not in global_index]
     mask = torch.zeros(n, n, dtype=torch.bool)
@@ -44,13 +52,13 @@ def _dense_mask(n: int, global_index: list[int], spec: BlockSparsity, index: tor
         for key_block, ok in zip(index[block].tolist(), valid[block].tolist()):
             if ok:
                 start = key_block * spec.block_size
-                mask[token, local[start:start + spec.block_size]] = True
+                mask[token, local[start : start + spec.block_size]] = True
     return mask
 
 
 @pytest.mark.parametrize("global_index", [[0], [0, 20]])
 def test_sparse_pattern_equals_masked_dense(global_index: list[int]) -> None:
-    n = 41                                     # 39 or 40 tokens: the last block is padded
+    n = 41  # 39 or 40 tokens: the last block is padded
     spec = BlockSparsity(block_size=4, local_window=1, random_blocks=2)
     q, k, v = _qkv(n)
     tokens = n - len(global_index)
@@ -77,7 +85,7 @@ def test_random_blocks_are_fresh_each_forward_and_seedable() -> None:
 
 
 def test_counted_flops_fall_with_sparsity() -> None:
-    q, k, v = _qkv(481, batch=1, heads=2, dim=32)   # 30 s x 16 tokens per clip + BOS
+    q, k, v = _qkv(481, batch=1, heads=2, dim=32)  # 30 s x 16 tokens per clip + BOS
     spec = BlockSparsity(block_size=16, local_window=1, random_blocks=1)
 
     def flops(fn) -> int:
@@ -86,7 +94,7 @@ def test_counted_flops_fall_with_sparsity() -> None:
         return counter.get_total_flops()
 
     # torch's CPU fused attention kernel is not counted: the dense reference is spelled out
-    dense = flops(lambda: ((q @ k.transpose(-1, -2)) * 32 ** -0.5).softmax(-1) @ v)
+    dense = flops(lambda: ((q @ k.transpose(-1, -2)) * 32**-0.5).softmax(-1) @ v)
     sparse = flops(lambda: block_sparse_attention(q, k, v, [0], spec))
     assert sparse < dense / 6, (sparse, dense)
 
@@ -95,8 +103,16 @@ def test_counted_flops_fall_with_sparsity() -> None:
 @pytest.mark.parametrize("fusion", ["mid", "early"])
 def test_model_trains_with_sparse_attention(sharing: str, fusion: str) -> None:
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("pretrain", overrides=[f"model.sharing={sharing}", f"model.fusion={fusion}", "data.clips=12",
-                                             "model.attention.kind=block_sparse", "model.attention.block_size=2"])
+        cfg = compose(
+            "pretrain",
+            overrides=[
+                f"model.sharing={sharing}",
+                f"model.fusion={fusion}",
+                "data.clips=12",
+                "model.attention.kind=block_sparse",
+                "model.attention.block_size=2",
+            ],
+        )
     torch.manual_seed(0)
     model = build_pretraining_model(cfg)
     video = torch.rand(2, 12, 3, cfg.data.frames_per_clip, 32, 32)
@@ -142,7 +158,7 @@ def test_node_sparsity_keeps_the_top_tokens_by_bos_attention() -> None:
     from pemt.model.transformer import Pruning
 
     stack = _stack()
-    x = torch.randn(2, 11, 16)                        # BOS + 10 candidate tokens
+    x = torch.randn(2, 11, 16)  # BOS + 10 candidate tokens
     pruning = Pruning(first=1, last=10, rank_by=0, keep_rate=0.6, after_layers=(1,))
     out = stack(x, 0, (0,), pruning)
     after_first, ranking = stack.layers[0](x, 0, (0,), rank_by=0)
@@ -153,7 +169,7 @@ def test_node_sparsity_keeps_the_top_tokens_by_bos_attention() -> None:
         torch.testing.assert_close(out[b, dropped], after_first[b, dropped])
         # the rest went on through layer 2 together, in their original order
         rows = [0, *kept[b].tolist()]
-        expected, _ = stack.layers[1](after_first[b:b + 1, rows], 0, (0,))
+        expected, _ = stack.layers[1](after_first[b : b + 1, rows], 0, (0,))
         torch.testing.assert_close(out[b, rows], expected[0])
     # keep_rate 1 is the plain stack
     whole = Pruning(1, 10, 0, 1.0, (1,))
@@ -164,46 +180,54 @@ def test_multimodal_node_sparsity_ranks_visual_tokens_by_the_audio_bos() -> None
     from pemt.model.transformer import Pruning
 
     stack = _stack()
-    x = torch.randn(1, 12, 16)                        # [v_BOS, v1..v5, a_BOS, a1..a5]
+    x = torch.randn(1, 12, 16)  # [v_BOS, v1..v5, a_BOS, a1..a5]
     out = stack(x, 0, (0, 6), Pruning(first=1, last=5, rank_by=6, keep_rate=0.4, after_layers=(1,)))
     after_first, ranking = stack.layers[0](x, 0, (0, 6), rank_by=6)
     kept = sorted((ranking[0, 1:6].topk(2).indices + 1).tolist())
     rows = [0, *kept, *range(6, 12)]
-    expected, _ = stack.layers[1](after_first[:, rows], 0, (0, 3))   # the audio BOS moved to row 3
+    expected, _ = stack.layers[1](after_first[:, rows], 0, (0, 3))  # the audio BOS moved to row 3
     torch.testing.assert_close(out[0, rows], expected[0])
 
 
 def test_curriculum_stages_and_their_errors() -> None:
     from pemt.config import ConfigError
-    from pemt.train.curriculum import largest, stage_at, stages
+    from pemt.curriculum import largest, stage_at, stages
 
     cfg = _cfg("curriculum=expand", "train.max_steps=40")
     found = stages(cfg)
     assert [(s.start, s.clips, s.tokens_per_clip, s.keep_rate) for s in found] == [
-        (0, 4, 1, 1.0), (10, 8, 4, 0.7), (20, 8, 16, 0.6)]
+        (0, 4, 1, 1.0),
+        (10, 8, 4, 0.7),
+        (20, 8, 16, 0.6),
+    ]
     assert found[1].sparsity().block_size == 8 and found[0].sparsity() is None
     assert [stage_at(found, step).index for step in (0, 9, 10, 19, 20, 39)] == [0, 0, 1, 1, 2, 2]
     assert largest(cfg) == (8, 16)
-    for stage, message in (("{steps:5,tokens_per_clip:3}", r"curriculum.stages\[0\].tokens_per_clip=3: must be a square"),
-                           ("{steps:0}", r"curriculum.stages\[0\].steps=0"),
-                           ("{steps:5,frames:2}", r"unknown key\(s\) \['frames'\]"),
-                           ("{steps:5,keep_rate:0}", r"keep_rate=0.0: must be in \(0, 1\]")):
+    for stage, message in (
+        ("{steps:5,tokens_per_clip:3}", r"curriculum.stages\[0\].tokens_per_clip=3: must be a square"),
+        ("{steps:0}", r"curriculum.stages\[0\].steps=0"),
+        ("{steps:5,frames:2}", r"unknown key\(s\) \['frames'\]"),
+        ("{steps:5,keep_rate:0}", r"keep_rate=0.0: must be in \(0, 1\]"),
+    ):
         with pytest.raises(ConfigError, match=message):
             stages(_cfg(f"curriculum.stages=[{stage}]"))
 
 
 @pytest.mark.slow
 def test_curriculum_moves_through_stages_resumes_into_the_right_one_and_fine_tunes_from_the_last(
-        tmp_path, data_cache) -> None:
+    tmp_path, data_cache
+) -> None:
     from pathlib import Path
 
     from mlflow.tracking import MlflowClient
 
     from conftest import SMALL_DATA, describe, run_launch, run_pretrain
 
-    stages = ("curriculum.stages=[{steps:2,clips:2},{steps:2,clips:4,tokens_per_clip:4,keep_rate:0.5,"
-              "attention:{kind:block_sparse,block_size:4}},"
-              "{steps:1,tokens_per_clip:4,attention:{kind:block_sparse,block_size:4,random_blocks:0}}]")
+    stages = (
+        "curriculum.stages=[{steps:2,clips:2},{steps:2,clips:4,tokens_per_clip:4,keep_rate:0.5,"
+        "attention:{kind:block_sparse,block_size:4}},"
+        "{steps:1,tokens_per_clip:4,attention:{kind:block_sparse,block_size:4,random_blocks:0}}]"
+    )
     common = ["gpus_per_node=1", stages, "train.log_every=1", "train.checkpoint_every=1", "mlflow.system_metrics=false"]
     first = run_pretrain(tmp_path, data_cache, *common, "train.max_steps=3")
     assert first.returncode == 0, describe(first)
@@ -211,8 +235,9 @@ def test_curriculum_moves_through_stages_resumes_into_the_right_one_and_fine_tun
     assert first.stderr.count("GFLOP per sample") == 2, "FLOPs are counted again for the new stage"
     second = run_pretrain(tmp_path, data_cache, *common, "train.max_steps=5")
     assert second.returncode == 0, describe(second)
-    assert "resumed from" in second.stderr and "curriculum stage 1 from step 2" in second.stderr, \
+    assert "resumed from" in second.stderr and "curriculum stage 1 from step 2" in second.stderr, (
         "a resumed run re-enters the stage its checkpoint was in"
+    )
     assert "curriculum stage 2 from step 4" in second.stderr
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -224,10 +249,27 @@ def test_curriculum_moves_through_stages_resumes_into_the_right_one_and_fine_tun
     assert tokens[1] == pytest.approx(2 * samples[1]) and tokens[5] == pytest.approx(16 * samples[5])
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [1, 2, 3, 4, 5]
 
-    # Fine-tuning starts from the sequence the curriculum ended with: its tokens and sparsity.
+    # Its export loads strictly with the documented call (position tables of the largest stage).
+    from pemt.model.factory import load_exported
+    from pemt.train.export import export_run
+
     run_dir = Path(run.data.tags["pemt.run_dir"])
-    tuned = run_launch("finetune.py", tmp_path, data_cache, *SMALL_DATA, "gpus_per_node=1", f"task.init='{run_dir}'",
-                       "train.max_steps=2", "eval.synthetic_videos=4", "mlflow.system_metrics=false")
+    weights, _ = export_run(run_dir, tmp_path / "export" / "model.safetensors")
+    model, config = load_exported(weights)
+    assert model.backbone.embeddings["visual"].positions.num_embeddings == 5 and config.train.max_steps == 5
+
+    # Fine-tuning starts from the sequence the curriculum ended with: its tokens and sparsity.
+    tuned = run_launch(
+        "finetune.py",
+        tmp_path,
+        data_cache,
+        *SMALL_DATA,
+        "gpus_per_node=1",
+        f"task.init='{run_dir}'",
+        "train.max_steps=2",
+        "eval.synthetic_videos=4",
+        "mlflow.system_metrics=false",
+    )
     assert tuned.returncode == 0, describe(tuned)
     [finetuned] = client.search_runs([client.get_experiment_by_name("pemt-finetune").experiment_id])
     params = finetuned.data.params

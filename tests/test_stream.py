@@ -16,9 +16,21 @@ from pemt.data.shards import write_shards
 from pemt.data.stream import plan_from_manifest, stream_slots
 from pemt.data.synthetic import SyntheticSpec, generate, make_sample
 
-DATA = OmegaConf.create({"clips": 2, "frames_per_clip": 2, "fps": 4, "crop": 16, "sample_rate": 16000,
-                         "mel_bins": 16, "mel_window_ms": 25, "mel_hop_ms": 10, "streams": 4,
-                         "shuffle_buffer": 2, "num_workers": 2})
+DATA = OmegaConf.create(
+    {
+        "clips": 2,
+        "frames_per_clip": 2,
+        "fps": 4,
+        "crop": 16,
+        "sample_rate": 16000,
+        "mel_bins": 16,
+        "mel_window_ms": 25,
+        "mel_hop_ms": 10,
+        "streams": 4,
+        "shuffle_buffer": 2,
+        "num_workers": 2,
+    }
+)
 GLOBAL_BATCH = 4
 STEPS = 6
 
@@ -35,8 +47,9 @@ def _steps(shards: Path, world: int, start: int, stop: int, workers: int = 2) ->
     data = OmegaConf.merge(DATA, {"num_workers": workers})
     per_step = [Counter() for _ in range(start, stop)]
     for rank in range(world):
-        loader = iter(build_loader(data, str(shards), GLOBAL_BATCH // world, rank, world, seed=7,
-                                   start_micro_step=start))
+        loader = iter(
+            build_loader(data, str(shards), GLOBAL_BATCH // world, rank, world, seed=7, start_micro_step=start)
+        )
         for i in range(stop - start):
             batch = next(loader)
             assert batch["micro_step"] == start + i, "batches arrive in step order"
@@ -51,7 +64,9 @@ def uninterrupted(shards: Path) -> list[Counter]:
 
 
 @pytest.mark.parametrize(("before", "after"), [(2, 2), (2, 1), (1, 2)])
-def test_resumed_stream_equals_uninterrupted(shards: Path, uninterrupted: list[Counter], before: int, after: int) -> None:
+def test_resumed_stream_equals_uninterrupted(
+    shards: Path, uninterrupted: list[Counter], before: int, after: int
+) -> None:
     resumed = _steps(shards, before, 0, 3) + _steps(shards, after, 3, STEPS)
     assert resumed == uninterrupted
 
@@ -134,20 +149,26 @@ def _claim_size(tar: Path, member: str, size: int) -> None:
     with tarfile.open(tar) as handle:
         offset = handle.getmember(member).offset
     data = bytearray(tar.read_bytes())
-    header = data[offset:offset + 512]
+    header = data[offset : offset + 512]
     header[124:136] = bytes([0x80]) + size.to_bytes(11, "big")
     header[148:156] = b" " * 8
     header[148:156] = f"{sum(header):06o}".encode() + b"\0 "
-    data[offset:offset + 512] = header
+    data[offset : offset + 512] = header
     tar.write_bytes(bytes(data))
 
 
 def test_metadata_and_members_that_would_crash_are_counted_bad_samples(tmp_path: Path) -> None:
     spec = SyntheticSpec(videos=10, seconds=1.0, size=32)
     good = [make_sample(spec, i) for i in range(10)]
-    metadata = {"a list": b"[1, 2]", "null": b"null", "deep nesting": b"[" * 100_000 + b"]" * 100_000,
-                "1e400": b'{"label": 1e400}', "a string label": b'{"label": "cat"}',
-                "a negative class": b'{"labels": [1, -3]}', "two megabytes": b'{"x": "' + b"y" * (2 << 20) + b'"}'}
+    metadata = {
+        "a list": b"[1, 2]",
+        "null": b"null",
+        "deep nesting": b"[" * 100_000 + b"]" * 100_000,
+        "1e400": b'{"label": 1e400}',
+        "a string label": b'{"label": "cat"}',
+        "a negative class": b'{"labels": [1, -3]}',
+        "two megabytes": b'{"x": "' + b"y" * (2 << 20) + b'"}',
+    }
     samples = [dict(good[i], json=raw) for i, raw in enumerate(metadata.values())] + good[7:]
     out = tmp_path / "set"
     write_shards(iter(samples), out, samples_per_shard=5)
@@ -161,8 +182,16 @@ def test_metadata_and_members_that_would_crash_are_counted_bad_samples(tmp_path:
     assert sorted(keys) == ["synthetic-000007", "synthetic-000008"], reasons
     assert len(reasons) == 8
     text = " | ".join(reasons)
-    for expected in ("is list, not an object", "is NoneType", "RecursionError", "1e400|inf", "'cat'",
-                     "-3", r"bytes \(at most", "unreadable shard after 4 samples"):
+    for expected in (
+        "is list, not an object",
+        "is NoneType",
+        "RecursionError",
+        "1e400|inf",
+        "'cat'",
+        "-3",
+        r"bytes \(at most",
+        "unreadable shard after 4 samples",
+    ):
         assert re.search(expected, text), f"{expected!r} not in {text}"
 
 

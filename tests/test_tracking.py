@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,20 +16,18 @@ import torch
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from conftest import REPO, SMALL_DATA, describe, run_name, run_pretrain
+from conftest import REPO, SMALL_DATA, describe, free_port, run_name, run_pretrain
 from pemt.track.outbox import Outbox, read_records
 from pemt.track.tracker import RUN_ID_FILE, MlflowTracker
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _store_config(tmp_path: Path, uri: str) -> OmegaConf:
-    return OmegaConf.create({"mlflow": {"tracking_uri": uri, "experiment": "unit", "system_metrics": False},
-                             "run_dir": str(tmp_path / "run")})
+    return OmegaConf.create(
+        {
+            "mlflow": {"tracking_uri": uri, "experiment": "unit", "system_metrics": False},
+            "run_dir": str(tmp_path / "run"),
+        }
+    )
 
 
 def _history(client: MlflowClient, run_id: str, key: str) -> list[int]:
@@ -85,14 +82,22 @@ def test_undelivered_metrics_stay_on_disk_and_mlflow_sync_sends_them(tmp_path: P
     (run_dir / RUN_ID_FILE).write_text(run.info.run_id)
     (run_dir / ".hydra").mkdir()
     (run_dir / ".hydra" / "overrides.yaml").write_text("[]\n")
-    synced = subprocess.run([sys.executable, "tools/mlflow_sync.py", str(run_dir), "--tracking-uri", uri],
-                            cwd=REPO, capture_output=True, text=True)
+    synced = subprocess.run(
+        [sys.executable, "tools/mlflow_sync.py", str(run_dir), "--tracking-uri", uri],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert synced.returncode == 0 and "5 records sent" not in synced.stdout, synced.stdout + synced.stderr
     assert "6 records sent" in synced.stdout
     assert _history(client, run.info.run_id, "loss") == [1, 2, 3, 4, 5]
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
-    again = subprocess.run([sys.executable, "tools/mlflow_sync.py", str(run_dir), "--tracking-uri", uri],
-                           cwd=REPO, capture_output=True, text=True)
+    again = subprocess.run(
+        [sys.executable, "tools/mlflow_sync.py", str(run_dir), "--tracking-uri", uri],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert "0 records sent" in again.stdout, "sent once"
 
 
@@ -103,7 +108,7 @@ def _flops_per_sample_in_process(micro_batch: int) -> float:
 
     from pemt.data.decode import log_mel
     from pemt.data.loader import clip_spec
-    from pemt.model.pretraining import build_pretraining_model
+    from pemt.model.factory import build_pretraining_model
 
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("pretrain", overrides=SMALL_DATA)
@@ -119,8 +124,9 @@ def _flops_per_sample_in_process(micro_batch: int) -> float:
 
 
 @pytest.mark.slow
-def test_short_run_logs_throughput_flops_memory_and_its_job(tmp_path: Path, data_cache: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_short_run_logs_throughput_flops_memory_and_its_job(
+    tmp_path: Path, data_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # MLflow samples system metrics every 10 s by default: longer than this run's training.
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     result = run_pretrain(tmp_path, data_cache, "train.max_steps=6", "train.log_every=3")
@@ -148,16 +154,34 @@ def test_short_run_logs_throughput_flops_memory_and_its_job(tmp_path: Path, data
 
 
 def _start_server(port: int, store: Path, log: Path) -> subprocess.Popen:
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store}",
-                               "--artifacts-destination", str(store.parent / "artifacts"),
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              cwd=store.parent, stdout=log.open("a"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{store}",
+            "--artifacts-destination",
+            str(store.parent / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=store.parent,
+        stdout=log.open("a"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.time() + 90
     while time.time() < deadline:
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1",
-                                   timeout=2)
+            urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1", timeout=2
+            )
             return server
         except OSError:
             time.sleep(0.5)
@@ -173,17 +197,30 @@ def _stop_server(server: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 def test_tracking_server_down_and_back_mid_run_loses_nothing(tmp_path: Path, data_cache: Path) -> None:
-    port, store, log = _free_port(), tmp_path / "server.db", tmp_path / "server.log"
+    port, store, log = free_port(), tmp_path / "server.db", tmp_path / "server.log"
     # Create the store once: the server's processes would race to migrate an empty one.
     MlflowClient(f"sqlite:///{store}").search_experiments()
     server = _start_server(port, store, log)
     root = tmp_path / "runs"
     run_dir = root / "pemt-pretrain" / run_name()
     steps = 60
-    job = subprocess.Popen([sys.executable, str(REPO / "launch" / "pretrain.py"), f"paths.root={root}",
-                            f"paths.cache={data_cache}", *SMALL_DATA, f"mlflow.tracking_uri=http://127.0.0.1:{port}",
-                            f"train.max_steps={steps}", "train.log_every=2", "train.checkpoint_every=1000"],
-                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "launch" / "pretrain.py"),
+            f"paths.root={root}",
+            f"paths.cache={data_cache}",
+            *SMALL_DATA,
+            f"mlflow.tracking_uri=http://127.0.0.1:{port}",
+            f"train.max_steps={steps}",
+            "train.log_every=2",
+            "train.checkpoint_every=1000",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         outbox = run_dir / "mlflow_outbox.jsonl"
         deadline = time.time() + 300
@@ -222,8 +259,12 @@ def _headless_chromium() -> str:
         pytest.skip("headless Chromium is not installed and cannot be here (needs root and apt-get)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium-headless-shell"],
-                   check=True, capture_output=True, env=env)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium-headless-shell"],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
     return shutil.which("chromium-headless-shell")
 
 
@@ -243,12 +284,22 @@ def test_mlflow_ui_shows_the_run_and_its_throughput(tmp_path: Path) -> None:
     tracker.log_metrics({"samples_per_s": 27.5, "loss": 6.4}, 5)
     tracker.finish("FINISHED")
 
-    port = _free_port()
+    port = free_port()
     server = _start_server(port, store, tmp_path / "server.log")
     try:
-        page = subprocess.run([browser, "--no-sandbox", "--disable-gpu", "--virtual-time-budget=30000", "--dump-dom",
-                               f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs/{run_id}"],
-                              capture_output=True, text=True, timeout=180).stdout
+        page = subprocess.run(
+            [
+                browser,
+                "--no-sandbox",
+                "--disable-gpu",
+                "--virtual-time-budget=30000",
+                "--dump-dom",
+                f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs/{run_id}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        ).stdout
     finally:
         _stop_server(server)
     assert ">pemt-ui-check<" in page, page[-2000:]
@@ -295,14 +346,22 @@ def test_outbox_killed_anywhere_in_delivery_delivers_every_record_exactly_once(t
     (run_dir / RUN_ID_FILE).write_text(run_id)
     delays = random.Random(0)
     for _ in range(8):
-        child = subprocess.Popen([sys.executable, "-c", DELIVERING_CHILD, str(run_dir), uri, run_id],
-                                 stdout=subprocess.PIPE, text=True, cwd=REPO)
+        child = subprocess.Popen(
+            [sys.executable, "-c", DELIVERING_CHILD, str(run_dir), uri, run_id],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
         assert child.stdout.readline().strip() == "ready"
-        time.sleep(delays.uniform(0.0, 0.6))   # while putting, sending, recording or compacting
+        time.sleep(delays.uniform(0.0, 0.6))  # while putting, sending, recording or compacting
         child.kill()
         child.wait()
-    synced = subprocess.run([sys.executable, "tools/mlflow_sync.py", str(run_dir), "--tracking-uri", uri],
-                            cwd=REPO, capture_output=True, text=True)
+    synced = subprocess.run(
+        [sys.executable, "tools/mlflow_sync.py", str(run_dir), "--tracking-uri", uri],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert synced.returncode == 0, synced.stderr
     last = read_state(run_dir)[1]
     steps = [m.step for m in client.get_metric_history(run_id, "m")]
@@ -313,8 +372,8 @@ def test_a_job_that_starts_while_mlflow_is_down_trains_and_creates_its_run_later
     from pemt.track.store import ensure_experiment
 
     store = tmp_path / "mlflow.db"
-    ensure_experiment(f"sqlite:///{store}", "unit")   # the server's store exists; the server is down
-    port = _free_port()
+    ensure_experiment(f"sqlite:///{store}", "unit")  # the server's store exists; the server is down
+    port = free_port()
     cfg = _store_config(tmp_path, f"http://127.0.0.1:{port}")
     (tmp_path / "run").mkdir()
     tracker = MlflowTracker(cfg, tmp_path / "run", enabled=True)

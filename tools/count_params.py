@@ -1,45 +1,10 @@
 """Parameters per component of the pretraining model for any config.
 
-    python tools/count_params.py model=avbert_base [overrides...] [--json]
+See pemt/apps/count_params.py (installed: `pemt-count-params`)."""
 
-Overrides are Hydra overrides of configs/pretrain.yaml, e.g. model.sharing=[layer] or
-model.factorized.rank=64.
-"""
-
-from __future__ import annotations
-
-import argparse
-import json
 import sys
-from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
-import pemt.config  # noqa: F401  (registers the config resolvers)
-from pemt.model.params import count_parameters
-from pemt.model.pretraining import build_pretraining_model
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def main(argv: list[str] | None = None) -> dict[str, int]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=avbert_base")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("pretrain", overrides=args.overrides)
-    rows = dict(count_parameters(build_pretraining_model(cfg)))
-    if args.json:
-        print(json.dumps(rows, indent=1))
-    else:
-        width = max(map(len, rows))
-        print(f"{'component':<{width}}  {'parameters':>13}  {'millions':>9}")
-        for name, value in rows.items():
-            rule = "-" * (width + 26) + "\n" if name in ("transformers", "total") else ""
-            print(f"{rule}{name:<{width}}  {value:>13,}  {value / 1e6:>9.2f}")
-    return rows
-
+from pemt.apps.count_params import main
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -1,34 +1,10 @@
 """Export a run's newest complete checkpoint as one fp32 safetensors file, loadable without DeepSpeed.
 
-    python tools/export.py RUN_DIR --out model.safetensors      # also writes model.yaml (the config)
+See pemt/apps/export.py (installed: `pemt-export`)."""
 
-Load it back:
-    cfg = OmegaConf.load("model.yaml"); model = build_pretraining_model(cfg)
-    model.load_state_dict(safetensors.torch.load_file("model.safetensors"))
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-from pemt.train.export import export_run
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
-    try:
-        weights, config = export_run(args.run_dir, args.out)
-    except FileNotFoundError as err:
-        print(f"export: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {weights} and {config}")
-    return 0
-
+from pemt.apps.export import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,16 +12,18 @@ import contextlib
 import os
 import signal
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
-from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from omegaconf import DictConfig, OmegaConf
 
+from hydra_plugins.hydra_submitit_launcher import submitit_launcher
+from pemt.checks import validate
 from pemt.cluster import preflight
 from pemt.cluster.relay import LogRelay
-from pemt.config import ConfigError, hydra_quoted, hydra_unquoted, validate
+from pemt.config import ConfigError, hydra_quoted, hydra_unquoted
 from pemt.track.context import move_credentials_to_env, redact
 from pemt.track.store import TrackingError
 
@@ -37,8 +39,10 @@ def _compose_points(launcher: Any, job_overrides: Sequence[Sequence[str]]) -> li
         try:
             validate(cfg)
             if redact(str(cfg.mlflow.tracking_uri)) != str(cfg.mlflow.tracking_uri):
-                raise ConfigError("mlflow.tracking_uri in a config file carries credentials: Hydra copies configs into "
-                                  "every run dir; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead")
+                raise ConfigError(
+                    "mlflow.tracking_uri in a config file carries credentials: Hydra copies configs into "
+                    "every run dir; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead"
+                )
         except ConfigError as err:
             point = " ".join(overrides) or "(no overrides)"
             raise ConfigError(f"{err}\n  in sweep point: {point}") from None
@@ -63,8 +67,10 @@ def _normalised(job_overrides: Sequence[Sequence[str]]) -> list[list[str]]:
                     raise ConfigError(str(err)) from None
             elif key.lstrip("+~") == "run_dir" and sep:
                 if len(job_overrides) > 1:
-                    raise ConfigError(f"run_dir={value} names one run, but the sweep has {len(job_overrides)} points: "
-                                      "drop run_dir and let each point get its own")
+                    raise ConfigError(
+                        f"run_dir={value} names one run, but the sweep has {len(job_overrides)} points: "
+                        "drop run_dir and let each point get its own"
+                    )
                 override = f"{key}={hydra_quoted(os.path.abspath(hydra_unquoted(value)))}"
             point.append(override)
         cleaned.append(point)
@@ -104,15 +110,18 @@ def _summarise(results: Sequence[JobReturn], configs: list[DictConfig]) -> None:
     for result, cfg in zip(results, configs):
         if result.status == JobStatus.COMPLETED and isinstance(result.return_value, dict):
             done = result.return_value
-            print(f"pemt: run at step {done['step']} in {done['run_dir']} (MLflow run {done['mlflow_run_id']})",
-                  file=sys.stderr)
+            print(
+                f"pemt: run at step {done['step']} in {done['run_dir']} (MLflow run {done['mlflow_run_id']})",
+                file=sys.stderr,
+            )
             uris.add(str(cfg.mlflow.tracking_uri))
     for uri in sorted(uris):
         print(f"pemt: look at it with: mlflow ui --backend-store-uri {redact(uri)}", file=sys.stderr)
 
 
-def _check_and_plan(configs: list[DictConfig], job_overrides: Sequence[Sequence[str]],
-                    scheduler_check: Any = None) -> None:
+def _check_and_plan(
+    configs: list[DictConfig], job_overrides: Sequence[Sequence[str]], scheduler_check: Any = None
+) -> None:
     """Preflight every point and print its plan (and ask the scheduler, where there is one); with
     preflight=true stop there."""
     plans = []
@@ -153,8 +162,10 @@ def _report_failures(failures: list[tuple[str, DictConfig]]) -> None:
 
     for reason, cfg in failures:
         run_dir = preflight.run_dir_of(cfg)
-        print(f"pemt: a job did not finish: {reason}\n"
-              f"pemt: continue it with: python tools/resume.py {run_dir}", file=sys.stderr)
+        print(
+            f"pemt: a job did not finish: {reason}\npemt: continue it with: python tools/resume.py {run_dir}",
+            file=sys.stderr,
+        )
         if (run_dir / RUN_ID_FILE).exists():
             _mark_failed(str(cfg.mlflow.tracking_uri), (run_dir / RUN_ID_FILE).read_text().strip())
 
@@ -171,6 +182,10 @@ def _mark_failed(tracking_uri: str, run_id: str) -> None:
 
 
 class _PreparedLaunch:
+    # Set by hydra-submitit-launcher's launchers, which this is mixed into
+    params: dict[str, Any]
+    config: DictConfig
+
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit
 
@@ -193,7 +208,7 @@ class _PreparedLaunch:
         relay.start()
         with self._while_waiting():  # waiting, relaying, and reporting: Ctrl-C is handled in all of them
             try:
-                results = super().launch(job_overrides, initial_job_idx)  # type: ignore[misc]
+                results: Sequence[JobReturn] = super().launch(job_overrides, initial_job_idx)  # type: ignore[misc]
             except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as err:
                 # A job lost without a result (node failure, killed): the others may still run.
                 relay.stop()
@@ -236,7 +251,7 @@ class _PreparedLaunch:
 
     _scheduler_check: Any = None
 
-    def _while_waiting(self) -> contextlib.AbstractContextManager:
+    def _while_waiting(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
 
@@ -258,6 +273,7 @@ def _detach_on_interrupt(message: str) -> Iterator[None]:
     `message`: the jobs run on Slurm without it. Exiting from the handler rather than unwinding
     means that whatever the launcher is in (a sacct poll, the log relay blocked on a pipe, an MLflow
     write for a lost job, interpreter shutdown) cannot keep the user waiting."""
+
     def detach(signum: int, frame: Any) -> None:
         _say_now(message)
         os._exit(130)
@@ -284,12 +300,12 @@ def _ranks_stop_on_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-class LocalLauncher(_PreparedLaunch, submitit_launcher.LocalLauncher):
-    def _while_waiting(self) -> contextlib.AbstractContextManager:
+class LocalLauncher(_PreparedLaunch, submitit_launcher.LocalLauncher):  # type: ignore[misc]
+    def _while_waiting(self) -> contextlib.AbstractContextManager[None]:
         return _ranks_stop_on_interrupt()
 
 
-class SlurmLauncher(_PreparedLaunch, submitit_launcher.SlurmLauncher):
+class SlurmLauncher(_PreparedLaunch, submitit_launcher.SlurmLauncher):  # type: ignore[misc]
     def _adjust_params(self) -> None:
         if not self.config.cluster.gpus:  # CPU-only cluster: ask for tasks, not GPUs
             self.params.pop("gpus_per_node", None)
@@ -313,21 +329,30 @@ class SlurmLauncher(_PreparedLaunch, submitit_launcher.SlurmLauncher):
         import tempfile
 
         import submitit
+
         from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
         with tempfile.TemporaryDirectory(prefix="pemt-sbatch-") as folder:
             init_keys = {"submitit_folder", "max_num_timeout"}
-            executor = submitit.AutoExecutor(cluster="slurm", folder=folder,
-                                             slurm_max_num_timeout=self.params.get("max_num_timeout", 0))
+            executor = submitit.AutoExecutor(
+                cluster="slurm", folder=folder, slurm_max_num_timeout=self.params.get("max_num_timeout", 0)
+            )
             base = set(OmegaConf.structured(BaseQueueConf).keys())
-            executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in self.params.items()
-                                          if k not in init_keys})
-            return executor._executor._make_submission_file_text("true", "preflight")  # noqa: SLF001
+            executor.update_parameters(
+                **{k if k in base else f"slurm_{k}": v for k, v in self.params.items() if k not in init_keys}
+            )
+            script: str = executor._executor._make_submission_file_text("true", "preflight")  # type: ignore[attr-defined]
+            return script
 
-    def _while_waiting(self) -> contextlib.AbstractContextManager:
-        return _detach_on_interrupt(f"\npemt: stopped waiting; the jobs keep running. Where they stand: "
-                                    f"python tools/resume.py --list {self.config.hydra.sweep.dir}\n")
+    def _while_waiting(self) -> contextlib.AbstractContextManager[None]:
+        return _detach_on_interrupt(
+            f"\npemt: stopped waiting; the jobs keep running. Where they stand: "
+            f"python tools/resume.py --list {self.config.hydra.sweep.dir}\n"
+        )
 
     def _before_waiting(self) -> None:
-        print(f"pemt: submitting to Slurm; Ctrl-C here stops waiting, not the jobs. Where they stand: "
-              f"python tools/resume.py --list {self.config.hydra.sweep.dir} (or squeue --me)", file=sys.stderr)
+        print(
+            f"pemt: submitting to Slurm; Ctrl-C here stops waiting, not the jobs. Where they stand: "
+            f"python tools/resume.py --list {self.config.hydra.sweep.dir} (or squeue --me)",
+            file=sys.stderr,
+        )

@@ -49,18 +49,20 @@ class Plan:
 
     def describe(self) -> str:
         where = f"partition {self.partition}" if self.partition else "this machine"
-        return "\n".join([
-            f"  run dir     {self.run_dir}",
-            f"  world       {self.nodes} node(s) x {self.tasks_per_node} task(s) on {where}",
-            f"  batch       {self.micro_batch} per rank x {self.grad_accum} accumulation x "
-            f"{self.nodes * self.tasks_per_node} ranks = {self.global_batch} per step",
-            f"  data        {self.shards} shards over {self.streams} streams",
-            f"  model       {self.parameters / 1e6:.2f}M parameters, ~{_size(self.checkpoint_gib)} "
-            f"per checkpoint ({self.free_gib:.1f} GiB free)",
-            f"  MLflow      experiment {self.experiment} at {redact(self.tracking_uri)}",
-            *([f"  init        {self.init}"] if self.init else []),
-            *(f"  warning     {line}" for line in self.warnings),
-        ])
+        return "\n".join(
+            [
+                f"  run dir     {self.run_dir}",
+                f"  world       {self.nodes} node(s) x {self.tasks_per_node} task(s) on {where}",
+                f"  batch       {self.micro_batch} per rank x {self.grad_accum} accumulation x "
+                f"{self.nodes * self.tasks_per_node} ranks = {self.global_batch} per step",
+                f"  data        {self.shards} shards over {self.streams} streams",
+                f"  model       {self.parameters / 1e6:.2f}M parameters, ~{_size(self.checkpoint_gib)} "
+                f"per checkpoint ({self.free_gib:.1f} GiB free)",
+                f"  MLflow      experiment {self.experiment} at {redact(self.tracking_uri)}",
+                *([f"  init        {self.init}"] if self.init else []),
+                *(f"  warning     {line}" for line in self.warnings),
+            ]
+        )
 
 
 def _size(gib: float) -> str:
@@ -82,19 +84,6 @@ def _shard_count(cfg: DictConfig) -> int:
         return len(read_manifest(str(cfg.data.shards)))
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"data.shards={cfg.data.shards}: {err}") from None
-
-
-def _parameter_count(cfg: DictConfig) -> int:
-    import torch
-
-    from pemt.model.pretraining import build_pretraining_model
-
-    try:
-        with torch.device("meta"):  # shapes only: no memory, no initialisation time
-            model = build_pretraining_model(cfg)
-    except (RuntimeError, NotImplementedError):  # parametrisations that compute on their weights
-        model = build_pretraining_model(cfg)
-    return sum(p.numel() for p in model.parameters())
 
 
 def _existing_parent(path: Path) -> Path:
@@ -119,14 +108,17 @@ def _bytes_under(path: Path) -> int:
 def slurm_partitions() -> tuple[dict[str, int], str | None]:
     """Partition name -> node count on the cluster this machine submits to, and the default one."""
     try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%P %D"], capture_output=True, text=True,
-                             timeout=60, check=True).stdout
+        out = subprocess.run(
+            ["sinfo", "-h", "-o", "%P %D"], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
     except FileNotFoundError:
-        raise ConfigError("cluster=slurm but sinfo is not on PATH: launch from a machine with Slurm's "
-                          "client commands (a login node)") from None
+        raise ConfigError(
+            "cluster=slurm but sinfo is not on PATH: launch from a machine with Slurm's client commands (a login node)"
+        ) from None
     except subprocess.CalledProcessError as err:
-        raise ConfigError(f"cluster=slurm but Slurm does not answer: sinfo failed: "
-                          f"{err.stderr.strip() or err}") from None
+        raise ConfigError(
+            f"cluster=slurm but Slurm does not answer: sinfo failed: {err.stderr.strip() or err}"
+        ) from None
     partitions: dict[str, int] = {}
     default = None
     for line in out.splitlines():
@@ -144,12 +136,16 @@ def _check_partition(cfg: DictConfig) -> str | None:
     name = default if cfg.cluster.partition is None else str(cfg.cluster.partition)
     if name not in partitions:
         known = ", ".join(sorted(partitions)) or "none"
-        what = (f"cluster.partition={name}" if cfg.cluster.partition is not None
-                else "cluster.partition is not set and the cluster has no default partition")
+        what = (
+            f"cluster.partition={name}"
+            if cfg.cluster.partition is not None
+            else "cluster.partition is not set and the cluster has no default partition"
+        )
         raise ConfigError(f"{what}: partitions on this cluster: {known}")
     if int(cfg.nodes) > partitions[name]:
-        raise ConfigError(f"nodes={cfg.nodes} but partition {name} has {partitions[name]} nodes: "
-                          "the job could never start")
+        raise ConfigError(
+            f"nodes={cfg.nodes} but partition {name} has {partitions[name]} nodes: the job could never start"
+        )
     return name
 
 
@@ -187,16 +183,22 @@ def check(cfg: DictConfig) -> Plan:
     """Raise ConfigError naming what is wrong, or return the plan for this sweep point."""
     shards, streams = _shard_count(cfg), int(cfg.data.streams)
     if shards < streams:
-        raise ConfigError(f"{shards} shards for data.streams={streams}: every stream needs at least one "
-                          "shard; lower data.streams (a multiple of the world size) or write smaller shards")
+        raise ConfigError(
+            f"{shards} shards for data.streams={streams}: every stream needs at least one "
+            "shard; lower data.streams (a multiple of the world size) or write smaller shards"
+        )
     run_dir = run_dir_of(cfg)
     _check_writable(run_dir, "run dir")
     owner = RunLock(run_dir).holder()
     if owner is not None:
-        raise ConfigError(f"run dir {run_dir} is in use by {describe(owner)}: a second job would write beside it; "
-                          "wait for it to end (python tools/resume.py --list shows where runs stand)")
+        raise ConfigError(
+            f"run dir {run_dir} is in use by {describe(owner)}: a second job would write beside it; "
+            "wait for it to end (python tools/resume.py --list shows where runs stand)"
+        )
     disk = _check_writable(run_dir / "checkpoints", "checkpoint dir")
-    parameters = _parameter_count(cfg)
+    from pemt.model.factory import parameter_count
+
+    parameters = parameter_count(cfg)  # on the meta device: nothing allocated on a login node
     checkpoint = parameters * CHECKPOINT_BYTES_PER_PARAM
     # Steady state: keep_last checkpoints plus the one being written. Committed ones count towards
     # it; leftovers (unfinished saves, conversion caches) do not: retention deletes them only once
@@ -212,19 +214,36 @@ def check(cfg: DictConfig) -> Plan:
         raise ConfigError(
             f"checkpoints need ~{needed / GIB:.1f} GiB (train.keep_last={cfg.train.keep_last} + 1 of "
             f"~{checkpoint / GIB:.2f} GiB) but {disk} has {free / GIB:.1f} GiB free; free space, lower "
-            "train.keep_last or move paths.root")
+            "train.keep_last or move paths.root"
+        )
     return Plan(
-        nodes=int(cfg.nodes), tasks_per_node=int(cfg.gpus_per_node), micro_batch=micro_batch_size(cfg),
-        grad_accum=int(cfg.train.grad_accum_steps), global_batch=int(cfg.train.global_batch_size),
-        shards=shards, streams=streams, parameters=parameters, checkpoint_gib=checkpoint / GIB,
-        free_gib=free / GIB, run_dir=run_dir, partition=_check_partition(cfg),
-        experiment=str(cfg.mlflow.experiment), tracking_uri=str(cfg.mlflow.tracking_uri),
+        nodes=int(cfg.nodes),
+        tasks_per_node=int(cfg.gpus_per_node),
+        micro_batch=micro_batch_size(cfg),
+        grad_accum=int(cfg.train.grad_accum_steps),
+        global_batch=int(cfg.train.global_batch_size),
+        shards=shards,
+        streams=streams,
+        parameters=parameters,
+        checkpoint_gib=checkpoint / GIB,
+        free_gib=free / GIB,
+        run_dir=run_dir,
+        partition=_check_partition(cfg),
+        experiment=str(cfg.mlflow.experiment),
+        tracking_uri=str(cfg.mlflow.tracking_uri),
         init=_check_finetune(cfg) if "task" in cfg else None,
-        warnings=(*(transform_warnings(cfg.data.shards, cfg.data) if cfg.data.name != "synthetic" else ()),
-                  *([f"{leftovers / GIB:.2f} GiB of unfinished saves and conversion caches under "
-                     f"{run_dir / 'checkpoints'}: deleted once the next checkpoint commits"] if leftovers else ())),
+        warnings=(
+            *(transform_warnings(cfg.data.shards, cfg.data) if cfg.data.name != "synthetic" else ()),
+            *(
+                [
+                    f"{leftovers / GIB:.2f} GiB of unfinished saves and conversion caches under "
+                    f"{run_dir / 'checkpoints'}: deleted once the next checkpoint commits"
+                ]
+                if leftovers
+                else ()
+            ),
+        ),
     )
-
 
 
 def check_submission(script: str) -> str:
@@ -238,8 +257,10 @@ def check_submission(script: str) -> str:
         try:
             result = subprocess.run(["sbatch", "--test-only", handle.name], capture_output=True, text=True, timeout=60)
         except FileNotFoundError:
-            raise ConfigError("cluster=slurm but sbatch is not on PATH: launch from a machine with Slurm's client "
-                              "commands (a login node)") from None
+            raise ConfigError(
+                "cluster=slurm but sbatch is not on PATH: launch from a machine with Slurm's client "
+                "commands (a login node)"
+            ) from None
         except subprocess.TimeoutExpired:
             raise ConfigError("cluster=slurm but `sbatch --test-only` did not answer within 60 s") from None
     said = (result.stderr or result.stdout).strip()
@@ -248,8 +269,21 @@ def check_submission(script: str) -> str:
     return said
 
 
-_NETWORK_FILESYSTEMS = ("nfs", "lustre", "gpfs", "beegfs", "cephfs", "ceph", "glusterfs", "fuse.sshfs", "cifs",
-                        "smb3", "pvfs2", "wekafs", "9p")
+_NETWORK_FILESYSTEMS = (
+    "nfs",
+    "lustre",
+    "gpfs",
+    "beegfs",
+    "cephfs",
+    "ceph",
+    "glusterfs",
+    "fuse.sshfs",
+    "cifs",
+    "smb3",
+    "pvfs2",
+    "wekafs",
+    "9p",
+)
 
 
 def _filesystem(path: Path) -> str | None:
@@ -259,8 +293,9 @@ def _filesystem(path: Path) -> str | None:
     except OSError:
         return None
     path = _existing_parent(path.resolve())
-    best = max((m for m in mounts if path == Path(m[0]) or Path(m[0]) in path.parents),
-               key=lambda m: len(m[0]), default=None)
+    best = max(
+        (m for m in mounts if path == Path(m[0]) or Path(m[0]) in path.parents), key=lambda m: len(m[0]), default=None
+    )
     return best[1] if best else None
 
 
@@ -276,7 +311,9 @@ def tracking_store_warnings(configs: list[DictConfig]) -> list[str]:
         shared = filesystem.lower().startswith(_NETWORK_FILESYSTEMS)
         if shared or len(configs) > 1:  # only each job's rank 0 writes to it
             where = f"on a shared {filesystem} file system" if shared else "on this file system"
-            warnings.append(f"{len(configs)} job(s) will write to one SQLite store {store} {where}: SQLite serves "
-                            "one writer at a time and network file systems break its locks; run a tracking "
-                            "server (README: Looking at runs) and set mlflow.tracking_uri=http://HOST:PORT")
+            warnings.append(
+                f"{len(configs)} job(s) will write to one SQLite store {store} {where}: SQLite serves "
+                "one writer at a time and network file systems break its locks; run a tracking "
+                "server (README: Looking at runs) and set mlflow.tracking_uri=http://HOST:PORT"
+            )
     return warnings

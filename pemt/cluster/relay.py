@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-PIPE_CHUNK = 4096   # a pipe that select() calls writable takes at least this much without blocking
+PIPE_CHUNK = 4096  # a pipe that select() calls writable takes at least this much without blocking
 
 
 class LogRelay(threading.Thread):
@@ -71,7 +71,7 @@ class LogRelay(threading.Thread):
             _, writable, _ = select.select([], [fd], [], self.poll_s)
             if not writable:
                 return  # nobody reads: drop the echo rather than block
-            os.write(fd, data[start:start + PIPE_CHUNK])
+            os.write(fd, data[start : start + PIPE_CHUNK])
 
     def run(self) -> None:
         while not self._halt.wait(self.poll_s):

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 from pemt.data.ingest import SOUND_SUFFIXES, VIDEO_SUFFIXES, VideoInput, sample_key, write_inputs
 
@@ -40,7 +41,7 @@ class Dataset:
     classes: list[str]
     splits: dict[str, list[VideoInput]]
     multi_label: bool = False
-    missing: list[dict] = field(default_factory=list)   # listed in an index, not found on disk
+    missing: list[dict[str, Any]] = field(default_factory=list)  # listed in an index, not found on disk
 
 
 def _find(root: Path, name: str) -> Path:
@@ -56,7 +57,9 @@ def _media(root: Path, suffixes: set[str]) -> dict[str, Path]:
     return {p.stem.lower(): p for p in sorted(root.rglob("*")) if p.suffix.lower() in suffixes}
 
 
-def _input(media: dict[str, Path], stem: str, root: Path, missing: list[dict], where: str, **labels) -> VideoInput | None:
+def _input(
+    media: dict[str, Path], stem: str, root: Path, missing: list[dict[str, Any]], where: str, **labels: Any
+) -> VideoInput | None:
     path = media.get(stem.lower())
     if path is None:
         missing.append({"name": stem, "listed_in": where})
@@ -78,7 +81,8 @@ def ucf101(root: Path, split: int = 1) -> Dataset:
             raise LayoutError(f"{class_file}:{number}: expected '<index> <ClassName>', got {' '.join(parts)!r}")
         classes.append(parts[1])
     index = {name.lower(): i for i, name in enumerate(classes)}
-    media, missing, splits = _media(root, VIDEO_SUFFIXES), [], {}
+    media, splits = _media(root, VIDEO_SUFFIXES), {}
+    missing: list[dict[str, Any]] = []
     for split_name, list_name in (("train", f"trainlist0{split}.txt"), ("test", f"testlist0{split}.txt")):
         list_file = _find(root, list_name)
         inputs = []
@@ -101,7 +105,8 @@ def esc50(root: Path, split: int = 1) -> Dataset:
     rows = _csv(meta, ("filename", "fold", "target", "category"))
     names = {int(r["target"]): r["category"] for r in rows}
     classes = [names.get(i, str(i)) for i in range(max(names) + 1)]
-    media, missing = _media(root, SOUND_SUFFIXES), []
+    media = _media(root, SOUND_SUFFIXES)
+    missing: list[dict[str, Any]] = []
     splits: dict[str, list[VideoInput]] = {"train": [], "test": []}
     for row in rows:
         item = _input(media, Path(row["filename"]).stem, root, missing, meta.name, label=int(row["target"]))
@@ -112,8 +117,11 @@ def esc50(root: Path, split: int = 1) -> Dataset:
 
 def kinetics_sounds(root: Path, classes_file: Path | None = None) -> Dataset:
     tables = {}
-    for split_name, candidates in (("train", ("train.csv",)), ("val", ("validate.csv", "val.csv")),
-                                   ("test", ("test.csv",))):
+    for split_name, candidates in (
+        ("train", ("train.csv",)),
+        ("val", ("validate.csv", "val.csv")),
+        ("test", ("test.csv",)),
+    ):
         found = [p for name in candidates for p in sorted(root.rglob(name))]
         if found:
             tables[split_name] = (found[0], _csv(found[0], ("label", "youtube_id", "time_start", "time_end")))
@@ -124,7 +132,8 @@ def kinetics_sounds(root: Path, classes_file: Path | None = None) -> Dataset:
     else:
         classes = sorted({r["label"] for _, rows in tables.values() for r in rows})
     index = {name: i for i, name in enumerate(classes)}
-    media, missing, splits = _media(root, VIDEO_SUFFIXES), [], {}
+    media, splits = _media(root, VIDEO_SUFFIXES), {}
+    missing: list[dict[str, Any]] = []
     for split_name, (table, rows) in tables.items():
         inputs = []
         for row in rows:
@@ -147,7 +156,8 @@ def charades(root: Path) -> Dataset:
             raise LayoutError(f"{class_file}:{number}: expected 'cNNN <description>', got {' '.join(parts)!r}")
         codes.append((parts[0], " ".join(parts[1:])))
     index = {code: i for i, (code, _) in enumerate(codes)}
-    media, missing, splits = _media(root, VIDEO_SUFFIXES), [], {}
+    media, splits = _media(root, VIDEO_SUFFIXES), {}
+    missing: list[dict[str, Any]] = []
     for split_name in ("train", "test"):
         table = _find(root, f"Charades_v1_{split_name}.csv")
         inputs = []
@@ -175,12 +185,16 @@ def _csv(path: Path, needed: tuple[str, ...]) -> list[dict[str, str]]:
 
 
 ADAPTERS: dict[str, Callable[..., Dataset]] = {
-    "ucf101": ucf101, "esc50": esc50, "kinetics_sounds": kinetics_sounds, "charades": charades,
+    "ucf101": ucf101,
+    "esc50": esc50,
+    "kinetics_sounds": kinetics_sounds,
+    "charades": charades,
 }
 
 
-def write_dataset(dataset: Dataset, out_dir: Path, samples_per_shard: int, processes: int = 2,
-                  progress: bool = True) -> dict[str, dict]:
+def write_dataset(
+    dataset: Dataset, out_dir: Path, samples_per_shard: int, processes: int = 2, progress: bool = True
+) -> dict[str, dict[str, Any]]:
     """One shard folder per split under `out_dir`, each manifest naming the classes."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MISSING).write_text("".join(json.dumps(m) + "\n" for m in dataset.missing))
@@ -188,8 +202,12 @@ def write_dataset(dataset: Dataset, out_dir: Path, samples_per_shard: int, proce
     for split, inputs in dataset.splits.items():
         if not inputs:
             continue
-        extra = {"dataset": dataset.name, "split": split, "classes": dataset.classes,
-                 "multi_label": dataset.multi_label}
+        extra = {
+            "dataset": dataset.name,
+            "split": split,
+            "classes": dataset.classes,
+            "multi_label": dataset.multi_label,
+        }
         manifests[split] = write_inputs(inputs, out_dir / split, samples_per_shard, None, processes, progress, extra)
     if not manifests:
         raise LayoutError(f"{dataset.name}: none of the listed files were found (see {out_dir / MISSING})")

@@ -21,13 +21,13 @@ import math
 import random
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import BinaryIO, Union
+from typing import BinaryIO, cast
 
 import av
 import numpy as np
 import torch
 
-Source = Union[bytes, BinaryIO]
+Source = bytes | BinaryIO
 
 # Audio is decoded from this long before the window: AAC frames overlap their neighbours and
 # resamplers filter across samples, so the first output after a seek differs from a decode from
@@ -52,8 +52,8 @@ class ClipSpec:
     mel_bins: int
     mel_window_ms: float
     mel_hop_ms: float
-    short_videos: str = "loop"   # loop | pad: how a video shorter than the window is filled
-    decode_threads: int = 1      # FFmpeg threads per decode; data workers give the parallelism
+    short_videos: str = "loop"  # loop | pad: how a video shorter than the window is filled
+    decode_threads: int = 1  # FFmpeg threads per decode; data workers give the parallelism
 
     @property
     def clip_seconds(self) -> float:
@@ -71,6 +71,7 @@ class ClipSpec:
 @functools.lru_cache(maxsize=8)
 def mel_filterbank(sample_rate: int, n_fft: int, mel_bins: int) -> torch.Tensor:
     """Triangular filters on the HTK mel scale, shape (mel_bins, n_fft // 2 + 1)."""
+
     def to_mel(hz: np.ndarray) -> np.ndarray:
         return 2595.0 * np.log10(1.0 + hz / 700.0)
 
@@ -91,8 +92,15 @@ def log_mel(samples: torch.Tensor, spec: ClipSpec) -> torch.Tensor:
     hop = int(round(spec.sample_rate * spec.mel_hop_ms / 1000))
     n_fft = 1 << (win - 1).bit_length()
     flat = samples.reshape(-1, samples.shape[-1])
-    stft = torch.stft(flat, n_fft=n_fft, hop_length=hop, win_length=win,
-                      window=torch.hann_window(win), center=True, return_complex=True)
+    stft = torch.stft(
+        flat,
+        n_fft=n_fft,
+        hop_length=hop,
+        win_length=win,
+        window=torch.hann_window(win),
+        center=True,
+        return_complex=True,
+    )
     mel = mel_filterbank(spec.sample_rate, n_fft, spec.mel_bins) @ stft.abs().pow(2)
     return torch.log(1e-6 + mel).reshape(*samples.shape[:-1], spec.mel_bins, -1)
 
@@ -115,11 +123,18 @@ def _open(source: Source) -> av.container.InputContainer:
     return av.open(source, mode="r", metadata_errors="ignore")
 
 
+def _time_base(stream: av.stream.Stream) -> Fraction:
+    # FFmpeg gives every demuxed stream one; None would be a container PyAV did not open
+    if stream.time_base is None:
+        raise DecodeError(f"stream {stream.index} has no time base")
+    return stream.time_base
+
+
 def _seek(container: av.container.InputContainer, stream: av.stream.Stream, seconds: float) -> None:
     """To the keyframe at or before `seconds` (stream time); a file without an index (or one that
     refuses) is simply decoded from where it is, which only costs time."""
     try:
-        container.seek(max(0, int(seconds / stream.time_base)), stream=stream, backward=True, any_frame=False)
+        container.seek(max(0, int(seconds / _time_base(stream))), stream=stream, backward=True, any_frame=False)
     except av.error.FFmpegError:
         container.seek(0)
 
@@ -155,15 +170,25 @@ class _Converter:
         upright = (height, width) if self.turns % 2 else (width, height)
         x0, y0 = (round(f * (u - side)) for f, u in zip(self.fraction, upright))
         # the upright square's place in the coded frame (np.rot90 turns coded into upright)
-        x, y = {0: (x0, y0), 1: (width - y0 - side, x0), 2: (width - x0 - side, height - y0 - side),
-                3: (y0, height - x0 - side)}[self.turns]
+        x, y = {
+            0: (x0, y0),
+            1: (width - y0 - side, x0),
+            2: (width - x0 - side, height - y0 - side),
+            3: (y0, height - x0 - side),
+        }[self.turns]
         graph = av.filter.Graph()
-        chain = [graph.add_buffer(width=width, height=height, format=frame.format.name,
-                                  time_base=frame.time_base or Fraction(1, 1000)),
-                 graph.add("crop", f"{side}:{side}:{x}:{y}"),
-                 graph.add("scale", f"{self.crop}:{self.crop}:flags=bilinear"),
-                 graph.add("format", "rgb24"),
-                 graph.add("buffersink")]
+        chain = [
+            graph.add_buffer(
+                width=width,
+                height=height,
+                format=frame.format.name,  # type: ignore[arg-type]  # PyAV takes the name too
+                time_base=frame.time_base or Fraction(1, 1000),
+            ),
+            graph.add("crop", f"{side}:{side}:{x}:{y}"),
+            graph.add("scale", f"{self.crop}:{self.crop}:flags=bilinear"),
+            graph.add("format", "rgb24"),
+            graph.add("buffersink"),
+        ]
         for a, b in zip(chain, chain[1:]):
             a.link_to(b)
         graph.configure()
@@ -172,8 +197,10 @@ class _Converter:
     def convert(self, frame: av.VideoFrame) -> np.ndarray:
         if self.size != (frame.width, frame.height, frame.format.name):
             self._build(frame)
-        self.graph.push(frame)
-        array = self.graph.pull().to_ndarray()
+        graph = self.graph
+        assert graph is not None  # built above
+        graph.push(frame)
+        array = cast(av.VideoFrame, graph.pull()).to_ndarray()
         return np.rot90(array, self.turns) if self.turns else array
 
 
@@ -197,6 +224,7 @@ class _FramePicker:
         converted = None
         while self.filled < len(self.times) and self.times[self.filled] < limit:
             if converted is None:
+                assert self.converter is not None  # made by the first add()
                 converted = self.converter.convert(frame)
             self.out[self.filled] = converted
             self.filled += 1
@@ -206,7 +234,7 @@ class _FramePicker:
             self.converter = _Converter(frame, self.crop, self.rng)
             self.first_time = time
         if self.previous is None:
-            self._fill_until(time, frame)       # times before the first frame: the first frame
+            self._fill_until(time, frame)  # times before the first frame: the first frame
         else:
             self._fill_until(time, self.previous[1])
         self.previous = (time, frame)
@@ -222,6 +250,7 @@ def _frame_times(container: av.container.InputContainer, stream: av.stream.Strea
     """Presentation times of the video's frames from its packets (no decoding), sorted, up to
     the first one past `until`."""
     found = []
+    time_base = _time_base(stream)
     for packet in container.demux(stream):
         if packet.pts is None:
             if packet.dts is None:
@@ -229,16 +258,17 @@ def _frame_times(container: av.container.InputContainer, stream: av.stream.Strea
             stamp = packet.dts
         else:
             stamp = packet.pts
-        found.append(float(stamp * stream.time_base))
-        if packet.dts is not None and float(packet.dts * stream.time_base) > until + REORDER_MARGIN_S:
+        found.append(float(stamp * time_base))
+        if packet.dts is not None and float(packet.dts * time_base) > until + REORDER_MARGIN_S:
             break
     starts = np.unique(np.array(found, dtype=np.float64))
     past = np.searchsorted(starts, until, side="right")
-    return starts[:past + 1]
+    return starts[: past + 1]
 
 
 def _decode_into(picker: _FramePicker, container: av.container.InputContainer, stream: av.stream.Stream) -> None:
-    for index, frame in enumerate(container.decode(stream)):
+    for index, decoded in enumerate(container.decode(stream)):
+        frame = cast(av.VideoFrame, decoded)
         time = frame.time
         if time is None:  # no timestamps (a raw elementary stream): count frames
             time = index / float(stream.average_rate or 25)
@@ -256,13 +286,18 @@ class _WindowPastEnd(Exception):
         self.last_frame = last_frame
 
 
-def _window_frames(container: av.container.InputContainer, stream: av.stream.Stream, times: np.ndarray,
-                   crop: int, rng: random.Random | None) -> np.ndarray:
+def _window_frames(
+    container: av.container.InputContainer,
+    stream: av.stream.Stream,
+    times: np.ndarray,
+    crop: int,
+    rng: random.Random | None,
+) -> np.ndarray:
     """Frames at `times` of a video longer than the window: seek, decode the window, stop."""
     picker = _FramePicker(times, crop, rng)
     _seek(container, stream, float(times[0]))
     _decode_into(picker, container, stream)
-    stream_start = float((stream.start_time or 0) * stream.time_base)
+    stream_start = float((stream.start_time or 0) * _time_base(stream))
     if picker.first_time is not None and picker.first_time > max(times[0], stream_start) + 1e-6:
         # The seek landed past the window's start (a broken index): decode from the start.
         container.seek(0)
@@ -273,8 +308,14 @@ def _window_frames(container: av.container.InputContainer, stream: av.stream.Str
     return picker.out
 
 
-def _short_frames(container: av.container.InputContainer, stream: av.stream.Stream, times: np.ndarray,
-                  crop: int, rng: random.Random | None, loop: bool) -> np.ndarray:
+def _short_frames(
+    container: av.container.InputContainer,
+    stream: av.stream.Stream,
+    times: np.ndarray,
+    crop: int,
+    rng: random.Random | None,
+    loop: bool,
+) -> np.ndarray:
     """Frames at `times` of a video no longer than the window: it loops (or holds its last
     frame). Frame times come from the packets, so only the frames shown are converted."""
     starts = _frame_times(container, stream, float(times.max()))
@@ -309,16 +350,20 @@ def _on_output_grid(frame: av.AudioFrame, rate: int) -> tuple[av.AudioFrame, int
     if trim and trim < frame.samples:
         planes = frame.to_ndarray()
         planar = planes.shape[0] == len(frame.layout.channels) and frame.format.is_planar
-        kept = planes[:, trim:] if planar else planes[:, trim * len(frame.layout.channels):]
-        trimmed = av.AudioFrame.from_ndarray(np.ascontiguousarray(kept), format=frame.format.name,
-                                             layout=frame.layout.name)
+        kept = planes[:, trim:] if planar else planes[:, trim * len(frame.layout.channels) :]
+        trimmed = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(kept),  # type: ignore[arg-type]  # any of the sample formats
+            format=frame.format.name,
+            layout=frame.layout.name,
+        )
         trimmed.sample_rate = frame.sample_rate
         frame, position = trimmed, position + trim
     return frame, position * rate // frame.sample_rate
 
 
-def _decode_audio(container: av.container.InputContainer, begin: float, rate: int,
-                  stop_at: int | None) -> tuple[np.ndarray, int]:
+def _decode_audio(
+    container: av.container.InputContainer, begin: float, rate: int, stop_at: int | None
+) -> tuple[np.ndarray, int]:
     """Mono samples at `rate` from the audio packet at or before `begin` seconds, and the index
     (time x rate) of the first one; decoding stops once sample `stop_at` is held (None: the end)."""
     if not container.streams.audio:
@@ -350,8 +395,9 @@ def _decode_audio(container: av.container.InputContainer, begin: float, rate: in
     return audio, origin or 0
 
 
-def _audio_window(container: av.container.InputContainer, start: float, needed: int, rate: int,
-                  short: bool, loop: bool) -> np.ndarray:
+def _audio_window(
+    container: av.container.InputContainer, start: float, needed: int, rate: int, short: bool, loop: bool
+) -> np.ndarray:
     """`needed` mono samples at `rate` from `start` seconds on.
 
     A long video's track is sought and placed by its timestamps: what it does not cover is
@@ -372,7 +418,7 @@ def _cut(audio: np.ndarray, offset: int, needed: int) -> np.ndarray:
     window = np.zeros(needed, dtype=np.float32)
     lo, hi = max(0, offset), min(len(audio), offset + needed)
     if hi > lo:
-        window[lo - offset:hi - offset] = audio[lo:hi]
+        window[lo - offset : hi - offset] = audio[lo:hi]
     return window
 
 
@@ -382,8 +428,9 @@ def _mel_clips(window: np.ndarray, spec: ClipSpec) -> torch.Tensor:
     return log_mel(clips, spec).unsqueeze(1)
 
 
-def _video_frames(container: av.container.InputContainer, spec: ClipSpec, rng: random.Random | None
-                  ) -> tuple[np.ndarray, float, bool]:
+def _video_frames(
+    container: av.container.InputContainer, spec: ClipSpec, rng: random.Random | None
+) -> tuple[np.ndarray, float, bool]:
     """The window's frames, where it starts, and whether the video is shorter than the window."""
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
@@ -405,8 +452,9 @@ def _video_frames(container: av.container.InputContainer, spec: ClipSpec, rng: r
     raise DecodeError("the video's frames do not reach the window its header promises")
 
 
-def decode_clips(data: Source | None, spec: ClipSpec, rng: random.Random | None = None,
-                 audio_data: Source | None = None) -> dict[str, torch.Tensor]:
+def decode_clips(
+    data: Source | None, spec: ClipSpec, rng: random.Random | None = None, audio_data: Source | None = None
+) -> dict[str, torch.Tensor]:
     """Encoded video -> {"video": (T, 3, F, crop, crop) uint8, "audio": (T, 1, mel, frames)}.
 
     `data` and `audio_data` are bytes or seekable binary files. The sound comes from

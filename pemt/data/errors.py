@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 
 class DataError(RuntimeError):
@@ -20,7 +21,7 @@ class BadSamples:
         self.by_shard: Counter[str] = Counter()
         self.examples: list[str] = []
 
-    def add(self, batch: dict) -> None:
+    def add(self, batch: dict[str, Any]) -> None:
         self.slots += batch["slots"]
         for error in batch["errors"]:
             self.errors += 1

@@ -24,6 +24,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import av
 from tqdm import tqdm
@@ -43,10 +44,10 @@ class VideoInput:
     path: str
     key: str
     label: int = -1
-    labels: tuple[int, ...] = ()   # multi-label: every class of the video
+    labels: tuple[int, ...] = ()  # multi-label: every class of the video
 
-    def metadata(self) -> dict:
-        meta: dict = {"id": self.key, "label": self.label, "source": self.path}
+    def metadata(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {"id": self.key, "label": self.label, "source": self.path}
         if self.labels:
             meta["labels"] = list(self.labels)
         return meta
@@ -69,8 +70,9 @@ def read_inputs(source: Path) -> list[VideoInput]:
         if "path" not in row:
             raise ValueError(f"{source}: entry {number} has no 'path' ({row})")
         path = Path(row["path"]) if Path(row["path"]).is_absolute() else source.parent / row["path"]
-        inputs.append(VideoInput(str(path), str(row.get("id") or sample_key(Path(row["path"]))),
-                                 int(row.get("label", -1) or -1)))
+        inputs.append(
+            VideoInput(str(path), str(row.get("id") or sample_key(Path(row["path"]))), int(row.get("label", -1) or -1))
+        )
     return inputs
 
 
@@ -85,10 +87,14 @@ def unique_keys(inputs: list[VideoInput]) -> list[VideoInput]:
     seen: dict[str, int] = {}
     for item in inputs:
         seen[item.key] = seen.get(item.key, 0) + 1
-    return [item if seen[item.key] == 1 else
-            VideoInput(item.path, f"{item.key}-{hashlib.sha1(item.path.encode()).hexdigest()[:10]}",
-                       item.label, item.labels)
-            for item in inputs]
+    return [
+        item
+        if seen[item.key] == 1
+        else VideoInput(
+            item.path, f"{item.key}-{hashlib.sha1(item.path.encode()).hexdigest()[:10]}", item.label, item.labels
+        )
+        for item in inputs
+    ]
 
 
 def plan_shards(inputs: list[VideoInput], max_samples: int | None, max_bytes: int | None) -> list[list[VideoInput]]:
@@ -105,7 +111,7 @@ def plan_shards(inputs: list[VideoInput], max_samples: int | None, max_bytes: in
     return [g for g in groups if g]
 
 
-def probe(path: str) -> dict:
+def probe(path: str) -> dict[str, Any]:
     """Duration and fps of a video (duration of a sound file); raises ValueError with the reason
     if it is not usable."""
     if Path(path).suffix.lower() in SOUND_SUFFIXES:
@@ -117,13 +123,16 @@ def probe(path: str) -> dict:
             video = container.streams.video[0]
             next(container.decode(video))  # one frame proves the codec works
             duration = float(container.duration / av.time_base) if container.duration else None
-            return {"duration": duration, "fps": float(video.average_rate or 0) or None,
-                    "has_audio": bool(container.streams.audio)}
+            return {
+                "duration": duration,
+                "fps": float(video.average_rate or 0) or None,
+                "has_audio": bool(container.streams.audio),
+            }
     except (av.error.FFmpegError, StopIteration, OSError) as err:
         raise ValueError(f"unreadable video: {err}") from err
 
 
-def _probe_sound(path: str) -> dict:
+def _probe_sound(path: str) -> dict[str, Any]:
     try:
         with av.open(path) as container:
             if not container.streams.audio:
@@ -135,7 +144,7 @@ def _probe_sound(path: str) -> dict:
         raise ValueError(f"unreadable sound: {err}") from err
 
 
-def _sample(item: VideoInput, recode: Transcode | None, keep_original: bool) -> dict:
+def _sample(item: VideoInput, recode: Transcode | None, keep_original: bool) -> dict[str, Any]:
     """One input as a shard sample; raises ValueError or OSError with the reason if unusable."""
     suffix = Path(item.path).suffix.lower()
     if suffix in SOUND_SUFFIXES:
@@ -155,8 +164,9 @@ def _sample(item: VideoInput, recode: Transcode | None, keep_original: bool) -> 
     return sample
 
 
-def write_shard(index: int, items: list[VideoInput], out_dir: str, recode: Transcode | None = None,
-                keep_original: bool = False) -> tuple[dict | None, list[dict]]:
+def write_shard(
+    index: int, items: list[VideoInput], out_dir: str, recode: Transcode | None = None, keep_original: bool = False
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """Write one shard atomically; return its manifest entry and the skipped inputs."""
     import webdataset as wds
 
@@ -179,18 +189,36 @@ def write_shard(index: int, items: list[VideoInput], out_dir: str, recode: Trans
     return {**describe_shard(final), "samples": written}, skipped
 
 
-def make_shards(source: Path, out_dir: Path, max_samples: int | None = None, max_mb: float | None = None,
-                processes: int = 2, progress: bool = True, recode: Transcode | None = None,
-                keep_original: bool = False, restart: bool = False) -> dict:
+def make_shards(
+    source: Path,
+    out_dir: Path,
+    max_samples: int | None = None,
+    max_mb: float | None = None,
+    processes: int = 2,
+    progress: bool = True,
+    recode: Transcode | None = None,
+    keep_original: bool = False,
+    restart: bool = False,
+) -> dict[str, Any]:
     """Write (or finish writing) the shards of `source` into `out_dir`; returns the manifest."""
     inputs = read_inputs(source)
     if not inputs:
         raise FileNotFoundError(f"{source}: no video files found ({', '.join(sorted(VIDEO_SUFFIXES))})")
-    return write_inputs(inputs, out_dir, max_samples, max_mb, processes, progress, {"source": str(source)},
-                        recode=recode, keep_original=keep_original, restart=restart)
+    return write_inputs(
+        inputs,
+        out_dir,
+        max_samples,
+        max_mb,
+        processes,
+        progress,
+        {"source": str(source)},
+        recode=recode,
+        keep_original=keep_original,
+        restart=restart,
+    )
 
 
-def _check_plan(out_dir: Path, plan: dict, restart: bool) -> None:
+def _check_plan(out_dir: Path, plan: dict[str, Any], restart: bool) -> None:
     """Refuse to finish a folder begun with other inputs, shard size or transform (or, with
     `restart`, start it afresh): shards of two groupings must never mix."""
     recorded = out_dir / PLAN
@@ -202,18 +230,30 @@ def _check_plan(out_dir: Path, plan: dict, restart: bool) -> None:
         before = json.loads(recorded.read_text())
         changed = sorted(k for k in plan if before.get(k) != plan[k])
         if changed:
-            raise ValueError(f"{out_dir} holds shards made with other {', '.join(changed)}; write to a new "
-                             "folder, or pass --restart to delete them and start again")
+            raise ValueError(
+                f"{out_dir} holds shards made with other {', '.join(changed)}; write to a new "
+                "folder, or pass --restart to delete them and start again"
+            )
     elif begun:
-        raise ValueError(f"{out_dir} holds shards but no {PLAN} saying how they were made; write to a new "
-                         "folder, or pass --restart to delete them and start again")
+        raise ValueError(
+            f"{out_dir} holds shards but no {PLAN} saying how they were made; write to a new "
+            "folder, or pass --restart to delete them and start again"
+        )
     recorded.write_text(json.dumps(plan, indent=1))
 
 
-def write_inputs(inputs: list[VideoInput], out_dir: Path, max_samples: int | None = None,
-                 max_mb: float | None = None, processes: int = 2, progress: bool = True,
-                 extra: dict | None = None, recode: Transcode | None = None, keep_original: bool = False,
-                 restart: bool = False) -> dict:
+def write_inputs(
+    inputs: list[VideoInput],
+    out_dir: Path,
+    max_samples: int | None = None,
+    max_mb: float | None = None,
+    processes: int = 2,
+    progress: bool = True,
+    extra: dict[str, Any] | None = None,
+    recode: Transcode | None = None,
+    keep_original: bool = False,
+    restart: bool = False,
+) -> dict[str, Any]:
     """Write (or finish writing) shards of `inputs` into `out_dir`; `extra` goes into the manifest.
     `--mb` groups by the source files' sizes (a transcoded shard is smaller)."""
     if not max_samples and not max_mb:
@@ -221,9 +261,17 @@ def write_inputs(inputs: list[VideoInput], out_dir: Path, max_samples: int | Non
     inputs = unique_keys(inputs)
     out_dir.mkdir(parents=True, exist_ok=True)
     listing = hashlib.sha256(json.dumps([[i.path, i.key, i.label, list(i.labels)] for i in inputs]).encode())
-    _check_plan(out_dir, {"inputs": listing.hexdigest(), "samples_per_shard": max_samples, "mb_per_shard": max_mb,
-                          "transcode": recode.describe() if recode else None,
-                          "keep_original": keep_original if recode else None}, restart)
+    _check_plan(
+        out_dir,
+        {
+            "inputs": listing.hexdigest(),
+            "samples_per_shard": max_samples,
+            "mb_per_shard": max_mb,
+            "transcode": recode.describe() if recode else None,
+            "keep_original": keep_original if recode else None,
+        },
+        restart,
+    )
     groups = plan_shards(inputs, max_samples, int(max_mb * 2**20) if max_mb else None)
     done = _recorded(out_dir / PROGRESS)
     for stale in out_dir.glob(".shard-*.partial"):  # left by an interrupted run
@@ -231,23 +279,30 @@ def write_inputs(inputs: list[VideoInput], out_dir: Path, max_samples: int | Non
     todo = [i for i in range(len(groups)) if i not in done]
     with ProcessPoolExecutor(max_workers=processes) as pool, (out_dir / PROGRESS).open("a") as log:
         futures = {pool.submit(write_shard, i, groups[i], str(out_dir), recode, keep_original): i for i in todo}
-        for future in tqdm(as_completed(futures), total=len(futures), desc=f"shards {out_dir.name}",
-                           disable=not progress):
+        for future in tqdm(
+            as_completed(futures), total=len(futures), desc=f"shards {out_dir.name}", disable=not progress
+        ):
             entry, skipped = future.result()
-            record = {"index": futures[future], "shard": entry, "skipped": skipped}
+            index = futures[future]
+            record = {"index": index, "shard": entry, "skipped": skipped}
             log.write(json.dumps(record) + "\n")
             log.flush()
-            done[record["index"]] = record
+            done[index] = record
     shards = [done[i]["shard"] for i in sorted(done) if done[i]["shard"]]
     skipped = [s for i in sorted(done) for s in done[i]["skipped"]]
     (out_dir / SKIPPED).write_text("".join(json.dumps(s) + "\n" for s in skipped))
-    manifest = {"shards": shards, "samples": sum(s["samples"] for s in shards), "skipped": len(skipped),
-                **({"transcode": recode.describe()} if recode else {}), **(extra or {})}
+    manifest = {
+        "shards": shards,
+        "samples": sum(s["samples"] for s in shards),
+        "skipped": len(skipped),
+        **({"transcode": recode.describe()} if recode else {}),
+        **(extra or {}),
+    }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 
 
-def _recorded(progress_file: Path) -> dict[int, dict]:
+def _recorded(progress_file: Path) -> dict[int, dict[str, Any]]:
     """Shards finished by earlier runs whose files are still there."""
     if not progress_file.exists():
         return {}

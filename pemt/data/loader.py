@@ -18,12 +18,14 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pemt.config import ConfigError, one_of, positive_int
 from pemt.data.decode import ClipSpec, DecodeError, decode_clips
 from pemt.data.members import member_bytes, member_size, member_source
 from pemt.data.metadata import MAX_METADATA_BYTES, parse_metadata
@@ -35,18 +37,25 @@ SOUND_MEMBERS = ("flac", "wav")
 
 def clip_spec(data_cfg: DictConfig) -> ClipSpec:
     return ClipSpec(
-        clips=data_cfg.clips, frames_per_clip=data_cfg.frames_per_clip, fps=data_cfg.fps,
-        crop=data_cfg.crop, sample_rate=data_cfg.sample_rate, mel_bins=data_cfg.mel_bins,
-        mel_window_ms=data_cfg.mel_window_ms, mel_hop_ms=data_cfg.mel_hop_ms,
-        short_videos=data_cfg.get("short_videos", "loop"), decode_threads=int(data_cfg.get("decode_threads", 1)),
+        clips=data_cfg.clips,
+        frames_per_clip=data_cfg.frames_per_clip,
+        fps=data_cfg.fps,
+        crop=data_cfg.crop,
+        sample_rate=data_cfg.sample_rate,
+        mel_bins=data_cfg.mel_bins,
+        mel_window_ms=data_cfg.mel_window_ms,
+        mel_hop_ms=data_cfg.mel_hop_ms,
+        short_videos=data_cfg.get("short_videos", "loop"),
+        decode_threads=int(data_cfg.get("decode_threads", 1)),
     )
 
 
-def _decode(slot: Slot, spec: ClipSpec, seed: int, train: bool) -> dict:
+def _decode(slot: Slot, spec: ClipSpec, seed: int, train: bool) -> dict[str, Any]:
+    assert slot.sample is not None  # empty slots are reported, not decoded
     return decode_sample(slot.sample, spec, f"decode-{seed}-{slot.stream}-{slot.position}" if train else None)
 
 
-def decode_sample(sample: dict, spec: ClipSpec, window_seed: str | None) -> dict:
+def decode_sample(sample: dict[str, Any], spec: ClipSpec, window_seed: str | None) -> dict[str, Any]:
     """A raw WebDataset sample (members as bytes, or as pemt.data.members.Member windows onto
     the shard) -> key, labels and clips. `window_seed` draws the random window and crop
     (training); None takes the centred ones."""
@@ -67,16 +76,24 @@ def decode_sample(sample: dict, spec: ClipSpec, window_seed: str | None) -> dict
     return {"key": sample["__key__"], "label": meta["label"], "labels": meta["labels"], **clips}
 
 
-class StreamDataset(IterableDataset):
+class StreamDataset(IterableDataset[dict[str, Any]]):
     """Micro-batches of one rank from micro-step `start` on, in step order, without end."""
 
-    def __init__(self, plan: StreamPlan, streams: list[int], per_stream: int, start: int,
-                 spec: ClipSpec, train: bool = True, check: Callable[[dict], None] | None = None) -> None:
+    def __init__(
+        self,
+        plan: StreamPlan,
+        streams: list[int],
+        per_stream: int,
+        start: int,
+        spec: ClipSpec,
+        train: bool = True,
+        check: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         super().__init__()
         self.plan, self.streams, self.per_stream = plan, streams, per_stream
         self.start, self.spec, self.train, self.check = start, spec, train, check
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         slots = {v: stream_slots(self.plan, v, self.start * self.per_stream) for v in self.streams}
@@ -101,17 +118,29 @@ class StreamDataset(IterableDataset):
                     except DecodeError as err:
                         errors.append({"shard": slot.shard, "key": slot.sample.get("__key__"), "reason": str(err)})
                     except Exception as err:  # noqa: BLE001 - whatever one sample does, it is one bad sample
-                        errors.append({"shard": slot.shard, "key": slot.sample.get("__key__"),
-                                       "reason": f"{type(err).__name__}: {str(err)[:300]}"})
+                        errors.append(
+                            {
+                                "shard": slot.shard,
+                                "key": slot.sample.get("__key__"),
+                                "reason": f"{type(err).__name__}: {str(err)[:300]}",
+                            }
+                        )
                     decode_s += time.perf_counter() - began
             if mine:
                 yield _collate(samples, errors, micro, decode_s)
             micro += 1
 
 
-def _collate(samples: list[dict], errors: list[dict], micro: int, decode_s: float = 0.0) -> dict:
-    batch = {"micro_step": micro, "key": [s["key"] for s in samples], "errors": errors,
-             "slots": len(samples) + len(errors), "decode_s": decode_s}
+def _collate(
+    samples: list[dict[str, Any]], errors: list[dict[str, Any]], micro: int, decode_s: float = 0.0
+) -> dict[str, Any]:
+    batch = {
+        "micro_step": micro,
+        "key": [s["key"] for s in samples],
+        "errors": errors,
+        "slots": len(samples) + len(errors),
+        "decode_s": decode_s,
+    }
     if samples:
         batch["label"] = torch.tensor([s["label"] for s in samples])
         batch["labels"] = [s["labels"] for s in samples]  # every label of each sample (multi-label)
@@ -126,13 +155,23 @@ def stream_layout(streams: int, rank: int, world_size: int, micro_batch: int) ->
         raise ValueError(f"data.streams={streams} is not divisible by world size {world_size}")
     mine = streams // world_size
     if micro_batch % mine:
-        raise ValueError(f"micro batch {micro_batch} is not divisible by the {mine} streams per rank "
-                         f"(data.streams={streams} over {world_size} ranks)")
+        raise ValueError(
+            f"micro batch {micro_batch} is not divisible by the {mine} streams per rank "
+            f"(data.streams={streams} over {world_size} ranks)"
+        )
     return list(range(rank * mine, (rank + 1) * mine)), micro_batch // mine
 
 
-def build_loader(data_cfg: DictConfig, shards: str, micro_batch: int, rank: int, world_size: int,
-                 seed: int, start_micro_step: int = 0, check: Callable[[dict], None] | None = None) -> DataLoader:
+def build_loader(
+    data_cfg: DictConfig,
+    shards: str,
+    micro_batch: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    start_micro_step: int = 0,
+    check: Callable[[dict[str, Any]], None] | None = None,
+) -> DataLoader[dict[str, Any]]:
     """This rank's endless loader, resuming at `start_micro_step`. `check` (picklable: it runs in
     the workers) raises DecodeError for a decoded sample the task cannot use (a label out of range)."""
     plan = plan_from_manifest(shards, int(data_cfg.streams), seed, int(data_cfg.shuffle_buffer))
@@ -140,10 +179,13 @@ def build_loader(data_cfg: DictConfig, shards: str, micro_batch: int, rank: int,
     dataset = StreamDataset(plan, streams, per_stream, start_micro_step, clip_spec(data_cfg), check=check)
     workers = int(data_cfg.num_workers)
     return DataLoader(
-        dataset, batch_size=None, num_workers=workers,
+        dataset,
+        batch_size=None,
+        num_workers=workers,
         # Video decoders in forked workers can deadlock; forkserver starts them clean.
         multiprocessing_context="forkserver" if workers else None,
-        persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers else None,
         # Its own generator: starting an iterator must not draw from the global torch RNG,
         # or a resumed run's random stream would differ from an uninterrupted one.
         generator=torch.Generator().manual_seed(seed),
@@ -163,3 +205,32 @@ def shard_source(cfg: DictConfig) -> str:
             "generates them, or run tools/make_synthetic.py"
         )
     return str(folder)
+
+
+def check_data(cfg: DictConfig) -> None:
+    """The `data.*` keys the loader reads."""
+    for key in ("data.clips", "data.frames_per_clip", "data.streams"):
+        positive_int(cfg, key)
+    world = int(cfg.nodes) * int(cfg.gpus_per_node)
+    if int(cfg.data.streams) % world:
+        raise ConfigError(
+            f"data.streams={cfg.data.streams} is not divisible by world size {world}; "
+            "choose a multiple of nodes x gpus_per_node"
+        )
+    accum = int(cfg.train.grad_accum_steps)
+    if cfg.train.global_batch_size % (int(cfg.data.streams) * accum):
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by data.streams="
+            f"{cfg.data.streams} x train.grad_accum_steps={accum}: every stream gives the same number of "
+            "samples to each step"
+        )
+    one_of(cfg, "data.short_videos", ("loop", "pad"))
+    if cfg.data.name != "synthetic" and not cfg.data.shards:
+        raise ConfigError("data.shards is not set: give a shard folder with its manifest.json")
+    if cfg.data.name == "synthetic":
+        from pemt.data.synthetic import spec_from_config
+
+        try:
+            spec_from_config(cfg)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(str(err)) from None

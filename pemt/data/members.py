@@ -14,8 +14,9 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 from webdataset.tariterators import group_by_keys
 
@@ -56,7 +57,7 @@ class _Window(io.RawIOBase):
         if wanted <= 0:
             return 0
         data = os.pread(self._fd, wanted, self._offset + self._position)
-        buffer[:len(data)] = data
+        buffer[: len(data)] = data
         self._position += len(data)
         return len(data)
 
@@ -101,19 +102,20 @@ def can_index(url: str) -> bool:
     return True
 
 
-def indexed_samples(url: str) -> Iterator[dict]:
+def indexed_samples(url: str) -> Iterator[dict[str, Any]]:
     """The samples of a local tar in order, each a dict of suffix -> Member plus `__key__` and
     `__url__`. A tar that ends early (cut mid-member, a header whose size runs past the end of
     the file) raises tarfile.ReadError after its last complete sample."""
-    members: list[dict] = []
+    members: list[dict[str, Any]] = []
     failure: Exception | None = None
     info = None
     with tarfile.open(url, mode="r:") as tar:
         try:
             while (info := tar.next()) is not None:
                 if info.isreg():
-                    members.append({"fname": info.name, "data": Member(url, info.offset_data, info.size),
-                                    "__url__": url})
+                    members.append(
+                        {"fname": info.name, "data": Member(url, info.offset_data, info.size), "__url__": url}
+                    )
         except (tarfile.TarError, MemoryError, OverflowError, ValueError) as err:
             # a header that lies (a size past the end, a terabyte of extended header): the tar ends here
             failure = tarfile.ReadError(f"{type(err).__name__} after {info.name if info else 'the start'}: {err}")

@@ -7,8 +7,9 @@ A shard folder holds `shard-000000.tar ...` (WebDataset tar files, one sample pe
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import webdataset as wds
 
@@ -17,13 +18,14 @@ from pemt.integrity import sha256
 MANIFEST = "manifest.json"
 
 
-def describe_shard(path: Path) -> dict:
+def describe_shard(path: Path) -> dict[str, Any]:
     """A manifest entry's file facts: name, bytes, sha256."""
     return {"name": path.name, "bytes": path.stat().st_size, "sha256": sha256(path)}
 
 
-def write_shards(samples: Iterable[dict], out_dir: Path, samples_per_shard: int,
-                 extra: dict | None = None) -> list[dict]:
+def write_shards(
+    samples: Iterable[dict[str, Any]], out_dir: Path, samples_per_shard: int, extra: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """Write samples into tar shards under `out_dir` and a manifest describing them."""
     out_dir.mkdir(parents=True, exist_ok=True)
     counts: dict[str, int] = {}
@@ -48,27 +50,35 @@ def transform_warnings(folder: str | Path, data_cfg: Any) -> list[str]:
         return []
     lines = []
     if recorded.get("short_side") and int(data_cfg.crop) > int(recorded["short_side"]):
-        lines.append(f"data.crop={data_cfg.crop} but the shards in {folder} were made with short side "
-                     f"{recorded['short_side']}: frames are upscaled")
+        lines.append(
+            f"data.crop={data_cfg.crop} but the shards in {folder} were made with short side "
+            f"{recorded['short_side']}: frames are upscaled"
+        )
     if recorded.get("fps") and float(data_cfg.fps) > float(recorded["fps"]):
-        lines.append(f"data.fps={data_cfg.fps} but the shards in {folder} hold at most {recorded['fps']} "
-                     "frames per second: frames repeat")
+        lines.append(
+            f"data.fps={data_cfg.fps} but the shards in {folder} hold at most {recorded['fps']} "
+            "frames per second: frames repeat"
+        )
     if recorded.get("sample_rate") and int(data_cfg.sample_rate) > int(recorded["sample_rate"]):
-        lines.append(f"data.sample_rate={data_cfg.sample_rate} but the shards' sound in {folder} was resampled to "
-                     f"{recorded['sample_rate']} Hz: no sound above {int(recorded['sample_rate']) // 2} Hz")
+        lines.append(
+            f"data.sample_rate={data_cfg.sample_rate} but the shards' sound in {folder} was resampled to "
+            f"{recorded['sample_rate']} Hz: no sound above {int(recorded['sample_rate']) // 2} Hz"
+        )
     return lines
 
 
-def read_manifest(folder: str | Path) -> list[dict]:
+def read_manifest(folder: str | Path) -> list[dict[str, Any]]:
     """The shard entries of a shard folder's manifest (name, samples, bytes, sha256)."""
     manifest = Path(folder) / MANIFEST
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"no shard folder at {folder}")
     if not manifest.exists():
-        raise FileNotFoundError(f"{manifest} is missing: the loader needs each shard's sample count "
-                                "(tools/make_shards.py and tools/make_synthetic.py write it)")
+        raise FileNotFoundError(
+            f"{manifest} is missing: the loader needs each shard's sample count "
+            "(tools/make_shards.py and tools/make_synthetic.py write it)"
+        )
     try:
-        entries = json.loads(manifest.read_text())["shards"]
+        entries: list[dict[str, Any]] = json.loads(manifest.read_text())["shards"]
         for entry in entries:
             entry["name"], entry["samples"] = str(entry["name"]), int(entry["samples"])
     except (ValueError, KeyError, TypeError) as err:

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import functools
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 import webdataset as wds
 
@@ -30,7 +31,7 @@ class Slot:
     stream: int
     position: int
     shard: str
-    sample: dict | None
+    sample: dict[str, Any] | None
     error: str | None = None
 
 
@@ -44,13 +45,16 @@ class StreamPlan:
 
     def __post_init__(self) -> None:
         if len(self.urls) < self.streams:
-            raise ValueError(f"{len(self.urls)} shards for data.streams={self.streams}: every virtual "
-                             "stream needs at least one shard (lower data.streams or write smaller shards)")
+            raise ValueError(
+                f"{len(self.urls)} shards for data.streams={self.streams}: every virtual "
+                "stream needs at least one shard (lower data.streams or write smaller shards)"
+            )
 
     @functools.cached_property
     def assignment(self) -> list[list[int]]:
         """Shard indices per stream, dealt largest first to the lightest stream."""
-        loads, owned = [0] * self.streams, [[] for _ in range(self.streams)]
+        loads = [0] * self.streams
+        owned: list[list[int]] = [[] for _ in range(self.streams)]
         for index in sorted(range(len(self.urls)), key=lambda i: (-self.counts[i], i)):
             lightest = min(range(self.streams), key=lambda v: (loads[v], v))
             owned[lightest].append(index)
@@ -69,19 +73,25 @@ class StreamPlan:
 def plan_from_manifest(folder: str, streams: int, seed: int, shuffle_buffer: int) -> StreamPlan:
     """Sample counts come from the folder's manifest; they fix every slot's place."""
     entries = read_manifest(folder)
-    return StreamPlan(tuple(str(Path(folder) / e["name"]) for e in entries),
-                      tuple(e["samples"] for e in entries), streams, seed, shuffle_buffer)
+    return StreamPlan(
+        tuple(str(Path(folder) / e["name"]) for e in entries),
+        tuple(e["samples"] for e in entries),
+        streams,
+        seed,
+        shuffle_buffer,
+    )
 
 
-def _read_samples(url: str) -> Iterator[dict]:
+def _read_samples(url: str) -> Iterator[dict[str, Any]]:
     """A shard's samples in order. A local tar is indexed (members read later, only by the
     worker that decodes them: pemt.data.members); anything else is streamed by WebDataset."""
     if can_index(url):
         return indexed_samples(url)
-    return wds.tarfile_to_samples()([{"url": url}])
+    samples: Iterator[dict[str, Any]] = wds.tarfile_to_samples()([{"url": url}])
+    return samples
 
 
-def shard_samples(url: str, count: int) -> Iterator[tuple[dict | None, str | None]]:
+def shard_samples(url: str, count: int) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
     """Exactly `count` entries: the shard's samples, then placeholders if it ends early."""
     produced = 0
     try:
@@ -98,8 +108,8 @@ def shard_samples(url: str, count: int) -> Iterator[tuple[dict | None, str | Non
         yield None, reason
 
 
-def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
-    buffer: list = []
+def _shuffled(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    buffer: list[Any] = []
     for item in items:
         buffer.append(item)
         if len(buffer) >= size:

@@ -23,13 +23,14 @@ import shutil
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import av
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
+from pemt.config import plain
 from pemt.data.shards import write_shards
 
 
@@ -43,16 +44,18 @@ class SyntheticSpec:
     sample_rate: int = 16000
     videos_per_shard: int = 8
     seed: int = 0
-    task: str = "classes"   # classes | sync
+    task: str = "classes"  # classes | sync
 
     def __post_init__(self) -> None:
         if self.task not in ("classes", "sync"):
             raise ValueError(f"data.synthetic.task={self.task!r}: choose classes or sync")
         if self.task == "sync" and not 2 <= self.classes <= len(_SHAPES) * len(_SYNC_PITCHES):
-            raise ValueError(f"data.synthetic.classes={self.classes}: the sync task has at most "
-                             f"{len(_SHAPES) * len(_SYNC_PITCHES)} (shape, tone) pairs")
+            raise ValueError(
+                f"data.synthetic.classes={self.classes}: the sync task has at most "
+                f"{len(_SHAPES) * len(_SYNC_PITCHES)} (shape, tone) pairs"
+            )
 
-    def described(self) -> dict:
+    def described(self) -> dict[str, Any]:
         """The spec as recorded (the default task left out, so sets made before it existed keep their name)."""
         facts = asdict(self)
         if self.task == "classes":
@@ -64,23 +67,32 @@ class SyntheticSpec:
 
 
 _COLOURS = np.array(
-    [[230, 40, 40], [40, 200, 60], [50, 90, 240], [240, 210, 40], [200, 60, 220], [40, 210, 210],
-     [250, 140, 30], [150, 150, 150]], dtype=np.float32,
+    [
+        [230, 40, 40],
+        [40, 200, 60],
+        [50, 90, 240],
+        [240, 210, 40],
+        [200, 60, 220],
+        [40, 210, 210],
+        [250, 140, 30],
+        [150, 150, 150],
+    ],
+    dtype=np.float32,
 )
 
 
 _SHAPES = ("square", "disc", "bar", "cross")
-_SYNC_PITCHES = tuple(300.0 * 2 ** (i / 2.5) for i in range(8))   # 300 Hz to 2.1 kHz, clearly apart
-SYNC_SLOT_S = 0.5     # events start on a half-second grid (a clip of the default window)
-SYNC_FLASH_S = 0.25   # how long a flash or a tone lasts
+_SYNC_PITCHES = tuple(300.0 * 2 ** (i / 2.5) for i in range(8))  # 300 Hz to 2.1 kHz, clearly apart
+SYNC_SLOT_S = 0.5  # events start on a half-second grid (a clip of the default window)
+SYNC_FLASH_S = 0.25  # how long a flash or a tone lasts
 
 
 @dataclass(frozen=True)
 class ClassStyle:
     colour: np.ndarray
     shape: str
-    speed: float      # frame widths per second
-    pitch: float      # Hz
+    speed: float  # frame widths per second
+    pitch: float  # Hz
     beat_hz: tuple[float, float]  # range of the class's rhythm
 
 
@@ -91,7 +103,7 @@ def class_style(label: int, classes: int) -> ClassStyle:
         colour=_COLOURS[label % len(_COLOURS)] * (1.0 - 0.3 * (label // len(_COLOURS)) / max(1, classes)),
         shape=_SHAPES[label % len(_SHAPES)],
         speed=0.4 + 0.8 * spread,
-        pitch=220.0 * 2 ** spread,                 # one octave spread over the classes
+        pitch=220.0 * 2**spread,  # one octave spread over the classes
         beat_hz=(1.0 + 1.5 * spread, 1.5 + 1.5 * spread),
     )
 
@@ -99,18 +111,21 @@ def class_style(label: int, classes: int) -> ClassStyle:
 def _shape_mask(shape: str, side: int) -> np.ndarray:
     yy, xx = np.mgrid[:side, :side] - (side - 1) / 2
     r = side / 2
-    return {"square": np.ones((side, side), dtype=bool),
-            "disc": xx**2 + yy**2 <= r**2,
-            "bar": np.abs(yy) <= r / 3,
-            "cross": (np.abs(xx) <= r / 4) | (np.abs(yy) <= r / 4)}[shape]
+    masks: dict[str, np.ndarray] = {
+        "square": np.ones((side, side), dtype=bool),
+        "disc": xx**2 + yy**2 <= r**2,
+        "bar": np.abs(yy) <= r / 3,
+        "cross": (np.abs(xx) <= r / 4) | (np.abs(yy) <= r / 4),
+    }
+    return masks[shape]
 
 
-def render(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarray, dict]:
+def render(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Frames (N, H, W, 3) uint8, mono audio (S,) float32 and metadata for one video."""
     return render_sync(spec, index) if spec.task == "sync" else render_classes(spec, index)
 
 
-def render_classes(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarray, dict]:
+def render_classes(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """The `classes` task: frames, audio and metadata for one video.
 
     The shape flashes on the beats of the tone: per-video tempo and phase within the class's
@@ -132,17 +147,24 @@ def render_classes(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndar
         on = ((t * beat_hz + phase) % 1.0) < 0.5
         x0 = int(((t * style.speed + phase) % 1.0) * (spec.size - side))
         frame = base.copy()
-        frame[y0:y0 + side, x0:x0 + side][mask] = style.colour * (1.0 if on else 0.35)
+        frame[y0 : y0 + side, x0 : x0 + side][mask] = style.colour * (1.0 if on else 0.35)
         frames[i] = frame.clip(0, 255).astype(np.uint8)
-    t = np.arange(int(spec.seconds * spec.sample_rate)) / spec.sample_rate
-    envelope = np.where(((t * beat_hz + phase) % 1.0) < 0.5, 1.0, 0.15)
-    audio = 0.4 * envelope * np.sin(2 * np.pi * style.pitch * t) + 0.01 * rng.standard_normal(t.shape)
-    meta = {"id": f"synthetic-{index:06d}", "label": label, "duration": spec.seconds,
-            "fps": spec.source_fps, "source": "synthetic", "shape": style.shape, "beat_hz": beat_hz}
+    clock = np.arange(int(spec.seconds * spec.sample_rate)) / spec.sample_rate
+    envelope = np.where(((clock * beat_hz + phase) % 1.0) < 0.5, 1.0, 0.15)
+    audio = 0.4 * envelope * np.sin(2 * np.pi * style.pitch * clock) + 0.01 * rng.standard_normal(clock.shape)
+    meta = {
+        "id": f"synthetic-{index:06d}",
+        "label": label,
+        "duration": spec.seconds,
+        "fps": spec.source_fps,
+        "source": "synthetic",
+        "shape": style.shape,
+        "beat_hz": beat_hz,
+    }
     return frames, audio.astype(np.float32), meta
 
 
-def render_sync(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarray, dict]:
+def render_sync(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """The `sync` task: class = (shape, tone) that flash and sound together; a decoy shape flashes
     off the beat, a decoy tone sounds without a flash, distractors move over noise."""
     rng = np.random.default_rng([spec.seed, index, 7])
@@ -156,19 +178,23 @@ def render_sync(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarray
     order = rng.permutation(slots)
     synced, flash_only, tone_only = order[:2], order[2:4], order[4:6]
     jitter = rng.uniform(0.0, SYNC_SLOT_S - SYNC_FLASH_S, size=slots)
-    flashes = {shape: [(s * SYNC_SLOT_S + jitter[s]) for s in synced],
-               decoy_shape: [(s * SYNC_SLOT_S + jitter[s]) for s in flash_only]}
-    tones = {pitch: [(s * SYNC_SLOT_S + jitter[s]) for s in synced],
-             decoy_pitch: [(s * SYNC_SLOT_S + jitter[s]) for s in tone_only]}
+    flashes = {
+        shape: [(s * SYNC_SLOT_S + jitter[s]) for s in synced],
+        decoy_shape: [(s * SYNC_SLOT_S + jitter[s]) for s in flash_only],
+    }
+    tones = {
+        pitch: [(s * SYNC_SLOT_S + jitter[s]) for s in synced],
+        decoy_pitch: [(s * SYNC_SLOT_S + jitter[s]) for s in tone_only],
+    }
 
     n_frames, size = int(round(spec.seconds * spec.source_fps)), spec.size
     side = max(6, size // 4)
-    colours = _COLOURS[rng.permutation(len(_COLOURS) - 1)[:2]]         # random (and bright): colour says nothing
+    colours = _COLOURS[rng.permutation(len(_COLOURS) - 1)[:2]]  # random (and bright): colour says nothing
     corners = rng.permutation([(2, 2), (2, size - side - 2), (size - side - 2, 2), (size - side - 2, size - side - 2)])
     places = {shape: corners[0], decoy_shape: corners[1]}
     tint = {shape: colours[0], decoy_shape: colours[1]}
     yy, xx = np.mgrid[:size, :size]
-    blobs = rng.uniform(0, size, size=(2, 2)), rng.uniform(-8, 8, size=(2, 2))   # distractors: place, velocity
+    blobs = rng.uniform(0, size, size=(2, 2)), rng.uniform(-8, 8, size=(2, 2))  # distractors: place, velocity
     base = rng.uniform(10, 40, size=(size, size, 3)).astype(np.float32)
     frames = np.empty((n_frames, size, size, 3), dtype=np.uint8)
     for i in range(n_frames):
@@ -180,20 +206,28 @@ def render_sync(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarray
         for which, times in flashes.items():
             lit = any(start <= t < start + SYNC_FLASH_S for start in times)
             y0, x0 = places[which]
-            region = frame[y0:y0 + side, x0:x0 + side]
+            region = frame[y0 : y0 + side, x0 : x0 + side]
             region[_shape_mask(_SHAPES[which], side)] = tint[which] * (1.0 if lit else 0.3)
         frames[i] = frame.clip(0, 255).astype(np.uint8)
 
-    t = np.arange(int(spec.seconds * spec.sample_rate)) / spec.sample_rate
-    audio = 0.03 * rng.standard_normal(t.shape)
+    clock = np.arange(int(spec.seconds * spec.sample_rate)) / spec.sample_rate
+    audio = 0.03 * rng.standard_normal(clock.shape)
     for which, times in tones.items():
         for start in times:
-            on = (t >= start) & (t < start + SYNC_FLASH_S)
-            audio[on] += 0.4 * np.sin(2 * np.pi * _SYNC_PITCHES[which] * t[on])
-    meta = {"id": f"synthetic-{index:06d}", "label": label, "duration": spec.seconds, "fps": spec.source_fps,
-            "source": "synthetic-sync", "shape": _SHAPES[shape], "pitch_hz": _SYNC_PITCHES[pitch],
-            "decoy_shape": _SHAPES[decoy_shape], "decoy_pitch_hz": _SYNC_PITCHES[decoy_pitch],
-            "synced_slots": sorted(int(s) for s in synced)}
+            on = (clock >= start) & (clock < start + SYNC_FLASH_S)
+            audio[on] += 0.4 * np.sin(2 * np.pi * _SYNC_PITCHES[which] * clock[on])
+    meta = {
+        "id": f"synthetic-{index:06d}",
+        "label": label,
+        "duration": spec.seconds,
+        "fps": spec.source_fps,
+        "source": "synthetic-sync",
+        "shape": _SHAPES[shape],
+        "pitch_hz": _SYNC_PITCHES[pitch],
+        "decoy_shape": _SHAPES[decoy_shape],
+        "decoy_pitch_hz": _SYNC_PITCHES[decoy_pitch],
+        "synced_slots": sorted(int(s) for s in synced),
+    }
     return frames, audio.astype(np.float32), meta
 
 
@@ -213,7 +247,7 @@ def encode_mp4(frames: np.ndarray, audio: np.ndarray, fps: int, sample_rate: int
                 container.mux(packet)
             until = int((i + 1) / fps * sample_rate)
             while audio_pos + chunk <= until or (i == len(frames) - 1 and audio_pos < len(audio)):
-                piece = audio[audio_pos:audio_pos + chunk]
+                piece = audio[audio_pos : audio_pos + chunk]
                 frame = av.AudioFrame.from_ndarray(piece[None, :], format="fltp", layout="mono")
                 frame.sample_rate = sample_rate
                 frame.pts = audio_pos
@@ -227,14 +261,17 @@ def encode_mp4(frames: np.ndarray, audio: np.ndarray, fps: int, sample_rate: int
     return buffer.getvalue()
 
 
-def make_sample(spec: SyntheticSpec, index: int) -> dict:
+def make_sample(spec: SyntheticSpec, index: int) -> dict[str, Any]:
     frames, audio, meta = render(spec, index)
-    return {"__key__": meta["id"], "mp4": encode_mp4(frames, audio, spec.source_fps, spec.sample_rate),
-            "json": json.dumps(meta).encode()}
+    return {
+        "__key__": meta["id"],
+        "mp4": encode_mp4(frames, audio, spec.source_fps, spec.sample_rate),
+        "json": json.dumps(meta).encode(),
+    }
 
 
 def spec_from_config(cfg: DictConfig) -> SyntheticSpec:
-    return SyntheticSpec(**OmegaConf.to_container(cfg.data.synthetic, resolve=True))
+    return SyntheticSpec(**plain(cfg.data.synthetic))
 
 
 def shard_dir(cfg: DictConfig) -> Path:
@@ -250,10 +287,13 @@ def generate(spec: SyntheticSpec, out_dir: Path, progress: bool = True) -> Path:
         return out_dir
     staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    samples = (make_sample(spec, i) for i in range(spec.videos))
-    samples = tqdm(samples, total=spec.videos, desc="synthetic videos", disable=not progress)
-    write_shards(samples, staging, samples_per_shard=spec.videos_per_shard,
-                 extra={"synthetic": spec.described()})
+    samples = tqdm(
+        (make_sample(spec, i) for i in range(spec.videos)),
+        total=spec.videos,
+        desc="synthetic videos",
+        disable=not progress,
+    )
+    write_shards(samples, staging, samples_per_shard=spec.videos_per_shard, extra={"synthetic": spec.described()})
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
         staging.rename(out_dir)
@@ -271,10 +311,16 @@ def repeat_video(source: str | BinaryIO, target: str | BinaryIO, times: int, fmt
     re-encoded (for tests and benchmarks of long inputs)."""
     with av.open(source) as given, av.open(target, mode="w", format=fmt or given.format.name.split(",")[0]) as out:
         streams = list(given.streams)
-        packets = [(p.stream.index, bytes(p), p.pts, p.dts, p.is_keyframe, p.duration)
-                   for p in given.demux() if p.dts is not None]
-        spans = {s.index: max(p[2] + (p[5] or 0) for p in packets if p[0] == s.index)
-                 - min(p[2] for p in packets if p[0] == s.index) for s in streams}
+        packets = [
+            (p.stream.index, bytes(p), p.pts, p.dts, p.is_keyframe, p.duration)
+            for p in given.demux()
+            if p.dts is not None
+        ]
+        spans = {
+            s.index: max(p[2] + (p[5] or 0) for p in packets if p[0] == s.index)
+            - min(p[2] for p in packets if p[0] == s.index)
+            for s in streams
+        }
         targets = {s.index: out.add_stream_from_template(s) for s in streams}
         for repeat in range(times):
             for index, payload, pts, dts, key, duration in packets:

@@ -12,19 +12,19 @@ from __future__ import annotations
 import io
 from dataclasses import asdict, dataclass
 from fractions import Fraction
-from typing import Any
+from typing import Any, cast
 
 import av
 
 
 @dataclass(frozen=True)
 class Transcode:
-    short_side: int | None = None    # pixels of the shorter side; None: the source's
-    fps: float | None = None         # at most this many frames per second; None: the source's
-    crf: int = 23                    # x264 constant rate factor: 18 near-lossless, 23 default, 28 small
-    preset: str = "veryfast"         # x264 speed/size trade-off
-    sample_rate: int | None = None   # None: the sound is kept as it is; else resampled to this, AAC
-    keyframe_s: float = 1.0          # seconds between keyframes: how far a window's seek lands before it
+    short_side: int | None = None  # pixels of the shorter side; None: the source's
+    fps: float | None = None  # at most this many frames per second; None: the source's
+    crf: int = 23  # x264 constant rate factor: 18 near-lossless, 23 default, 28 small
+    preset: str = "veryfast"  # x264 speed/size trade-off
+    sample_rate: int | None = None  # None: the sound is kept as it is; else resampled to this, AAC
+    keyframe_s: float = 1.0  # seconds between keyframes: how far a window's seek lands before it
 
     def __post_init__(self) -> None:
         if self.short_side is not None and (self.short_side < 16 or self.short_side % 2):
@@ -43,7 +43,10 @@ def _size(width: int, height: int, short_side: int | None) -> tuple[int, int]:
     if short_side is None or short_side >= min(width, height):
         return width - width % 2, height - height % 2
     scale = short_side / min(width, height)
-    even = lambda x: max(2, int(round(x * scale / 2)) * 2)  # noqa: E731 - yuv420p needs even sides
+
+    def even(side: int) -> int:  # yuv420p needs even sides
+        return max(2, int(round(side * scale / 2)) * 2)
+
     return even(width), even(height)
 
 
@@ -70,7 +73,7 @@ def transcode(path: str, spec: Transcode) -> tuple[bytes, dict[str, Any]]:
                 for packet in source.demux(*streams):
                     if packet.stream.type == "video":
                         for frame in packet.decode():
-                            writer.add(frame)
+                            writer.add(cast(av.VideoFrame, frame))
                     elif audio is not None:
                         audio.add(packet)
                 writer.close()
@@ -83,15 +86,27 @@ def transcode(path: str, spec: Transcode) -> tuple[bytes, dict[str, Any]]:
 
 
 class _VideoWriter:
-    def __init__(self, target: av.container.OutputContainer, source: av.stream.Stream, fps: float,
-                 spec: Transcode, first: av.VideoFrame) -> None:
+    def __init__(
+        self,
+        target: av.container.OutputContainer,
+        source: av.video.stream.VideoStream,
+        fps: float,
+        spec: Transcode,
+        first: av.VideoFrame,
+    ) -> None:
+        self.target = target
         self.rate = Fraction(fps).limit_denominator(1001)
         self.stream = target.add_stream("libx264", rate=self.rate)
         self.stream.pix_fmt = "yuv420p"
         gop = max(1, round(spec.keyframe_s * fps))
         # keyframes exactly every gop frames, so a seek lands at most keyframe_s before a window
-        self.stream.options = {"crf": str(spec.crf), "preset": spec.preset, "g": str(gop),
-                               "keyint_min": str(gop), "sc_threshold": "0"}
+        self.stream.options = {
+            "crf": str(spec.crf),
+            "preset": spec.preset,
+            "g": str(gop),
+            "keyint_min": str(gop),
+            "sc_threshold": "0",
+        }
         self.spec, self.source = spec, source
         self.width, self.height = _size(first.width, first.height, spec.short_side)
         self.stream.width, self.stream.height = self.width, self.height
@@ -108,8 +123,7 @@ class _VideoWriter:
     def _emit(self, frame: av.VideoFrame) -> None:
         scaled = frame.reformat(width=self.width, height=self.height, format="yuv420p", interpolation="AREA")
         scaled.pts, scaled.time_base = self.frames, Fraction(1) / self.rate
-        for packet in self.stream.encode(scaled):
-            self.stream.container.mux(packet)
+        self.target.mux(self.stream.encode(scaled))
         self.frames += 1
 
     def add(self, frame: av.VideoFrame) -> None:
@@ -126,15 +140,17 @@ class _VideoWriter:
             end = self.last_time + 1 / float(self.source.average_rate or self.rate)
             while self.frames / float(self.rate) < end - 1e-9 or self.frames == 0:
                 self._emit(self.previous)
-        for packet in self.stream.encode(None):
-            self.stream.container.mux(packet)
+        self.target.mux(self.stream.encode(None))
 
 
 class _AudioWriter:
     """The sound's packets copied as they are, or decoded, resampled and encoded as AAC."""
 
-    def __init__(self, target: av.container.OutputContainer, source: av.stream.Stream, spec: Transcode) -> None:
-        self.source = source
+    def __init__(
+        self, target: av.container.OutputContainer, source: av.audio.stream.AudioStream, spec: Transcode
+    ) -> None:
+        self.source, self.target = source, target
+        self.stream: av.audio.stream.AudioStream
         if spec.sample_rate is None:
             self.stream = target.add_stream_from_template(source)
             self.resampler = None
@@ -146,21 +162,18 @@ class _AudioWriter:
     def _encode(self, frames: list[av.AudioFrame]) -> None:
         for frame in frames:
             frame.pts = None  # the encoder numbers samples itself: a continuous track
-            for packet in self.stream.encode(frame):
-                self.stream.container.mux(packet)
+            self.target.mux(self.stream.encode(frame))
 
-    def add(self, packet: av.Packet) -> None:
+    def add(self, packet: av.Packet[Any]) -> None:
         if self.resampler is None:
             if packet.dts is not None:
                 packet.stream = self.stream
-                self.stream.container.mux(packet)
+                self.target.mux(packet)
             return
         for frame in packet.decode():
-            self._encode(self.resampler.resample(frame))
+            self._encode(self.resampler.resample(cast(av.AudioFrame, frame)))
 
     def close(self) -> None:
         if self.resampler is not None:
             self._encode(self.resampler.resample(None))
-            for packet in self.stream.encode(None):
-                self.stream.container.mux(packet)
-
+            self.target.mux(self.stream.encode(None))

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,8 +26,9 @@ from pemt.data.stream import shard_samples
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _my_slots(folder: str, rank: int, world: int, max_samples: int | None
-              ) -> Iterator[tuple[str, dict | None, str | None]]:
+def _my_slots(
+    folder: str, rank: int, world: int, max_samples: int | None
+) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
     """Slot i of the folder (manifest order; a shard that ends early keeps its slots, empty) is
     rank i mod W's: (shard, raw sample or None, why there is none)."""
     index = 0
@@ -45,8 +47,15 @@ def _slot_count(folder: str, max_samples: int | None) -> int:
     return total if max_samples is None else min(total, max_samples)
 
 
-def predict(score: Scorer, folder: str, spec: ClipSpec, device: torch.device, dtype: torch.dtype,
-            batch_size: int, max_samples: int | None = None) -> tuple[list[dict], list[dict]]:
+def predict(
+    score: Scorer,
+    folder: str,
+    spec: ClipSpec,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int,
+    max_samples: int | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Collective. Every sample's key, labels and scores, and every failure, from all ranks.
 
     Batches are decoded as they are scored (a rank holds one batch, not its share of the set);
@@ -101,7 +110,7 @@ def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float
     return sum(average_precision(scores[:, c], targets[:, c].bool()) for c in present) / len(present)
 
 
-def metrics(results: list[dict], classes: int, multi_label: bool) -> dict[str, float]:
+def metrics(results: list[dict[str, Any]], classes: int, multi_label: bool) -> dict[str, float]:
     if not results:
         raise ValueError("no evaluation sample could be decoded")
     scores = torch.tensor([r["scores"] for r in results])

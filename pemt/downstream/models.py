@@ -14,6 +14,8 @@ heads: a linear probe). Frozen parts also keep their BatchNorm statistics.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -26,8 +28,17 @@ FREEZABLE = ("cnns", "transformers", "backbone")
 
 
 class Classifier(nn.Module):
-    def __init__(self, model_cfg: DictConfig, max_clips: int, task: str, classes: int, multi_label: bool,
-                 freeze: list[str], loss: str = "cross_entropy", max_tokens_per_clip: int | None = None) -> None:
+    def __init__(
+        self,
+        model_cfg: DictConfig,
+        max_clips: int,
+        task: str,
+        classes: int,
+        multi_label: bool,
+        freeze: list[str],
+        loss: str = "cross_entropy",
+        max_tokens_per_clip: int | None = None,
+    ) -> None:
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"task.name={task!r}: choose one of {', '.join(TASKS)}")
@@ -50,7 +61,9 @@ class Classifier(nn.Module):
     def _frozen_modules(self, freeze: list[str]) -> list[nn.Module]:
         unknown = set(freeze) - set(FREEZABLE)
         if unknown:
-            raise ValueError(f"task.freeze={list(freeze)}: unknown {sorted(unknown)}; use any of {', '.join(FREEZABLE)}")
+            raise ValueError(
+                f"task.freeze={list(freeze)}: unknown {sorted(unknown)}; use any of {', '.join(FREEZABLE)}"
+            )
         b = self.backbone
         used = {"visual_clip": [b.visual_cnn], "audio_linear": [b.audio_cnn]}.get(self.task)
         if used is not None:  # the parts a clip task never runs are frozen so no optimizer holds them
@@ -73,8 +86,9 @@ class Classifier(nn.Module):
             module.eval()
         return self
 
-    def forward(self, video: torch.Tensor, audio: torch.Tensor, targets: torch.Tensor | None = None
-                ) -> dict[str, torch.Tensor]:
+    def forward(
+        self, video: torch.Tensor, audio: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Video-level probabilities ("scores", B x classes) and, given targets, the loss."""
         b, t = video.shape[:2]
         if self.task == "long_av":
@@ -86,14 +100,14 @@ class Classifier(nn.Module):
             clips = (video if self.task == "visual_clip" else audio).flatten(0, 1)
             logits = [self.head(cnn(clips))]
             per_video = False
-        scores = sum(self._probabilities(x) for x in logits) / len(logits)
+        scores = cast(torch.Tensor, sum(self._probabilities(x) for x in logits)) / len(logits)
         if not per_video:
             scores = scores.view(b, t, -1).mean(1)
         out = {"scores": scores.detach()}
         if targets is not None:
             if not per_video:
                 targets = targets.repeat_interleave(t, dim=0)
-            out["loss"] = sum(self._loss(x, targets) for x in logits)
+            out["loss"] = cast(torch.Tensor, sum(self._loss(x, targets) for x in logits))
         return out
 
     def _sequence(self, visual: torch.Tensor, sound: torch.Tensor) -> torch.Tensor:

@@ -15,15 +15,15 @@ from pemt.config import ConfigError
 
 @dataclass
 class Pretrained:
-    state: dict[str, torch.Tensor]   # the pretraining model's fp32 state dict
-    config: dict[str, Any]           # the pretraining run's resolved config
+    state: dict[str, torch.Tensor]  # the pretraining model's fp32 state dict
+    config: dict[str, Any]  # the pretraining run's resolved config
     step: int
     mlflow_run_id: str | None
     source: str
 
     def backbone_state(self) -> dict[str, torch.Tensor]:
         prefix = "backbone."
-        return {k[len(prefix):]: v for k, v in self.state.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v for k, v in self.state.items() if k.startswith(prefix)}
 
 
 def is_mlflow_run_id(init: str) -> bool:

@@ -8,24 +8,21 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from pemt.config import ConfigError
+from pemt.config import ConfigError, detached, one_of, plain, positive_int
+from pemt.curriculum import largest, stages
 from pemt.data.decode import DecodeError, video_to_float
 from pemt.data.loader import clip_spec
 from pemt.data.shards import MANIFEST
 from pemt.downstream.evaluate import metrics, multi_hot, predict
 from pemt.downstream.models import Classifier
 from pemt.downstream.pretrained import Pretrained
-from pemt.train.curriculum import largest, stages
-from pemt.train.task import Task
-
-if TYPE_CHECKING:
-    from pemt.train.trainer import Trainer
+from pemt.train.task import Task, TaskContext
 
 log = logging.getLogger(__name__)
 EVAL_LOG = "eval.jsonl"
@@ -44,7 +41,7 @@ def eval_shard_source(cfg: DictConfig) -> str:
 
 def held_out_config(cfg: DictConfig) -> DictConfig:
     """The synthetic data config of the held-out set: same classes and styles, other videos."""
-    data = OmegaConf.to_container(cfg.data, resolve=True)
+    data = plain(cfg.data)
     data["synthetic"].update(seed=int(cfg.eval.seed), videos=int(cfg.eval.synthetic_videos))
     return OmegaConf.create({"data": data, "paths": {"cache": str(cfg.paths.cache)}})
 
@@ -58,8 +55,10 @@ def label_space(cfg: DictConfig) -> tuple[int, bool]:
         return int(cfg.data.synthetic.classes), multi_label
     manifest = json.loads((Path(cfg.data.shards) / MANIFEST).read_text())
     if "classes" not in manifest:
-        raise ConfigError(f"task.classes is not set and {Path(cfg.data.shards) / MANIFEST} names no classes "
-                          "(tools/make_downstream.py writes them): set task.classes")
+        raise ConfigError(
+            f"task.classes is not set and {Path(cfg.data.shards) / MANIFEST} names no classes "
+            "(tools/make_downstream.py writes them): set task.classes"
+        )
     return len(manifest["classes"]), bool(manifest.get("multi_label", multi_label))
 
 
@@ -67,13 +66,15 @@ def with_pretrained_model(cfg: DictConfig, pretrained: Pretrained | None) -> Dic
     """The config to run: the model section of the pretraining run it starts from."""
     if pretrained is None:
         return cfg
-    merged = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    merged = detached(cfg)
     merged.model = pretrained.config["model"]
     source = OmegaConf.create(pretrained.config)
     clips, tokens_per_clip = largest(source)
     if cfg.task.name == "long_av" and int(cfg.data.clips) > clips:
-        raise ConfigError(f"data.clips={cfg.data.clips}: the pretrained model at {pretrained.source} "
-                          f"has positions for {clips} clips; use at most that many")
+        raise ConfigError(
+            f"data.clips={cfg.data.clips}: the pretrained model at {pretrained.source} "
+            f"has positions for {clips} clips; use at most that many"
+        )
     # the sequence settings the pretraining ended with (its last curriculum stage)
     last = stages(source)[-1]
     merged.model.tokens_per_clip = last.tokens_per_clip
@@ -92,7 +93,7 @@ class LabelCheck:
     classes: int
     multi_label: bool
 
-    def __call__(self, sample: dict) -> None:
+    def __call__(self, sample: dict[str, Any]) -> None:
         labels = sample["labels"] if self.multi_label else [sample["label"]]
         if self.multi_label and not labels:
             raise DecodeError("no labels (a multi-label task needs at least one)")
@@ -110,25 +111,40 @@ class FinetuneTask(Task):
 
     def build_model(self, cfg: DictConfig) -> nn.Module:
         task = cfg.task
-        model = Classifier(cfg.model, int(task.max_clips or cfg.data.clips), str(task.name), self.classes,
-                           self.multi_label, list(task.freeze), str(task.loss), task.get("max_tokens_per_clip"))
+        model = Classifier(
+            cfg.model,
+            int(task.max_clips or cfg.data.clips),
+            str(task.name),
+            self.classes,
+            self.multi_label,
+            list(task.freeze),
+            str(task.loss),
+            task.get("max_tokens_per_clip"),
+        )
         if self.pretrained is not None:
             missing, unexpected = model.backbone.load_state_dict(self.pretrained.backbone_state(), strict=False)
             if missing or unexpected:
-                raise ConfigError(f"task.init={self.pretrained.source}: its weights do not fit the model "
-                                  f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+                raise ConfigError(
+                    f"task.init={self.pretrained.source}: its weights do not fit the model "
+                    f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+                )
             log.info("initialised from %s (step %d)", self.pretrained.source, self.pretrained.step)
         return model
 
-    def _targets(self, batch: dict) -> torch.Tensor:
+    def _targets(self, batch: dict[str, Any]) -> torch.Tensor:
         return multi_hot(batch["labels"], self.classes) if self.multi_label else batch["label"]
 
     def sample_check(self) -> LabelCheck:
         return LabelCheck(self.classes, self.multi_label)
 
-    def forward(self, engine: Any, batch: dict, dtype: torch.dtype, step_seed: int) -> dict[str, torch.Tensor]:
-        out = engine(video_to_float(batch["video"], engine.device, dtype), batch["audio"].to(engine.device, dtype),
-                     self._targets(batch).to(engine.device))
+    def forward(
+        self, engine: Any, batch: dict[str, Any], dtype: torch.dtype, step_seed: int
+    ) -> dict[str, torch.Tensor]:
+        out = engine(
+            video_to_float(batch["video"], engine.device, dtype),
+            batch["audio"].to(engine.device, dtype),
+            self._targets(batch).to(engine.device),
+        )
         return {"loss": out["loss"]}
 
     def run_tags(self) -> dict[str, str]:
@@ -140,23 +156,54 @@ class FinetuneTask(Task):
                 tags["pemt.pretrain_run_id"] = self.pretrained.mlflow_run_id
         return tags
 
-    def evaluate(self, trainer: Trainer, step: int) -> dict[str, float]:
-        cfg, engine = self.cfg, trainer.engine
+    def evaluate(self, context: TaskContext, step: int) -> dict[str, float]:
+        cfg, engine = self.cfg, context.engine
         started = time.perf_counter()
         engine.eval()
         try:
             with torch.no_grad():
-                results, errors = predict(lambda v, a: engine(v, a)["scores"], eval_shard_source(cfg),
-                                          clip_spec(cfg.data), engine.device, trainer.dtype,
-                                          int(cfg.eval.batch_size), cfg.eval.max_samples)
+                results, errors = predict(
+                    lambda v, a: engine(v, a)["scores"],
+                    eval_shard_source(cfg),
+                    clip_spec(cfg.data),
+                    engine.device,
+                    context.dtype,
+                    int(cfg.eval.batch_size),
+                    cfg.eval.max_samples,
+                )
         finally:
             engine.train()
-        scores = {**metrics(results, self.classes, self.multi_label), "test_bad_samples": len(errors),
-                  "eval_s": time.perf_counter() - started}
-        if trainer.info.is_main:
+        scores = {
+            **metrics(results, self.classes, self.multi_label),
+            "test_bad_samples": len(errors),
+            "eval_s": time.perf_counter() - started,
+        }
+        if context.is_main:
             record = {"step": step, **scores, "errors": errors[:20]}
-            with (trainer.run_dir / EVAL_LOG).open("a") as handle:
+            with (context.run_dir / EVAL_LOG).open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
-            log.info("evaluation at step %d: %s", step,
-                     ", ".join(f"{k}={v:.2f}" for k, v in scores.items() if k.startswith("test_")))
+            log.info(
+                "evaluation at step %d: %s",
+                step,
+                ", ".join(f"{k}={v:.2f}" for k, v in scores.items() if k.startswith("test_")),
+            )
         return scores
+
+
+def check_task(cfg: DictConfig) -> None:
+    """The `task.*` and `eval.*` keys of fine-tuning."""
+    from pemt.downstream.models import FREEZABLE, TASKS
+    from pemt.downstream.pretrained import is_mlflow_run_id
+
+    if cfg.task.name not in TASKS:
+        raise ConfigError(f"task.name={cfg.task.name!r}: choose one of {', '.join(TASKS)}")
+    unknown = set(cfg.task.freeze) - set(FREEZABLE)
+    if unknown:
+        raise ConfigError(
+            f"task.freeze={list(cfg.task.freeze)}: unknown {sorted(unknown)}; use any of {', '.join(FREEZABLE)}"
+        )
+    one_of(cfg, "task.loss", ("cross_entropy", "multi_margin"))
+    init = str(cfg.task.init or "")
+    if init and not Path(init).exists() and not is_mlflow_run_id(init):
+        raise ConfigError(f"task.init={init}: no such run dir or file (nor an MLflow run id)")
+    positive_int(cfg, "eval.batch_size")

@@ -17,16 +17,17 @@ are runtime settings (`set_sparsity`), so a curriculum can change them between s
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pemt.model.cnn import build_cnn
+from pemt.model.cnn import build_cnn, checkpoint_contexts
 from pemt.model.factorized import Factorization
 from pemt.model.sparse_attention import BlockSparsity
-from pemt.model.transformer import Pruning, SequenceEmbedding, TransformerStack
+from pemt.model.transformer import Pruning, SequenceEmbedding, TransformerLayer, TransformerStack
 
 FUSION_TRANSFORMERS = {
     "mid": ("visual", "audio", "multimodal"),
@@ -70,17 +71,29 @@ class AVBackbone(nn.Module):
         self.audio_cnn = build_cnn(2, 1, model_cfg.audio_cnn)
         self.visual_proj = nn.Sequential(nn.Linear(self.visual_cnn.out_dim, hidden), nn.LayerNorm(hidden))
         self.audio_proj = nn.Sequential(nn.Linear(self.audio_cnn.out_dim, hidden), nn.LayerNorm(hidden))
-        self.embeddings = nn.ModuleDict({
-            name: SequenceEmbedding(hidden, max_clips, 2 if name == "multimodal" else 1, model_cfg.dropout,
-                                    max_tokens_per_clip or self.tokens_per_clip)
-            for name in self.names
-        })
+        self.embeddings = nn.ModuleDict(
+            {
+                name: SequenceEmbedding(
+                    hidden,
+                    max_clips,
+                    2 if name == "multimodal" else 1,
+                    model_cfg.dropout,
+                    max_tokens_per_clip or self.tokens_per_clip,
+                )
+                for name in self.names
+            }
+        )
         self.cross = "cross" in sharing
 
         def stack(modalities: int) -> TransformerStack:
             return TransformerStack(
-                model_cfg.num_layers, hidden, model_cfg.num_heads, model_cfg.ffn_size, model_cfg.dropout,
-                share_layers="layer" in sharing, modalities=modalities,
+                model_cfg.num_layers,
+                hidden,
+                model_cfg.num_heads,
+                model_cfg.ffn_size,
+                model_cfg.dropout,
+                share_layers="layer" in sharing,
+                modalities=modalities,
                 factorization=factorization(model_cfg),
                 activation_checkpointing=bool(checkpointing.get("transformers", False)),
                 sparsity=sparsity(model_cfg),
@@ -95,14 +108,16 @@ class AVBackbone(nn.Module):
         """Change the sequence settings between curriculum stages; the weights are unchanged."""
         self.tokens_per_clip, self.keep_rate = tokens_per_clip, keep_rate
         for stack in self.transformers.values():
-            for layer in stack.layers:
-                layer.sparsity = attention
+            for layer in cast(TransformerStack, stack).layers:
+                cast(TransformerLayer, layer).sparsity = attention
 
     def _cells(self, cnn: nn.Module, clips: torch.Tensor) -> torch.Tensor:
         grid = math.isqrt(self.tokens_per_clip)
         if self.checkpoint_cnns and self.training:
-            return checkpoint(cnn, clips, grid, use_reentrant=False)
-        return cnn(clips, grid)
+            cells: torch.Tensor = checkpoint(cnn, clips, grid, use_reentrant=False, context_fn=checkpoint_contexts)
+        else:
+            cells = cnn(clips, grid)
+        return cells
 
     def embed_clips(self, video: torch.Tensor, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, 3, F, H, W) video and (B, T, 1, M, S) audio -> (B, T x tokens_per_clip, hidden) each."""
@@ -115,7 +130,7 @@ class AVBackbone(nn.Module):
         return Pruning(first, last, rank_by, self.keep_rate, self.prune_after)
 
     def transformer(self, name: str) -> TransformerStack:
-        return self.transformers["shared" if self.cross else name]
+        return cast(TransformerStack, self.transformers["shared" if self.cross else name])
 
     def _modality(self, name: str) -> int:
         return self.names.index(name) if self.cross else 0
@@ -124,7 +139,8 @@ class AVBackbone(nn.Module):
         """The visual or audio transformer over [BOS, tokens] -> (B, 1 + T, hidden)."""
         embedded = self.embeddings[name](tokens, tokens_per_clip=self.tokens_per_clip)
         pruning = self._pruning(1, tokens.shape[1], 0) if name == "visual" else None
-        return self.transformer(name)(embedded, self._modality(name), (0,), pruning)
+        contextualised: torch.Tensor = self.transformer(name)(embedded, self._modality(name), (0,), pruning)
+        return contextualised
 
     def fuse(self, visual: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
         """The multimodal transformer over [v_BOS, v_1..T, a_BOS, a_1..T] -> (B, 2 + 2T, hidden)."""
@@ -132,4 +148,5 @@ class AVBackbone(nn.Module):
         length = visual.shape[1]
         bos = (0, 1 + length)  # each modality's BOS is global in sparse attention
         pruning = self._pruning(1, length, 1 + length)  # visual tokens, by the audio BOS
-        return self.transformer("multimodal")(tokens, self._modality("multimodal"), bos, pruning)
+        fused: torch.Tensor = self.transformer("multimodal")(tokens, self._modality("multimodal"), bos, pruning)
+        return fused

@@ -9,7 +9,9 @@ convolution) comes from config, so the visual network is the paper's "slow" 3D R
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,25 @@ from omegaconf import DictConfig
 from torch import nn
 
 from pemt.model.collectives import sum_over_ranks
+
+_recompute = threading.local()
+
+
+@contextlib.contextmanager
+def _recomputing() -> Iterator[None]:
+    previous = getattr(_recompute, "active", False)
+    _recompute.active = True
+    try:
+        yield
+    finally:
+        _recompute.active = previous
+
+
+def checkpoint_contexts() -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
+    """`context_fn` for torch.utils.checkpoint over a CNN: the forward pass repeated in the
+    backward pass leaves BatchNorm's running statistics alone (the first pass updated them;
+    a second update would apply the momentum twice per step)."""
+    return contextlib.nullcontext(), _recomputing()
 
 
 def _conv(dims: int) -> type[nn.Module]:
@@ -41,6 +62,7 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
         shape = (1, -1) + (1,) * (x.dim() - 2)
         x32 = x.float()
         if not self.training:
+            assert self.running_mean is not None and self.running_var is not None  # always tracked
             mean, var = self.running_mean, self.running_var
         else:
             dims = [0, *range(2, x.dim())]
@@ -49,13 +71,21 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
             channels = x.shape[1]
             n = totals[-1]
             mean = totals[:channels] / n
-            var = (totals[channels:2 * channels] / n - mean.square()).clamp_min(0.0)
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                self.running_mean.lerp_(mean.detach(), self.momentum)
-                self.running_var.lerp_(var.detach() * n / (n - 1).clamp_min(1.0), self.momentum)
+            var = (totals[channels : 2 * channels] / n - mean.square()).clamp_min(0.0)
+            if not getattr(_recompute, "active", False):
+                self._track(mean, var, n)
         normalised = (x32 - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         return (normalised * self.weight.float().view(shape) + self.bias.float().view(shape)).to(x.dtype)
+
+    @torch.no_grad()
+    def _track(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
+        """Fold this batch into the running statistics (no tensors saved for backward: the
+        checkpointed recomputation, which skips this, must save what the forward saved)."""
+        assert self.running_mean is not None and self.running_var is not None and self.num_batches_tracked is not None
+        momentum = float(self.momentum) if self.momentum is not None else 0.1
+        self.num_batches_tracked.add_(1)
+        self.running_mean.lerp_(mean, momentum)
+        self.running_var.lerp_(var * n / (n - 1).clamp_min(1.0), momentum)
 
 
 def _norm(dims: int) -> type[nn.Module]:
@@ -84,8 +114,10 @@ class BasicBlock(nn.Module):
         first, second = _kernel(dims, temporal, 3), _kernel(dims, 1, 3)
         self.body = nn.Sequential(
             conv(cin, width, first, stride=_stride(dims, stride), padding=_padding(first), bias=False),
-            norm(width), nn.ReLU(inplace=True),
-            conv(width, width, second, padding=_padding(second), bias=False), norm(width),
+            norm(width),
+            nn.ReLU(inplace=True),
+            conv(width, width, second, padding=_padding(second), bias=False),
+            norm(width),
         )
         self.skip = _shortcut(dims, cin, width, stride)
 
@@ -102,10 +134,14 @@ class Bottleneck(nn.Module):
         first, middle = _kernel(dims, temporal, 1), _kernel(dims, 1, 3)
         cout = width * self.expansion
         self.body = nn.Sequential(
-            conv(cin, width, first, padding=_padding(first), bias=False), norm(width), nn.ReLU(inplace=True),
+            conv(cin, width, first, padding=_padding(first), bias=False),
+            norm(width),
+            nn.ReLU(inplace=True),
             conv(width, width, middle, stride=_stride(dims, stride), padding=_padding(middle), bias=False),
-            norm(width), nn.ReLU(inplace=True),
-            conv(width, cout, 1, bias=False), norm(cout),
+            norm(width),
+            nn.ReLU(inplace=True),
+            conv(width, cout, 1, bias=False),
+            norm(cout),
         )
         self.skip = _shortcut(dims, cin, cout, stride)
 
@@ -126,21 +162,35 @@ class ResNet(nn.Module):
     `separable_stem` replaces the stem's k x k kernel by k x 1 then 1 x k (the audio network).
     """
 
-    def __init__(self, dims: int, in_channels: int, width: int, layers: Sequence[int],
-                 block: str = "basic", stem_kernel: int = 3, stem_stride: int = 1,
-                 stem_pool: bool = False, temporal_kernels: Sequence[int] | None = None,
-                 separable_stem: bool = False) -> None:
+    def __init__(
+        self,
+        dims: int,
+        in_channels: int,
+        width: int,
+        layers: Sequence[int],
+        block: str = "basic",
+        stem_kernel: int = 3,
+        stem_stride: int = 1,
+        stem_pool: bool = False,
+        temporal_kernels: Sequence[int] | None = None,
+        separable_stem: bool = False,
+    ) -> None:
         super().__init__()
         conv, norm = _conv(dims), _norm(dims)
         temporal = list(temporal_kernels or [1] * (len(layers) + 1))
         if len(temporal) != len(layers) + 1:
-            raise ValueError(f"temporal_kernels={temporal}: need one for the stem and one per stage ({len(layers) + 1})")
+            raise ValueError(
+                f"temporal_kernels={temporal}: need one for the stem and one per stage ({len(layers) + 1})"
+            )
         stride = (stem_stride,) * dims
         if separable_stem:
             kernel_a, kernel_b = (stem_kernel, 1), (1, stem_kernel)
-            stem = [conv(in_channels, width, kernel_a, stride=(stem_stride, 1), padding=_padding(kernel_a), bias=False),
-                    norm(width), nn.ReLU(inplace=True),
-                    conv(width, width, kernel_b, stride=(1, stem_stride), padding=_padding(kernel_b), bias=False)]
+            stem = [
+                conv(in_channels, width, kernel_a, stride=(stem_stride, 1), padding=_padding(kernel_a), bias=False),
+                norm(width),
+                nn.ReLU(inplace=True),
+                conv(width, width, kernel_b, stride=(1, stem_stride), padding=_padding(kernel_b), bias=False),
+            ]
         else:
             kernel = _kernel(dims, temporal[0], stem_kernel)
             stem = [conv(in_channels, width, kernel, stride=stride, padding=_padding(kernel), bias=False)]
@@ -149,7 +199,8 @@ class ResNet(nn.Module):
             pool = _kernel(dims, 1, 3)
             stem.append((nn.MaxPool3d if dims == 3 else nn.MaxPool2d)(pool, _stride(dims, 2), _padding(pool)))
         self.stem = nn.Sequential(*stem)
-        block_type = {"basic": BasicBlock, "bottleneck": Bottleneck}[block]
+        block_types: dict[str, type[BasicBlock | Bottleneck]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
+        block_type = block_types[block]
         blocks, cin = [], width
         for stage, count in enumerate(layers):
             stage_width = width * 2**stage
@@ -163,18 +214,26 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor, grid: int = 1) -> torch.Tensor:
         """(N, out_dim) pooled over the whole map, or with `grid` > 1 (N, grid^2, out_dim): the
         map average-pooled to grid x grid cells (over time too in 3D), row by row."""
-        features = self.stages(self.stem(x))
+        features: torch.Tensor = self.stages(self.stem(x))
         if grid == 1:
             return features.flatten(2).mean(-1)
-        size = (1, grid, grid) if features.dim() == 5 else (grid, grid)
-        pool = F.adaptive_avg_pool3d if features.dim() == 5 else F.adaptive_avg_pool2d
-        return pool(features, size).flatten(2).transpose(1, 2)
+        if features.dim() == 5:
+            pooled = F.adaptive_avg_pool3d(features, (1, grid, grid))
+        else:
+            pooled = F.adaptive_avg_pool2d(features, (grid, grid))
+        return pooled.flatten(2).transpose(1, 2)
 
 
 def build_cnn(dims: int, in_channels: int, cfg: DictConfig) -> ResNet:
     return ResNet(
-        dims, in_channels, width=cfg.width, layers=list(cfg.layers), block=cfg.get("block", "basic"),
-        stem_kernel=cfg.get("stem_kernel", 3), stem_stride=cfg.get("stem_stride", 1),
-        stem_pool=cfg.get("stem_pool", False), temporal_kernels=cfg.get("temporal_kernels"),
+        dims,
+        in_channels,
+        width=cfg.width,
+        layers=list(cfg.layers),
+        block=cfg.get("block", "basic"),
+        stem_kernel=cfg.get("stem_kernel", 3),
+        stem_stride=cfg.get("stem_stride", 1),
+        stem_pool=cfg.get("stem_pool", False),
+        temporal_kernels=cfg.get("temporal_kernels"),
         separable_stem=cfg.get("separable_stem", False),
     )

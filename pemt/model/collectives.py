@@ -7,6 +7,8 @@ reduce_scatter. Ranks may hold different numbers of rows (a dropped bad sample):
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 import torch.distributed as dist
 
@@ -22,7 +24,7 @@ def _row_counts(rows: int, device: torch.device) -> list[int]:
 
 class _GatherRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, local: torch.Tensor, counts: list[int]) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, local: torch.Tensor, counts: list[int]) -> torch.Tensor:
         rank, size = world()
         padded = torch.zeros((max(counts), *local.shape[1:]), dtype=local.dtype, device=local.device)
         padded[: len(local)] = local
@@ -32,11 +34,11 @@ class _GatherRows(torch.autograd.Function):
         return torch.cat([part[:n] for part, n in zip(parts, counts)])
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)  # every rank's contribution to every row
         start = sum(ctx.counts[: ctx.rank])
-        return grad[start:start + ctx.counts[ctx.rank]], None
+        return grad[start : start + ctx.counts[ctx.rank]], None
 
 
 def gather_rows(local: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -45,18 +47,19 @@ def gather_rows(local: torch.Tensor) -> tuple[torch.Tensor, int]:
     if size == 1:
         return local, 0
     counts = _row_counts(len(local), local.device)
-    return _GatherRows.apply(local, counts), sum(counts[:rank])
+    gathered = _GatherRows.apply(local, counts)  # type: ignore[no-untyped-call]
+    return cast(torch.Tensor, gathered), sum(counts[:rank])
 
 
 class _SumOverRanks(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
         total = tensor.clone()
         dist.all_reduce(total)
         return total
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         total = grad.contiguous().clone()
         dist.all_reduce(total)
         return total
@@ -64,7 +67,7 @@ class _SumOverRanks(torch.autograd.Function):
 
 def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     """Sum of `tensor` over all ranks, differentiable."""
-    return tensor if world()[1] == 1 else _SumOverRanks.apply(tensor)
+    return tensor if world()[1] == 1 else cast(torch.Tensor, _SumOverRanks.apply(tensor))  # type: ignore[no-untyped-call]
 
 
 def global_rows(rows: int, device: torch.device) -> tuple[int, int]:

@@ -21,8 +21,8 @@ from torch.nn.utils import parametrizations
 @dataclass(frozen=True)
 class Factorization:
     rank: int = 128
-    shared: str = "output"        # output | input: the side every modality shares
-    inner: str = "orthogonal"     # orthogonal | free
+    shared: str = "output"  # output | input: the side every modality shares
+    inner: str = "orthogonal"  # orthogonal | free
     # After the first projection: "unit" L2-normalises (the public code: a unit vector, so each of its
     # rank coordinates is ~1/sqrt(rank) and the layer's output ~sqrt(rank) times smaller than a dense
     # layer's), "rms" normalises to unit RMS (the direction alone, at a dense layer's scale), "none".
@@ -30,7 +30,9 @@ class Factorization:
     normalize: bool | str = True
 
     def __post_init__(self) -> None:
-        mode = {True: "unit", False: "none"}.get(self.normalize, self.normalize)
+        mode = self.normalize
+        if isinstance(mode, bool):
+            mode = "unit" if mode else "none"
         if mode not in ("unit", "rms", "none"):
             raise ValueError(f"factorized.normalize={self.normalize!r}: choose unit, rms or none (true: unit)")
         object.__setattr__(self, "normalize", mode)
@@ -52,6 +54,8 @@ class FactorizedDense(nn.Module):
         super().__init__()
         self.spec = spec
         rank = spec.rank
+        self.first: nn.Module
+        self.last: nn.Module
         if spec.shared == "output":
             self.first = nn.ModuleList(nn.Linear(in_features, rank, bias=False) for _ in range(modalities))
             self.last = nn.Linear(rank, out_features)
@@ -77,7 +81,8 @@ class FactorizedDense(nn.Module):
             hidden = F.normalize(hidden, dim=-1)
             if self.spec.normalize == "rms":
                 hidden = hidden * math.sqrt(hidden.shape[-1])
-        return self._pick(self.last, modality)(self.inner[modality](hidden))
+        out: torch.Tensor = self._pick(self.last, modality)(self.inner[modality](hidden))
+        return out
 
 
 def dense(in_features: int, out_features: int, modalities: int, spec: Factorization | None) -> nn.Module:

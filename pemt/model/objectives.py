@@ -42,8 +42,9 @@ def pair_loss(logits: torch.Tensor, mismatched: torch.Tensor) -> tuple[torch.Ten
     return loss, accuracy
 
 
-def random_mask(batch: int, tokens: int, ratio: float, device: torch.device,
-                generators: list[torch.Generator] | None = None) -> torch.Tensor:
+def random_mask(
+    batch: int, tokens: int, ratio: float, device: torch.device, generators: list[torch.Generator] | None = None
+) -> torch.Tensor:
     """(B, T) bool, exactly max(1, round(ratio * T)) masked positions per sample; with
     `generators`, sample b's positions come from generators[b]."""
     count = max(1, round(ratio * tokens))
@@ -54,8 +55,9 @@ def random_mask(batch: int, tokens: int, ratio: float, device: torch.device,
     return noise.to(device).argsort(dim=1) < count
 
 
-def negative_probabilities(anchors: torch.Tensor, pool: torch.Tensor, exclude: torch.Tensor,
-                           strategy: str, temperature: float) -> torch.Tensor:
+def negative_probabilities(
+    anchors: torch.Tensor, pool: torch.Tensor, exclude: torch.Tensor, strategy: str, temperature: float
+) -> torch.Tensor:
     """(N, P) sampling distribution over the pool for each anchor, its own positive excluded.
 
     `content`: proportional to exp(cosine similarity / temperature), so negatives that look
@@ -79,9 +81,15 @@ def negative_probabilities(anchors: torch.Tensor, pool: torch.Tensor, exclude: t
     return probs
 
 
-def sample_negatives(anchors: torch.Tensor, pool: torch.Tensor, exclude: torch.Tensor, count: int,
-                     strategy: str, temperature: float,
-                     generators: list[torch.Generator] | None = None) -> torch.Tensor:
+def sample_negatives(
+    anchors: torch.Tensor,
+    pool: torch.Tensor,
+    exclude: torch.Tensor,
+    count: int,
+    strategy: str,
+    temperature: float,
+    generators: list[torch.Generator] | None = None,
+) -> torch.Tensor:
     """(N, count) pool indices drawn with replacement from `negative_probabilities`; with
     `generators`, anchor i draws from generators[i]."""
     with torch.no_grad():
@@ -90,12 +98,21 @@ def sample_negatives(anchors: torch.Tensor, pool: torch.Tensor, exclude: torch.T
             return torch.multinomial(probs, count, replacement=True)
         rows = probs.float().cpu()
         drawn = [torch.multinomial(row, count, replacement=True, generator=g) for row, g in zip(rows, generators)]
-        return torch.stack(drawn).to(pool.device) if drawn else torch.empty(0, count, dtype=torch.long, device=pool.device)
+        return (
+            torch.stack(drawn).to(pool.device) if drawn else torch.empty(0, count, dtype=torch.long, device=pool.device)
+        )
 
 
-def masked_embedding_loss(predicted: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                          negatives: int, strategy: str, sampling_temperature: float,
-                          temperature: float, draw_key: tuple[int, ...] | None = None) -> torch.Tensor:
+def masked_embedding_loss(
+    predicted: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    negatives: int,
+    strategy: str,
+    sampling_temperature: float,
+    temperature: float,
+    draw_key: tuple[int, ...] | None = None,
+) -> torch.Tensor:
     """InfoNCE of each masked position's prediction against its own CNN embedding (positive) and
     `negatives` CNN embeddings drawn from the global batch (gathered over ranks, differentiably).
 
@@ -107,8 +124,15 @@ def masked_embedding_loss(predicted: torch.Tensor, targets: torch.Tensor, mask: 
     query = F.normalize(predicted.flatten(0, 1)[positions].float(), dim=-1)
     positive_index = positions + offset
     generators = None if draw_key is None else [generator(*draw_key, int(r)) for r in positive_index]
-    drawn = sample_negatives(pool[positive_index].detach(), pool.detach(), positive_index, negatives,
-                             strategy, sampling_temperature, generators)
+    drawn = sample_negatives(
+        pool[positive_index].detach(),
+        pool.detach(),
+        positive_index,
+        negatives,
+        strategy,
+        sampling_temperature,
+        generators,
+    )
     keys = F.normalize(pool.float(), dim=-1)
     positive = (query * keys[positive_index]).sum(-1, keepdim=True)
     negative = torch.einsum("nd,nkd->nk", query, keys[drawn])

@@ -26,7 +26,7 @@ def _private_parts(stack: nn.Module, names: tuple[str, ...]) -> dict[str, int]:
     return private
 
 
-def count_parameters(model: AVPretrainingModel) -> "OrderedDict[str, int]":
+def count_parameters(model: AVPretrainingModel) -> OrderedDict[str, int]:
     """Rows of components; `transformers` sums every transformer's stack and embeddings."""
     backbone = model.backbone
     rows: OrderedDict[str, int] = OrderedDict()

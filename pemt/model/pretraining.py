@@ -11,21 +11,28 @@ Objectives (weights in `loss.*`):
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
 from pemt.model.backbone import AVBackbone
 from pemt.model.collectives import gather_rows, global_rows
-from pemt.model.objectives import (generator, info_nce, masked_embedding_loss, mismatch_mask,
-                                   pair_loss, random_mask)
+from pemt.model.objectives import generator, info_nce, masked_embedding_loss, mismatch_mask, pair_loss, random_mask
 
 MODALITIES = ("visual", "audio")
 
 
 class AVPretrainingModel(nn.Module):
-    def __init__(self, model_cfg: DictConfig, data_cfg: DictConfig, loss_cfg: DictConfig,
-                 max_clips: int | None = None, max_tokens_per_clip: int | None = None) -> None:
+    def __init__(
+        self,
+        model_cfg: DictConfig,
+        data_cfg: DictConfig,
+        loss_cfg: DictConfig,
+        max_clips: int | None = None,
+        max_tokens_per_clip: int | None = None,
+    ) -> None:
         super().__init__()
         hidden = model_cfg.hidden_size
         self.backbone = AVBackbone(model_cfg, max_clips or data_cfg.clips, max_tokens_per_clip)
@@ -35,8 +42,7 @@ class AVPretrainingModel(nn.Module):
         self.pair_head = nn.Linear(2 * hidden if self.fusion == "late" else hidden, 1)
         self.loss_cfg = loss_cfg
 
-    def _mask(self, tokens: torch.Tensor, index: int, first: int, step_seed: int
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mask(self, tokens: torch.Tensor, index: int, first: int, step_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         batch, length, _ = tokens.shape
         if not self.loss_cfg.mep_weight:
             return tokens, torch.zeros(batch, length, dtype=torch.bool, device=tokens.device)
@@ -51,14 +57,15 @@ class AVPretrainingModel(nn.Module):
         previous = everyone[torch.arange(first, first + len(audio), device=audio.device).clamp_min(1) - 1]
         return torch.where(mismatched[:, None, None], previous, audio)
 
-    def _contextual(self, visual: torch.Tensor, audio: torch.Tensor, mismatched: torch.Tensor, first: int
-                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _contextual(
+        self, visual: torch.Tensor, audio: torch.Tensor, mismatched: torch.Tensor, first: int
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Per-position outputs for each modality (B, T, H) and the pair head's input."""
         backbone = self.backbone
         length = visual.shape[1]
         if self.fusion == "early":
             fused = backbone.fuse(visual, self._pair(audio, mismatched, first))
-            return {"visual": fused[:, 1:1 + length], "audio": fused[:, 2 + length:]}, fused[:, 0]
+            return {"visual": fused[:, 1 : 1 + length], "audio": fused[:, 2 + length :]}, fused[:, 0]
         visual_out = backbone.contextualise("visual", visual)
         audio_out = backbone.contextualise("audio", audio)
         paired = self._pair(audio_out, mismatched, first)
@@ -68,38 +75,44 @@ class AVPretrainingModel(nn.Module):
         fused = backbone.fuse(visual_out[:, 1:], paired[:, 1:])
         return outputs, fused[:, 0]
 
-    def forward(self, video: torch.Tensor, audio: torch.Tensor, step_seed: int | None = None
-                ) -> dict[str, torch.Tensor]:
+    def forward(
+        self, video: torch.Tensor, audio: torch.Tensor, step_seed: int | None = None
+    ) -> dict[str, torch.Tensor]:
         """Losses of one micro-batch. Masks and negatives are drawn from generators keyed by
         (`step_seed`, global sample), so a step gives the same result at any world size; without
         `step_seed` one is drawn from torch's global generator."""
         cfg = self.loss_cfg
         if step_seed is None:
             step_seed = int(torch.randint(2**31 - 1, ()).item())
-        first, total = global_rows(video.shape[0], video.device)
+        first, rows = global_rows(video.shape[0], video.device)
         embeddings = dict(zip(MODALITIES, self.backbone.embed_clips(video, audio)))
         masked = {m: self._mask(embeddings[m], i, first, step_seed) for i, m in enumerate(MODALITIES)}
-        mismatched = mismatch_mask(first, video.shape[0], total, video.device)
+        mismatched = mismatch_mask(first, video.shape[0], rows, video.device)
         outputs, pair_input = self._contextual(masked["visual"][0], masked["audio"][0], mismatched, first)
 
         losses: dict[str, torch.Tensor] = {}
         if cfg.mep_weight:
             for i, m in enumerate(MODALITIES):
                 losses[f"loss_mep_{m}"] = masked_embedding_loss(
-                    self.mep_heads[m](outputs[m]), embeddings[m], masked[m][1], int(cfg.negatives),
-                    str(cfg.sampling), float(cfg.sampling_temperature), float(cfg.temperature),
-                    draw_key=(step_seed, 1, i))
+                    self.mep_heads[m](outputs[m]),
+                    embeddings[m],
+                    masked[m][1],
+                    int(cfg.negatives),
+                    str(cfg.sampling),
+                    float(cfg.sampling_temperature),
+                    float(cfg.temperature),
+                    draw_key=(step_seed, 1, i),
+                )
         pair, pair_accuracy = pair_loss(self.pair_head(pair_input).squeeze(-1), mismatched)
         losses["loss_pair"] = pair
         if cfg.contrastive_weight:
-            losses["loss_contrastive"] = info_nce(outputs["visual"].mean(1), outputs["audio"].mean(1),
-                                                  float(cfg.temperature))
-        total = (float(cfg.mep_weight) * sum(losses[f"loss_mep_{m}"] for m in MODALITIES if cfg.mep_weight)
-                 + float(cfg.pair_weight) * pair
-                 + float(cfg.contrastive_weight) * losses.get("loss_contrastive", 0.0))
-        return {"loss": total, **{k: v.detach() for k, v in losses.items()},
-                "pair_accuracy": pair_accuracy.detach()}
-
-
-def build_pretraining_model(cfg: DictConfig) -> AVPretrainingModel:
-    return AVPretrainingModel(cfg.model, cfg.data, cfg.loss)
+            losses["loss_contrastive"] = info_nce(
+                outputs["visual"].mean(1), outputs["audio"].mean(1), float(cfg.temperature)
+            )
+        mep = cast(torch.Tensor, sum(losses[f"loss_mep_{m}"] for m in MODALITIES if cfg.mep_weight))
+        total: torch.Tensor = (
+            float(cfg.mep_weight) * mep
+            + float(cfg.pair_weight) * pair
+            + float(cfg.contrastive_weight) * losses.get("loss_contrastive", 0.0)
+        )
+        return {"loss": total, **{k: v.detach() for k, v in losses.items()}, "pair_accuracy": pair_accuracy.detach()}

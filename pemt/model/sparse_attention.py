@@ -21,15 +21,16 @@ import torch.nn.functional as F
 @dataclass(frozen=True)
 class BlockSparsity:
     block_size: int = 16
-    local_window: int = 1      # blocks on each side of a query block
-    random_blocks: int = 1     # other blocks per query block, drawn each forward
+    local_window: int = 1  # blocks on each side of a query block
+    random_blocks: int = 1  # other blocks per query block, drawn each forward
 
     def __post_init__(self) -> None:
         for name in ("block_size", "local_window", "random_blocks"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (1 if name == "block_size" else 0):
-                raise ValueError(f"model.attention.{name}={value!r}: must be a whole number "
-                                 f">= {1 if name == 'block_size' else 0}")
+                raise ValueError(
+                    f"model.attention.{name}={value!r}: must be a whole number >= {1 if name == 'block_size' else 0}"
+                )
 
     def covers_all(self, tokens: int) -> bool:
         """Whether every query block reaches every block (the edge blocks see the fewest local ones)."""
@@ -40,7 +41,7 @@ class BlockSparsity:
 def key_blocks(blocks: int, spec: BlockSparsity, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(blocks, K) indices of the key blocks of each query block and a mask of the valid ones."""
     window = torch.arange(-spec.local_window, spec.local_window + 1, device=device)
-    local = torch.arange(blocks, device=device)[:, None] + window             # (blocks, 2w + 1)
+    local = torch.arange(blocks, device=device)[:, None] + window  # (blocks, 2w + 1)
     local_valid = (local >= 0) & (local < blocks)
     chosen, valid = [local.clamp(0, blocks - 1)], [local_valid]
     if spec.random_blocks:
@@ -56,8 +57,15 @@ def key_blocks(blocks: int, spec: BlockSparsity, device: torch.device) -> tuple[
     return torch.cat(chosen, 1), torch.cat(valid, 1)
 
 
-def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, global_index: list[int],
-                           spec: BlockSparsity, dropout_p: float = 0.0, dense_when_full: bool = True) -> torch.Tensor:
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    global_index: list[int],
+    spec: BlockSparsity,
+    dropout_p: float = 0.0,
+    dense_when_full: bool = True,
+) -> torch.Tensor:
     """(B, H, N, D) queries, keys, values -> (B, H, N, D). `global_index`: positions of the
     global tokens (BOS of each modality). A pattern that covers every pair runs dense attention
     unless `dense_when_full` is off."""
@@ -79,8 +87,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gl
         return F.pad(x, (0, 0, 0, pad)).view(batch, heads, blocks, size, dim)
 
     qb, kb, vb = blocked(q), blocked(k), blocked(v)
-    index, valid = key_blocks(blocks, spec, device)                            # (blocks, K)
-    gathered_k = kb[:, :, index].flatten(3, 4)                                 # (B, H, blocks, K*size, D)
+    index, valid = key_blocks(blocks, spec, device)  # (blocks, K)
+    gathered_k = kb[:, :, index].flatten(3, 4)  # (B, H, blocks, K*size, D)
     gathered_v = vb[:, :, index].flatten(3, 4)
     global_k = k[:, :, global_index].unsqueeze(2).expand(-1, -1, blocks, -1, -1)
     global_v = v[:, :, global_index].unsqueeze(2).expand(-1, -1, blocks, -1, -1)
@@ -88,9 +96,9 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gl
     values = torch.cat([global_v, gathered_v], 3)
     # Key mask: valid blocks, and within them real tokens (not the padding of the last block).
     real = torch.arange(blocks * size, device=device).view(blocks, size) < tokens
-    key_ok = (valid[:, :, None] & real[index]).flatten(1)                      # (blocks, K*size)
+    key_ok = (valid[:, :, None] & real[index]).flatten(1)  # (blocks, K*size)
     key_ok = torch.cat([torch.ones(blocks, g, dtype=torch.bool, device=device), key_ok], 1)
-    scores = (qb @ keys.transpose(-1, -2)) * dim ** -0.5                       # (B, H, blocks, size, g + K*size)
+    scores = (qb @ keys.transpose(-1, -2)) * dim**-0.5  # (B, H, blocks, size, g + K*size)
     scores = scores.masked_fill(~key_ok[:, None, :], float("-inf"))
     weights = F.dropout(scores.softmax(-1), dropout_p) if dropout_p else scores.softmax(-1)
     local_out = (weights @ values).view(batch, heads, blocks * size, dim)[:, :, :tokens]

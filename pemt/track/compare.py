@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from pemt.runs import find_runs
+from pemt.rundir import find_runs
 
 DEFAULT_METRICS = ("loss", "samples_per_s", "mfu_pct", "step_time_s", "host_rss_gib_max", "lr")
 
@@ -23,10 +24,16 @@ class RunSeries:
     series: dict[str, list[tuple[int, float]]]  # metric -> [(step, value)] sorted by step
 
 
-def collect(client: MlflowClient, experiment: str | None = None, sweep_dir: Path | None = None,
-            metrics: tuple[str, ...] = DEFAULT_METRICS) -> list[RunSeries]:
+def collect(
+    client: MlflowClient,
+    experiment: str | None = None,
+    sweep_dir: Path | None = None,
+    metrics: tuple[str, ...] = DEFAULT_METRICS,
+) -> list[RunSeries]:
     if sweep_dir is not None:
-        ids = [(d / "mlflow_run_id").read_text().strip() for d in find_runs(sweep_dir) if (d / "mlflow_run_id").exists()]
+        ids = [
+            (d / "mlflow_run_id").read_text().strip() for d in find_runs(sweep_dir) if (d / "mlflow_run_id").exists()
+        ]
         runs = [client.get_run(run_id) for run_id in ids]
     else:
         found = client.get_experiment_by_name(experiment or "")
@@ -45,22 +52,28 @@ def collect(client: MlflowClient, experiment: str | None = None, sweep_dir: Path
     return collected
 
 
-def summary(runs: list[RunSeries]) -> list[dict[str, object]]:
-    rows = []
+def summary(runs: list[RunSeries]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
     for run in runs:
         loss = run.series.get("loss", [])
         speed = [v for _, v in run.series.get("samples_per_s", [])]
         mfu = [v for _, v in run.series.get("mfu_pct", [])]
         rss = [v for _, v in run.series.get("host_rss_gib_max", [])]
-        rows.append({"run": run.name, "status": run.status, "last step": loss[-1][0] if loss else None,
-                     "last loss": loss[-1][1] if loss else None,
-                     "mean samples/s": sum(speed) / len(speed) if speed else None,
-                     "mean MFU %": sum(mfu) / len(mfu) if mfu else None,
-                     "peak host RSS (GiB)": max(rss) if rss else None})
+        rows.append(
+            {
+                "run": run.name,
+                "status": run.status,
+                "last step": loss[-1][0] if loss else None,
+                "last loss": loss[-1][1] if loss else None,
+                "mean samples/s": sum(speed) / len(speed) if speed else None,
+                "mean MFU %": sum(mfu) / len(mfu) if mfu else None,
+                "peak host RSS (GiB)": max(rss) if rss else None,
+            }
+        )
     return rows
 
 
-def format_table(rows: list[dict[str, object]]) -> str:
+def format_table(rows: list[dict[str, Any]]) -> str:
     def cell(value: object) -> str:
         return f"{value:.4g}" if isinstance(value, float) else ("-" if value is None else str(value))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,9 @@ def redact_config(tree: Any) -> Any:
 
 def _git_commit(folder: Path) -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -49,7 +51,7 @@ def _entry_point() -> str | None:
         job = HydraConfig.get().job.name
     except (ImportError, ValueError):
         return None
-    return f"launch/{job}.py"
+    return f"pemt-{job}"  # the app (launch/{job}.py runs the same one)
 
 
 def context_tags() -> dict[str, str]:
@@ -68,7 +70,7 @@ def context_tags() -> dict[str, str]:
     return tags
 
 
-def move_credentials_to_env(uri: str, environ: dict[str, str]) -> str:
+def move_credentials_to_env(uri: str, environ: MutableMapping[str, str]) -> str:
     """`uri` without its user:password, which go to MLFLOW_TRACKING_USERNAME / _PASSWORD in
     `environ` (jobs inherit it), so no config, override file or log ever holds them."""
     from urllib.parse import unquote, urlsplit, urlunsplit
@@ -80,7 +82,9 @@ def move_credentials_to_env(uri: str, environ: dict[str, str]) -> str:
     user, _, password = userinfo.partition(":")
     for key, value in (("MLFLOW_TRACKING_USERNAME", unquote(user)), ("MLFLOW_TRACKING_PASSWORD", unquote(password))):
         if value and environ.get(key, value) != value:
-            raise ValueError(f"mlflow.tracking_uri={redact(uri)} carries other credentials than {key} in the environment")
+            raise ValueError(
+                f"mlflow.tracking_uri={redact(uri)} carries other credentials than {key} in the environment"
+            )
         if value:
             environ[key] = value
     return urlunsplit(parts._replace(netloc=host))

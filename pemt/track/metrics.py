@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import psutil
 import torch
@@ -40,10 +41,13 @@ def device_memory() -> dict[str, float]:
     capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
     torch.cuda.reset_peak_memory_stats()
-    return {"device_max_allocated_gib": allocated / GIB, "device_max_reserved_gib": reserved / GIB,
-            "device_max_allocated_pct": 100.0 * allocated / capacity,
-            "device_max_reserved_pct": 100.0 * reserved / capacity,
-            "device_alloc_retries": float(torch.cuda.memory_stats().get("num_alloc_retries", 0))}
+    return {
+        "device_max_allocated_gib": allocated / GIB,
+        "device_max_reserved_gib": reserved / GIB,
+        "device_max_allocated_pct": 100.0 * allocated / capacity,
+        "device_max_reserved_pct": 100.0 * reserved / capacity,
+        "device_alloc_retries": float(torch.cuda.memory_stats().get("num_alloc_retries", 0)),
+    }
 
 
 def _count_cpu_attention() -> None:
@@ -57,14 +61,19 @@ def _count_cpu_attention() -> None:
         return
 
     @flop_counter.register_flop_formula(forward)
-    def _forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:  # noqa: ANN001
-        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+    def _forward(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
+        return int(flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape))  # type: ignore[no-untyped-call]
 
     if backward is not None and backward not in flop_counter.flop_registry:
+
         @flop_counter.register_flop_formula(backward)
-        def _backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,  # noqa: ANN001
-                      **kwargs) -> int:
-            return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+        def _backward(
+            grad_out_shape: Any, query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any
+        ) -> int:
+            flops = flop_counter.sdpa_backward_flop_count(  # type: ignore[no-untyped-call]
+                grad_out_shape, query_shape, key_shape, value_shape
+            )
+            return int(flops)
 
 
 @contextlib.contextmanager
@@ -128,7 +137,10 @@ class Throughput:
 
     def report(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        values = {"samples_per_s": self.samples / elapsed, "step_time_s": elapsed / max(1, self.steps),
-                  "data_wait_pct": 100.0 * self.data_wait_s / elapsed}
+        values = {
+            "samples_per_s": self.samples / elapsed,
+            "step_time_s": elapsed / max(1, self.steps),
+            "data_wait_pct": 100.0 * self.data_wait_s / elapsed,
+        }
         self.reset()
         return values

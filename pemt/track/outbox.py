@@ -20,8 +20,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pemt.integrity import write_atomic
 
@@ -29,8 +30,8 @@ log = logging.getLogger(__name__)
 
 OUTBOX = "mlflow_outbox.jsonl"
 SENT = "mlflow_outbox.sent"
-MLFLOW_BATCH = 1000        # MLflow takes at most this many metrics per log_batch call
-COMPACT_BYTES = 1 << 20    # rewrite the outbox once this much of it is delivered
+MLFLOW_BATCH = 1000  # MLflow takes at most this many metrics per log_batch call
+COMPACT_BYTES = 1 << 20  # rewrite the outbox once this much of it is delivered
 
 
 def read_state(run_dir: Path) -> tuple[int, int]:
@@ -51,7 +52,7 @@ def read_state(run_dir: Path) -> tuple[int, int]:
 def read_records(run_dir: Path) -> tuple[list[dict[str, Any]], int]:
     """Every whole record in the run's outbox (each with its `seq`), and the last seq delivered."""
     path = Path(run_dir) / OUTBOX
-    records = []
+    records: list[dict[str, Any]] = []
     if path.exists():
         for line in path.read_text().splitlines():
             try:
@@ -75,10 +76,14 @@ def deliver(client: Any, run_id: str, records: list[dict[str, Any]]) -> None:
     """Send metric records (and a final status, if one is among them) to MLflow."""
     from mlflow.entities import Metric
 
-    metrics = [Metric(key, float(value), int(r["time"] * 1000), int(r["step"]))
-               for r in records if "metrics" in r for key, value in r["metrics"].items()]
+    metrics = [
+        Metric(key, float(value), int(r["time"] * 1000), int(r["step"]))
+        for r in records
+        if "metrics" in r
+        for key, value in r["metrics"].items()
+    ]
     for start in range(0, len(metrics), MLFLOW_BATCH):
-        client.log_batch(run_id, metrics=metrics[start:start + MLFLOW_BATCH])
+        client.log_batch(run_id, metrics=metrics[start : start + MLFLOW_BATCH])
     for record in records:
         if "status" in record:
             client.set_terminated(run_id, status=record["status"], end_time=int(record["time"] * 1000))
@@ -98,8 +103,13 @@ def _cut_torn_tail(path: Path) -> None:
 
 
 class Outbox:
-    def __init__(self, run_dir: Path, send: Callable[[list[dict[str, Any]]], None],
-                 flush_s: float = 2.0, max_backoff_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        send: Callable[[list[dict[str, Any]]], None],
+        flush_s: float = 2.0,
+        max_backoff_s: float = 30.0,
+    ) -> None:
         self.path = Path(run_dir) / OUTBOX
         self.sent_path = Path(run_dir) / SENT
         self.send = send
@@ -141,18 +151,24 @@ class Outbox:
         except Exception as err:  # noqa: BLE001 - any failure of the store: keep and retry
             if self._outage_since is None:
                 self._outage_since = time.time()
-                log.warning("MLflow does not answer (%s); training goes on, metrics are kept in %s and "
-                            "sent when it is back", err, self.path)
+                log.warning(
+                    "MLflow does not answer (%s); training goes on, metrics are kept in %s and sent when it is back",
+                    err,
+                    self.path,
+                )
             return False
         with self._lock:
-            del self.pending[:len(batch)]
+            del self.pending[: len(batch)]
             self.delivered = batch[-1]["seq"]
             write_atomic(self.sent_path, json.dumps({"seq": self.delivered, "max_step": self.max_step}))
             if not self.pending and self.path.stat().st_size > COMPACT_BYTES:
                 self._compact()
         if self._outage_since is not None:
-            log.warning("MLflow answers again after %.0f s; %d buffered records sent",
-                        time.time() - self._outage_since, len(batch))
+            log.warning(
+                "MLflow answers again after %.0f s; %d buffered records sent",
+                time.time() - self._outage_since,
+                len(batch),
+            )
             self._outage_since = None
         return True
 
@@ -184,7 +200,11 @@ class Outbox:
             self._file.close()
             undelivered = len(self.pending)
         if undelivered:
-            log.warning("%d metric records not delivered to MLflow; they stay in %s and are sent by the "
-                        "run's next job or by: python tools/mlflow_sync.py %s", undelivered, self.path,
-                        self.path.parent)
+            log.warning(
+                "%d metric records not delivered to MLflow; they stay in %s and are sent by the "
+                "run's next job or by: python tools/mlflow_sync.py %s",
+                undelivered,
+                self.path,
+                self.path.parent,
+            )
         return undelivered

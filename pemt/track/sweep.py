@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def sweep_name(job_overrides: Sequence[Sequence[str]]) -> str:
@@ -24,12 +24,13 @@ def start_sweep_run(tracking_uri: str, experiment: str, job_overrides: Sequence[
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
     run = client.create_run(experiment_id, run_name=sweep_name(job_overrides), tags={"pemt.sweep": "true"})
     points = [Param(f"point.{i}", " ".join(o)[:6000]) for i, o in enumerate(job_overrides)]
     for start in range(0, len(points), 100):  # MLflow takes at most 100 params per call
-        client.log_batch(run.info.run_id, params=points[start:start + 100])
-    return run.info.run_id
+        client.log_batch(run.info.run_id, params=points[start : start + 100])
+    return str(run.info.run_id)
 
 
 def end_sweep_run(tracking_uri: str, run_id: str, status: str) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from pemt.config import plain
 from pemt.track.context import context_tags, redact, redact_config
 from pemt.track.outbox import Outbox, deliver
 
@@ -47,15 +48,20 @@ class MlflowTracker:
         self.system_metrics = bool(OmegaConf.select(cfg, "mlflow.system_metrics", default=False))
         self.parent_run_id = OmegaConf.select(cfg, "mlflow.parent_run_id")
         self.run_id: str | None = None
-        self.logged_until = 0   # the last step logged before this job: replayed steps stay unlogged
+        self.logged_until = 0  # the last step logged before this job: replayed steps stay unlogged
         self._client: Any = None
         self._outbox: Outbox | None = None
         self._monitor: Any = None
-        self._opening: tuple | None = None   # what creating/opening the run needs, until the store answers
+        self._opening: tuple[Any, ...] | None = None  # what creating/opening the run needs, until the store answers
         self._started_at = time.time()
 
-    def start(self, cfg: DictConfig, run_id: str | None = None, segment: dict[str, Any] | None = None,
-              tags: dict[str, str] | None = None) -> str | None:
+    def start(
+        self,
+        cfg: DictConfig,
+        run_id: str | None = None,
+        segment: dict[str, Any] | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> str | None:
         """Create the run (with `tags`), or re-attach to `run_id` (else the one recorded in the run
         dir). A tracking store that does not answer does not stop the job: it trains, its metrics
         wait in the outbox, and the run is created (or updated) once the store answers."""
@@ -71,15 +77,19 @@ class MlflowTracker:
         id_file = self.run_dir / RUN_ID_FILE
         run_id = run_id or (id_file.read_text().strip() if id_file.exists() else None)
         (self.run_dir / TRACKING_URI_FILE).write_text(redact(self.tracking_uri))
-        self._opening = (redact_config(OmegaConf.to_container(cfg, resolve=True)), tags or {}, segment)
+        self._opening = (redact_config(plain(cfg)), tags or {}, segment)
         self._outbox = Outbox(self.run_dir, self._send)
         self.logged_until = self._outbox.max_step
         try:
             self._open(run_id)
         except Exception as err:  # noqa: BLE001 - a tracking outage must not stop the job
             self.run_id = run_id
-            log.warning("MLflow at %s does not answer (%s); training goes on and the run is %s when it does",
-                        redact(self.tracking_uri), err, "updated" if run_id else "created")
+            log.warning(
+                "MLflow at %s does not answer (%s); training goes on and the run is %s when it does",
+                redact(self.tracking_uri),
+                err,
+                "updated" if run_id else "created",
+            )
         self._outbox.start()
         if self.logged_until:
             log.info("re-attached to MLflow run %s (steps up to %d already logged)", self.run_id, self.logged_until)
@@ -87,6 +97,7 @@ class MlflowTracker:
 
     def _open(self, run_id: str | None) -> None:
         """Create or re-attach the run and mark it running (raises while the store is down)."""
+        assert self._opening is not None, "the run is already open"
         resolved, tags, segment = self._opening
         client = self._client
         if run_id is None:
@@ -101,7 +112,7 @@ class MlflowTracker:
         if self.system_metrics:
             self._monitor = _start_system_metrics(run_id, self.tracking_uri)
 
-    def _create(self, client: Any, resolved: dict, extra_tags: dict[str, str]) -> str:
+    def _create(self, client: Any, resolved: dict[str, Any], extra_tags: dict[str, str]) -> str:
         from mlflow.entities import Param
 
         experiment = client.get_experiment_by_name(self.experiment)
@@ -113,8 +124,8 @@ class MlflowTracker:
         run = client.create_run(experiment.experiment_id, run_name=self.run_dir.name, tags=tags)
         params = [Param(k, v[:6000]) for k, v in flatten(resolved).items()]
         for i in range(0, len(params), _PARAM_BATCH):
-            client.log_batch(run.info.run_id, params=params[i:i + _PARAM_BATCH])
-        return run.info.run_id
+            client.log_batch(run.info.run_id, params=params[i : i + _PARAM_BATCH])
+        return str(run.info.run_id)
 
     def _send(self, records: list[dict[str, Any]]) -> None:
         if self._opening is not None:  # the store was down when the job started
@@ -122,6 +133,7 @@ class MlflowTracker:
             log.info("MLflow answers: run %s is open, buffered metrics follow", self.run_id)
         # A status left undelivered by an earlier job is stale: this job is running.
         current = [r for r in records if "status" not in r or r["time"] >= self._started_at]
+        assert self.run_id is not None  # _open set it
         deliver(self._client, self.run_id, current)
 
     def log_metrics(self, metrics: dict[str, float], step: int, replayed: bool = False) -> None:
@@ -129,8 +141,7 @@ class MlflowTracker:
         are skipped, unless `replayed` says these values belong to this job (per-job timings)."""
         if self._outbox is None or (step <= self.logged_until and not replayed):
             return
-        self._outbox.put({"step": int(step), "time": time.time(),
-                          "metrics": {k: float(v) for k, v in metrics.items()}})
+        self._outbox.put({"step": int(step), "time": time.time(), "metrics": {k: float(v) for k, v in metrics.items()}})
 
     def finish(self, status: str, timeout_s: float = 30.0) -> None:
         """Queue the final status and deliver what is pending for up to `timeout_s` (what is left
@@ -154,8 +165,10 @@ def _start_system_metrics(run_id: str, tracking_uri: str) -> Any:
         try:
             import pynvml  # noqa: F401 - what MLflow's GPU sampler needs
         except ImportError:
-            log.warning("GPU system metrics (system/gpu_*) are off: nvidia-ml-py is not installed "
-                        "(pip install 'pemt[gpu]', or make setup on a machine with nvidia-smi)")
+            log.warning(
+                "GPU system metrics (system/gpu_*) are off: nvidia-ml-py is not installed "
+                "(pip install 'pemt[gpu]', or make setup on a machine with nvidia-smi)"
+            )
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -164,8 +177,11 @@ def _start_system_metrics(run_id: str, tracking_uri: str) -> Any:
         log.warning("MLflow system metrics not started: %s", err)
         return None
     # The GPUs Slurm gave the job on this node (submitit narrows CUDA_VISIBLE_DEVICES to rank 0's).
-    given = os.environ.get("SLURM_STEP_GPUS") or os.environ.get("SLURM_JOB_GPUS") or \
-        os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    given = (
+        os.environ.get("SLURM_STEP_GPUS")
+        or os.environ.get("SLURM_JOB_GPUS")
+        or os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    )
     visible = [int(i) for i in given.split(",") if i.strip().isdigit()]
     for gpus in monitor.monitors:
         # NVML numbers every GPU of the node; keep the ones this job was given.

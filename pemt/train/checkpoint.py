@@ -112,10 +112,10 @@ class Committed:
 class SaveReport:
     """What one save cost the training loop, and what it holds."""
 
-    stall_s: float            # seconds the training loop waited
+    stall_s: float  # seconds the training loop waited
     asynchronous: bool
     host_copy_bytes: int = 0  # host memory of the copy (asynchronous saves)
-    committed: bool = True    # synchronous saves: committed; asynchronous: known later
+    committed: bool = True  # synchronous saves: committed; asynchronous: known later
 
 
 def verify(folder: Path, manifest: dict[str, Any], names: list[str] | None = None) -> str | None:
@@ -133,8 +133,7 @@ def verify(folder: Path, manifest: dict[str, Any], names: list[str] | None = Non
 
 
 class Checkpointer:
-    def __init__(self, directory: Path, keep_last: int = 3, keep_every: int = 0,
-                 asynchronous: bool = False) -> None:
+    def __init__(self, directory: Path, keep_last: int = 3, keep_every: int = 0, asynchronous: bool = False) -> None:
         if keep_last < 1:
             raise ValueError(f"train.keep_last={keep_last}: at least 1 (the checkpoint a resume needs)")
         self.directory = Path(directory)
@@ -147,7 +146,7 @@ class Checkpointer:
         self._abandon = threading.Event()
         self._last_bytes: int | None = None
         self._warned_memory = False
-        self.failures = 0   # saves not committed (rank 0 knows the asynchronous ones)
+        self.failures = 0  # saves not committed (rank 0 knows the asynchronous ones)
 
     # -- finding -------------------------------------------------------------------------
     def committed(self) -> list[Committed]:
@@ -171,7 +170,8 @@ class Checkpointer:
         """Rank 0, at start: move folders of unfinished saves out of the way (kept until retention)."""
         moved = []
         leftovers = [p for p in (self.directory / STAGING).glob("*") if p.is_dir()] + [
-            p for p in self.directory.glob("step_*") if p.is_dir() and not (p / MANIFEST).exists()]
+            p for p in self.directory.glob("step_*") if p.is_dir() and not (p / MANIFEST).exists()
+        ]
         for path in leftovers:
             target = self._set_aside(path, "unfinished")
             log.warning("set aside the unfinished checkpoint %s as %s", path, target)
@@ -192,8 +192,9 @@ class Checkpointer:
             problems = [p for p in _gather(verify(candidate.path, candidate.manifest, names)) if p]
             if not problems:
                 return candidate
-            log.warning("checkpoint %s is damaged (%s); falling back to the previous one",
-                        candidate.path, "; ".join(problems))
+            log.warning(
+                "checkpoint %s is damaged (%s); falling back to the previous one", candidate.path, "; ".join(problems)
+            )
         return None
 
     # -- saving --------------------------------------------------------------------------
@@ -218,8 +219,11 @@ class Checkpointer:
         if self._last_bytes <= HOST_COPY_SHARE * psutil.virtual_memory().available:
             return True
         if not self._warned_memory:
-            log.warning("an asynchronous checkpoint needs %.2f GiB of host memory, more than half of what is "
-                        "free: saving synchronously", self._last_bytes / 2**30)
+            log.warning(
+                "an asynchronous checkpoint needs %.2f GiB of host memory, more than half of what is "
+                "free: saving synchronously",
+                self._last_bytes / 2**30,
+            )
             self._warned_memory = True
         return False
 
@@ -228,8 +232,9 @@ class Checkpointer:
         on a signal) or there is no room for the host copy; returns what the training loop paid."""
         if self.capture is None:
             self.attach(engine)
+        assert self.capture is not None
         started = time.perf_counter()
-        self.settle()   # at most one save in flight
+        self.settle()  # at most one save in flight
         rank, size = world()
         tag = step_tag(step)
         staging = self.directory / STAGING / tag
@@ -242,8 +247,9 @@ class Checkpointer:
         if asynchronous:
             HostCopy.settle()
             self._abandon.clear()
-            self._writer = threading.Thread(target=self._write_and_commit, args=(job, step, state, size),
-                                            daemon=True, name="pemt-checkpoint-writer")
+            self._writer = threading.Thread(
+                target=self._write_and_commit, args=(job, step, state, size), daemon=True, name="pemt-checkpoint-writer"
+            )
             self._writer.start()
             return SaveReport(time.perf_counter() - started, True, self._last_bytes)
         part = write_files(job)
@@ -304,8 +310,14 @@ class Checkpointer:
             log.error("checkpoint at step %d not committed (the previous one stays): %s", step, "; ".join(failed))
             return False
         files = {name: facts for part in parts for name, facts in part["files"].items()}
-        manifest = {"step": step, "world_size": size, "saved_at": time.time(), "state": state, "files": files,
-                    "ranks": {str(p["rank"]): sorted(p["files"]) for p in parts}}
+        manifest = {
+            "step": step,
+            "world_size": size,
+            "saved_at": time.time(),
+            "state": state,
+            "files": files,
+            "ranks": {str(p["rank"]): sorted(p["files"]) for p in parts},
+        }
         try:
             write_atomic(staging / MANIFEST, json.dumps(manifest, indent=1))
             fsync_dir(staging)
@@ -327,7 +339,7 @@ class Checkpointer:
 
     def _prune(self) -> None:
         checkpoints = self.committed()
-        keep = {c.tag for c in checkpoints[-self.keep_last:]}
+        keep = {c.tag for c in checkpoints[-self.keep_last :]}
         if self.keep_every:
             keep |= {c.tag for c in checkpoints if c.step % self.keep_every == 0}
         for checkpoint in checkpoints:
@@ -380,19 +392,25 @@ class Checkpointer:
             problems = [p for p in _gather(self._load_one(engine, checkpoint, universal)) if p]
             if not problems:
                 break
-            log.warning("checkpoint %s verifies but does not load (%s): set aside, falling back to the previous "
-                        "one", checkpoint.path, problems[0])
+            log.warning(
+                "checkpoint %s verifies but does not load (%s): set aside, falling back to the previous one",
+                checkpoint.path,
+                problems[0],
+            )
             _barrier()
             if rank == 0:
                 self._set_aside(checkpoint.path, "unloadable")
             _barrier()
             previous = self.select(newest=checkpoint.step - 1)
             if previous is None:
-                raise CheckpointError(f"{checkpoint.path} cannot be loaded ({problems[0]}) and no earlier "
-                                      "checkpoint can be either")
+                raise CheckpointError(
+                    f"{checkpoint.path} cannot be loaded ({problems[0]}) and no earlier checkpoint can be either"
+                )
             if (previous.manifest["world_size"] != size) != universal:
-                raise CheckpointError(f"{checkpoint.path} cannot be loaded ({problems[0]}); the previous one, "
-                                      f"{previous.path}, was written at another world size: start again from it")
+                raise CheckpointError(
+                    f"{checkpoint.path} cannot be loaded ({problems[0]}); the previous one, "
+                    f"{previous.path}, was written at another world size: start again from it"
+                )
             checkpoint = previous
         rng_file = checkpoint.path / "rng" / f"rank{rank:05d}.pt"
         if size == checkpoint.manifest["world_size"] and rng_file.exists():

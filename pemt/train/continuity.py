@@ -25,11 +25,32 @@ from pemt.train.optimizer import lr_factor
 log = logging.getLogger(__name__)
 
 # How a run executes, not what it learns; they may differ from the checkpoint's.
-EXECUTION_KEYS = ("nodes", "gpus_per_node", "cluster", "preflight", "paths", "run_dir", "mlflow", "metrics",
-                  "train.max_steps", "train.log_every", "train.checkpoint_every", "train.keep_last",
-                  "train.keep_every", "train.async_checkpoint", "train.record_samples", "train.collective_timeout_min",
-                  "train.max_skipped_steps", "train.allow_config_change", "data.num_workers",
-                  "data.decode_threads", "data.shards", "eval.every", "eval.batch_size", "profile")
+EXECUTION_KEYS = (
+    "nodes",
+    "gpus_per_node",
+    "cluster",
+    "preflight",
+    "paths",
+    "run_dir",
+    "mlflow",
+    "metrics",
+    "train.max_steps",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_last",
+    "train.keep_every",
+    "train.async_checkpoint",
+    "train.record_samples",
+    "train.collective_timeout_min",
+    "train.max_skipped_steps",
+    "train.allow_config_change",
+    "data.num_workers",
+    "data.decode_threads",
+    "data.shards",
+    "eval.every",
+    "eval.batch_size",
+    "profile",
+)
 
 
 def _under(key: str, prefixes: Any) -> bool:
@@ -42,22 +63,28 @@ def manifest_digest(folder: str | Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
-def check_continuity(saved: dict[str, Any], cfg: DictConfig, current_config: dict[str, Any],
-                     current_manifest: str | None, step: int) -> None:
+def check_continuity(
+    saved: dict[str, Any], cfg: DictConfig, current_config: dict[str, Any], current_manifest: str | None, step: int
+) -> None:
     """Raise ConfigError naming what changed in what is learned since the checkpoint (`saved`: its
     trainer state, with the resolved config and the manifest digest)."""
     allowed = [str(k) for k in (OmegaConf.select(cfg, "train.allow_config_change") or [])]
     before, now = flatten(saved.get("config") or {}), flatten(current_config)
-    changed = sorted(k for k in before.keys() & now.keys()
-                     if before[k] != now[k] and not _under(k, EXECUTION_KEYS) and not _under(k, allowed))
+    changed = sorted(
+        k
+        for k in before.keys() & now.keys()
+        if before[k] != now[k] and not _under(k, EXECUTION_KEYS) and not _under(k, allowed)
+    )
     if saved.get("data_manifest") and saved["data_manifest"] != current_manifest and not _under("data.shards", allowed):
         changed.append("data.shards (its manifest.json changed)")
     if changed:
         shown = "; ".join(f"{k}: {before.get(k, '?')} -> {now.get(k, '?')}" for k in changed if k in before) or ""
         raise ConfigError(
-            f"resuming would change what the run learns: {', '.join(changed)}" + (f" ({shown})" if shown else "")
+            f"resuming would change what the run learns: {', '.join(changed)}"
+            + (f" ({shown})" if shown else "")
             + ". Use the checkpoint's values, start a new run (another run_dir), or accept the change with "
-            f"train.allow_config_change=[{','.join(k.split(' ')[0] for k in changed)}]")
+            f"train.allow_config_change=[{','.join(k.split(' ')[0] for k in changed)}]"
+        )
     accepted = sorted(k for k in before.keys() & now.keys() if before[k] != now[k] and _under(k, allowed))
     if accepted:
         log.warning("resuming with changes accepted by train.allow_config_change: %s", ", ".join(accepted))
@@ -74,6 +101,14 @@ def _report_schedule(saved: dict[str, Any], cfg: DictConfig, step: int) -> None:
     warmup, lr = int(cfg.train.warmup_steps), float(cfg.train.lr)
     before = lr * lr_factor(step, warmup, int(train["max_steps"]))
     after = lr * lr_factor(step, warmup, int(cfg.train.max_steps))
-    log.warning("train.max_steps %s -> %s: the cosine schedule now decays over %d steps instead of %d; at step %d "
-                "the learning rate goes from %.3g to %.3g", train["max_steps"], cfg.train.max_steps,
-                int(cfg.train.max_steps) - warmup, int(train["max_steps"]) - warmup, step, before, after)
+    log.warning(
+        "train.max_steps %s -> %s: the cosine schedule now decays over %d steps instead of %d; at step %d "
+        "the learning rate goes from %.3g to %.3g",
+        train["max_steps"],
+        cfg.train.max_steps,
+        int(cfg.train.max_steps) - warmup,
+        int(train["max_steps"]) - warmup,
+        step,
+        before,
+        after,
+    )

@@ -2,7 +2,7 @@
 plus its config, or handed to fine-tuning directly.
 
 The weights are gathered from the ZeRO partitions of any stage by DeepSpeed's own
-consolidation, so the file loads into `build_pretraining_model(config)` without DeepSpeed.
+consolidation, so the file loads with `pemt.model.factory.load_exported` without DeepSpeed.
 """
 
 from __future__ import annotations
@@ -41,8 +41,15 @@ def export_run(run_dir: Path, out: Path) -> tuple[Path, Path]:
     tensors, saved = consolidated_state(run_dir)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata={"step": str(saved["step"]), "run_dir": str(run_dir),
-                                           "mlflow_run_id": str(saved.get("mlflow_run_id") or "")})
+    save_file(
+        tensors,
+        str(out),
+        metadata={
+            "step": str(saved["step"]),
+            "run_dir": str(run_dir),
+            "mlflow_run_id": str(saved.get("mlflow_run_id") or ""),
+        },
+    )
     config = out.with_suffix(".yaml")
     config.write_text(yaml.safe_dump(saved["config"], sort_keys=False))
     return out, config

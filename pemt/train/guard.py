@@ -17,6 +17,7 @@ so the sample order and exact resume are unchanged; the learning-rate schedule d
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -47,25 +48,29 @@ def _local_tensors(model: nn.Module) -> list[torch.Tensor]:
 class StepGuard:
     def __init__(self, model: nn.Module, max_skipped_in_a_row: int, device: torch.device) -> None:
         self.model, self.limit, self.device = model, max_skipped_in_a_row, device
-        self.skipped = 0          # steps skipped in this job, for `skipped_steps`
+        self.skipped = 0  # steps skipped in this job, for `skipped_steps`
         self.in_a_row = 0
         self._norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._saved: list[torch.Tensor] = []
 
-    def any_empty(self, batches: list[dict]) -> bool:
+    def any_empty(self, batches: list[dict[str, Any]]) -> bool:
         """Collective: whether some rank has a micro-batch of this step with no usable sample."""
         return agree_any(any("video" not in b for b in batches), self.device)
 
-    def skip_empty(self, step: int, batches: list[dict]) -> None:
+    def skip_empty(self, step: int, batches: list[dict[str, Any]]) -> None:
         self.skipped += 1
         mine = [e for b in batches if "video" not in b for e in b["errors"]]
-        log.warning("step %d skipped on every rank: a micro-batch had no usable sample%s", step,
-                    f" (here: {'; '.join(e['reason'] for e in mine[:3])})" if mine else " (on another rank)")
+        log.warning(
+            "step %d skipped on every rank: a micro-batch had no usable sample%s",
+            step,
+            f" (here: {'; '.join(e['reason'] for e in mine[:3])})" if mine else " (on another rank)",
+        )
 
     def before_forward(self) -> None:
         """Keep the BatchNorm running statistics a non-finite forward would poison."""
-        self._saved = [t.detach().clone() for m in self._norms for t in (m.running_mean, m.running_var)
-                       if t is not None]
+        self._saved = [
+            t.detach().clone() for m in self._norms for t in (m.running_mean, m.running_var) if t is not None
+        ]
 
     def after_step(self, applied: bool, step: int, loss_tensor: torch.Tensor) -> bool:
         """After the optimizer step: whether it counted. A step DeepSpeed skipped for non-finite
@@ -80,13 +85,19 @@ class StepGuard:
                 target.copy_(saved)
         self.skipped += 1
         self.in_a_row += 1
-        log.warning("step %d skipped: non-finite gradients (loss %s); %d in a row (train.max_skipped_steps=%d)",
-                    step, f"{loss:.4g}", self.in_a_row, self.limit)
+        log.warning(
+            "step %d skipped: non-finite gradients (loss %s); %d in a row (train.max_skipped_steps=%d)",
+            step,
+            f"{loss:.4g}",
+            self.in_a_row,
+            self.limit,
+        )
         if self.in_a_row >= self.limit:
             raise NonFiniteError(
                 f"{self.in_a_row} steps in a row up to step {step} had non-finite gradients (last loss {loss:.4g}); "
                 "stopping: the last checkpoint written stays `latest`. Lower train.lr, check the data, or raise "
-                "train.max_skipped_steps")
+                "train.max_skipped_steps"
+            )
         return False
 
     def check_finite(self, step: int) -> None:
@@ -94,5 +105,7 @@ class StepGuard:
         tensors = _local_tensors(self.model)
         bad = bool(tensors) and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
         if agree_any(bad, self.device):
-            raise NonFiniteError(f"weights or statistics are not finite at step {step}: no checkpoint is written "
-                                 "from them; the last checkpoint stays `latest`")
+            raise NonFiniteError(
+                f"weights or statistics are not finite at step {step}: no checkpoint is written "
+                "from them; the last checkpoint stays `latest`"
+            )

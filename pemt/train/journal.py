@@ -25,8 +25,12 @@ def job_identity() -> dict[str, Any]:
     restart = int(os.environ.get("SLURM_RESTART_COUNT", 0))
     if env is not None:
         return {"job_id": str(env.job_id), "hosts": list(env.hostnames), "cluster": env.cluster, "restart": restart}
-    return {"job_id": os.environ.get("SLURM_JOB_ID", f"pid-{os.getpid()}"), "hosts": [socket.gethostname()],
-            "cluster": "none", "restart": restart}
+    return {
+        "job_id": os.environ.get("SLURM_JOB_ID", f"pid-{os.getpid()}"),
+        "hosts": [socket.gethostname()],
+        "cluster": "none",
+        "restart": restart,
+    }
 
 
 class RunJournal:
@@ -46,8 +50,13 @@ class RunJournal:
         """Record this job's start; returns the segment (its number, job, hosts, step) and when
         the run's previous job last recorded anything (for the time lost between them)."""
         earlier = read_journal(self.path.parent)
-        segment = {"segment": sum(r["event"] == "start" for r in earlier) + 1, **self.job, "step": step,
-                   "world_size": world_size, "previous_end": earlier[-1]["time"] if earlier else None}
+        segment = {
+            "segment": sum(r["event"] == "start" for r in earlier) + 1,
+            **self.job,
+            "step": step,
+            "world_size": world_size,
+            "previous_end": earlier[-1]["time"] if earlier else None,
+        }
         self._append({"event": "start", "step": step, "world_size": world_size})
         return segment
 

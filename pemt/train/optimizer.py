@@ -13,16 +13,20 @@ from omegaconf import DictConfig
 from torch import nn
 
 
-def build_optimizer(model: nn.Module, train_cfg: DictConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
+def build_optimizer(
+    model: nn.Module, train_cfg: DictConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for param in model.parameters():
         if param.requires_grad:
             # Norms, biases and embeddings-as-vectors are not weight-decayed.
             (no_decay if param.ndim < 2 else decay).append(param)
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": float(train_cfg.weight_decay)},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=float(train_cfg.lr), betas=(0.9, 0.98), eps=1e-6,
+        [{"params": decay, "weight_decay": float(train_cfg.weight_decay)}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=float(train_cfg.lr),
+        betas=(0.9, 0.98),
+        eps=1e-6,
     )
     warmup, total = int(train_cfg.warmup_steps), int(train_cfg.max_steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total))

@@ -21,8 +21,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from types import FrameType
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -104,7 +105,7 @@ class StopRequest:
         exits inside it) and exit. Otherwise (SIGTERM, Ctrl-C, or jobs submitted --no-requeue)
         return: the job ends with its result, and the run is continued by launching it again or
         with tools/resume.py."""
-        previous: Callable | Any = self.previous.get(signum)
+        previous: Any = self.previous.get(signum)
         self.uninstall()
         if requeue and signum == self.preempt and callable(previous):
             previous(signum, None)

@@ -50,9 +50,9 @@ class HostCopy:
     (pinning memory is slow; a checkpoint's shapes do not change)."""
 
     def __init__(self) -> None:
-        self._pinned: dict[tuple, torch.Tensor] = {}
+        self._pinned: dict[tuple[Any, ...], torch.Tensor] = {}
 
-    def __call__(self, tree: Any, key: tuple = ()) -> Any:
+    def __call__(self, tree: Any, key: tuple[Any, ...] = ()) -> Any:
         if isinstance(tree, torch.Tensor):
             if not tree.is_cuda:
                 return tree.detach().clone()
@@ -65,7 +65,7 @@ class HostCopy:
             out = {k: self(v, (*key, k)) for k, v in tree.items()}
             copied = type(tree)(out) if type(tree) in (dict, OrderedDict) else out
             if hasattr(tree, "_metadata"):  # a module state dict's versions
-                copied._metadata = tree._metadata
+                copied._metadata = tree._metadata  # type: ignore[attr-defined]
             return copied
         if isinstance(tree, list):
             return [self(v, (*key, i)) for i, v in enumerate(tree)]
@@ -80,14 +80,14 @@ class HostCopy:
             torch.cuda.current_stream().synchronize()
 
 
-class CapturingEngine(CheckpointEngine):
+class CapturingEngine(CheckpointEngine):  # type: ignore[misc]  # DeepSpeed ships no types
     """DeepSpeed's checkpoint engine, keeping each file's state dict for pemt's writer."""
 
     def __init__(self) -> None:
         super().__init__(None)
         self.name = "pemt"
         self.files: list[tuple[Path, Any]] = []
-        self.copy: HostCopy | None = None   # set while a save is captured for a later write
+        self.copy: HostCopy | None = None  # set while a save is captured for a later write
 
     def create(self, info: CheckpointCommitInfo) -> None:
         self.files = []

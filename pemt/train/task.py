@@ -1,21 +1,38 @@
 """What a training job trains: the model, how a batch goes through it, what is evaluated.
 
 The trainer owns everything else (distribution, data order, checkpoints, preemption, tracking),
-so pretraining and fine-tuning share it by handing it a different task.
+so pretraining and fine-tuning share it by handing it a different task. A task sees the run
+through a `TaskContext` (the engine, its dtype, the rank, the run dir), never the trainer.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from pemt.curriculum import Stage
 from pemt.data.decode import video_to_float
+from pemt.model.backbone import AVBackbone
 
-if TYPE_CHECKING:
-    from pemt.train.trainer import Trainer
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What a task may use of the running job."""
+
+    engine: Any  # the DeepSpeed engine: forward passes, its device
+    dtype: torch.dtype
+    rank: int
+    run_dir: Path
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
 class Task:
@@ -24,7 +41,9 @@ class Task:
     def build_model(self, cfg: DictConfig) -> nn.Module:
         raise NotImplementedError
 
-    def forward(self, engine: Any, batch: dict, dtype: torch.dtype, step_seed: int) -> dict[str, torch.Tensor]:
+    def forward(
+        self, engine: Any, batch: dict[str, Any], dtype: torch.dtype, step_seed: int
+    ) -> dict[str, torch.Tensor]:
         """The micro-batch's losses ("loss" is optimised) and any other means to report."""
         raise NotImplementedError
 
@@ -32,14 +51,21 @@ class Task:
         """MLflow tags for a new run (links to other runs)."""
         return {}
 
-    def sample_check(self) -> Callable[[dict], None] | None:
+    def sample_check(self) -> Callable[[dict[str, Any]], None] | None:
         """A picklable check run on every decoded sample in the data workers; it raises
         DecodeError for a sample this task cannot train on (counted as bad, not fatal)."""
         return None
 
-    def evaluate(self, trainer: Trainer, step: int) -> dict[str, float]:
+    def evaluate(self, context: TaskContext, step: int) -> dict[str, float]:
         """Collective: metrics on held-out data after `step` (none by default)."""
         return {}
+
+    def enter_stage(self, model: nn.Module, stage: Stage) -> None:
+        """A curriculum stage begins: set the model's sequence settings (tokens per clip, node and
+        edge sparsity); the weights do not change. Both pemt models carry them on their backbone."""
+        backbone = model.get_submodule("backbone")
+        assert isinstance(backbone, AVBackbone)
+        backbone.set_sparsity(stage.tokens_per_clip, stage.keep_rate, stage.sparsity())
 
 
 class PretrainTask(Task):
@@ -48,12 +74,16 @@ class PretrainTask(Task):
     name = "pretrain"
 
     def build_model(self, cfg: DictConfig) -> nn.Module:
-        from pemt.model.pretraining import AVPretrainingModel
-        from pemt.train.curriculum import largest
+        from pemt.model.factory import build_pretraining_model
 
-        clips, tokens_per_clip = largest(cfg)  # position tables for the largest curriculum stage
-        return AVPretrainingModel(cfg.model, cfg.data, cfg.loss, clips, tokens_per_clip)
+        return build_pretraining_model(cfg)
 
-    def forward(self, engine: Any, batch: dict, dtype: torch.dtype, step_seed: int) -> dict[str, torch.Tensor]:
-        return engine(video_to_float(batch["video"], engine.device, dtype), batch["audio"].to(engine.device, dtype),
-                      step_seed=step_seed)
+    def forward(
+        self, engine: Any, batch: dict[str, Any], dtype: torch.dtype, step_seed: int
+    ) -> dict[str, torch.Tensor]:
+        losses: dict[str, torch.Tensor] = engine(
+            video_to_float(batch["video"], engine.device, dtype),
+            batch["audio"].to(engine.device, dtype),
+            step_seed=step_seed,
+        )
+        return losses

@@ -22,12 +22,12 @@ class Telemetry:
     def __init__(self, cfg: DictConfig, device: torch.device, dtype: torch.dtype, world_size: int) -> None:
         self.cfg, self.device, self.world_size = cfg, device, world_size
         self.meter = Throughput()
-        self.flops_per_sample: float | None = None   # forward + backward, counted on the first step
+        self.flops_per_sample: float | None = None  # forward + backward, counted on the first step
         self.peak, source = peak_tflops(OmegaConf.select(cfg, "metrics.peak_tflops"), device, dtype)
         log.info("MFU against %.3g TFLOP/s per device (%s)", self.peak, source)
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
-        self.decode_s, self.decoded = 0.0, 0   # data workers' decode time and samples since the last report
+        self.decode_s, self.decoded = 0.0, 0  # data workers' decode time and samples since the last report
         # The current curriculum stage's sequence shape (set by the trainer).
         self.clips = int(cfg.data.clips)
         self.tokens_per_clip = int(OmegaConf.select(cfg, "model.tokens_per_clip", default=1) or 1)
@@ -36,7 +36,7 @@ class Telemetry:
         self.flops_per_sample = flops / micro_batch
         log.info("%.3f GFLOP per sample (forward + backward)", self.flops_per_sample / 1e9)
 
-    def add_batch(self, batch: dict) -> None:
+    def add_batch(self, batch: dict[str, Any]) -> None:
         """A micro-batch as the loader delivered it: how long its samples took to decode."""
         self.decode_s += float(batch.get("decode_s", 0.0))
         self.decoded += len(batch["key"]) + len(batch["errors"])
@@ -46,8 +46,9 @@ class Telemetry:
             self.sums[key] = self.sums.get(key, 0.0) + value.detach()
         self.count += 1
 
-    def report(self, samples: int, lr: float, grad_norm: float | None, bad_errors: int,
-               bad_slots: int) -> tuple[dict[str, float], dict[str, float]]:
+    def report(
+        self, samples: int, lr: float, grad_norm: float | None, bad_errors: int, bad_slots: int
+    ) -> tuple[dict[str, float], dict[str, float]]:
         """Collective. The metrics to log, and the bad-sample totals every rank checks."""
         decode = {"decode_s_per_sample": self.decode_s / max(1, self.decoded)}
         # every rank has the same keys: the same steps were skipped everywhere
@@ -56,15 +57,22 @@ class Telemetry:
         self.decode_s, self.decoded = 0.0, 0
         totals = all_reduce({"bad_samples": bad_errors, "slots": bad_slots}, self.device, mean=False)
         speed = self.meter.report()
-        memory = min_avg_max({"host_rss_gib": host_rss_gib(), "data_rss_gib": data_rss_gib(), **device_memory()},
-                             self.device)
+        memory = min_avg_max(
+            {"host_rss_gib": host_rss_gib(), "data_rss_gib": data_rss_gib(), **device_memory()}, self.device
+        )
         clips, tokens = self.clips, self.clips * self.tokens_per_clip
-        metrics: dict[str, Any] = {**means, "lr": lr, "samples": samples, **speed,
-                                   "clips_per_s": speed["samples_per_s"] * clips,
-                                   # per modality, before node sparsity; the multimodal transformer reads both
-                                   "visual_tokens_per_s": speed["samples_per_s"] * tokens,
-                                   "audio_tokens_per_s": speed["samples_per_s"] * tokens,
-                                   "bad_samples": totals["bad_samples"], **memory}
+        metrics: dict[str, Any] = {
+            **means,
+            "lr": lr,
+            "samples": samples,
+            **speed,
+            "clips_per_s": speed["samples_per_s"] * clips,
+            # per modality, before node sparsity; the multimodal transformer reads both
+            "visual_tokens_per_s": speed["samples_per_s"] * tokens,
+            "audio_tokens_per_s": speed["samples_per_s"] * tokens,
+            "bad_samples": totals["bad_samples"],
+            **memory,
+        }
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         if self.flops_per_sample:

@@ -9,8 +9,9 @@ import json
 import logging
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import psutil
 import torch
@@ -18,7 +19,9 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from pemt.config import ConfigError, validate, world_size
+from pemt.checks import validate
+from pemt.config import ConfigError, plain, world_size
+from pemt.curriculum import Stage, stage_at, stage_data_config, stages
 from pemt.data.errors import BadSamples
 from pemt.data.loader import build_loader, shard_source
 from pemt.data.shards import transform_warnings
@@ -27,15 +30,14 @@ from pemt.ownership import RunBusy, RunLock, describe
 from pemt.track.context import redact_config
 from pemt.track.metrics import counting_flops
 from pemt.track.tracker import MlflowTracker
-from pemt.train.checkpoint import CheckpointError, Checkpointer
+from pemt.train.checkpoint import Checkpointer, CheckpointError
 from pemt.train.continuity import check_continuity, manifest_digest
-from pemt.train.curriculum import Stage, stage_at, stage_data_config, stages
 from pemt.train.engine_config import deepspeed_config
 from pemt.train.guard import StepGuard
 from pemt.train.journal import RunJournal
 from pemt.train.optimizer import build_optimizer
 from pemt.train.preemption import StopRequest, shielded
-from pemt.train.task import PretrainTask, Task
+from pemt.train.task import PretrainTask, Task, TaskContext
 from pemt.train.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -75,9 +77,12 @@ class Trainer:
         # Signals are only recorded from here on; the loop acts on them at step boundaries.
         self.stop = StopRequest()
         self.stop.install()
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep_last=int(cfg.train.keep_last),
-                                         keep_every=int(cfg.train.keep_every),
-                                         asynchronous=bool(cfg.train.async_checkpoint))
+        self.checkpointer = Checkpointer(
+            self.run_dir / "checkpoints",
+            keep_last=int(cfg.train.keep_last),
+            keep_every=int(cfg.train.keep_every),
+            asynchronous=bool(cfg.train.async_checkpoint),
+        )
         self.resume_from = self.checkpointer.select()
         self.elastic = bool(self.resume_from and self.resume_from.manifest["world_size"] != self.info.world_size)
         import deepspeed
@@ -93,6 +98,7 @@ class Trainer:
         )
         self.checkpointer.attach(self.engine)
         self.dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        self.context = TaskContext(self.engine, self.dtype, self.info.rank, self.run_dir)
         self.tracker = MlflowTracker(cfg, self.run_dir, enabled=self.info.is_main)
         self.telemetry = Telemetry(cfg, self.engine.device, self.dtype, self.info.world_size)
         self.guard = StepGuard(self.engine.module, int(cfg.train.max_skipped_steps), self.engine.device)
@@ -127,40 +133,51 @@ class Trainer:
             # Per-rank random streams cannot carry over to another world size; reseed them
             # from the step so the continuation is still reproducible.
             torch.manual_seed(self.cfg.seed * 1_000_003 + int(state["step"]) * 1009 + self.info.rank)
-            log.info("resumed at world size %d from a checkpoint written at %d",
-                     self.info.world_size, self.resume_from.manifest["world_size"])
+            log.info(
+                "resumed at world size %d from a checkpoint written at %d",
+                self.info.world_size,
+                self.resume_from.manifest["world_size"],
+            )
         saved = state.get("data_cursor")
         if saved and saved["streams"] != self.cfg.data.streams:
             raise ConfigError(
                 f"data.streams={self.cfg.data.streams} but the checkpoint was written with "
-                f"data.streams={saved['streams']}: the sample order would change; resume with the same value")
+                f"data.streams={saved['streams']}: the sample order would change; resume with the same value"
+            )
         check_continuity(state, self.cfg, self._resolved(), manifest_digest(shard_source(self.cfg)), int(state["step"]))
         return state
 
     def _resolved(self) -> dict[str, Any]:
-        return redact_config(OmegaConf.to_container(self.cfg, resolve=True))
+        resolved: dict[str, Any] = redact_config(plain(self.cfg))
+        return resolved
 
-    def _log(self, step: int, samples: int, progress: tqdm, bad: BadSamples) -> None:
-        metrics, totals = self.telemetry.report(samples, self.engine.get_lr()[0], self.engine.get_global_grad_norm(),
-                                                bad.errors, bad.slots)
+    def _log(self, step: int, samples: int, progress: tqdm[Any], bad: BadSamples) -> None:
+        metrics, totals = self.telemetry.report(
+            samples, self.engine.get_lr()[0], self.engine.get_global_grad_norm(), bad.errors, bad.slots
+        )
         metrics["skipped_steps"] = self.guard.skipped
         self.tracker.log_metrics(metrics, step)
         if "loss" in metrics:
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
         bad.check(totals["bad_samples"], totals["slots"])  # every rank sees the same totals
 
-    def _micro_step(self, batch: dict, count_flops: bool) -> dict[str, torch.Tensor]:
+    def _micro_step(self, batch: dict[str, Any], count_flops: bool) -> dict[str, torch.Tensor]:
         """Forward, backward and (at the accumulation boundary) the optimizer step."""
         engine = self.engine
-        with counting_flops() if count_flops else contextlib.nullcontext({}) as counted:
-            out = self.task.forward(engine, batch, self.dtype, step_seed=self.cfg.seed * 1_000_003 + batch["micro_step"])
+        counter: contextlib.AbstractContextManager[dict[str, int]] = (
+            counting_flops() if count_flops else contextlib.nullcontext({})
+        )
+        with counter as counted:
+            out = self.task.forward(
+                engine, batch, self.dtype, step_seed=self.cfg.seed * 1_000_003 + batch["micro_step"]
+            )
             engine.backward(out["loss"])
         engine.step()
         if count_flops:
             self.telemetry.set_flops(counted["flops"], len(batch["key"]))
         return out
 
-    def _step(self, step: int, batches: list[dict], count_flops: bool) -> bool:
+    def _step(self, step: int, batches: list[dict[str, Any]], count_flops: bool) -> bool:
         """One optimizer step over its micro-batches; False when every rank skipped it."""
         if self.guard.any_empty(batches):
             self.guard.skip_empty(step, batches)
@@ -173,13 +190,19 @@ class Trainer:
             self.telemetry.add_micro_step(out)
         return True
 
-    def _batches(self, start_micro: int, bad: BadSamples, stage: Stage) -> Iterator[dict]:
+    def _batches(self, start_micro: int, bad: BadSamples, stage: Stage) -> Iterator[dict[str, Any]]:
         """Micro-batches from `start_micro` on, decoded for `stage`, each recorded and counted before use."""
         cfg, info = self.cfg, self.info
-        loader = build_loader(stage_data_config(cfg.data, stage), shard_source(cfg),
-                              self.engine.train_micro_batch_size_per_gpu(),
-                              info.rank, info.world_size, seed=cfg.seed, start_micro_step=start_micro,
-                              check=self.task.sample_check())
+        loader = build_loader(
+            stage_data_config(cfg.data, stage),
+            shard_source(cfg),
+            self.engine.train_micro_batch_size_per_gpu(),
+            info.rank,
+            info.world_size,
+            seed=cfg.seed,
+            start_micro_step=start_micro,
+            check=self.task.sample_check(),
+        )
         record = None
         if cfg.train.record_samples:
             (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
@@ -191,8 +214,16 @@ class Trainer:
             bad.add(batch)
             self.telemetry.add_batch(batch)
             if record is not None:
-                record.write(json.dumps({"step": batch["micro_step"] // accum + 1,
-                                         "micro_step": batch["micro_step"], "keys": batch["key"]}) + "\n")
+                record.write(
+                    json.dumps(
+                        {
+                            "step": batch["micro_step"] // accum + 1,
+                            "micro_step": batch["micro_step"],
+                            "keys": batch["key"],
+                        }
+                    )
+                    + "\n"
+                )
                 record.flush()
             yield batch
 
@@ -202,17 +233,28 @@ class Trainer:
         cfg = self.cfg
         self.guard.check_finite(step)
         accum = int(cfg.train.grad_accum_steps)
-        state = {"step": step, "samples": samples, "mlflow_run_id": run_id, "world_size": self.info.world_size,
-                 "data_cursor": {"micro_step": step * accum, "streams": int(cfg.data.streams), "seed": int(cfg.seed)},
-                 "config": self._resolved(), "data_manifest": manifest_digest(shard_source(cfg))}
+        state = {
+            "step": step,
+            "samples": samples,
+            "mlflow_run_id": run_id,
+            "world_size": self.info.world_size,
+            "data_cursor": {"micro_step": step * accum, "streams": int(cfg.data.streams), "seed": int(cfg.seed)},
+            "config": self._resolved(),
+            "data_manifest": manifest_digest(shard_source(cfg)),
+        }
         report = self.checkpointer.save(self.engine, step, state, final=final)
         delay = OmegaConf.select(cfg, "cluster.signal_delay_s")
         if delay and not report.asynchronous and report.stall_s > 0.5 * delay:
-            log.warning("saving took %.0f s, over half of cluster.signal_delay_s=%s: a save on preemption "
-                        "may not finish before the job is killed; raise the signal delay", report.stall_s, delay)
+            log.warning(
+                "saving took %.0f s, over half of cluster.signal_delay_s=%s: a save on preemption "
+                "may not finish before the job is killed; raise the signal delay",
+                report.stall_s,
+                delay,
+            )
         if final and not report.committed:
-            raise CheckpointError(f"the checkpoint at step {step} could not be written (see above); the previous "
-                                  "one stays `latest`")
+            raise CheckpointError(
+                f"the checkpoint at step {step} could not be written (see above); the previous one stays `latest`"
+            )
         timing = {"checkpoint_save_s": report.stall_s, "checkpoint_failures": self.checkpointer.failures}
         if report.asynchronous:
             timing["checkpoint_host_copy_gib"] = report.host_copy_bytes / 2**30
@@ -223,15 +265,17 @@ class Trainer:
         delay = OmegaConf.select(self.cfg, "cluster.signal_delay_s")
         spent = time.time() - (self.stop.received_at or time.time())
         if delay and spent > 0.5 * delay:
-            log.warning("from the signal to requeueing took %.0f s (save and MLflow delivery), over half of "
-                        "cluster.signal_delay_s=%s: raise the signal delay", spent, delay)
+            log.warning(
+                "from the signal to requeueing took %.0f s (save and MLflow delivery), over half of "
+                "cluster.signal_delay_s=%s: raise the signal delay",
+                spent,
+                delay,
+            )
 
-    def _enter(self, stage: Stage, step: int, bad: BadSamples, count: int) -> tuple[Stage, Iterator[dict]]:
+    def _enter(self, stage: Stage, step: int, bad: BadSamples, count: int) -> tuple[Stage, Iterator[dict[str, Any]]]:
         """Start (or resume into) a curriculum stage: the model's sequence settings and a loader
         decoding the stage's clips, from the current step on."""
-        backbone = getattr(self.engine.module, "backbone", None)
-        if backbone is not None:
-            backbone.set_sparsity(stage.tokens_per_clip, stage.keep_rate, stage.sparsity())
+        self.task.enter_stage(self.engine.module, stage)
         self.telemetry.tokens_per_clip = stage.tokens_per_clip
         self.telemetry.clips = stage.clips
         if count > 1:
@@ -271,17 +315,26 @@ class Trainer:
         load_s = time.perf_counter() - loaded
         step, samples = int(state.get("step", 0)), int(state.get("samples", 0))
         segment = self.journal.start(step, info.world_size)
-        run_id = _shared_run_id(self.tracker.start(cfg, run_id=state.get("mlflow_run_id"), segment=segment,
-                                                   tags=self.task.run_tags()), info)
+        run_id = _shared_run_id(
+            self.tracker.start(cfg, run_id=state.get("mlflow_run_id"), segment=segment, tags=self.task.run_tags()), info
+        )
         if state:
             self.tracker.log_metrics({"checkpoint_load_s": load_s}, step, replayed=True)
         status, stop, reason = "FAILED", None, None
         try:
             accum = int(cfg.train.grad_accum_steps)
             bad = BadSamples(float(cfg.data.max_error_rate))
-            all_stages, stage, batches = stages(cfg), None, iter(())
-            progress = tqdm(total=cfg.train.max_steps, initial=step, desc=self.task.name, unit="step",
-                            disable=not info.is_main, dynamic_ncols=True, mininterval=1.0)
+            all_stages, stage = stages(cfg), None
+            batches: Iterator[dict[str, Any]] = iter(())
+            progress = tqdm(
+                total=cfg.train.max_steps,
+                initial=step,
+                desc=self.task.name,
+                unit="step",
+                disable=not info.is_main,
+                dynamic_ncols=True,
+                mininterval=1.0,
+            )
             first_step, count_flops = True, True
             while step < cfg.train.max_steps:
                 current = stage_at(all_stages, step)
@@ -304,7 +357,7 @@ class Trainer:
                     self._log(step, samples, progress, bad)
                 eval_every = int(OmegaConf.select(cfg, "eval.every", default=0) or 0)
                 if step == cfg.train.max_steps or (eval_every and step % eval_every == 0):
-                    evaluated = self.task.evaluate(self, step)
+                    evaluated = self.task.evaluate(self.context, step)
                     if evaluated:
                         self.tracker.log_metrics(evaluated, step)
                 stop = self.stop.agreed(engine.device)
@@ -320,8 +373,12 @@ class Trainer:
                             self.checkpointer.settle()
                 if stop:
                     waited = time.time() - (self.stop.received_at or time.time())
-                    log.warning("stopped by %s at step %d: checkpoint committed %.2f s after the signal",
-                                signal.Signals(stop).name, step, waited)
+                    log.warning(
+                        "stopped by %s at step %d: checkpoint committed %.2f s after the signal",
+                        signal.Signals(stop).name,
+                        step,
+                        waited,
+                    )
                     self.tracker.log_metrics({"signal_to_commit_s": waited}, step, replayed=True)
                     status = "KILLED"
                     break

@@ -12,9 +12,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,19 @@ def convert(directory: Path, checkpoint: Path, manifest_name: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with glob_safe(checkpoint) as source:
         result = subprocess.run(
-            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-             str(source), "--output_folder", str(out), "--inject_missing_state"],
-            capture_output=True, text=True)
+            [
+                sys.executable,
+                "-m",
+                "deepspeed.checkpoint.ds_to_universal",
+                "--input_folder",
+                str(source),
+                "--output_folder",
+                str(out),
+                "--inject_missing_state",
+            ],
+            capture_output=True,
+            text=True,
+        )
     if result.returncode:
         raise ConversionError(f"converting {checkpoint} to universal format failed:\n{result.stderr[-3000:]}")
     (out / DONE).write_text(manifest_digest(checkpoint, manifest_name))

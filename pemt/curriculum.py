@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
-from pemt.config import ConfigError
+from pemt.config import ConfigError, detached, plain
 from pemt.model.sparse_attention import BlockSparsity
 
 
 @dataclass(frozen=True)
 class Stage:
     index: int
-    start: int                     # steps done when the stage begins
+    start: int  # steps done when the stage begins
     clips: int
     tokens_per_clip: int
     keep_rate: float
@@ -34,26 +34,34 @@ class Stage:
     def sparsity(self) -> BlockSparsity | None:
         if self.attention["kind"] == "dense":
             return None
-        return BlockSparsity(int(self.attention["block_size"]), int(self.attention["local_window"]),
-                             int(self.attention["random_blocks"]))
+        return BlockSparsity(
+            int(self.attention["block_size"]), int(self.attention["local_window"]), int(self.attention["random_blocks"])
+        )
 
     def describe(self) -> str:
         attention = self.attention["kind"]
         if attention != "dense":
-            attention += f" (block {self.attention['block_size']}, window {self.attention['local_window']}, " \
-                         f"random {self.attention['random_blocks']})"
-        return (f"stage {self.index} from step {self.start}: {self.clips} clips x {self.tokens_per_clip} tokens, "
-                f"keep {self.keep_rate:g}, {attention} attention")
+            attention += (
+                f" (block {self.attention['block_size']}, window {self.attention['local_window']}, "
+                f"random {self.attention['random_blocks']})"
+            )
+        return (
+            f"stage {self.index} from step {self.start}: {self.clips} clips x {self.tokens_per_clip} tokens, "
+            f"keep {self.keep_rate:g}, {attention} attention"
+        )
 
 
 def stages(cfg: DictConfig) -> list[Stage]:
     """The run's stages (one when there is no curriculum); raises ConfigError naming the key."""
     attention_cfg = cfg.model.get("attention")
-    base_attention = OmegaConf.to_container(attention_cfg, resolve=True) if attention_cfg else {"kind": "dense"}
-    base = {"clips": int(cfg.data.clips), "tokens_per_clip": int(cfg.model.get("tokens_per_clip", 1)),
-            "keep_rate": float((cfg.model.get("node_sparsity") or {}).get("keep_rate", 1.0))}
+    base_attention: dict[str, Any] = plain(attention_cfg) if attention_cfg else {"kind": "dense"}
+    base = {
+        "clips": int(cfg.data.clips),
+        "tokens_per_clip": int(cfg.model.get("tokens_per_clip", 1)),
+        "keep_rate": float((cfg.model.get("node_sparsity") or {}).get("keep_rate", 1.0)),
+    }
     listed_cfg = OmegaConf.select(cfg, "curriculum.stages")
-    listed = OmegaConf.to_container(listed_cfg, resolve=True) if listed_cfg else []
+    listed = cast(list[dict[str, Any]], OmegaConf.to_container(listed_cfg, resolve=True)) if listed_cfg else []
     if not listed:
         listed = [{"steps": int(cfg.train.max_steps)}]
     result, start = [], 0
@@ -61,15 +69,20 @@ def stages(cfg: DictConfig) -> list[Stage]:
         where = f"curriculum.stages[{index}]"
         unknown = set(entry) - {"steps", "clips", "tokens_per_clip", "keep_rate", "attention"}
         if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; use steps, clips, tokens_per_clip, "
-                              "keep_rate, attention")
+            raise ConfigError(
+                f"{where}: unknown key(s) {sorted(unknown)}; use steps, clips, tokens_per_clip, keep_rate, attention"
+            )
         steps = entry.get("steps")
         if not isinstance(steps, int) or steps < 1:
             raise ConfigError(f"{where}.steps={steps!r}: must be a whole number >= 1")
-        values = {**base, **{k: entry[k] for k in ("clips", "tokens_per_clip", "keep_rate") if k in entry}}
+        values: dict[str, Any] = {
+            **base,
+            **{k: entry[k] for k in ("clips", "tokens_per_clip", "keep_rate") if k in entry},
+        }
         attention = {**base_attention, **(entry.get("attention") or {})}
-        stage = Stage(index, start, int(values["clips"]), int(values["tokens_per_clip"]),
-                      float(values["keep_rate"]), attention)
+        stage = Stage(
+            index, start, int(values["clips"]), int(values["tokens_per_clip"]), float(values["keep_rate"]), attention
+        )
         _check(stage, where)
         result.append(stage)
         start += steps
@@ -80,8 +93,10 @@ def _check(stage: Stage, where: str) -> None:
     if stage.clips < 1:
         raise ConfigError(f"{where}.clips={stage.clips}: must be >= 1")
     if stage.tokens_per_clip < 1 or math.isqrt(stage.tokens_per_clip) ** 2 != stage.tokens_per_clip:
-        raise ConfigError(f"{where}.tokens_per_clip={stage.tokens_per_clip}: must be a square (1, 4, 16 ...): "
-                          "the cells of a grid over the CNN's feature map")
+        raise ConfigError(
+            f"{where}.tokens_per_clip={stage.tokens_per_clip}: must be a square (1, 4, 16 ...): "
+            "the cells of a grid over the CNN's feature map"
+        )
     if not 0.0 < stage.keep_rate <= 1.0:
         raise ConfigError(f"{where}.keep_rate={stage.keep_rate}: must be in (0, 1]")
     if stage.attention.get("kind") not in ("dense", "block_sparse"):
@@ -105,6 +120,6 @@ def largest(cfg: DictConfig) -> tuple[int, int]:
 
 
 def stage_data_config(data_cfg: DictConfig, stage: Stage) -> DictConfig:
-    data = OmegaConf.create(OmegaConf.to_container(data_cfg, resolve=True))
+    data = detached(data_cfg, resolve=True)
     data.clips = stage.clips
     return data

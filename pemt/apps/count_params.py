@@ -1,0 +1,54 @@
+"""Parameters per component of the pretraining model for any config.
+
+    python tools/count_params.py model=avbert_base [overrides...] [--json]
+
+Overrides are Hydra overrides of configs/pretrain.yaml, e.g. model.sharing=[layer] or
+model.factorized.rank=64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+import pemt.config  # noqa: F401  (registers the config resolvers)
+from pemt.model.factory import describe_counts
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def main(argv: list[str] | None = None) -> dict[str, int]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=avbert_base")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("pretrain", overrides=args.overrides)
+    rows = describe_counts(cfg)  # on the meta device: nothing allocated
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        width = max(map(len, rows))
+        print(f"{'component':<{width}}  {'parameters':>13}  {'millions':>9}")
+        for name, value in rows.items():
+            rule = "-" * (width + 26) + "\n" if name in ("transformers", "total") else ""
+            print(f"{rule}{name:<{width}}  {value:>13,}  {value / 1e6:>9.2f}")
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+
+
+def cli() -> int:
+    """The console script: exit 0 once done (errors exit through argparse with their own code)."""
+    main()
+    return 0
+
+
+if __name__ == "__main__":
+    main()
