@@ -2,8 +2,9 @@
 
     python benchmarks/pretraining_evidence.py [--pretrain-steps 300 --probe-steps 150 --videos 256]
 
-Pretrains three variants through launch/pretrain.py (content-aware negatives with factorised
-sharing; uniform negatives, same budget; content-aware with no sharing), then runs the same
+Pretrains four variants through launch/pretrain.py (content-aware negatives with factorised
+sharing; uniform negatives, same budget; content-aware with no sharing; factorised with the public
+code's unit normalisation of the rank-r code), then runs the same
 linear probe (launch/finetune.py, task long_av, backbone frozen) on each and on randomly
 initialised models of both shapes, scored on a held-out synthetic set. Every run lands in
 MLflow (experiments pemt-pretrain and pemt-finetune under --root, probes tagged with the run
@@ -24,10 +25,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 FACTORISED, NO_SHARING = "[layer,cross,factorized]", "[]"
-PRETRAIN_VARIANTS = {  # name: (negatives, sharing)
-    "content+factorised": ("content", FACTORISED),
-    "uniform+factorised": ("uniform", FACTORISED),
-    "content+no sharing": ("content", NO_SHARING),
+PRETRAIN_VARIANTS = {  # name: (negatives, sharing, other overrides)
+    "content+factorised": ("content", FACTORISED, []),
+    "uniform+factorised": ("uniform", FACTORISED, []),
+    "content+no sharing": ("content", NO_SHARING, []),
+    # the public code's normalisation of the factorised code (pemt's default before it was measured)
+    "content+factorised, unit norm": ("content", FACTORISED, ["model.factorized.normalize=unit"]),
 }
 RANDOM_VARIANTS = {"random+factorised": FACTORISED, "random+no sharing": NO_SHARING}
 RUN_LINE = re.compile(r"pemt: run at step (\d+) in (.+) \(MLflow run (\w+)\)")
@@ -91,13 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     ]
     rows = []
     with tqdm(total=len(PRETRAIN_VARIANTS) * 2 + len(RANDOM_VARIANTS), desc="evidence runs") as progress:
-        for name, (negatives, sharing) in PRETRAIN_VARIANTS.items():
+        for name, (negatives, sharing, other) in PRETRAIN_VARIANTS.items():
             run_dir, run_id, pretrain_s = launch(
                 "pretrain.py",
                 [
                     *data,
                     f"loss.sampling={negatives}",
                     f"model.sharing={sharing}",
+                    *other,
                     f"train.max_steps={args.pretrain_steps}",
                     f"train.checkpoint_every={args.pretrain_steps}",
                 ],

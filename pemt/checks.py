@@ -11,6 +11,7 @@ from pemt.curriculum import stages
 from pemt.data.loader import check_data
 from pemt.model.factory import check_model
 from pemt.train.engine_config import check_batch, check_world
+from pemt.train.profiling import check_profile
 
 
 def validate(cfg: DictConfig) -> None:
@@ -21,6 +22,7 @@ def validate(cfg: DictConfig) -> None:
     check_cluster(cfg)
     check_model(cfg)
     stages(cfg)  # the curriculum's stages, or the one stage of the plain config
+    check_profile(cfg)
     if "task" in cfg:
         from pemt.downstream.task import check_task
 

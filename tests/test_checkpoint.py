@@ -216,7 +216,9 @@ FULL_DISK = ENGINE + textwrap.dedent("""
         for step in (1, 2, 3):
             train_step(engine, width=512)
             outcomes.append(checkpointer.save(engine, step, {"step": step}).committed)
-        print(json.dumps({"rank": rank, "committed": outcomes}), flush=True)
+        # one write per line: the ranks share stdout, and print() writes the newline separately
+        sys.stdout.write(json.dumps({"rank": rank, "committed": outcomes}) + "\n")
+        sys.stdout.flush()
 
     if __name__ == "__main__":
         mp.start_processes(rank_main, args=(sys.argv[1], sys.argv[3]), nprocs=2, start_method="spawn")

@@ -3,6 +3,7 @@ real mp4 shards decoded with PyAV, a real MLflow SQLite store."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -33,9 +34,16 @@ def _runs(root: Path, experiment: str = "pemt-pretrain") -> list:
 
 
 def test_runs_checkpoints_logs_and_resumes(tmp_path: Path, data_cache: Path) -> None:
-    first = run_pretrain(tmp_path, data_cache, "train.max_steps=4", "train.log_every=2", "train.checkpoint_every=2")
+    first = run_pretrain(
+        tmp_path,
+        data_cache,
+        "train.max_steps=4",
+        "train.log_every=2",
+        "train.checkpoint_every=2",
+        "profile.steps=[2,3]",
+    )
     assert first.returncode == 0, describe(first)
-    run_dir = tmp_path / "pemt-pretrain" / run_name()
+    run_dir = tmp_path / "pemt-pretrain" / run_name()  # profiling does not change which run it is
     checkpoints = run_dir / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step_00000004"
     assert (checkpoints / "step_00000002").is_dir()
@@ -55,6 +63,14 @@ def test_runs_checkpoints_logs_and_resumes(tmp_path: Path, data_cache: Path) -> 
     assert experiment.artifact_location.startswith(tmp_path.as_uri()), "artifacts under paths.root, not ./mlruns"
     assert run.data.tags["mlflow.source.name"] == "pemt-pretrain" and run.data.tags["mlflow.user"]
     assert run.data.tags["pemt.version"] and len(run.data.tags.get("mlflow.source.git.commit", "x" * 40)) == 40
+    traces = [f"rank0000{rank}-steps2-3.trace.json" for rank in (0, 1)]
+    assert sorted(p.name for p in (run_dir / "profile").iterdir()) == traces
+    events = json.loads((run_dir / "profile" / traces[1]).read_text())["traceEvents"]
+    ops = {e["name"] for e in events if e.get("cat") == "cpu_op"}
+    assert {"aten::convolution", "aten::linear"} <= ops, "the model's forward and backward ops are in the trace"
+    assert any(e.get("args", {}).get("Input Dims") for e in events), "with input shapes"
+    assert any(e["name"] == "[memory]" for e in events), "and memory events"
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "profile")] == [f"profile/{t}" for t in traces]
     rank1 = "".join(p.read_text() for p in (tmp_path / "pemt-pretrain" / ".submitit").glob("*/*_1_log.*"))
     assert "[rank 1] " in rank1 and "[rank 0] " not in rank1, "each rank's lines say which rank wrote them"
 
@@ -159,6 +175,7 @@ def test_accumulated_steps_with_the_contrastive_loss_resume_exactly(tmp_path: Pa
     resume that would change the sample order (another data.streams) is refused."""
     common = (
         "train.grad_accum_steps=2",
+        "data.streams=4",  # the global batch of 8 is 4 streams x 2 micro-steps
         "loss.contrastive_weight=0.5",
         "train.log_every=1",
         "train.checkpoint_every=3",
@@ -169,7 +186,7 @@ def test_accumulated_steps_with_the_contrastive_loss_resume_exactly(tmp_path: Pa
     for steps in (3, 6):
         part = run_pretrain(tmp_path / "resumed", data_cache, f"train.max_steps={steps}", *common)
         assert part.returncode == 0, describe(part)
-    name = run_name("train.grad_accum_steps=2", "loss.contrastive_weight=0.5")
+    name = run_name("train.grad_accum_steps=2", "data.streams=4", "loss.contrastive_weight=0.5")
     run_dir = tmp_path / "resumed" / "pemt-pretrain" / name
     seen = keys_by_step(run_dir)
     assert sorted(seen) == [1, 2, 3, 4, 5, 6] and all(len(keys) == 8 for keys in seen.values()), seen
@@ -179,7 +196,12 @@ def test_accumulated_steps_with_the_contrastive_loss_resume_exactly(tmp_path: Pa
     assert sorted(contrastive) == [1, 2, 3, 4, 5, 6] and all(v > 0 for v in contrastive.values())
 
     other_order = run_pretrain(
-        tmp_path / "resumed", data_cache, "train.max_steps=8", *common, "data.streams=4", f"run_dir={run_dir}"
+        tmp_path / "resumed",
+        data_cache,
+        "train.max_steps=8",
+        *(o for o in common if not o.startswith("data.streams")),
+        "data.streams=2",
+        f"run_dir={run_dir}",
     )
     assert other_order.returncode != 0 and "data.streams" in other_order.stderr, describe(other_order)
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000006", "nothing was trained"

@@ -394,3 +394,30 @@ def test_a_job_that_starts_while_mlflow_is_down_trains_and_creates_its_run_later
         assert _history(client, run_id, "loss") == [1, 2, 3, 4]
     finally:
         _stop_server(server)
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),  # SXM
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H100 NVL", 835.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA L40", 181.0),
+        ("NVIDIA L40S", 362.0),
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
+def test_mfu_peaks_tell_gpu_variants_apart(name: str, peak: float | None) -> None:
+    from pemt.track.metrics import data_sheet_peak
+
+    assert data_sheet_peak(name) == peak
+
+
+def test_an_unknown_device_is_measured_and_says_so() -> None:
+    from pemt.track.metrics import peak_tflops
+
+    value, source = peak_tflops(None, torch.device("cpu"), torch.float32)
+    assert value > 0 and source.startswith("measured on CPU"), source
+    assert peak_tflops(123.0, torch.device("cpu"), torch.float32) == (123.0, "config")

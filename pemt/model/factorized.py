@@ -23,11 +23,12 @@ class Factorization:
     rank: int = 128
     shared: str = "output"  # output | input: the side every modality shares
     inner: str = "orthogonal"  # orthogonal | free
-    # After the first projection: "unit" L2-normalises (the public code: a unit vector, so each of its
-    # rank coordinates is ~1/sqrt(rank) and the layer's output ~sqrt(rank) times smaller than a dense
-    # layer's), "rms" normalises to unit RMS (the direction alone, at a dense layer's scale), "none".
-    # true/false mean unit/none.
-    normalize: bool | str = True
+    # After the first projection: "rms" normalises to unit RMS (the direction alone, at a dense
+    # layer's scale; the default), "unit" L2-normalises (the public code: a unit vector, so each of
+    # its rank coordinates is ~1/sqrt(rank) and the layer's output ~sqrt(rank) times smaller than a
+    # dense layer's: measured to cripple pretraining, see benchmarks/results/factorized_normalize.md),
+    # "none". true/false mean unit/none.
+    normalize: bool | str = "rms"
 
     def __post_init__(self) -> None:
         mode = self.normalize

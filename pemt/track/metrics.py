@@ -13,8 +13,20 @@ import torch
 GIB = 1024**3
 
 # Dense bf16 tensor-core peaks (TFLOP/s per device) from the vendors' data sheets, matched
-# against the device name. Devices not listed are measured (see `peak_tflops`).
-KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
+# against the device name: the first key the name contains wins, so a variant (PCIe, NVL) comes
+# before its family. Devices not listed are measured (see `peak_tflops`).
+KNOWN_PEAK_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H200 NVL": 835.0,
+    "H100": 989.0,  # SXM ("H100 80GB HBM3")
+    "H200": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L40": 181.0,
+    "L4": 121.0,
+    "A10": 125.0,
+}
 
 
 def host_rss_gib() -> float:
@@ -110,12 +122,19 @@ def peak_tflops(configured: float | None, device: torch.device, dtype: torch.dty
     """Peak TFLOP/s per device for MFU, and where the number comes from."""
     if configured:
         return float(configured), "config"
-    if device.type == "cuda" and dtype == torch.bfloat16:
-        name = torch.cuda.get_device_name(device)
-        for key, value in KNOWN_PEAK_TFLOPS.items():
-            if key in name:
-                return value, f"data sheet ({name})"
-    return measured_peak_tflops(device, dtype), "measured"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    known = data_sheet_peak(name) if dtype == torch.bfloat16 else None
+    if known:
+        return known, f"data sheet ({name})"
+    return measured_peak_tflops(device, dtype), f"measured on {name} {dtype}: no data-sheet peak known for it"
+
+
+def data_sheet_peak(device_name: str) -> float | None:
+    """The dense bf16 peak of a known GPU from its name, or None."""
+    for key, value in KNOWN_PEAK_TFLOPS.items():
+        if key in device_name:
+            return value
+    return None
 
 
 class Throughput:

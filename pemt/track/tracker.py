@@ -143,6 +143,12 @@ class MlflowTracker:
             return
         self._outbox.put({"step": int(step), "time": time.time(), "metrics": {k: float(v) for k, v in metrics.items()}})
 
+    def log_artifacts(self, paths: list[Path], artifact_path: str) -> None:
+        """Queue files to be copied into the run's artifacts under `artifact_path`."""
+        if self._outbox is None or not paths:
+            return
+        self._outbox.put({"time": time.time(), "artifacts": [str(p) for p in paths], "artifact_path": artifact_path})
+
     def finish(self, status: str, timeout_s: float = 30.0) -> None:
         """Queue the final status and deliver what is pending for up to `timeout_s` (what is left
         stays in the outbox for the next job or tools/mlflow_sync.py)."""

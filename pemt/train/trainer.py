@@ -37,6 +37,7 @@ from pemt.train.guard import StepGuard
 from pemt.train.journal import RunJournal
 from pemt.train.optimizer import build_optimizer
 from pemt.train.preemption import StopRequest, shielded
+from pemt.train.profiling import StepProfiler, profile_window
 from pemt.train.task import PretrainTask, Task, TaskContext
 from pemt.train.telemetry import Telemetry
 
@@ -103,6 +104,7 @@ class Trainer:
         self.telemetry = Telemetry(cfg, self.engine.device, self.dtype, self.info.world_size)
         self.guard = StepGuard(self.engine.module, int(cfg.train.max_skipped_steps), self.engine.device)
         self.journal = RunJournal(self.run_dir, enabled=self.info.is_main)
+        self.profiler = StepProfiler(profile_window(cfg), self.run_dir / "profile", self.info.rank, self.engine.device)
         if self.info.is_main:
             for line in transform_warnings(shard_source(cfg), cfg.data):
                 log.warning(line)
@@ -295,6 +297,16 @@ class Trainer:
             timings["replayed_steps"] = self.tracker.logged_until - step + 1
         self.tracker.log_metrics(timings, step, replayed=True)
 
+    def _profiled(self, written: list[Path], together: bool) -> None:
+        """Profile files go to MLflow: every rank's once all have written them (`together`: every
+        rank ends the window in this step), else only this rank's."""
+        if not written:
+            return
+        if together and self.info.world_size > 1:
+            dist.barrier()
+            written = self.profiler.every_rank_files()
+        self.tracker.log_artifacts(written, "profile")
+
     def _stop_outcome(self, signum: int | None) -> str:
         """Why a signal stopped the job. Slurm sends the same USR2 before the time limit and on
         preemption; one that comes when the limit is near is the limit's."""
@@ -341,12 +353,14 @@ class Trainer:
                 if stage != current:
                     stage, batches = self._enter(current, step, bad, len(all_stages))
                     count_flops = True  # a stage's sequences cost differently: count them again
+                self.profiler.before(step + 1)
                 asked = time.perf_counter()
                 micro_batches = [next(batches) for _ in range(accum)]
                 waited_for_data = time.perf_counter() - asked
                 if self._step(step + 1, micro_batches, count_flops):
                     count_flops = False
                 step += 1
+                self._profiled(self.profiler.after(step), together=True)
                 if first_step:
                     first_step = False
                     self._first_step(step, segment)
@@ -392,6 +406,7 @@ class Trainer:
             # after a signal the job has seconds left: what MLflow has not taken by then stays
             # in the outbox for the next job
             self.checkpointer.settle()  # nothing left half-written in the background
+            self._profiled(self.profiler.finish(step), together=False)
             self.tracker.finish(status, timeout_s=STOP_DELIVERY_S if stop else 30.0)
             outcome = {"FINISHED": "finished", "FAILED": "failed"}.get(status)
             outcome = outcome or self._stop_outcome(stop)
