@@ -217,7 +217,7 @@ FULL_DISK = ENGINE + textwrap.dedent("""
             train_step(engine, width=512)
             outcomes.append(checkpointer.save(engine, step, {"step": step}).committed)
         # one write per line: the ranks share stdout, and print() writes the newline separately
-        sys.stdout.write(json.dumps({"rank": rank, "committed": outcomes}) + "\n")
+        sys.stdout.write(json.dumps({"rank": rank, "committed": outcomes}) + "\\n")
         sys.stdout.flush()
 
     if __name__ == "__main__":

@@ -201,7 +201,7 @@ def test_accumulated_steps_with_the_contrastive_loss_resume_exactly(tmp_path: Pa
         "train.max_steps=8",
         *(o for o in common if not o.startswith("data.streams")),
         "data.streams=2",
-        f"run_dir={run_dir}",
+        f"run_dir='{run_dir}'",  # quoted: the derived name holds '=' and ','
     )
     assert other_order.returncode != 0 and "data.streams" in other_order.stderr, describe(other_order)
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000006", "nothing was trained"
