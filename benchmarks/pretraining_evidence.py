@@ -233,7 +233,7 @@ def record(args: argparse.Namespace, rows: list[dict], table: Path, plot: Path) 
             }
         )
         for r in rows:
-            key = r["variant"].replace("+", "_").replace(" ", "_")
+            key = re.sub(r"\W+", "_", r["variant"])  # MLflow metric names: no "+" or ","
             mlflow.log_metric(f"{key}_top1", r["top1"])
         mlflow.log_artifact(str(table))
         mlflow.log_artifact(str(plot))

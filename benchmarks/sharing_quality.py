@@ -62,10 +62,10 @@ VARIANTS = {
         "model.factorized.rank=64",
         "model.factorized.shared=input",
     ],
-    "factorized r64, rms-normalised": [
+    "factorized r64, unit-normalised (public code)": [
         f"model.sharing={FACTORIZED}",
         "model.factorized.rank=64",
-        "model.factorized.normalize=rms",
+        "model.factorized.normalize=unit",
     ],
 }
 RANDOM_OF = ["none", "layer", "layer+cross", "factorized r64"]  # random initialisations probed as floors

@@ -102,7 +102,7 @@ def _first_batch(cfg: DictConfig, rank: int, ranks: int) -> dict[str, Any]:
     return next(iter(loader))
 
 
-def _bare(cfg: DictConfig, rank: int, ranks: int, steps: int, clock: PhaseClock) -> list[float]:
+def _bare(cfg: DictConfig, rank: int, ranks: int, steps: int, warmup: int, clock: PhaseClock) -> list[float]:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -125,6 +125,8 @@ def _bare(cfg: DictConfig, rank: int, ranks: int, steps: int, clock: PhaseClock)
     batch = _first_batch(cfg, rank, ranks)
     times = []
     for step in range(steps):
+        if step == warmup:
+            clock.seconds.clear()  # phases of the timed steps only
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             t = time.perf_counter()
@@ -148,7 +150,7 @@ def _bare(cfg: DictConfig, rank: int, ranks: int, steps: int, clock: PhaseClock)
     return times
 
 
-def _pemt_step(cfg: DictConfig, rank: int, ranks: int, steps: int, clock: PhaseClock) -> list[float]:
+def _pemt_step(cfg: DictConfig, rank: int, ranks: int, steps: int, warmup: int, clock: PhaseClock) -> list[float]:
     from pemt.train.trainer import Trainer
 
     trainer = Trainer(cfg)
@@ -163,6 +165,8 @@ def _pemt_step(cfg: DictConfig, rank: int, ranks: int, steps: int, clock: PhaseC
     clock.wrap(trainer.telemetry, "add_micro_step", "metric sums")
     times = []
     for step in range(steps):
+        if step == warmup:
+            clock.seconds.clear()
         start = time.perf_counter()
         trainer._step(step + 1, [{**batch, "micro_step": step}], count_flops=False)
         times.append(time.perf_counter() - start)
@@ -171,7 +175,7 @@ def _pemt_step(cfg: DictConfig, rank: int, ranks: int, steps: int, clock: PhaseC
     return times
 
 
-def _pemt_loop(cfg: DictConfig, rank: int, ranks: int, steps: int, clock: PhaseClock) -> list[float]:
+def _pemt_loop(cfg: DictConfig, rank: int, ranks: int, steps: int, warmup: int, clock: PhaseClock) -> list[float]:
     from pemt.train.trainer import Trainer
 
     trainer = Trainer(cfg)
@@ -189,7 +193,7 @@ def _pemt_loop(cfg: DictConfig, rank: int, ranks: int, steps: int, clock: PhaseC
     return [b - a for a, b in zip(ends, ends[1:])]
 
 
-def _rank_main(rank: int, model: str, variant: str, root: str, port: int, ranks: int, steps: int) -> None:
+def _rank_main(rank: int, model: str, variant: str, root: str, port: int, ranks: int, steps: int, warmup: int) -> None:
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -201,7 +205,7 @@ def _rank_main(rank: int, model: str, variant: str, root: str, port: int, ranks:
     cfg = _config(model, variant, Path(root), ranks, steps)
     clock = PhaseClock()
     run = {"bare": _bare, "loop": _pemt_loop}.get(variant, _pemt_step)
-    times = run(cfg, rank, ranks, steps, clock)
+    times = run(cfg, rank, ranks, steps, warmup, clock)
     out = Path(root) / model / f"{variant}.rank{rank}.json"
     out.write_text(json.dumps({"times": times, "phases": clock.seconds}))
 
@@ -213,11 +217,11 @@ def _measure(model: str, variant: str, root: Path, ranks: int, steps: int, warmu
     port = rendezvous_port(f"{model}-{variant}-{os.getpid()}")
     total = steps + warmup + (1 if variant == "loop" else 0)  # the loop's first interval needs a step before it
     mp.start_processes(
-        _rank_main, args=(model, variant, str(root), port, ranks, total), nprocs=ranks, start_method="spawn"
+        _rank_main, args=(model, variant, str(root), port, ranks, total, warmup), nprocs=ranks, start_method="spawn"
     )
     per_rank = [json.loads((root / model / f"{variant}.rank{r}.json").read_text()) for r in range(ranks)]
     slowest = [max(ts) for ts in zip(*(r["times"] for r in per_rank))][-steps:]
-    phases = {k: v / total for k, v in per_rank[0]["phases"].items()}
+    phases = {k: v / steps for k, v in per_rank[0]["phases"].items()}
     return {"mean_s": statistics.mean(slowest), "median_s": statistics.median(slowest), "phases": phases}
 
 
@@ -237,9 +241,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pemt-step-overhead-") as tmp:
         root = Path(tmp)
         from pemt.data.synthetic import ensure_synthetic_shards
+        from pemt.track.store import ensure_experiment
 
         for model in args.models:
-            ensure_synthetic_shards(_config(model, "bare", root, args.ranks, 1))
+            cfg = _config(model, "bare", root, args.ranks, 1)
+            ensure_synthetic_shards(cfg)
+            ensure_experiment(str(cfg.mlflow.tracking_uri), str(cfg.mlflow.experiment))
             rows[model] = {}
             for variant in args.variants:
                 rows[model][variant] = _measure(model, variant, root, args.ranks, args.steps, args.warmup)

@@ -26,7 +26,7 @@ class Factorization:
     # After the first projection: "rms" normalises to unit RMS (the direction alone, at a dense
     # layer's scale; the default), "unit" L2-normalises (the public code: a unit vector, so each of
     # its rank coordinates is ~1/sqrt(rank) and the layer's output ~sqrt(rank) times smaller than a
-    # dense layer's: measured to cripple pretraining, see benchmarks/results/factorized_normalize.md),
+    # dense layer's: measured to cripple pretraining: benchmarks/results/factorized_normalize.md),
     # "none". true/false mean unit/none.
     normalize: bool | str = "rms"
 

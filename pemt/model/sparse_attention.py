@@ -86,7 +86,7 @@ def block_sparse_attention(
         x = x[:, :, local_index]
         return F.pad(x, (0, 0, 0, pad)).view(batch, heads, blocks, size, dim)
 
-    qb, kb, vb = blocked(q), blocked(k), blocked(v)
+    qb, kb, vb = blocked(q * dim**-0.5), blocked(k), blocked(v)  # scaled once, on the smaller tensor
     index, valid = key_blocks(blocks, spec, device)  # (blocks, K)
     gathered_k = kb[:, :, index].flatten(3, 4)  # (B, H, blocks, K*size, D)
     gathered_v = vb[:, :, index].flatten(3, 4)
@@ -98,8 +98,9 @@ def block_sparse_attention(
     real = torch.arange(blocks * size, device=device).view(blocks, size) < tokens
     key_ok = (valid[:, :, None] & real[index]).flatten(1)  # (blocks, K*size)
     key_ok = torch.cat([torch.ones(blocks, g, dtype=torch.bool, device=device), key_ok], 1)
-    scores = (qb @ keys.transpose(-1, -2)) * dim**-0.5  # (B, H, blocks, size, g + K*size)
-    scores = scores.masked_fill(~key_ok[:, None, :], float("-inf"))
+    # The mask as an additive bias, added in place: no second score-sized tensor per step.
+    bias = torch.zeros(key_ok.shape, dtype=qb.dtype, device=device).masked_fill_(~key_ok, float("-inf"))
+    scores = (qb @ keys.transpose(-1, -2)).add_(bias[:, None, :])  # (B, H, blocks, size, g + K*size)
     weights = F.dropout(scores.softmax(-1), dropout_p) if dropout_p else scores.softmax(-1)
     local_out = (weights @ values).view(batch, heads, blocks * size, dim)[:, :, :tokens]
     # Global queries attend to everything, densely (few of them).
