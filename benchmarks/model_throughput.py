@@ -176,17 +176,17 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
         f"# Training-step throughput ({args.device}, batch {args.batch})",
         "",
         f"{datetime.date.today()}; `python benchmarks/model_throughput.py --device {args.device} "
-        f"--batch {args.batch}` ({' '.join(window)}). MFU against {rows[0]['peak_tflops']:.0f} TFLOP/s "
+        f"--batch {args.batch}` ({' '.join(window)}). MFU against {rows[0]['peak_tflops']:.3g} TFLOP/s "
         f"({rows[0]['peak_source']}). Step time: the median of {args.steps}.",
         "",
-        "| ZeRO | sharing | activation ckpt | transformer params (M) | samples/s | TFLOP/sample | MFU % "
+        "| ZeRO | sharing | activation ckpt | transformer params (M) | samples/s | GFLOP/sample | MFU % "
         "| peak memory GiB |",
         "|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['stage']} | {r['sharing']} | {'on' if r['checkpointing'] else 'off'} "
-            f"| {r['transformer_params_m']:.1f} | {r['samples_per_s']:.2f} | {r['tflop_per_sample']:.3f} "
+            f"| {r['transformer_params_m']:.3g} | {r['samples_per_s']:.3g} | {1000 * r['tflop_per_sample']:.4g} "
             f"| {r['mfu_pct']:.1f} | {r['memory_gib']:.2f} |"
         )
     if args.device == "cpu":
