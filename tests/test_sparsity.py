@@ -142,9 +142,14 @@ def test_tokens_per_clip_are_cells_of_the_cnn_map() -> None:
     # the 2 x 2 cells of an evenly divisible map average to the whole-map pool
     cells = backbone.visual_cnn(video.flatten(0, 1), 2)
     torch.testing.assert_close(cells.mean(1), backbone.visual_cnn(video.flatten(0, 1)), rtol=1e-5, atol=1e-5)
-    # token j of clip c sits at clip position c + 1 and cell j
+    # the tokens of clip c are tokens c*4 ... c*4+3: changing clip 1 changes those four and no other
+    changed = video.clone()
+    changed[:, 1] = 0.0
+    moved = (backbone.embed_clips(changed, audio)[0] - visual).abs().amax(-1)  # (batch, 12 tokens)
+    assert (moved[:, 4:8] > 1e-4).all(), moved
+    assert moved[:, :4].max() < 1e-6 and moved[:, 8:].max() < 1e-6, moved
     out = backbone.contextualise("visual", visual)
-    assert out.shape == (2, 13, 64)
+    assert out.shape == (2, 13, 64)  # one BOS and the 12 tokens
 
 
 def _stack(depth: int = 2):

@@ -18,7 +18,7 @@ from pemt.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-# CUDA allocations remembered for the memory snapshot (torch's own default).
+# CUDA allocation events kept for the memory snapshot: bounded (torch keeps every one by default).
 SNAPSHOT_ENTRIES = 100_000
 
 
