@@ -80,6 +80,14 @@ class StopRequest:
             signal.signal(signum, handler)
         self.previous.clear()
 
+    def finished(self) -> None:
+        """The run is complete and saved: handlers go back, except that the preemption signal is
+        ignored from now on. Slurm sends it `signal_delay_s` before the time limit; one that comes
+        while a finished job exits must neither requeue it nor kill it (which Slurm records as
+        FAILED)."""
+        self.uninstall()
+        signal.signal(self.preempt, signal.SIG_IGN)
+
     def _record(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is None:
             log.warning("received %s: saving at the next step boundary", signal.Signals(signum).name)

@@ -416,7 +416,9 @@ class Trainer:
         if stop:
             self._warn_if_slow_to_stop()
             self.stop.hand_over(stop, requeue=bool(OmegaConf.select(self.cfg, "cluster.requeue", default=True)))
-        self.stop.uninstall()
+            self.stop.uninstall()
+        else:
+            self.stop.finished()
         return {"step": step, "samples": samples, "run_dir": str(self.run_dir), "mlflow_run_id": run_id}
 
 
