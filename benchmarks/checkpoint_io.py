@@ -28,9 +28,8 @@ from pathlib import Path
 
 import psutil
 import torch
-from hydra import compose, initialize_config_dir
 
-import pemt.config  # noqa: F401
+from pemt.config import compose_config
 from pemt.model.factory import build_pretraining_model
 from pemt.train.checkpoint import Checkpointer
 
@@ -82,19 +81,18 @@ def _rank_main(rank: int, model_name: str, folder: str, port: int, steps: int, e
     )
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose(
-            "pretrain",
-            overrides=[
-                f"model={model_name}",
-                "data.clips=2",
-                "data.frames_per_clip=2",
-                "data.crop=32",
-                "gpus_per_node=2",
-                "train.global_batch_size=2",
-                "data.streams=2",
-            ],
-        )
+    cfg = compose_config(
+        "pretrain",
+        overrides=[
+            f"model={model_name}",
+            "data.clips=2",
+            "data.frames_per_clip=2",
+            "data.crop=32",
+            "gpus_per_node=2",
+            "train.global_batch_size=2",
+            "data.streams=2",
+        ],
+    )
     torch.manual_seed(0)
     model = build_pretraining_model(cfg)
     optimizer = torch.optim.AdamW(model.parameters())

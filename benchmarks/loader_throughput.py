@@ -22,11 +22,10 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-import pemt.config  # noqa: F401
+from pemt.config import compose_config
 from pemt.data.decode import decode_clips
 from pemt.data.ingest import make_shards
 from pemt.data.loader import build_loader, clip_spec
@@ -60,8 +59,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     args = parser.parse_args()
 
-    with initialize_config_dir(config_dir=str(HERE.parent / "configs"), version_base="1.3"):
-        cfg = compose("pretrain", overrides=["data.streams=1", f"data.num_workers={args.workers}"])
+    cfg = compose_config("pretrain", overrides=["data.streams=1", f"data.num_workers={args.workers}"])
     spec = clip_spec(cfg.data)
     work = Path(tempfile.mkdtemp(prefix="pemt-loader-"))
     videos = SyntheticSpec(videos=args.videos, seconds=args.seconds, size=args.size)

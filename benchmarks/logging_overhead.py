@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
+from pemt.config import compose_config
 from pemt.data.decode import log_mel
 from pemt.data.loader import clip_spec
 from pemt.model.factory import build_pretraining_model
@@ -33,7 +33,6 @@ from pemt.track.store import ensure_experiment
 from pemt.track.tracker import MlflowTracker
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 
 
 def _metrics(step: int) -> dict[str, float]:
@@ -62,8 +61,7 @@ def _metrics(step: int) -> dict[str, float]:
 
 def run(mode: str, steps: int, log_every: int, folder: Path) -> tuple[float, float]:
     """(mean step seconds without logging, mean seconds per log call the loop waited)."""
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("pretrain")
+    cfg = compose_config("pretrain")
     torch.manual_seed(0)
     model = build_pretraining_model(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

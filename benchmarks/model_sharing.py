@@ -33,9 +33,8 @@ HERE = Path(__file__).resolve().parent
 
 def measure(args: argparse.Namespace) -> dict:
     import torch
-    from hydra import compose, initialize_config_dir
 
-    import pemt.config  # noqa: F401
+    from pemt.config import compose_config
     from pemt.model.factory import build_pretraining_model
     from pemt.model.params import count_parameters
 
@@ -47,8 +46,7 @@ def measure(args: argparse.Namespace) -> dict:
         f"data.fps={args.frames}",
         f"data.crop={args.crop}",
     ]
-    with initialize_config_dir(config_dir=str(HERE.parent / "configs"), version_base="1.3"):
-        cfg = compose("pretrain", overrides=overrides)
+    cfg = compose_config("pretrain", overrides=overrides)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     torch.manual_seed(0)

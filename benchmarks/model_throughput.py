@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 SHARING = {
     "none": "[]",
     "layer": "[layer]",
@@ -38,24 +37,23 @@ SMOKE_WINDOW = ["model=tiny", "data.clips=4", "data.frames_per_clip=4", "data.cr
 
 
 def _config(device: str, stage: int, sharing: str, checkpointing: bool, batch: int) -> Any:
-    from hydra import compose, initialize_config_dir
+    from pemt.config import compose_config
 
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose(
-            "pretrain",
-            overrides=[
-                *(PAPER_WINDOW if device == "cuda" else SMOKE_WINDOW),
-                f"precision={'bf16' if device == 'cuda' else 'fp32'}",
-                f"deepspeed=zero{stage}",
-                f"model.sharing={SHARING[sharing]}",
-                f"model.activation_checkpointing.cnns={checkpointing}",
-                f"model.activation_checkpointing.transformers={checkpointing}",
-                "gpus_per_node=1",
-                f"train.global_batch_size={batch}",
-                f"data.streams={batch}",
-                "run_dir=unused",
-            ],
-        )
+    return compose_config(
+        "pretrain",
+        overrides=[
+            *(PAPER_WINDOW if device == "cuda" else SMOKE_WINDOW),
+            f"precision={'bf16' if device == 'cuda' else 'fp32'}",
+            f"deepspeed=zero{stage}",
+            f"model.sharing={SHARING[sharing]}",
+            f"model.activation_checkpointing.cnns={checkpointing}",
+            f"model.activation_checkpointing.transformers={checkpointing}",
+            "gpus_per_node=1",
+            f"train.global_batch_size={batch}",
+            f"data.streams={batch}",
+            "run_dir=unused",
+        ],
+    )
 
 
 def _train_step(engine: Any, video: Any, audio: Any, seed: int) -> None:

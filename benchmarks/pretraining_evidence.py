@@ -51,14 +51,11 @@ def launch(script: str, overrides: list[str]) -> tuple[Path, str, float]:
 
 
 def transformer_params(sharing: str) -> int:
-    from hydra import compose, initialize_config_dir
-
-    import pemt.config  # noqa: F401
+    from pemt.config import compose_config
     from pemt.model.factory import build_pretraining_model
     from pemt.model.params import count_parameters
 
-    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("pretrain", overrides=[f"model.sharing={sharing}"])
+    cfg = compose_config("pretrain", overrides=[f"model.sharing={sharing}"])
     return count_parameters(build_pretraining_model(cfg))["transformers"]
 
 

@@ -127,12 +127,9 @@ def launch(overrides: list[str]) -> tuple[Path, str, float]:
 
 
 def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
+    from pemt.config import compose_config
 
-    import pemt.config  # noqa: F401
-
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose("pretrain", overrides=overrides)
+    return compose_config("pretrain", overrides=overrides)
 
 
 def videos_of(args: argparse.Namespace, root: Path, videos: int, seed: int) -> dict:

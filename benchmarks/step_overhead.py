@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from pemt.config import compose_config
+
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 
 # A model where the transformers are not trivially small: hidden 256, 4 layers, 8 clips.
 MODELS = {
@@ -55,23 +55,22 @@ VARIANTS = ["bare", "zero1", "zero2", "zero3", "loop"]
 
 def _config(model: str, variant: str, root: Path, ranks: int, steps: int) -> DictConfig:
     zero = variant if variant.startswith("zero") else "zero2"
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose(
-            "pretrain",
-            overrides=[
-                *MODELS[model],
-                f"deepspeed={zero}",
-                f"gpus_per_node={ranks}",
-                f"train.global_batch_size={4 * ranks}",
-                f"data.streams={4 * ranks}",
-                f"train.max_steps={steps}",
-                "train.log_every=5",
-                f"train.checkpoint_every={steps + 1}",
-                f"paths.root={root}",
-                f"run_dir={root / model / variant}",
-                f"precision={'bf16' if torch.cuda.is_available() else 'fp32'}",
-            ],
-        )
+    return compose_config(
+        "pretrain",
+        overrides=[
+            *MODELS[model],
+            f"deepspeed={zero}",
+            f"gpus_per_node={ranks}",
+            f"train.global_batch_size={4 * ranks}",
+            f"data.streams={4 * ranks}",
+            f"train.max_steps={steps}",
+            "train.log_every=5",
+            f"train.checkpoint_every={steps + 1}",
+            f"paths.root={root}",
+            f"run_dir={root / model / variant}",
+            f"precision={'bf16' if torch.cuda.is_available() else 'fp32'}",
+        ],
+    )
 
 
 class PhaseClock:

@@ -221,17 +221,15 @@ def flops_per_sample() -> float:
     is built on the CPU (its orthogonal parametrisation checks itself) then moved to the meta
     device, so nothing is computed. The masked-embedding heads are off: two small linear layers."""
     import torch
-    from hydra import compose, initialize_config_dir
 
-    import pemt.config  # noqa: F401
+    from pemt.config import compose_config
     from pemt.data.decode import mel_frames
     from pemt.data.loader import clip_spec
     from pemt.model.factory import build_pretraining_model
     from pemt.track.metrics import counting_flops
 
     overrides = ["model=avbert_base", "loss.mep_weight=0", *(f"data.{k}={v}" for k, v in WINDOW.items())]
-    with initialize_config_dir(config_dir=str(HERE.parent / "configs"), version_base="1.3"):
-        cfg = compose("pretrain", overrides=overrides)
+    cfg = compose_config("pretrain", overrides=overrides)
     model = build_pretraining_model(cfg).to("meta")
     spec, batch = clip_spec(cfg.data), 2
     with torch.device("meta"):

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the package
 DEFAULT_RUN_NAME = "default"
 MAX_RUN_NAME_BYTES = 200  # file systems take 255 bytes per name
 
@@ -87,6 +90,15 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+
+
+def compose_config(name: str = "pretrain", overrides: Sequence[str] = (), hydra: bool = False) -> DictConfig:
+    """`name`'s config with `overrides`, composed as a launch would without launching anything
+    (benchmarks, tools, tests); `hydra` keeps Hydra's own section."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(name, overrides=list(overrides), return_hydra_config=hydra)
 
 
 def world_size(cfg: DictConfig) -> int:

@@ -55,6 +55,12 @@ def run_launch(
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+def run_resume(*args: str) -> subprocess.CompletedProcess:
+    """`python tools/resume.py ARGS` as a user runs it."""
+    cmd = [sys.executable, str(REPO / "tools" / "resume.py"), *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
 def run_name(*overrides: str) -> str:
     """The run folder Hydra derives from the science-changing overrides (sorted, comma-joined)."""
     from pemt.config import run_name as folder_name

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from conftest import REPO
+from pemt.config import compose_config
 from pemt.downstream.models import Classifier
 from pemt.train.optimizer import build_optimizer
 
 
 def _cfg(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose("finetune", overrides=["model.sharing=[]", "model.dropout=0.0", *overrides])
+    return compose_config("finetune", overrides=["model.sharing=[]", "model.dropout=0.0", *overrides])
 
 
 def _classifier(cfg: DictConfig, task: str = "long_av", freeze: tuple[str, ...] = ()) -> Classifier:

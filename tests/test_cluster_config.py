@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from hydra import compose, initialize_config_dir
-
 from conftest import REPO
+from pemt.config import compose_config
 
 
 def _launcher(*overrides: str) -> dict:
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("pretrain", overrides=list(overrides), return_hydra_config=True)
+    cfg = compose_config("pretrain", overrides=list(overrides), hydra=True)
     return cfg.hydra.launcher
 
 
@@ -38,8 +36,7 @@ def test_slurm_cluster_takes_partition_time_shape_and_signal_from_config() -> No
 
 
 def test_run_dir_ignores_keys_that_do_not_change_the_science() -> None:
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("pretrain", return_hydra_config=True)
+    cfg = compose_config("pretrain", hydra=True)
     excluded = set(cfg.hydra.job.config.override_dirname.exclude_keys)
     assert {"train.max_steps", "nodes", "gpus_per_node", "cluster"} <= excluded
     assert "train.lr" not in excluded
@@ -49,8 +46,7 @@ def test_no_cluster_setting_changes_the_run_dir() -> None:
     """Moving a run to another partition, time limit or requeue policy continues the same run."""
     from omegaconf import OmegaConf
 
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("pretrain", return_hydra_config=True)
+    cfg = compose_config("pretrain", hydra=True)
     excluded = set(cfg.hydra.job.config.override_dirname.exclude_keys)
     for path in (REPO / "configs" / "cluster").glob("*.yaml"):
         keys = OmegaConf.load(path).get("cluster", {}).keys()

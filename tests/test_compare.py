@@ -13,6 +13,13 @@ from mlflow.tracking import MlflowClient
 from conftest import REPO
 
 
+def _compare(*args: str) -> subprocess.CompletedProcess:
+    """`python tools/compare.py ARGS` as a user runs it."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / "compare.py"), *args], capture_output=True, text=True, cwd=REPO
+    )
+
+
 def test_table_and_plots_for_an_experiment(tmp_path: Path) -> None:
     from pemt.track.store import ensure_experiment
 
@@ -29,23 +36,8 @@ def test_table_and_plots_for_an_experiment(tmp_path: Path) -> None:
         client.log_batch(run.info.run_id, metrics=metrics)
         client.set_terminated(run.info.run_id)
     out = tmp_path / "plots"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tools" / "compare.py"),
-            "--experiment",
-            "cmp",
-            "--tracking-uri",
-            uri,
-            "--metrics",
-            "loss",
-            "samples_per_s",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
+    result = _compare(
+        "--experiment", "cmp", "--tracking-uri", uri, "--metrics", "loss", "samples_per_s", "--out", str(out)
     )
     assert result.returncode == 0, result.stderr
     header, *rows = [line.split("  ") for line in result.stdout.splitlines() if line.strip()]
@@ -63,17 +55,5 @@ def test_table_and_plots_for_an_experiment(tmp_path: Path) -> None:
 
 
 def test_unknown_experiment_is_a_clear_error(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tools" / "compare.py"),
-            "--experiment",
-            "nope",
-            "--tracking-uri",
-            f"sqlite:///{tmp_path}/m.db",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
+    result = _compare("--experiment", "nope", "--tracking-uri", f"sqlite:///{tmp_path}/m.db")
     assert result.returncode == 2 and "no MLflow experiment 'nope'" in result.stderr

@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, SMALL_DATA, describe, keys_by_step, run_launch, run_name, run_pretrain
+from conftest import REPO, SMALL_DATA, describe, keys_by_step, run_launch, run_name, run_pretrain, run_resume
 
 pytestmark = pytest.mark.slow
 STEPS = 24
@@ -109,16 +109,6 @@ def test_interrupted_twice_by_signals_ends_bitwise_equal(tmp_path: Path, data_ca
     assert run.data.metrics["samples"] == STEPS * 8
 
 
-def _resume(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "tools" / "resume.py"), *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 def test_failed_run_is_resumed_by_resume_py_and_exported(tmp_path: Path, data_cache: Path) -> None:
     root = tmp_path / "runs"
     run_dir = root / "pemt-pretrain" / run_name()
@@ -131,18 +121,18 @@ def test_failed_run_is_resumed_by_resume_py_and_exported(tmp_path: Path, data_ca
     output, _ = job.communicate(timeout=300)
     assert job.returncode != 0, output[-4000:]
 
-    status = _resume(str(run_dir), "--status", "--json")
+    status = run_resume(str(run_dir), "--status", "--json")
     assert status.returncode == 0, status.stderr
     [before] = json.loads(status.stdout)
     assert before["state"] == "failed" and before["resumable"], before
     assert 2 <= before["step"] < 40
     assert before["last_job"]["reason"], "why it stopped"
 
-    dry = _resume(str(root), "--dry-run")
+    dry = run_resume(str(root), "--dry-run")
     assert dry.returncode == 0 and "-m pemt.apps.pretrain" in dry.stdout
-    resumed = _resume(before["mlflow_run_id"], "--tracking-uri", f"sqlite:///{root}/mlflow.db")
+    resumed = run_resume(before["mlflow_run_id"], "--tracking-uri", f"sqlite:///{root}/mlflow.db")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    [after] = json.loads(_resume(str(run_dir), "--status", "--json").stdout)
+    [after] = json.loads(run_resume(str(run_dir), "--status", "--json").stdout)
     assert after["state"] == "finished" and after["step"] == 40
     assert after["mlflow_run_id"] == before["mlflow_run_id"]
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
@@ -153,9 +143,9 @@ def test_failed_run_is_resumed_by_resume_py_and_exported(tmp_path: Path, data_ca
     assert sorted(steps) == list(range(2, 41, 2)), steps
     assert "checkpoint_load_s" in run.data.metrics and run.data.metrics["segment"] == 2
 
-    nothing = _resume(str(run_dir))
+    nothing = run_resume(str(run_dir))
     assert nothing.returncode == 2 and "nothing to resume" in nothing.stderr
-    listed = _resume("--list", str(root))
+    listed = run_resume("--list", str(root))
     assert "finished" in listed.stdout and str(run_dir) in listed.stdout
 
     # Export: one fp32 file + config that load without DeepSpeed and match the checkpoint.

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from conftest import REPO
+from pemt.config import compose_config
 from pemt.data.decode import decode_clips, video_to_float
 from pemt.data.loader import clip_spec
 from pemt.data.synthetic import SyntheticSpec, make_sample
@@ -25,8 +25,7 @@ SHARING = ["[]", "[layer]", "[cross]", "[layer,cross]", "[factorized]", "[layer,
 
 
 def _cfg(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose("pretrain", overrides=list(overrides))
+    return compose_config("pretrain", overrides=list(overrides))
 
 
 def _batch(cfg: DictConfig, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:

@@ -92,12 +92,9 @@ def test_gathered_rows_span_every_rank_and_send_gradient_home() -> None:
 
 
 def _cfg():
-    from hydra import compose, initialize_config_dir
+    from pemt.config import compose_config
 
-    from conftest import REPO
-
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose("pretrain", overrides=["loss.mask_ratio=0.25"])
+    return compose_config("pretrain", overrides=["loss.mask_ratio=0.25"])
 
 
 def _loss_and_grads(model, video, audio) -> tuple[float, list[torch.Tensor]]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import describe, keys_by_step, run_name, run_pretrain
+from conftest import describe, keys_by_step, run_name, run_pretrain, run_resume
 
 pytestmark = pytest.mark.slow
 
@@ -88,21 +88,6 @@ def test_runs_checkpoints_logs_and_resumes(tmp_path: Path, data_cache: Path) -> 
 
 
 def test_a_run_dir_of_ones_own_holds_the_run_and_resumes_wherever_it_moves(tmp_path: Path, data_cache: Path) -> None:
-    import json
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
-    def resume(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, str(REPO / "tools" / "resume.py"), *args],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=600,
-        )
-
     mine = tmp_path / "mine"
     first = run_pretrain(
         tmp_path / "root", data_cache, f"run_dir={mine}", "train.max_steps=2", "train.checkpoint_every=2"
@@ -112,16 +97,16 @@ def test_a_run_dir_of_ones_own_holds_the_run_and_resumes_wherever_it_moves(tmp_p
         "logs and overrides in PATH"
     )
     assert not (tmp_path / "root" / "pemt-pretrain").exists(), "nothing lands in another run's folder"
-    [status] = json.loads(resume(str(mine), "--status", "--json").stdout)
+    [status] = json.loads(run_resume(str(mine), "--status", "--json").stdout)
     assert status["state"] == "finished" and status["step"] == 2
 
     moved = tmp_path / "moved"
     mine.rename(moved)
-    further = resume(str(moved), "train.max_steps=4")
+    further = run_resume(str(moved), "train.max_steps=4")
     assert further.returncode == 0, further.stdout[-3000:] + further.stderr[-3000:]
     assert (moved / "checkpoints" / "latest").read_text() == "step_00000004" and not mine.exists()
 
-    changed = resume(str(moved), "train.max_steps=6", "loss.temperature=0.5")
+    changed = run_resume(str(moved), "train.max_steps=6", "loss.temperature=0.5")
     assert changed.returncode != 0
     assert "loss.temperature: 0.1 -> 0.5" in changed.stdout + changed.stderr, changed.stderr[-3000:]
     assert (moved / "checkpoints" / "latest").read_text() == "step_00000004"

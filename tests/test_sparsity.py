@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import REPO
+from pemt.config import compose_config
 from pemt.model.factory import build_pretraining_model
 from pemt.model.sparse_attention import BlockSparsity, block_sparse_attention, key_blocks
 
@@ -102,17 +101,16 @@ def test_counted_flops_fall_with_sparsity() -> None:
 @pytest.mark.parametrize("sharing", ["[]", "[layer,cross,factorized]"])
 @pytest.mark.parametrize("fusion", ["mid", "early"])
 def test_model_trains_with_sparse_attention(sharing: str, fusion: str) -> None:
-    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-        cfg = compose(
-            "pretrain",
-            overrides=[
-                f"model.sharing={sharing}",
-                f"model.fusion={fusion}",
-                "data.clips=12",
-                "model.attention.kind=block_sparse",
-                "model.attention.block_size=2",
-            ],
-        )
+    cfg = compose_config(
+        "pretrain",
+        overrides=[
+            f"model.sharing={sharing}",
+            f"model.fusion={fusion}",
+            "data.clips=12",
+            "model.attention.kind=block_sparse",
+            "model.attention.block_size=2",
+        ],
+    )
     torch.manual_seed(0)
     model = build_pretraining_model(cfg)
     video = torch.rand(2, 12, 3, cfg.data.frames_per_clip, 32, 32)
@@ -125,8 +123,7 @@ def test_model_trains_with_sparse_attention(sharing: str, fusion: str) -> None:
 
 
 def _cfg(*overrides: str):
-    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-        return compose("pretrain", overrides=list(overrides))
+    return compose_config("pretrain", overrides=list(overrides))
 
 
 def test_tokens_per_clip_are_cells_of_the_cnn_map() -> None:

@@ -103,15 +103,14 @@ def test_undelivered_metrics_stay_on_disk_and_mlflow_sync_sends_them(tmp_path: P
 
 def _flops_per_sample_in_process(micro_batch: int) -> float:
     """FLOPs of one forward + backward of the default model, counted here by torch."""
-    from hydra import compose, initialize_config_dir
     from torch.utils.flop_counter import FlopCounterMode
 
+    from pemt.config import compose_config
     from pemt.data.decode import log_mel
     from pemt.data.loader import clip_spec
     from pemt.model.factory import build_pretraining_model
 
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("pretrain", overrides=SMALL_DATA)
+    cfg = compose_config("pretrain", overrides=SMALL_DATA)
     model = build_pretraining_model(cfg)
     spec = clip_spec(cfg.data)
     video = torch.rand(micro_batch, spec.clips, 3, spec.frames_per_clip, spec.crop, spec.crop)

@@ -11,14 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
-import pemt.config  # noqa: F401  (registers the config resolvers)
+from pemt.config import compose_config
 from pemt.model.factory import describe_counts
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def main(argv: list[str] | None = None) -> dict[str, int]:
@@ -26,8 +21,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=avbert_base")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("pretrain", overrides=args.overrides)
+    cfg = compose_config("pretrain", overrides=args.overrides)
     rows = describe_counts(cfg)  # on the meta device: nothing allocated
     if args.json:
         print(json.dumps(rows, indent=1))

@@ -16,30 +16,23 @@ there. Anything that makes a sample unusable raises DecodeError with the reason.
 from __future__ import annotations
 
 import functools
-import io
 import math
 import random
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import BinaryIO, cast
+from typing import cast
 
 import av
 import numpy as np
 import torch
 
-Source = bytes | BinaryIO
+from pemt.data.audio import audio_window, cut_window, decode_audio
+from pemt.data.errors import DecodeError as DecodeError  # where callers have always found it
+from pemt.data.media import Source, open_source, seek_keyframe, time_base
 
-# Audio is decoded from this long before the window: AAC frames overlap their neighbours and
-# resamplers filter across samples, so the first output after a seek differs from a decode from
-# the start; a quarter second settles both.
-AUDIO_PRE_ROLL_S = 0.25
 # Packets of a short video are read this far past the window's end to find every frame shown in
 # it (B-frames arrive out of presentation order).
 REORDER_MARGIN_S = 2.0
-
-
-class DecodeError(ValueError):
-    """A sample that cannot become model input; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -115,28 +108,6 @@ def video_to_float(video: torch.Tensor, device: torch.device | str, dtype: torch
     """Decoded uint8 frames as the model reads them: [0, 1] in `dtype` on `device`. Converted
     there, so loaders hold and move a quarter of the bytes."""
     return video.to(device, non_blocking=True).to(torch.float32).div_(255.0).to(dtype)
-
-
-def _open(source: Source) -> av.container.InputContainer:
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        source = io.BytesIO(source)
-    return av.open(source, mode="r", metadata_errors="ignore")
-
-
-def _time_base(stream: av.stream.Stream) -> Fraction:
-    # FFmpeg gives every demuxed stream one; None would be a container PyAV did not open
-    if stream.time_base is None:
-        raise DecodeError(f"stream {stream.index} has no time base")
-    return stream.time_base
-
-
-def _seek(container: av.container.InputContainer, stream: av.stream.Stream, seconds: float) -> None:
-    """To the keyframe at or before `seconds` (stream time); a file without an index (or one that
-    refuses) is simply decoded from where it is, which only costs time."""
-    try:
-        container.seek(max(0, int(seconds / _time_base(stream))), stream=stream, backward=True, any_frame=False)
-    except av.error.FFmpegError:
-        container.seek(0)
 
 
 class _Converter:
@@ -250,7 +221,7 @@ def _frame_times(container: av.container.InputContainer, stream: av.stream.Strea
     """Presentation times of the video's frames from its packets (no decoding), sorted, up to
     the first one past `until`."""
     found = []
-    time_base = _time_base(stream)
+    unit = time_base(stream)
     for packet in container.demux(stream):
         if packet.pts is None:
             if packet.dts is None:
@@ -258,8 +229,8 @@ def _frame_times(container: av.container.InputContainer, stream: av.stream.Strea
             stamp = packet.dts
         else:
             stamp = packet.pts
-        found.append(float(stamp * time_base))
-        if packet.dts is not None and float(packet.dts * time_base) > until + REORDER_MARGIN_S:
+        found.append(float(stamp * unit))
+        if packet.dts is not None and float(packet.dts * unit) > until + REORDER_MARGIN_S:
             break
     starts = np.unique(np.array(found, dtype=np.float64))
     past = np.searchsorted(starts, until, side="right")
@@ -295,9 +266,9 @@ def _window_frames(
 ) -> np.ndarray:
     """Frames at `times` of a video longer than the window: seek, decode the window, stop."""
     picker = _FramePicker(times, crop, rng)
-    _seek(container, stream, float(times[0]))
+    seek_keyframe(container, stream, float(times[0]))
     _decode_into(picker, container, stream)
-    stream_start = float((stream.start_time or 0) * _time_base(stream))
+    stream_start = float((stream.start_time or 0) * time_base(stream))
     if picker.first_time is not None and picker.first_time > max(times[0], stream_start) + 1e-6:
         # The seek landed past the window's start (a broken index): decode from the start.
         container.seek(0)
@@ -334,92 +305,6 @@ def _header_duration(container: av.container.InputContainer) -> float | None:
     if container.duration and container.duration > 0:
         return container.duration / av.time_base
     return None
-
-
-def _mono(resampler: av.AudioResampler, frame: av.AudioFrame | None) -> list[np.ndarray]:
-    return [r.to_ndarray().reshape(-1) for r in resampler.resample(frame)]
-
-
-def _on_output_grid(frame: av.AudioFrame, rate: int) -> tuple[av.AudioFrame, int]:
-    """The first frame after a seek, trimmed to start on an instant that is a whole sample at
-    `rate` (and that sample's index): the resampler then computes the same samples as in a decode
-    from the start, not ones shifted by a fraction of a sample."""
-    position = int(round((frame.time or 0.0) * frame.sample_rate))
-    step = frame.sample_rate // math.gcd(frame.sample_rate, rate)
-    trim = -position % step
-    if trim and trim < frame.samples:
-        planes = frame.to_ndarray()
-        planar = planes.shape[0] == len(frame.layout.channels) and frame.format.is_planar
-        kept = planes[:, trim:] if planar else planes[:, trim * len(frame.layout.channels) :]
-        trimmed = av.AudioFrame.from_ndarray(
-            np.ascontiguousarray(kept),  # type: ignore[arg-type]  # any of the sample formats
-            format=frame.format.name,
-            layout=frame.layout.name,
-        )
-        trimmed.sample_rate = frame.sample_rate
-        frame, position = trimmed, position + trim
-    return frame, position * rate // frame.sample_rate
-
-
-def _decode_audio(
-    container: av.container.InputContainer, begin: float, rate: int, stop_at: int | None
-) -> tuple[np.ndarray, int]:
-    """Mono samples at `rate` from the audio packet at or before `begin` seconds, and the index
-    (time x rate) of the first one; decoding stops once sample `stop_at` is held (None: the end)."""
-    if not container.streams.audio:
-        raise DecodeError("no audio track")
-    stream = container.streams.audio[0]
-    if begin > 0:
-        _seek(container, stream, begin)
-    else:
-        container.seek(0)
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-    pieces: list[np.ndarray] = []
-    held, origin = 0, None
-    for frame in container.decode(stream):
-        if origin is None:
-            frame, origin = _on_output_grid(frame, rate) if begin > 0 else (frame, 0)
-        for piece in _mono(resampler, frame):
-            pieces.append(piece)
-            held += len(piece)
-        # a few samples more: the resampler holds some back until it is flushed
-        if stop_at is not None and origin + held >= stop_at + 64:
-            break
-    else:
-        pieces += _mono(resampler, None)
-    if not pieces or not sum(len(p) for p in pieces):
-        raise DecodeError("empty audio track")
-    audio = np.concatenate(pieces)
-    if not np.isfinite(audio).all():
-        raise DecodeError("non-finite audio samples")
-    return audio, origin or 0
-
-
-def _audio_window(
-    container: av.container.InputContainer, start: float, needed: int, rate: int, short: bool, loop: bool
-) -> np.ndarray:
-    """`needed` mono samples at `rate` from `start` seconds on.
-
-    A long video's track is sought and placed by its timestamps: what it does not cover is
-    silence. A short video's track (`short`, decoded whole from its first sample) repeats with its
-    picture (`loop`) or ends in silence."""
-    first = int(round(start * rate))
-    if short:
-        audio, origin = _decode_audio(container, 0.0, rate, None)
-        if loop and first + needed > len(audio):
-            audio = np.tile(audio, math.ceil((first + needed) / len(audio)))
-    else:
-        audio, origin = _decode_audio(container, start - AUDIO_PRE_ROLL_S, rate, first + needed)
-    return _cut(audio, first - origin, needed)
-
-
-def _cut(audio: np.ndarray, offset: int, needed: int) -> np.ndarray:
-    """audio[offset:offset + needed], silent where that reaches outside the array."""
-    window = np.zeros(needed, dtype=np.float32)
-    lo, hi = max(0, offset), min(len(audio), offset + needed)
-    if hi > lo:
-        window[lo - offset : hi - offset] = audio[lo:hi]
-    return window
 
 
 def _mel_clips(window: np.ndarray, spec: ClipSpec) -> torch.Tensor:
@@ -468,15 +353,15 @@ def decode_clips(
     needed = spec.clips * spec.clip_samples
     loop = spec.short_videos == "loop"
     try:
-        with _open(data) as container:
+        with open_source(data) as container:
             if not container.streams.video:
                 raise DecodeError("no video track")
             frames, start, short = _video_frames(container, spec, rng)
             if audio_data is None:
-                audio = _audio_window(container, start, needed, spec.sample_rate, short, loop)
+                audio = audio_window(container, start, needed, spec.sample_rate, short, loop)
         if audio_data is not None:
-            with _open(audio_data) as sound:
-                audio = _audio_window(sound, start, needed, spec.sample_rate, short, loop)
+            with open_source(audio_data) as sound:
+                audio = audio_window(sound, start, needed, spec.sample_rate, short, loop)
     except av.error.FFmpegError as err:
         raise DecodeError(f"undecodable video: {err}") from err
     except (MemoryError, OverflowError) as err:
@@ -491,17 +376,17 @@ def _decode_audio_only(audio_data: Source | None, spec: ClipSpec) -> dict[str, t
         raise DecodeError("neither video nor audio data")
     needed = spec.clips * spec.clip_samples
     try:
-        with _open(audio_data) as sound:
+        with open_source(audio_data) as sound:
             duration = _header_duration(sound)
             if duration is None or duration <= spec.seconds:  # short, or of unknown length: decode it whole
-                audio, _ = _decode_audio(sound, 0.0, spec.sample_rate, None)
+                audio, _ = decode_audio(sound, 0.0, spec.sample_rate, None)
                 start = max(0.0, len(audio) / spec.sample_rate - spec.seconds) / 2
                 if spec.short_videos == "loop" and len(audio) < needed:
                     audio = np.tile(audio, math.ceil(needed / len(audio)))
-                window = _cut(audio, int(round(start * spec.sample_rate)), needed)
+                window = cut_window(audio, int(round(start * spec.sample_rate)), needed)
             else:
                 start = (duration - spec.seconds) / 2
-                window = _audio_window(sound, start, needed, spec.sample_rate, short=False, loop=False)
+                window = audio_window(sound, start, needed, spec.sample_rate, short=False, loop=False)
     except av.error.FFmpegError as err:
         raise DecodeError(f"undecodable audio: {err}") from err
     except (MemoryError, OverflowError) as err:

@@ -6,6 +6,10 @@ from collections import Counter
 from typing import Any
 
 
+class DecodeError(ValueError):
+    """A sample that cannot become model input; the message says why."""
+
+
 class DataError(RuntimeError):
     """Too much of the data is unusable; the message names the shards."""
 
