@@ -27,7 +27,7 @@ def profile_window(cfg: DictConfig) -> tuple[int, int] | None:
     steps = OmegaConf.select(cfg, "profile.steps")
     if steps is None:
         return None
-    values = list(steps) if OmegaConf.is_list(steps) or isinstance(steps, list | tuple) else [steps]
+    values = list(steps) if OmegaConf.is_list(steps) else [steps]
     if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         raise ConfigError(f"profile.steps={values}: give two steps [FIRST,LAST], e.g. profile.steps=[10,12]")
     first, last = values

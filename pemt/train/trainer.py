@@ -348,6 +348,7 @@ class Trainer:
                 mininterval=1.0,
             )
             first_step, count_flops = True, True
+            eval_every = int(OmegaConf.select(cfg, "eval.every", default=0) or 0)
             while step < cfg.train.max_steps:
                 current = stage_at(all_stages, step)
                 if stage != current:
@@ -369,7 +370,6 @@ class Trainer:
                 progress.update(1)
                 if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                     self._log(step, samples, progress, bad)
-                eval_every = int(OmegaConf.select(cfg, "eval.every", default=0) or 0)
                 if step == cfg.train.max_steps or (eval_every and step % eval_every == 0):
                     evaluated = self.task.evaluate(self.context, step)
                     if evaluated:
