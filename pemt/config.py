@@ -118,6 +118,14 @@ def positive_int(cfg: DictConfig, key: str) -> int:
     return value
 
 
+def positive_number(cfg: DictConfig, key: str) -> float:
+    """`key`'s value, which must be a number > 0 (ConfigError naming it otherwise)."""
+    value = OmegaConf.select(cfg, key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ConfigError(f"{key}={value!r}: must be a number > 0")
+    return float(value)
+
+
 def one_of(cfg: DictConfig, key: str, choices: tuple[Any, ...]) -> object:
     """`key`'s value, which must be one of `choices` (compared with their types: `no` is not false)."""
     value = OmegaConf.select(cfg, key)

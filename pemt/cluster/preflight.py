@@ -78,11 +78,11 @@ def _shard_count(cfg: DictConfig) -> int:
     if cfg.data.name == "synthetic":
         spec = cfg.data.synthetic
         return math.ceil(int(spec.videos) / int(spec.videos_per_shard))
-    from pemt.data.shards import read_manifest
+    from pemt.data.shards import check_readable
 
     try:
-        return len(read_manifest(str(cfg.data.shards)))
-    except (FileNotFoundError, ValueError) as err:
+        return len(check_readable(str(cfg.data.shards)))
+    except (OSError, ValueError) as err:
         raise ConfigError(f"data.shards={cfg.data.shards}: {err}") from None
 
 
@@ -151,13 +151,13 @@ def _check_partition(cfg: DictConfig) -> str | None:
 
 def _check_finetune(cfg: DictConfig) -> str | None:
     """Fine-tuning: the held-out shards are readable and the pretrained weights exist."""
-    from pemt.data.shards import read_manifest
+    from pemt.data.shards import check_readable
     from pemt.downstream.pretrained import is_mlflow_run_id
 
     if cfg.eval.shards:
         try:
-            read_manifest(str(cfg.eval.shards))
-        except (FileNotFoundError, ValueError) as err:
+            check_readable(str(cfg.eval.shards))
+        except (OSError, ValueError) as err:
             raise ConfigError(f"eval.shards={cfg.eval.shards}: {err}") from None
     init = str(cfg.task.init or "")
     if not init or init.endswith(".safetensors"):

@@ -22,13 +22,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pemt.config import ConfigError, one_of, positive_int
+from pemt.config import ConfigError, one_of, positive_int, positive_number
 from pemt.data.decode import ClipSpec, DecodeError, decode_clips
 from pemt.data.members import member_bytes, member_size, member_source
 from pemt.data.metadata import MAX_METADATA_BYTES, parse_metadata
+from pemt.data.storage import check_location, retry_from_config
 from pemt.data.stream import Slot, StreamPlan, plan_from_manifest, stream_slots
 
 # Sound stored beside (or instead of) the video, in the order they are looked for.
@@ -174,7 +175,9 @@ def build_loader(
 ) -> DataLoader[dict[str, Any]]:
     """This rank's endless loader, resuming at `start_micro_step`. `check` (picklable: it runs in
     the workers) raises DecodeError for a decoded sample the task cannot use (a label out of range)."""
-    plan = plan_from_manifest(shards, int(data_cfg.streams), seed, int(data_cfg.shuffle_buffer))
+    plan = plan_from_manifest(
+        shards, int(data_cfg.streams), seed, int(data_cfg.shuffle_buffer), retry_from_config(data_cfg)
+    )
     streams, per_stream = stream_layout(plan.streams, rank, world_size, micro_batch)
     dataset = StreamDataset(plan, streams, per_stream, start_micro_step, clip_spec(data_cfg), check=check)
     workers = int(data_cfg.num_workers)
@@ -227,6 +230,14 @@ def check_data(cfg: DictConfig) -> None:
     one_of(cfg, "data.short_videos", ("loop", "pad"))
     if cfg.data.name != "synthetic" and not cfg.data.shards:
         raise ConfigError("data.shards is not set: give a shard folder with its manifest.json")
+    positive_int(cfg, "data.remote.attempts")
+    positive_number(cfg, "data.remote.backoff_s")
+    positive_number(cfg, "data.remote.timeout_s")
+    for key in ("data.shards", "eval.shards"):
+        try:
+            check_location(str(OmegaConf.select(cfg, key) or ""), key)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if cfg.data.name == "synthetic":
         from pemt.data.synthetic import spec_from_config
 

@@ -6,11 +6,13 @@ decodes only every N-th step and a decode reads only the part of a video its win
 for local shards the stream reads the tar's headers (seeking past the data: 512 bytes a member),
 keeps where each member lies, and a decode opens just its own members. What a worker holds
 for a shard is its index, never its videos. Members are grouped into samples by WebDataset's
-own rule (`group_by_keys`), so keys and suffixes are the same as in a streamed read.
+own rule (`group_by_keys`), so keys and suffixes are the same as in a streamed read. A remote
+tar (pemt.data.storage) is read the same way, each read a ranged request.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tarfile
@@ -20,6 +22,11 @@ from typing import Any, BinaryIO
 
 from webdataset.tariterators import group_by_keys
 
+from pemt.data.storage import Retry, is_remote, object_size, open_remote
+
+# Bytes a ranged request of a tar's index reads: a header and the small members after it
+INDEX_READ = 1 << 16
+
 
 @dataclass(frozen=True)
 class Member:
@@ -28,9 +35,12 @@ class Member:
     path: str
     offset: int
     size: int
+    retry: Retry | None = None  # how a remote shard's reads are retried
 
     def open(self) -> BinaryIO:
         """A seekable, read-only file of the member's bytes (nothing is read until asked)."""
+        if is_remote(self.path):
+            return open_remote(self.path, self.retry or Retry(), self.offset, self.size)
         return io.BufferedReader(_Window(self.path, self.offset, self.size), buffer_size=1 << 16)
 
     def read(self) -> bytes:
@@ -90,7 +100,9 @@ def member_source(value: bytes | Member) -> BinaryIO:
 
 
 def can_index(url: str) -> bool:
-    """A local, uncompressed tar: its members can be read where they lie."""
+    """An uncompressed tar, local or remote: its members can be read where they lie."""
+    if is_remote(url):
+        return url.endswith(".tar")
     if not os.path.isfile(url):
         return False
     try:
@@ -102,24 +114,28 @@ def can_index(url: str) -> bool:
     return True
 
 
-def indexed_samples(url: str) -> Iterator[dict[str, Any]]:
-    """The samples of a local tar in order, each a dict of suffix -> Member plus `__key__` and
+def indexed_samples(url: str, retry: Retry | None = None) -> Iterator[dict[str, Any]]:
+    """The samples of a tar in order, each a dict of suffix -> Member plus `__key__` and
     `__url__`. A tar that ends early (cut mid-member, a header whose size runs past the end of
-    the file) raises tarfile.ReadError after its last complete sample."""
+    the file) raises tarfile.ReadError after its last complete sample; a remote one that cannot
+    be read raises pemt.data.storage.StorageError."""
     members: list[dict[str, Any]] = []
     failure: Exception | None = None
     info = None
-    with tarfile.open(url, mode="r:") as tar:
+    size = object_size(url, retry)
+    source = open_remote(url, retry or Retry(), size=size, buffer=INDEX_READ) if is_remote(url) else None
+    with contextlib.closing(source or io.BytesIO()), tarfile.open(url if source is None else None, "r:", source) as tar:
         try:
             while (info := tar.next()) is not None:
                 if info.isreg():
                     members.append(
-                        {"fname": info.name, "data": Member(url, info.offset_data, info.size), "__url__": url}
+                        {"fname": info.name, "data": Member(url, info.offset_data, info.size, retry), "__url__": url}
                     )
-        except (tarfile.TarError, MemoryError, OverflowError, ValueError) as err:
-            # a header that lies (a size past the end, a terabyte of extended header): the tar ends here
+        except (tarfile.TarError, MemoryError, OverflowError, ValueError, OSError) as err:
+            # a header that lies (a size past the end, a terabyte of extended header), or a remote
+            # tar that stayed unreachable: the tar ends here
             failure = tarfile.ReadError(f"{type(err).__name__} after {info.name if info else 'the start'}: {err}")
-    if failure is None and members and members[-1]["data"].offset + members[-1]["data"].size > os.path.getsize(url):
+    if failure is None and members and members[-1]["data"].offset + members[-1]["data"].size > size:
         failure = tarfile.ReadError(f"unexpected end of data in {members[-1]['fname']}")
     samples = list(group_by_keys(iter(members)))
     if failure is not None:

@@ -1,7 +1,8 @@
 """Shard folders: writing them with a manifest, and reading the manifest back.
 
 A shard folder holds `shard-000000.tar ...` (WebDataset tar files, one sample per video) and
-`manifest.json` listing each shard's name, sample count, bytes and sha256.
+`manifest.json` listing each shard's name, sample count, bytes and sha256. It may be a local
+folder or a remote prefix (pemt.data.storage); the manifest is read from the same place.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import webdataset as wds
 
+from pemt.data.storage import Retry, StorageError, is_remote, join, object_size, read_bytes, upload
 from pemt.integrity import sha256
 
 MANIFEST = "manifest.json"
@@ -43,9 +45,8 @@ def write_shards(
 def transform_warnings(folder: str | Path, data_cfg: Any) -> list[str]:
     """What the config asks for beyond what transcoded shards hold (upscaled or repeated frames,
     upsampled sound), one line each; nothing for shards stored as they were."""
-    manifest = Path(folder) / MANIFEST
     try:
-        recorded = json.loads(manifest.read_text()).get("transcode") or {}
+        recorded = manifest_json(folder).get("transcode") or {}
     except (OSError, ValueError, AttributeError):
         return []
     lines = []
@@ -67,22 +68,71 @@ def transform_warnings(folder: str | Path, data_cfg: Any) -> list[str]:
     return lines
 
 
-def read_manifest(folder: str | Path) -> list[dict[str, Any]]:
-    """The shard entries of a shard folder's manifest (name, samples, bytes, sha256)."""
-    manifest = Path(folder) / MANIFEST
-    if not Path(folder).is_dir():
-        raise FileNotFoundError(f"no shard folder at {folder}")
-    if not manifest.exists():
-        raise FileNotFoundError(
-            f"{manifest} is missing: the loader needs each shard's sample count "
-            "(tools/make_shards.py and tools/make_synthetic.py write it)"
-        )
+def manifest_json(folder: str | Path, retry: Retry | None = None) -> dict[str, Any]:
+    """A shard folder's manifest as written, local or remote; errors name the file or URL."""
+    manifest = join(folder, MANIFEST)
+    if not is_remote(folder):
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"no shard folder at {folder}")
+        if not Path(manifest).exists():
+            raise FileNotFoundError(
+                f"{manifest} is missing: the loader needs each shard's sample count "
+                "(tools/make_shards.py and tools/make_synthetic.py write it)"
+            )
     try:
-        entries: list[dict[str, Any]] = json.loads(manifest.read_text())["shards"]
+        loaded = json.loads(read_bytes(manifest, retry))
+    except StorageError as err:
+        raise FileNotFoundError(f"{err} (a shard folder needs its manifest.json)") from None
+    except ValueError as err:
+        raise ValueError(f"{manifest}: not a shard manifest ({err!r})") from err
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{manifest}: not a shard manifest (a JSON object is expected)")
+    return loaded
+
+
+def read_manifest(folder: str | Path, retry: Retry | None = None) -> list[dict[str, Any]]:
+    """The shard entries of a shard folder's manifest (name, samples, bytes, sha256)."""
+    manifest = join(folder, MANIFEST)
+    try:
+        entries: list[dict[str, Any]] = manifest_json(folder, retry)["shards"]
         for entry in entries:
             entry["name"], entry["samples"] = str(entry["name"]), int(entry["samples"])
-    except (ValueError, KeyError, TypeError) as err:
+    except (KeyError, TypeError) as err:
         raise ValueError(f"{manifest}: not a shard manifest ({err!r})") from err
     if not entries:
         raise FileNotFoundError(f"{manifest} lists no shards")
     return entries
+
+
+# A launch checks remote shards quickly: a server that is down fails it in seconds, not minutes
+PREFLIGHT_RETRY = Retry(attempts=2, backoff_s=1.0, timeout_s=20.0)
+
+
+def check_readable(folder: str | Path) -> list[dict[str, Any]]:
+    """The manifest's entries, once the first shard is shown readable where it lies (for a remote
+    folder: reachable, allowed, served by byte range). Raises OSError or ValueError naming the URL."""
+    entries = read_manifest(folder, PREFLIGHT_RETRY)
+    if is_remote(folder):
+        object_size(join(folder, entries[0]["name"]), PREFLIGHT_RETRY)
+    return entries
+
+
+def upload_shards(folder: Path, location: str, progress: bool = True) -> int:
+    """Copy a local shard folder to a remote prefix: every shard, then the manifest, so a reader
+    never finds a manifest whose shards are not all there. A shard already there with its size
+    is kept (an interrupted upload continues). Returns the number of files sent."""
+    from tqdm import tqdm
+
+    entries = read_manifest(folder)
+    sent = 0
+    for entry in tqdm(entries, desc=f"upload to {location}", unit="shard", disable=not progress):
+        target = join(location, entry["name"])
+        try:
+            if object_size(target, Retry(attempts=1)) == int(entry["bytes"]):
+                continue
+        except StorageError:
+            pass  # not there yet
+        upload(Path(folder) / entry["name"], target)
+        sent += 1
+    upload(Path(folder) / MANIFEST, join(location, MANIFEST))
+    return sent + 1

@@ -15,13 +15,13 @@ import functools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import webdataset as wds
 
 from pemt.data.members import can_index, indexed_samples
 from pemt.data.shards import read_manifest
+from pemt.data.storage import Retry, StorageError, is_remote, join
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class StreamPlan:
     streams: int
     seed: int
     shuffle_buffer: int
+    retry: Retry = Retry()  # remote shards: how each read is retried
 
     def __post_init__(self) -> None:
         if len(self.urls) < self.streams:
@@ -70,32 +71,40 @@ class StreamPlan:
         return sum(self.counts[i] for i in self.assignment[stream])
 
 
-def plan_from_manifest(folder: str, streams: int, seed: int, shuffle_buffer: int) -> StreamPlan:
+def plan_from_manifest(
+    folder: str, streams: int, seed: int, shuffle_buffer: int, retry: Retry | None = None
+) -> StreamPlan:
     """Sample counts come from the folder's manifest; they fix every slot's place."""
-    entries = read_manifest(folder)
+    entries = read_manifest(folder, retry)
     return StreamPlan(
-        tuple(str(Path(folder) / e["name"]) for e in entries),
+        tuple(join(folder, e["name"]) for e in entries),
         tuple(e["samples"] for e in entries),
         streams,
         seed,
         shuffle_buffer,
+        retry or Retry(),
     )
 
 
-def _read_samples(url: str) -> Iterator[dict[str, Any]]:
-    """A shard's samples in order. A local tar is indexed (members read later, only by the
-    worker that decodes them: pemt.data.members); anything else is streamed by WebDataset."""
+def _read_samples(url: str, retry: Retry) -> Iterator[dict[str, Any]]:
+    """A shard's samples in order. A tar, local or remote, is indexed (members read later, only
+    by the worker that decodes them: pemt.data.members); a local compressed one is streamed by
+    WebDataset."""
     if can_index(url):
-        return indexed_samples(url)
+        return indexed_samples(url, retry)
+    if is_remote(url):
+        raise StorageError(f"{url}: remote shards are read by range, which needs uncompressed .tar files")
     samples: Iterator[dict[str, Any]] = wds.tarfile_to_samples()([{"url": url}])
     return samples
 
 
-def shard_samples(url: str, count: int) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
+def shard_samples(
+    url: str, count: int, retry: Retry | None = None
+) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
     """Exactly `count` entries: the shard's samples, then placeholders if it ends early."""
     produced = 0
     try:
-        for sample in _read_samples(url):
+        for sample in _read_samples(url, retry or Retry()):
             if produced == count:
                 break
             produced += 1
@@ -132,7 +141,8 @@ def stream_slots(plan: StreamPlan, stream: int, start: int) -> Iterator[Slot]:
                 continue
             rng = random.Random(f"shuffle-{plan.seed}-{stream}-{epoch}-{shard}")
             url = plan.urls[shard]
-            for index, (sample, error) in enumerate(_shuffled(shard_samples(url, count), plan.shuffle_buffer, rng)):
+            samples = shard_samples(url, count, plan.retry)
+            for index, (sample, error) in enumerate(_shuffled(samples, plan.shuffle_buffer, rng)):
                 if index >= offset:
                     yield Slot(stream, position, url, sample, error)
                 position += 1

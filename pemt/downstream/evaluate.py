@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,20 +20,21 @@ import torch.distributed as dist
 from pemt.data.decode import ClipSpec, DecodeError, mel_frames, video_to_float
 from pemt.data.loader import decode_sample
 from pemt.data.shards import read_manifest
+from pemt.data.storage import Retry, join
 from pemt.data.stream import shard_samples
 
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _my_slots(
-    folder: str, rank: int, world: int, max_samples: int | None
+    folder: str, rank: int, world: int, max_samples: int | None, retry: Retry | None = None
 ) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
     """Slot i of the folder (manifest order; a shard that ends early keeps its slots, empty) is
     rank i mod W's: (shard, raw sample or None, why there is none)."""
     index = 0
-    for entry in read_manifest(folder):
-        url = str(Path(folder) / entry["name"])
-        for sample, error in shard_samples(url, int(entry["samples"])):
+    for entry in read_manifest(folder, retry):
+        url = join(folder, entry["name"])
+        for sample, error in shard_samples(url, int(entry["samples"]), retry):
             if max_samples is not None and index >= max_samples:
                 return
             if index % world == rank:
@@ -42,8 +42,8 @@ def _my_slots(
             index += 1
 
 
-def _slot_count(folder: str, max_samples: int | None) -> int:
-    total = sum(int(e["samples"]) for e in read_manifest(folder))
+def _slot_count(folder: str, max_samples: int | None, retry: Retry | None = None) -> int:
+    total = sum(int(e["samples"]) for e in read_manifest(folder, retry))
     return total if max_samples is None else min(total, max_samples)
 
 
@@ -55,14 +55,15 @@ def predict(
     dtype: torch.dtype,
     batch_size: int,
     max_samples: int | None = None,
+    retry: Retry | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Collective. Every sample's key, labels and scores, and every failure, from all ranks.
 
     Batches are decoded as they are scored (a rank holds one batch, not its share of the set);
     every rank runs the same number of rounds, known from the manifest."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    rounds = math.ceil(math.ceil(_slot_count(folder, max_samples) / world) / batch_size)
-    slots = _my_slots(folder, rank, world, max_samples)
+    rounds = math.ceil(math.ceil(_slot_count(folder, max_samples, retry) / world) / batch_size)
+    slots = _my_slots(folder, rank, world, max_samples, retry)
     results, errors = [], []
     for _ in range(rounds):
         batch = []

@@ -59,8 +59,16 @@ def _under(key: str, prefixes: Any) -> bool:
 
 def manifest_digest(folder: str | Path) -> str | None:
     """sha256 of a shard folder's manifest: it fixes every sample's place in the order."""
-    path = Path(folder) / "manifest.json"
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    from pemt.data.shards import MANIFEST
+    from pemt.data.storage import StorageError, is_remote, join, read_bytes
+
+    path = join(folder, MANIFEST)
+    if not is_remote(folder) and not Path(path).is_file():
+        return None
+    try:
+        return hashlib.sha256(read_bytes(path)).hexdigest()
+    except StorageError:  # unreachable now: the loader will say so, with the reason
+        return None
 
 
 def check_continuity(

@@ -1,0 +1,317 @@
+"""Where shards lie: a local folder, an `http(s)://` prefix or an `s3://bucket/prefix`.
+
+Remote objects are read by byte range (a tar's headers, one member, the part of a video a decode
+seeks to), so a worker reads what it decodes and nothing else, exactly as from a local disk. Each
+read is retried with exponential backoff on what passes (connection reset or refused, timeouts,
+5xx, throttling, a body cut short) and fails at once on what does not (missing, denied, no range
+support). S3 takes its endpoint, region and credentials where the AWS tools do (AWS_* environment
+variables, ~/.aws/config; AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL for an S3-compatible store);
+HTTP takes a user and password from ~/.netrc. A location never carries credentials itself: it is
+written to configs, params and run dirs.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import urlsplit
+
+REMOTE_SCHEMES = ("http", "https", "s3")
+
+
+class StorageError(OSError):
+    """A remote object that cannot be read or written; the message names its URL."""
+
+
+class TransientError(StorageError):
+    """A failure that may pass: the read is tried again."""
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How often and how patiently a remote read is tried before it fails."""
+
+    attempts: int = 8
+    backoff_s: float = 1.0  # the first wait; it doubles, up to max_backoff_s
+    max_backoff_s: float = 60.0
+    timeout_s: float = 60.0  # connect and read, per request
+
+    def waits(self) -> list[float]:
+        return [min(self.backoff_s * 2**i, self.max_backoff_s) for i in range(self.attempts - 1)]
+
+
+def retry_from_config(data_cfg: Any) -> Retry:
+    remote = data_cfg.get("remote") if hasattr(data_cfg, "get") else None
+    if not remote:
+        return Retry()
+    return Retry(int(remote.attempts), float(remote.backoff_s), timeout_s=float(remote.timeout_s))
+
+
+def is_remote(location: str | Path) -> bool:
+    return urlsplit(str(location)).scheme in REMOTE_SCHEMES
+
+
+def join(location: str | Path, name: str) -> str:
+    """The object `name` inside a folder or prefix."""
+    if is_remote(location):
+        return f"{str(location).rstrip('/')}/{name}"
+    return str(Path(location) / name)
+
+
+def check_location(location: str, key: str) -> None:
+    """A remote location a config may hold: a known scheme, a host or bucket, no credentials."""
+    parts = urlsplit(location)
+    if parts.scheme not in REMOTE_SCHEMES:
+        return
+    if not parts.hostname:
+        raise ValueError(f"{key}={location}: no host or bucket")
+    if "@" in parts.netloc or parts.query:
+        where = "~/.netrc" if parts.scheme != "s3" else "AWS_* variables or ~/.aws"
+        raise ValueError(
+            f"{key}: a shard location must not carry credentials or a query (it is written to configs, "
+            f"MLflow and the run dir); put them in {where}"
+        )
+
+
+def _transient_status(status: int) -> bool:
+    return status == 429 or status >= 500
+
+
+_local = threading.local()
+
+
+def _http_session() -> Any:
+    """One keep-alive session per process and thread (range reads reuse the connection)."""
+    import requests
+
+    session = getattr(_local, "http", None)
+    if session is None or getattr(_local, "http_pid", None) != os.getpid():
+        session = requests.Session()
+        _local.http, _local.http_pid = session, os.getpid()
+    return session
+
+
+def _s3_client(timeout_s: float) -> Any:
+    client = getattr(_local, "s3", None)
+    if client is None or getattr(_local, "s3_pid", None) != os.getpid():
+        import boto3
+        from botocore.config import Config
+
+        # pemt retries (with the backoff it is configured with); botocore tries once
+        config = Config(
+            retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=timeout_s, read_timeout=timeout_s
+        )
+        client = boto3.session.Session().client("s3", config=config)
+        _local.s3, _local.s3_pid = client, os.getpid()
+    return client
+
+
+def _bucket_key(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.netloc, parts.path.lstrip("/")
+
+
+def _http_read(url: str, start: int, end: int | None, retry: Retry) -> tuple[bytes, int | None]:
+    """Bytes [start, end) (to the end if None) and the object's size, if the server said it."""
+    import requests
+
+    headers = {"Range": f"bytes={start}-{'' if end is None else end - 1}"}
+    if start == 0 and end is None:
+        headers = {}
+    try:
+        response = _http_session().get(url, headers=headers, timeout=retry.timeout_s)
+    except (requests.ConnectionError, requests.Timeout) as err:
+        raise TransientError(f"{url}: {type(err).__name__}: {err}") from None
+    except requests.RequestException as err:  # a body cut short surfaces here (ChunkedEncodingError)
+        raise TransientError(f"{url}: {type(err).__name__}: {err}") from None
+    status = response.status_code
+    if _transient_status(status):
+        raise TransientError(f"{url}: HTTP {status}")
+    if status == 416:  # nothing at or past `start`
+        return b"", None
+    if status == 404:
+        raise StorageError(f"{url}: not found (HTTP 404)")
+    if status in (401, 403):
+        raise StorageError(f"{url}: access denied (HTTP {status}; credentials come from ~/.netrc)")
+    if status not in (200, 206):
+        raise StorageError(f"{url}: HTTP {status}")
+    if headers and status == 200 and not (start == 0 and end is None):
+        raise StorageError(
+            f"{url}: the server ignores byte ranges (HTTP Range), which pemt reads shard members by; "
+            "serve the shards with one that honours them (nginx, Apache, any object store)"
+        )
+    size = None
+    if "Content-Range" in response.headers:  # bytes a-b/size
+        total = response.headers["Content-Range"].rpartition("/")[2]
+        size = int(total) if total.isdigit() else None
+    elif status == 200:
+        size = len(response.content)
+    return response.content, size
+
+
+def _s3_read(url: str, start: int, end: int | None, retry: Retry) -> tuple[bytes, int | None]:
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    bucket, key = _bucket_key(url)
+    ranged = {"Range": f"bytes={start}-{'' if end is None else end - 1}"} if (start or end is not None) else {}
+    try:
+        response = _s3_client(retry.timeout_s).get_object(Bucket=bucket, Key=key, **ranged)
+        data = response["Body"].read()
+    except NoCredentialsError:
+        raise StorageError(f"{url}: no AWS credentials (AWS_ACCESS_KEY_ID / ~/.aws/credentials)") from None
+    except ClientError as err:
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code == "InvalidRange":
+            return b"", None
+        if _transient_status(status) or code in ("SlowDown", "Throttling", "RequestTimeout", "InternalError"):
+            raise TransientError(f"{url}: {code or status}") from None
+        raise StorageError(f"{url}: {code or status}: {err.response.get('Error', {}).get('Message', '')}") from None
+    except BotoCoreError as err:  # connection refused or reset, timeouts, a body cut short
+        raise TransientError(f"{url}: {type(err).__name__}: {err}") from None
+    if len(data) != int(response.get("ContentLength", len(data))):
+        raise TransientError(f"{url}: body cut short")
+    size = None
+    total = str(response.get("ContentRange", "")).rpartition("/")[2]
+    if total.isdigit():
+        size = int(total)
+    elif not ranged:
+        size = len(data)
+    return data, size
+
+
+def _read_once(url: str, start: int, end: int | None, retry: Retry) -> tuple[bytes, int | None]:
+    reader = _s3_read if url.startswith("s3://") else _http_read
+    return reader(url, start, end, retry)
+
+
+def read_range(url: str, start: int = 0, end: int | None = None, retry: Retry | None = None) -> bytes:
+    """Bytes [start, end) of an object (to its end if None), tried again on failures that pass."""
+    return _read(url, start, end, retry or Retry())[0]
+
+
+def _read(url: str, start: int, end: int | None, retry: Retry) -> tuple[bytes, int | None]:
+    if not is_remote(url):
+        with open(url, "rb") as handle:
+            handle.seek(start)
+            data = handle.read() if end is None else handle.read(max(0, end - start))
+        return data, os.path.getsize(url)
+    for wait in [*retry.waits(), None]:
+        try:
+            data, size = _read_once(url, start, end, retry)
+        except TransientError as err:
+            if wait is None:
+                raise StorageError(f"{err} (after {retry.attempts} attempts)") from None
+            time.sleep(wait)
+            continue
+        if end is not None and len(data) < end - start and (size is None or start + len(data) < size):
+            if wait is None:
+                raise StorageError(f"{url}: short read at byte {start} (after {retry.attempts} attempts)")
+            time.sleep(wait)
+            continue
+        return data, size
+    raise AssertionError("unreachable")
+
+
+def read_bytes(url: str, retry: Retry | None = None) -> bytes:
+    """A whole object (a manifest), local or remote."""
+    return read_range(url, 0, None, retry)
+
+
+def object_size(url: str, retry: Retry | None = None) -> int:
+    """An object's size in bytes; for a remote one, also proof that it serves byte ranges."""
+    if not is_remote(url):
+        return os.path.getsize(url)
+    _, size = _read(url, 0, 1, retry or Retry())
+    if size is None:
+        raise StorageError(f"{url}: the server does not say the object's size (Content-Range)")
+    return size
+
+
+class RemoteFile(io.RawIOBase):
+    """A remote object as a seekable, read-only file: every read is one ranged request."""
+
+    def __init__(self, url: str, retry: Retry, offset: int = 0, size: int | None = None) -> None:
+        super().__init__()
+        self.url, self.retry, self._offset = url, retry, offset
+        self._size = size if size is not None else object_size(url, retry) - offset
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        wanted = min(len(buffer), self._size - self._position)
+        if wanted <= 0:
+            return 0
+        start = self._offset + self._position
+        data = read_range(self.url, start, start + wanted, self.retry)
+        buffer[: len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+
+def open_remote(url: str, retry: Retry, offset: int = 0, size: int | None = None, buffer: int = 1 << 20) -> BinaryIO:
+    """Bytes [offset, offset + size) of a remote object as a buffered file (`buffer` bytes a request)."""
+    return io.BufferedReader(RemoteFile(url, retry, offset, size), buffer_size=buffer)
+
+
+def upload(path: Path, url: str, retry: Retry | None = None) -> None:
+    """Put a local file at `url` (S3, or HTTP PUT), tried again on failures that pass."""
+    retry = retry or Retry()
+    for wait in [*retry.waits(), None]:
+        try:
+            _upload_once(path, url, retry)
+            return
+        except TransientError as err:
+            if wait is None:
+                raise StorageError(f"{err} (after {retry.attempts} attempts)") from None
+            time.sleep(wait)
+
+
+def _upload_once(path: Path, url: str, retry: Retry) -> None:
+    if url.startswith("s3://"):
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        bucket, key = _bucket_key(url)
+        try:  # one request: a shard is far below S3's 5 GB limit for it
+            with open(path, "rb") as handle:
+                _s3_client(retry.timeout_s).put_object(Bucket=bucket, Key=key, Body=handle)
+        except NoCredentialsError:
+            raise StorageError(f"{url}: no AWS credentials (AWS_ACCESS_KEY_ID / ~/.aws/credentials)") from None
+        except ClientError as err:
+            code = str(err.response.get("Error", {}).get("Code", ""))
+            status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            if _transient_status(status) or code in ("SlowDown", "RequestTimeout", "InternalError"):
+                raise TransientError(f"{url}: {code or status}") from None
+            raise StorageError(f"{url}: {code or status} on upload") from None
+        except BotoCoreError as err:
+            raise TransientError(f"{url}: {type(err).__name__}: {err}") from None
+        return
+    import requests
+
+    try:
+        with open(path, "rb") as handle:
+            response = _http_session().put(url, data=handle, timeout=retry.timeout_s)
+    except requests.RequestException as err:
+        raise TransientError(f"{url}: {type(err).__name__}: {err}") from None
+    if _transient_status(response.status_code):
+        raise TransientError(f"{url}: HTTP {response.status_code}")
+    if response.status_code >= 300:
+        raise StorageError(f"{url}: HTTP {response.status_code} on upload")

@@ -1,0 +1,215 @@
+"""Shards read from where clusters keep them: an HTTP server and an S3-compatible store, both real
+servers on loopback, with a proxy in front that drops connections, goes down and comes back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from servers import FaultProxy, FileServer, S3Server, s3_environment
+
+from conftest import REPO, describe, free_port, keys_by_step
+from pemt.config import compose_config
+from pemt.data.errors import BadSamples
+from pemt.data.loader import build_loader
+from pemt.data.members import member_bytes
+from pemt.data.shards import check_readable, read_manifest, upload_shards
+from pemt.data.storage import Retry, StorageError, check_location, read_bytes
+from pemt.data.stream import plan_from_manifest, stream_slots
+from pemt.data.synthetic import SyntheticSpec, generate
+
+# Quick retries: a test waits seconds, not the minutes a cluster default allows
+FAST = Retry(attempts=6, backoff_s=0.1, max_backoff_s=0.5, timeout_s=5.0)
+STREAMS = 4
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    spec = SyntheticSpec(videos=16, videos_per_shard=2, seconds=1.0, size=32)
+    return generate(spec, tmp_path_factory.mktemp("remote") / "set", progress=False)
+
+
+@pytest.fixture(scope="module")
+def http(shards: Path) -> Iterator[tuple[FileServer, FaultProxy]]:
+    port = free_port(2)
+    server = FileServer(shards.parent, port)
+    proxy = FaultProxy(port + 1, port)
+    yield server, proxy
+    proxy.down()
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3(shards: Path) -> Iterator[FaultProxy]:
+    """The shards uploaded to a bucket with pemt's upload tool, behind a proxy."""
+    port = free_port(2)
+    server = S3Server(port)
+    proxy = FaultProxy(port + 1, port)
+    environment = s3_environment(proxy.url)
+    saved = {key: os.environ.get(key) for key in environment}
+    os.environ.update(environment)
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="videos")
+    upload_shards(shards, "s3://videos/train", progress=False)
+    yield proxy
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    proxy.down()
+    server.stop()
+
+
+def _slots(
+    folder: str, retry: Retry = FAST, positions: int = 6
+) -> list[tuple[str, dict[str, bytes] | None, str | None]]:
+    """The first `positions` slots of every stream: key, member bytes, error."""
+    plan = plan_from_manifest(folder, STREAMS, seed=3, shuffle_buffer=2, retry=retry)
+    out = []
+    for stream in range(STREAMS):
+        slots = stream_slots(plan, stream, 0)
+        for _ in range(positions):
+            slot = next(slots)
+            members = None
+            if slot.sample is not None:
+                members = {k: member_bytes(v) for k, v in slot.sample.items() if not k.startswith("__")}
+            out.append((slot.sample["__key__"] if slot.sample else "", members, slot.error))
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_slots(shards: Path) -> list:
+    return _slots(str(shards))
+
+
+@pytest.mark.parametrize("where", ["http", "s3"])
+def test_remote_shards_stream_exactly_the_local_order_and_bytes(
+    where: str, http: tuple[FileServer, FaultProxy], s3: FaultProxy, local_slots: list
+) -> None:
+    folder = f"{http[1].url}/set" if where == "http" else "s3://videos/train"
+    assert _slots(folder) == local_slots
+
+
+def test_connections_cut_mid_shard_are_resumed_with_nothing_lost(
+    http: tuple[FileServer, FaultProxy], local_slots: list
+) -> None:
+    server, proxy = http
+    before = proxy.cuts_made
+    proxy.cut(connections=3, after=3000)  # the next connections end a few KB into a body
+    assert _slots(f"{proxy.url}/set") == local_slots
+    assert proxy.cuts_made - before == 3
+
+
+def test_a_server_down_for_a_while_costs_time_not_samples(s3: FaultProxy, local_slots: list) -> None:
+    s3.down()
+    threading.Timer(1.0, s3.up).start()
+    began = time.monotonic()
+    assert _slots("s3://videos/train") == local_slots
+    assert time.monotonic() - began >= 1.0
+
+
+def test_a_shard_that_stays_unreachable_counts_its_samples_bad_with_the_reason(
+    http: tuple[FileServer, FaultProxy], shards: Path
+) -> None:
+    server, proxy = http
+    # a manifest naming a shard the server does not have
+    broken = shards.parent / "missing"
+    broken.mkdir(exist_ok=True)
+    manifest = (shards / "manifest.json").read_text()
+    (broken / "manifest.json").write_text(manifest)
+    for entry in read_manifest(shards)[1:]:
+        (broken / entry["name"]).write_bytes((shards / entry["name"]).read_bytes())
+    missing = read_manifest(shards)[0]["name"]
+    slots = _slots(f"{proxy.url}/missing", positions=8)  # two epochs: the shard is opened twice
+    bad = [error for _, _, error in slots if error]
+    assert len(bad) == 4 and all(f"{proxy.url}/missing/{missing}: not found" in e for e in bad), bad
+    tally = BadSamples(max_error_rate=0.5, min_slots=1)
+    tally.add({"slots": len(slots), "errors": [{"shard": missing, "key": None, "reason": e} for e in bad]})
+    assert tally.errors == 4
+
+
+def test_unreachable_or_wrong_locations_fail_preflight_naming_the_url(
+    http: tuple[FileServer, FaultProxy], s3: FaultProxy
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/set"
+    with pytest.raises(OSError, match=f"{dead}/manifest.json: ConnectionError"):
+        check_readable(dead)
+    with pytest.raises(OSError, match="s3://no-such-bucket/x/manifest.json: NoSuchBucket"):
+        check_readable("s3://no-such-bucket/x")
+    with pytest.raises(OSError, match=f"{http[1].url}/nothing/manifest.json: not found"):
+        check_readable(f"{http[1].url}/nothing")
+    with pytest.raises(ValueError, match="must not carry credentials"):
+        check_location("https://user:secret@host/shards", "data.shards")
+
+
+def test_a_server_without_byte_ranges_is_refused_with_the_reason(shards: Path) -> None:
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(shards), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                read_bytes(f"{url}/manifest.json", FAST)
+                break
+            except StorageError:
+                time.sleep(0.1)
+        with pytest.raises(OSError, match="ignores byte ranges"):
+            check_readable(url)
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def _expected_keys(shards: Path, steps: int, world: int = 2, batch: int = 4) -> dict[int, list[str]]:
+    """The samples each step of a run on the local folder sees (its loader, without training)."""
+    data = compose_config("pretrain", ["data=shards", f"data.shards={shards}", f"data.streams={STREAMS}"]).data
+    data.num_workers = 0
+    keys: dict[int, list[str]] = {}
+    for rank in range(world):
+        loader = iter(build_loader(data, str(shards), batch // world, rank, world, seed=0))
+        for step in range(1, steps + 1):
+            keys[step] = sorted(keys.get(step, []) + next(loader)["key"])
+    return keys
+
+
+def test_training_from_s3_resumes_exactly(tmp_path: Path, s3: FaultProxy, shards: Path) -> None:
+    """A run on the S3 copy of the shards, stopped after its first checkpoint and resumed through
+    connections cut short, sees at every step the samples a run on the local folder sees."""
+
+    def launch(steps: int) -> None:
+        cmd = [
+            sys.executable,
+            str(REPO / "launch" / "pretrain.py"),
+            f"paths.root={tmp_path}",
+            "data=shards",
+            "data.shards=s3://videos/train",
+            f"data.streams={STREAMS}",
+            "data.num_workers=1",
+            "data.remote.backoff_s=0.2",
+            "train.global_batch_size=4",
+            "train.checkpoint_every=2",
+            "train.record_samples=true",
+            f"train.max_steps={steps}",
+        ]
+        result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+        assert result.returncode == 0, describe(result)
+
+    launch(2)
+    before = s3.cuts_made
+    s3.cut(connections=6, after=3000)  # past a manifest's size: shard reads are cut
+    launch(4)
+    assert s3.cuts_made > before, "the resumed run's reads were cut"
+    [run_dir] = [p.parent for p in (tmp_path / "pemt-pretrain").glob("*/samples")]
+    assert keys_by_step(run_dir) == _expected_keys(shards, steps=4)
