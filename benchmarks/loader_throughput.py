@@ -6,9 +6,12 @@ Decodes the same generated mp4 files four ways and prints samples/s (a sample is
 `data.clips` clips) and clips/s per worker:
   bare PyAV   decode_clips() in a plain loop over the files: the decoder's limit;
   torch       a plain torch Dataset over the folder of mp4 files, in a DataLoader;
-  pemt        pemt's resumable WebDataset stream over shards of the same files.
+  pemt        pemt's resumable WebDataset stream over shards of the same files;
+  pemt HTTP   the same shards served over HTTP (byte ranges) on loopback;
+  pemt S3     the same shards in an S3-compatible store (moto) on loopback.
 Then the tiny model's training step time, and the workers needed to keep it fed.
-Ratios are against bare PyAV measured in the same run.
+Ratios are against bare PyAV measured in the same run; the remote rows also against the local
+pemt stream, with the bytes they read per sample (counted by a proxy in front of each server).
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,13 +31,18 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from pemt.config import compose_config
-from pemt.data.decode import decode_clips
+from pemt.data.decode import decode_clips, video_to_float
 from pemt.data.ingest import make_shards
 from pemt.data.loader import build_loader, clip_spec
 from pemt.data.synthetic import SyntheticSpec, make_sample
 from pemt.model.factory import build_pretraining_model
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))  # the loopback servers the tests use
+
+from servers import FaultProxy, FileServer, S3Server, s3_environment  # noqa: E402
+
+from conftest import free_port  # noqa: E402
 
 
 class FolderDataset(Dataset):
@@ -59,6 +69,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     args = parser.parse_args()
 
+    # Workers start from a forkserver that keeps the environment it started with: point boto3 at
+    # the loopback S3 store before any loader exists.
+    port = free_port(4)
+    os.environ.update(s3_environment(f"http://127.0.0.1:{port + 3}"))
     cfg = compose_config("pretrain", overrides=["data.streams=1", f"data.num_workers={args.workers}"])
     spec = clip_spec(cfg.data)
     work = Path(tempfile.mkdtemp(prefix="pemt-loader-"))
@@ -82,7 +96,8 @@ def main() -> None:
         next(iterator)  # workers started, first batch decoded
         begin = time.perf_counter()
         for _ in range(batches - 1):
-            next(iterator)
+            batch = next(iterator)
+            assert not batch.get("errors"), batch["errors"]
         return _rate((batches - 1) * args.batch, time.perf_counter() - begin)
 
     torch_rate = drain(
@@ -96,6 +111,7 @@ def main() -> None:
         n // args.batch,
     )
     pemt_rate = drain(build_loader(cfg.data, str(work / "shards"), args.batch, 0, 1, seed=0), n // args.batch)
+    remote = _remote_rates(work / "shards", port, cfg.data, args.batch, n // args.batch, drain)
 
     model = build_pretraining_model(cfg)
     no_workers = OmegaConf.merge(cfg.data, {"num_workers": 0})
@@ -104,7 +120,8 @@ def main() -> None:
     step_times = []
     for _ in range(4):
         begin = time.perf_counter()
-        model(batch["video"], batch["audio"])["loss"].backward()
+        video = video_to_float(batch["video"], torch.device("cpu"), torch.float32)
+        model(video, batch["audio"])["loss"].backward()
         step_times.append(time.perf_counter() - begin)
     step = sorted(step_times)[1]
     needed = args.batch / step
@@ -115,11 +132,21 @@ def main() -> None:
         (f"torch Dataset ({w} workers)", torch_rate, w),
         (f"pemt stream ({w} workers)", pemt_rate, w),
     ]
-    lines = ["| loader | samples/s | clips/s | clips/s per worker | per worker vs bare PyAV |", "|---|---|---|---|---|"]
+    read = {name: per_sample for name, _, per_sample in remote}
+    rows += [(f"{name} ({w} workers)", rate, w) for name, rate, _ in remote]
+    shard_bytes = sum(p.stat().st_size for p in (work / "shards").glob("*.tar")) / n
+    lines = [
+        "| loader | samples/s | clips/s | clips/s per worker | per worker vs bare PyAV | vs pemt local "
+        "| KB read per sample |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, rate, workers in rows:
+        base = name.split(" (")[0]
+        versus = f"{rate / pemt_rate:.2f}x" if base in read or base == "pemt stream" else ""
+        kb = f"{read[base] / 1e3:.1f}" if base in read else ""
         lines.append(
             f"| {name} | {rate:.1f} | {rate * spec.clips:.1f} | {rate * spec.clips / workers:.1f} "
-            f"| {rate / workers / bare:.2f}x |"
+            f"| {rate / workers / bare:.2f}x | {versus} | {kb} |"
         )
     setting = (
         f"{datetime.date.today()}, CPU, {args.videos} videos of {args.seconds:g} s at {args.size}px -> "
@@ -130,11 +157,43 @@ def main() -> None:
         f"{needed:.1f} samples/s; at {per_worker:.1f} samples/s per worker that is "
         f"{math.ceil(needed / per_worker)} worker(s) per rank"
     )
+    feed += (
+        f"\n\nThe shards hold {shard_bytes / 1e3:.1f} KB per sample; a remote read is the tar's headers "
+        "plus what each decode's window needs. Loopback has no network latency or bandwidth limit: the "
+        "remote rows measure pemt's request overhead, not a cluster's network."
+    )
     table = "\n".join(lines)
     print(f"{setting}\n\n{table}\n\n{feed}")
     (HERE / "results" / "loader_throughput_cpu.md").write_text(
         f"# Loader throughput\n\n{setting}\n\n{table}\n\n{feed}\n"
     )
+
+
+def _remote_rates(shards: Path, port: int, data_cfg, batch: int, batches: int, drain) -> list[tuple[str, float, float]]:
+    """(row, samples/s, bytes read per sample) of the pemt stream from HTTP and from S3 on loopback
+    (ports `port` to `port + 3`)."""
+    from pemt.data.shards import upload_shards
+
+    rows = []
+    http = FileServer(shards.parent, port)
+    proxy = FaultProxy(port + 1, port)
+    rate = drain(build_loader(data_cfg, f"{proxy.url}/{shards.name}", batch, 0, 1, seed=0), batches)
+    rows.append(("pemt HTTP", rate, proxy.bytes_to_clients / (batches * batch)))
+    proxy.down()
+    http.stop()
+
+    s3 = S3Server(port + 2)
+    proxy = FaultProxy(port + 3, port + 2)
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="bench")
+    upload_shards(shards, "s3://bench/shards", progress=False)
+    uploaded = proxy.bytes_to_clients
+    rate = drain(build_loader(data_cfg, "s3://bench/shards", batch, 0, 1, seed=0), batches)
+    rows.append(("pemt S3", rate, (proxy.bytes_to_clients - uploaded) / (batches * batch)))
+    proxy.down()
+    s3.stop()
+    return rows
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ in front of either that goes down, comes back, or cuts connections short."""
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import socket
@@ -21,6 +20,7 @@ class _RangeHandler(SimpleHTTPRequestHandler):
     """Python's file server plus `Range: bytes=a-b` (206) and PUT into the served folder."""
 
     protocol_version = "HTTP/1.1"  # keep-alive, as real servers do
+    disable_nagle_algorithm = True  # or headers and body wait on delayed ACKs: 40 ms a request
     counts: dict[str, int]
 
     def log_message(self, *args: Any) -> None:
@@ -94,18 +94,33 @@ class FileServer:
 
 
 class S3Server:
-    """moto's S3-compatible server on 127.0.0.1:`port`; AWS_* variables point boto3 at it."""
+    """moto's S3-compatible server on 127.0.0.1:`port`, in a process of its own (as a real store
+    would not share the client's interpreter); AWS_* variables point boto3 at it."""
 
     def __init__(self, port: int) -> None:
-        from moto.server import ThreadedMotoServer
+        import subprocess
+        import sys
+        import time
 
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        self._server.start()
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if self._process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto's S3 server did not start on port {port}") from None
+                time.sleep(0.1)
 
     def stop(self) -> None:
-        self._server.stop()
+        self._process.terminate()
+        self._process.wait(timeout=30)
 
 
 def s3_environment(endpoint: str) -> dict[str, str]:
@@ -128,6 +143,7 @@ class FaultProxy:
         self.port, self.upstream_port = port, upstream_port
         self._cuts_left, self._cut_after = 0, 0
         self.cuts_made = 0  # connections ended early so far
+        self.bytes_to_clients = 0
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
@@ -175,14 +191,17 @@ class FaultProxy:
             except OSError:
                 client.close()
                 continue
+            for sock in (client, upstream):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._open.add(client)
             threading.Thread(target=_pump, args=(client, upstream), daemon=True).start()
             threading.Thread(target=_pump, args=(upstream, client, self._take_cut), daemon=True).start()
 
-    def _take_cut(self, sent: int) -> int | None:
-        """Where a connection that has sent `sent` bytes is to be cut, if it is."""
+    def _take_cut(self, sent: int, passing: int) -> int | None:
+        """Where a connection that has sent `sent` bytes (`passing` of them now) is to be cut, if it is."""
         with self._lock:
+            self.bytes_to_clients += passing
             if self._cuts_left and sent > self._cut_after:
                 self._cuts_left -= 1
                 self.cuts_made += 1
@@ -198,7 +217,7 @@ def _pump(source: socket.socket, target: socket.socket, take_cut: Any = None) ->
             data = source.recv(1 << 16)
             if not data:
                 break
-            cut_at = take_cut(sent + len(data)) if take_cut else None
+            cut_at = take_cut(sent + len(data), len(data)) if take_cut else None
             if cut_at is not None:
                 target.sendall(data[: max(0, cut_at - sent)])
                 break

@@ -20,7 +20,7 @@ from pemt.data.errors import BadSamples
 from pemt.data.loader import build_loader
 from pemt.data.members import member_bytes
 from pemt.data.shards import check_readable, read_manifest, upload_shards
-from pemt.data.storage import Retry, StorageError, check_location, read_bytes
+from pemt.data.storage import Retry, StorageError, check_location, forget_reads, read_bytes
 from pemt.data.stream import plan_from_manifest, stream_slots
 from pemt.data.synthetic import SyntheticSpec, generate
 
@@ -71,7 +71,8 @@ def s3(shards: Path) -> Iterator[FaultProxy]:
 def _slots(
     folder: str, retry: Retry = FAST, positions: int = 6
 ) -> list[tuple[str, dict[str, bytes] | None, str | None]]:
-    """The first `positions` slots of every stream: key, member bytes, error."""
+    """The first `positions` slots of every stream: key, member bytes, error, read afresh."""
+    forget_reads()
     plan = plan_from_manifest(folder, STREAMS, seed=3, shuffle_buffer=2, retry=retry)
     out = []
     for stream in range(STREAMS):

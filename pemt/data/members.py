@@ -24,8 +24,11 @@ from webdataset.tariterators import group_by_keys
 
 from pemt.data.storage import Retry, is_remote, object_size, open_remote
 
-# Bytes a ranged request of a tar's index reads: a header and the small members after it
-INDEX_READ = 1 << 16
+# Bytes a ranged request of a remote tar's index reads: a header and the small members after it
+# (metadata, sound), without pulling in the start of the video that follows
+INDEX_READ = 1 << 13
+# Members of a remote tar up to this size are kept as bytes while indexing, not read again later
+INLINE_MEMBER = 1 << 12
 
 
 @dataclass(frozen=True)
@@ -123,19 +126,23 @@ def indexed_samples(url: str, retry: Retry | None = None) -> Iterator[dict[str, 
     failure: Exception | None = None
     info = None
     size = object_size(url, retry)
-    source = open_remote(url, retry or Retry(), size=size, buffer=INDEX_READ) if is_remote(url) else None
+    source = open_remote(url, retry or Retry(), size=size, block=INDEX_READ) if is_remote(url) else None
     with contextlib.closing(source or io.BytesIO()), tarfile.open(url if source is None else None, "r:", source) as tar:
         try:
             while (info := tar.next()) is not None:
-                if info.isreg():
-                    members.append(
-                        {"fname": info.name, "data": Member(url, info.offset_data, info.size, retry), "__url__": url}
-                    )
+                if not info.isreg():
+                    continue
+                data: bytes | Member = Member(url, info.offset_data, info.size, retry)
+                if source is not None and info.size <= INLINE_MEMBER:
+                    # a remote tar's metadata: its bytes are in the index read already
+                    data = member_bytes(data) if (handle := tar.extractfile(info)) is None else handle.read()
+                members.append({"fname": info.name, "data": data, "__url__": url})
         except (tarfile.TarError, MemoryError, OverflowError, ValueError, OSError) as err:
             # a header that lies (a size past the end, a terabyte of extended header), or a remote
             # tar that stayed unreachable: the tar ends here
             failure = tarfile.ReadError(f"{type(err).__name__} after {info.name if info else 'the start'}: {err}")
-    if failure is None and members and members[-1]["data"].offset + members[-1]["data"].size > size:
+    last = members[-1]["data"] if members else None
+    if failure is None and isinstance(last, Member) and last.offset + last.size > size:
         failure = tarfile.ReadError(f"unexpected end of data in {members[-1]['fname']}")
     samples = list(group_by_keys(iter(members)))
     if failure is not None:

@@ -16,6 +16,7 @@ import io
 import os
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -233,12 +234,53 @@ def object_size(url: str, retry: Retry | None = None) -> int:
     return size
 
 
-class RemoteFile(io.RawIOBase):
-    """A remote object as a seekable, read-only file: every read is one ranged request."""
+class _Blocks:
+    """The blocks this process read last, so that a decoder's seeks (to the index at a video's
+    end, back to the start, again for the sound) read each block once. Bounded in bytes."""
 
-    def __init__(self, url: str, retry: Retry, offset: int = 0, size: int | None = None) -> None:
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._blocks: OrderedDict[tuple[str, int, int, int], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int, int, int]) -> bytes | None:
+        with self._lock:
+            data = self._blocks.get(key)
+            if data is not None:
+                self._blocks.move_to_end(key)
+            return data
+
+    def put(self, key: tuple[str, int, int, int], data: bytes) -> None:
+        with self._lock:
+            if key in self._blocks:
+                return
+            self._blocks[key] = data
+            self.bytes += len(data)
+            while self.bytes > self.max_bytes and len(self._blocks) > 1:
+                _, dropped = self._blocks.popitem(last=False)
+                self.bytes -= len(dropped)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._blocks.clear()
+            self.bytes = 0
+
+
+_BLOCKS = _Blocks(max_bytes=32 << 20)
+
+
+def forget_reads() -> None:
+    """Drop the blocks this process keeps: the next reads go to the server."""
+    _BLOCKS.clear()
+
+
+class RemoteFile(io.RawIOBase):
+    """Bytes [offset, offset + size) of a remote object as a seekable, read-only file, read in
+    `block`-byte ranged requests that are kept for a while (see _Blocks)."""
+
+    def __init__(self, url: str, retry: Retry, offset: int = 0, size: int | None = None, block: int = 1 << 20) -> None:
         super().__init__()
-        self.url, self.retry, self._offset = url, retry, offset
+        self.url, self.retry, self._offset, self._block = url, retry, offset, block
         self._size = size if size is not None else object_size(url, retry) - offset
         self._position = 0
 
@@ -249,14 +291,21 @@ class RemoteFile(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        wanted = min(len(buffer), self._size - self._position)
-        if wanted <= 0:
+        if self._position >= self._size:
             return 0
-        start = self._offset + self._position
-        data = read_range(self.url, start, start + wanted, self.retry)
-        buffer[: len(data)] = data
-        self._position += len(data)
-        return len(data)
+        index, within = divmod(self._position, self._block)
+        key = (self.url, self._offset, self._block, index)
+        data = _BLOCKS.get(key)
+        if data is None:
+            start = self._offset + index * self._block
+            data = read_range(self.url, start, min(start + self._block, self._offset + self._size), self.retry)
+            _BLOCKS.put(key, data)
+        count = min(len(buffer), len(data) - within)
+        if count <= 0:
+            return 0
+        buffer[:count] = data[within : within + count]
+        self._position += count
+        return count
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
@@ -267,9 +316,9 @@ class RemoteFile(io.RawIOBase):
         return self._position
 
 
-def open_remote(url: str, retry: Retry, offset: int = 0, size: int | None = None, buffer: int = 1 << 20) -> BinaryIO:
-    """Bytes [offset, offset + size) of a remote object as a buffered file (`buffer` bytes a request)."""
-    return io.BufferedReader(RemoteFile(url, retry, offset, size), buffer_size=buffer)
+def open_remote(url: str, retry: Retry, offset: int = 0, size: int | None = None, block: int = 1 << 20) -> BinaryIO:
+    """Bytes [offset, offset + size) of a remote object as a buffered file, read `block` bytes a request."""
+    return io.BufferedReader(RemoteFile(url, retry, offset, size, block), buffer_size=min(block, 1 << 16))
 
 
 def upload(path: Path, url: str, retry: Retry | None = None) -> None:
