@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
@@ -132,21 +133,22 @@ def main() -> None:
         (f"torch Dataset ({w} workers)", torch_rate, w),
         (f"pemt stream ({w} workers)", pemt_rate, w),
     ]
-    read = {name: per_sample for name, _, per_sample in remote}
-    rows += [(f"{name} ({w} workers)", rate, w) for name, rate, _ in remote]
+    read = {name: (per_sample, cpu) for name, _, per_sample, cpu in remote}
+    rows += [(f"{name} ({w} workers)", rate, w) for name, rate, _, _ in remote]
     shard_bytes = sum(p.stat().st_size for p in (work / "shards").glob("*.tar")) / n
     lines = [
         "| loader | samples/s | clips/s | clips/s per worker | per worker vs bare PyAV | vs pemt local "
-        "| KB read per sample |",
-        "|---|---|---|---|---|---|---|",
+        "| KB read per sample | server core-ms per sample |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, rate, workers in rows:
         base = name.split(" (")[0]
         versus = f"{rate / pemt_rate:.2f}x" if base in read or base == "pemt stream" else ""
-        kb = f"{read[base] / 1e3:.1f}" if base in read else ""
+        kb = f"{read[base][0] / 1e3:.1f}" if base in read else ""
+        server = f"{read[base][1] * 1e3:.1f}" if base in read else ""
         lines.append(
             f"| {name} | {rate:.1f} | {rate * spec.clips:.1f} | {rate * spec.clips / workers:.1f} "
-            f"| {rate / workers / bare:.2f}x | {versus} | {kb} |"
+            f"| {rate / workers / bare:.2f}x | {versus} | {kb} | {server} |"
         )
     setting = (
         f"{datetime.date.today()}, CPU, {args.videos} videos of {args.seconds:g} s at {args.size}px -> "
@@ -160,7 +162,9 @@ def main() -> None:
     feed += (
         f"\n\nThe shards hold {shard_bytes / 1e3:.1f} KB per sample; a remote read is the tar's headers "
         "plus what each decode's window needs. Loopback has no network latency or bandwidth limit: the "
-        "remote rows measure pemt's request overhead, not a cluster's network."
+        "remote rows measure pemt's request overhead, not a cluster's network. The servers (Python's "
+        "http.server with range support, moto) and the proxy that counts bytes run on the same cores as "
+        "the decoders; their CPU time per sample is in the last column."
     )
     table = "\n".join(lines)
     print(f"{setting}\n\n{table}\n\n{feed}")
@@ -169,16 +173,26 @@ def main() -> None:
     )
 
 
-def _remote_rates(shards: Path, port: int, data_cfg, batch: int, batches: int, drain) -> list[tuple[str, float, float]]:
-    """(row, samples/s, bytes read per sample) of the pemt stream from HTTP and from S3 on loopback
-    (ports `port` to `port + 3`)."""
+def _cpu(*processes: psutil.Process) -> float:
+    return sum(sum(p.cpu_times()[:2]) for p in processes)
+
+
+def _remote_rates(
+    shards: Path, port: int, data_cfg, batch: int, batches: int, drain
+) -> list[tuple[str, float, float, float]]:
+    """(row, samples/s, bytes read per sample, server core-seconds per sample) of the pemt stream
+    from HTTP and from S3 on loopback (ports `port` to `port + 3`). The servers and the counting
+    proxy share this machine's cores with the decoders; their CPU time is measured."""
     from pemt.data.shards import upload_shards
 
     rows = []
-    http = FileServer(shards.parent, port)
+    here = psutil.Process()
+    http = FileServer(shards.parent, port)  # threads of this process, as is the proxy
     proxy = FaultProxy(port + 1, port)
+    began = _cpu(here)
     rate = drain(build_loader(data_cfg, f"{proxy.url}/{shards.name}", batch, 0, 1, seed=0), batches)
-    rows.append(("pemt HTTP", rate, proxy.bytes_to_clients / (batches * batch)))
+    samples = batches * batch
+    rows.append(("pemt HTTP", rate, proxy.bytes_to_clients / samples, (_cpu(here) - began) / samples))
     proxy.down()
     http.stop()
 
@@ -188,9 +202,10 @@ def _remote_rates(shards: Path, port: int, data_cfg, batch: int, batches: int, d
 
     boto3.client("s3").create_bucket(Bucket="bench")
     upload_shards(shards, "s3://bench/shards", progress=False)
-    uploaded = proxy.bytes_to_clients
+    uploaded, began = proxy.bytes_to_clients, _cpu(here, psutil.Process(s3.process.pid))
     rate = drain(build_loader(data_cfg, "s3://bench/shards", batch, 0, 1, seed=0), batches)
-    rows.append(("pemt S3", rate, (proxy.bytes_to_clients - uploaded) / (batches * batch)))
+    cpu = (_cpu(here, psutil.Process(s3.process.pid)) - began) / samples
+    rows.append(("pemt S3", rate, (proxy.bytes_to_clients - uploaded) / samples, cpu))
     proxy.down()
     s3.stop()
     return rows

@@ -102,7 +102,7 @@ class S3Server:
         import sys
         import time
 
-        self._process = subprocess.Popen(
+        self.process = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -114,13 +114,13 @@ class S3Server:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
             except OSError:
-                if self._process.poll() is not None or time.monotonic() > deadline:
+                if self.process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"moto's S3 server did not start on port {port}") from None
                 time.sleep(0.1)
 
     def stop(self) -> None:
-        self._process.terminate()
-        self._process.wait(timeout=30)
+        self.process.terminate()
+        self.process.wait(timeout=30)
 
 
 def s3_environment(endpoint: str) -> dict[str, str]:

@@ -35,6 +35,8 @@ def _assert_nothing_started(root: Path) -> None:
         # Preflight: checks against the machine.
         (["data.synthetic.videos_per_shard=8"], "2 shards for data.streams=8"),
         (["train.keep_last=100000000"], "train.keep_last=100000000 + 1"),
+        (["data.shards=https://user:pw@example.org/k700"], "must not carry credentials"),  # nor reach a run dir
+        (["data.shards=s3://bucket/k700"], "data=synthetic writes its shards to a local folder"),
     ],
 )
 def test_bad_config_fails_before_any_job(tmp_path: Path, data_cache: Path, overrides: list[str], expected: str) -> None:

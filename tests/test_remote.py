@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from servers import FaultProxy, FileServer, S3Server, s3_environment
 
-from conftest import REPO, describe, free_port, keys_by_step
+from conftest import REPO, describe, free_port, keys_by_step, run_launch
 from pemt.config import compose_config
 from pemt.data.errors import BadSamples
 from pemt.data.loader import build_loader
@@ -149,6 +149,13 @@ def test_unreachable_or_wrong_locations_fail_preflight_naming_the_url(
         check_readable(f"{http[1].url}/nothing")
     with pytest.raises(ValueError, match="must not carry credentials"):
         check_location("https://user:secret@host/shards", "data.shards")
+
+
+def test_a_launch_on_a_server_that_is_down_stops_before_any_job(tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/k700"
+    result = run_launch("pretrain.py", tmp_path, tmp_path / "cache", "data=shards", f"data.shards={dead}", timeout=120)
+    assert result.returncode != 0 and f"{dead}/manifest.json: ConnectionError" in result.stderr, describe(result)
+    assert "Traceback" not in result.stderr and not list(tmp_path.rglob(".submitit")), describe(result)
 
 
 def test_a_server_without_byte_ranges_is_refused_with_the_reason(shards: Path) -> None:

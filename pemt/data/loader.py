@@ -29,7 +29,7 @@ from pemt.config import ConfigError, one_of, positive_int, positive_number
 from pemt.data.decode import ClipSpec, DecodeError, decode_clips
 from pemt.data.members import member_bytes, member_size, member_source
 from pemt.data.metadata import MAX_METADATA_BYTES, parse_metadata
-from pemt.data.storage import check_location, retry_from_config
+from pemt.data.storage import check_location, is_remote, retry_from_config
 from pemt.data.stream import Slot, StreamPlan, plan_from_manifest, stream_slots
 
 # Sound stored beside (or instead of) the video, in the order they are looked for.
@@ -238,6 +238,11 @@ def check_data(cfg: DictConfig) -> None:
             check_location(str(OmegaConf.select(cfg, key) or ""), key)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+    if cfg.data.name == "synthetic" and is_remote(str(cfg.data.shards or "")):
+        raise ConfigError(
+            f"data.shards={cfg.data.shards}: data=synthetic writes its shards to a local folder; "
+            "upload them (tools/upload_shards.py) and read them with data=shards"
+        )
     if cfg.data.name == "synthetic":
         from pemt.data.synthetic import spec_from_config
 
