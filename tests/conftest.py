@@ -100,6 +100,26 @@ def video_without_audio(size: int = 32, seconds: float = 1.0) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.fixture(scope="session")
+def damaged_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 shards of 4 samples: good ones, and each kind of damage (read locally and remotely)."""
+    from pemt.data.shards import write_shards
+    from pemt.data.synthetic import make_sample
+
+    spec = SyntheticSpec(videos=12, seconds=1.0, size=32)
+    good = [make_sample(spec, i) for i in range(12)]
+    truncated = dict(good[1], mp4=good[1]["mp4"][:2000])
+    silent = dict(good[2], mp4=video_without_audio())
+    malformed = dict(good[3], json=b"{not json")
+    samples = [good[0], truncated, silent, malformed, *good[4:]]
+    out = tmp_path_factory.mktemp("damaged") / "set"
+    write_shards(iter(samples), out, samples_per_shard=4)
+    # A corrupt tar: the last shard is cut in the middle of its second member.
+    last = out / "shard-000002.tar"
+    last.write_bytes(last.read_bytes()[: 512 * 3 + 3000])
+    return out
+
+
 def encode_video(
     seconds: float = 4.0,
     fps: int = 16,

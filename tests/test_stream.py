@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import video_without_audio
 from pemt.data.errors import BadSamples, DataError
 from pemt.data.loader import build_loader
 from pemt.data.shards import write_shards
@@ -96,26 +95,9 @@ def test_too_few_shards_for_the_streams_is_a_clear_error(tmp_path: Path) -> None
         build_loader(DATA, str(few), 2, 0, 2, seed=0)
 
 
-@pytest.fixture(scope="module")
-def damaged(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """4 shards of 4 samples: good ones, and each kind of damage."""
-    spec = SyntheticSpec(videos=12, seconds=1.0, size=32)
-    good = [make_sample(spec, i) for i in range(12)]
-    truncated = dict(good[1], mp4=good[1]["mp4"][:2000])
-    silent = dict(good[2], mp4=video_without_audio())
-    malformed = dict(good[3], json=b"{not json")
-    samples = [good[0], truncated, silent, malformed, *good[4:]]
-    out = tmp_path_factory.mktemp("damaged") / "set"
-    write_shards(iter(samples), out, samples_per_shard=4)
-    # A corrupt tar: the last shard is cut in the middle of its second member.
-    last = out / "shard-000002.tar"
-    last.write_bytes(last.read_bytes()[: 512 * 3 + 3000])
-    return out
-
-
-def test_each_kind_of_damage_is_skipped_and_counted(damaged: Path) -> None:
+def test_each_kind_of_damage_is_skipped_and_counted(damaged_shards: Path) -> None:
     data = OmegaConf.merge(DATA, {"streams": 1, "num_workers": 0})
-    loader = iter(build_loader(data, str(damaged), 4, 0, 1, seed=0))
+    loader = iter(build_loader(data, str(damaged_shards), 4, 0, 1, seed=0))
     errors, keys = [], []
     for _ in range(3):  # one epoch: 12 slots
         batch = next(loader)
@@ -130,10 +112,10 @@ def test_each_kind_of_damage_is_skipped_and_counted(damaged: Path) -> None:
     assert {"synthetic-000000", "synthetic-000004", "synthetic-000005"} <= set(keys)
 
 
-def test_error_rate_threshold_stops_with_shard_names(damaged: Path) -> None:
+def test_error_rate_threshold_stops_with_shard_names(damaged_shards: Path) -> None:
     data = OmegaConf.merge(DATA, {"streams": 1, "num_workers": 0})
     bad = BadSamples(max_error_rate=0.1, min_slots=8)
-    loader = iter(build_loader(data, str(damaged), 4, 0, 1, seed=0))
+    loader = iter(build_loader(data, str(damaged_shards), 4, 0, 1, seed=0))
     for _ in range(3):
         bad.add(next(loader))
     with pytest.raises(DataError, match=r"shard-00000\d\.tar") as caught:

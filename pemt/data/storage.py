@@ -196,6 +196,14 @@ def read_range(url: str, start: int = 0, end: int | None = None, retry: Retry | 
     return _read(url, start, end, retry or Retry())[0]
 
 
+_retried = [0]  # reads of this process tried again
+
+
+def retries_so_far() -> int:
+    """How many remote reads this process has tried again (each failure that passed counts)."""
+    return _retried[0]
+
+
 def _read(url: str, start: int, end: int | None, retry: Retry) -> tuple[bytes, int | None]:
     if not is_remote(url):
         with open(url, "rb") as handle:
@@ -208,11 +216,13 @@ def _read(url: str, start: int, end: int | None, retry: Retry) -> tuple[bytes, i
         except TransientError as err:
             if wait is None:
                 raise StorageError(f"{err} (after {retry.attempts} attempts)") from None
+            _retried[0] += 1
             time.sleep(wait)
             continue
         if end is not None and len(data) < end - start and (size is None or start + len(data) < size):
             if wait is None:
                 raise StorageError(f"{url}: short read at byte {start} (after {retry.attempts} attempts)")
+            _retried[0] += 1
             time.sleep(wait)
             continue
         return data, size

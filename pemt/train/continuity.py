@@ -46,6 +46,7 @@ EXECUTION_KEYS = (
     "train.allow_config_change",
     "data.num_workers",
     "data.decode_threads",
+    "data.remote",
     "data.shards",
     "eval.every",
     "eval.batch_size",
