@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 from servers import FaultProxy, FileServer, S3Server, s3_environment
 
 from conftest import REPO, describe, free_port, keys_by_step, run_launch
@@ -223,6 +224,7 @@ def test_training_resumes_exactly_from_http_then_s3(
             "train.global_batch_size=4",
             "train.checkpoint_every=2",
             "train.record_samples=true",
+            "train.log_every=1",
             f"train.max_steps={steps}",
         ]
         result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ))
@@ -236,6 +238,10 @@ def test_training_resumes_exactly_from_http_then_s3(
     assert http[1].cuts_made + s3.cuts_made >= cuts + 8, "both runs' reads were cut"
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
     assert keys_by_step(run_dir) == _expected_keys(shards, steps=4)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("pemt-pretrain").experiment_id])
+    retried = [m.value for m in client.get_metric_history(run.info.run_id, "remote_retries")]
+    assert len(retried) == 4 and sum(retried) > 0, "the data workers' retries reach MLflow"
 
 
 def test_a_damaged_remote_shard_counts_the_same_bad_samples_as_on_disk(damaged_shards: Path) -> None:

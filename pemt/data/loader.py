@@ -29,7 +29,7 @@ from pemt.config import ConfigError, one_of, positive_int, positive_number
 from pemt.data.decode import ClipSpec, DecodeError, decode_clips
 from pemt.data.members import member_bytes, member_size, member_source
 from pemt.data.metadata import MAX_METADATA_BYTES, parse_metadata
-from pemt.data.storage import check_location, is_remote, retry_from_config
+from pemt.data.storage import check_location, is_remote, retries_so_far, retry_from_config
 from pemt.data.stream import Slot, StreamPlan, plan_from_manifest, stream_slots
 
 # Sound stored beside (or instead of) the video, in the order they are looked for.
@@ -99,6 +99,7 @@ class StreamDataset(IterableDataset[dict[str, Any]]):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         slots = {v: stream_slots(self.plan, v, self.start * self.per_stream) for v in self.streams}
         micro = self.start
+        retried = retries_so_far()
         while True:
             mine = (micro - self.start) % workers == worker
             samples, errors, decode_s = [], [], 0.0
@@ -128,7 +129,10 @@ class StreamDataset(IterableDataset[dict[str, Any]]):
                         )
                     decode_s += time.perf_counter() - began
             if mine:
-                yield _collate(samples, errors, micro, decode_s)
+                batch = _collate(samples, errors, micro, decode_s)
+                # remote reads tried again by this worker since its last batch (its skipped steps' included)
+                batch["retries"], retried = retries_so_far() - retried, retries_so_far()
+                yield batch
             micro += 1
 
 

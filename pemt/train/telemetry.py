@@ -28,6 +28,7 @@ class Telemetry:
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
         self.decode_s, self.decoded = 0.0, 0  # data workers' decode time and samples since the last report
+        self.retries = 0  # remote reads the data workers tried again since the last report
         # The current curriculum stage's sequence shape (set by the trainer).
         self.clips = int(cfg.data.clips)
         self.tokens_per_clip = int(OmegaConf.select(cfg, "model.tokens_per_clip", default=1) or 1)
@@ -40,6 +41,7 @@ class Telemetry:
         """A micro-batch as the loader delivered it: how long its samples took to decode."""
         self.decode_s += float(batch.get("decode_s", 0.0))
         self.decoded += len(batch["key"]) + len(batch["errors"])
+        self.retries += int(batch.get("retries", 0))
 
     def add_micro_step(self, out: dict[str, torch.Tensor]) -> None:
         for key, value in out.items():
@@ -55,7 +57,10 @@ class Telemetry:
         means = all_reduce({**{k: float(v) / max(1, self.count) for k, v in self.sums.items()}, **decode}, self.device)
         self.sums, self.count = {}, 0
         self.decode_s, self.decoded = 0.0, 0
-        totals = all_reduce({"bad_samples": bad_errors, "slots": bad_slots}, self.device, mean=False)
+        totals = all_reduce(
+            {"bad_samples": bad_errors, "slots": bad_slots, "remote_retries": self.retries}, self.device, mean=False
+        )
+        self.retries = 0
         speed = self.meter.report()
         memory = min_avg_max(
             {"host_rss_gib": host_rss_gib(), "data_rss_gib": data_rss_gib(), **device_memory()}, self.device
@@ -71,6 +76,7 @@ class Telemetry:
             "visual_tokens_per_s": speed["samples_per_s"] * tokens,
             "audio_tokens_per_s": speed["samples_per_s"] * tokens,
             "bad_samples": totals["bad_samples"],
+            "remote_retries": totals["remote_retries"],
             **memory,
         }
         if grad_norm is not None:
