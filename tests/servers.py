@@ -27,6 +27,9 @@ class _RangeHandler(SimpleHTTPRequestHandler):
         pass
 
     def send_head(self) -> Any:
+        if self.counts.get("deny"):
+            self.send_error(403)
+            return None
         path = self.translate_path(self.path)
         if not os.path.isfile(path):
             self.send_error(404)
@@ -78,10 +81,11 @@ class _RangeHandler(SimpleHTTPRequestHandler):
 
 
 class FileServer:
-    """A folder over HTTP on 127.0.0.1:`port`, counting the requests and body bytes it serves."""
+    """A folder over HTTP on 127.0.0.1:`port`, counting the requests and body bytes it serves
+    (`deny`: every request is refused with 403, as with wrong credentials)."""
 
-    def __init__(self, directory: Path, port: int) -> None:
-        self.counts = {"requests": 0, "bytes": 0}
+    def __init__(self, directory: Path, port: int, deny: bool = False) -> None:
+        self.counts = {"requests": 0, "bytes": 0, "deny": int(deny)}
         handler = type("Handler", (_RangeHandler,), {"counts": self.counts})
         self._server = ThreadingHTTPServer(("127.0.0.1", port), partial(handler, directory=str(directory)))
         self._server.daemon_threads = True

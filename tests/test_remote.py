@@ -159,6 +159,12 @@ def test_unreachable_or_wrong_locations_fail_preflight_naming_the_url(
         check_readable(f"{http[1].url}/nothing")
     with pytest.raises(ValueError, match="must not carry credentials"):
         check_location("https://user:secret@host/shards", "data.shards")
+    denying = FileServer(Path("."), free_port(), deny=True)
+    try:
+        with pytest.raises(OSError, match=f"{denying.url}/set/manifest.json: access denied"):
+            check_readable(f"{denying.url}/set")
+    finally:
+        denying.stop()
 
 
 def test_a_launch_on_a_server_that_is_down_stops_before_any_job(tmp_path: Path) -> None:

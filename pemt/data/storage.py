@@ -47,7 +47,8 @@ class Retry:
 
 
 def retry_from_config(data_cfg: Any) -> Retry:
-    remote = data_cfg.get("remote") if hasattr(data_cfg, "get") else None
+    """The retries `data.remote` asks for (checked by pemt.data.loader.check_data)."""
+    remote = data_cfg.get("remote")
     if not remote:
         return Retry()
     return Retry(int(remote.attempts), float(remote.backoff_s), timeout_s=float(remote.timeout_s))
@@ -124,12 +125,13 @@ def _http_read(url: str, start: int, end: int | None, retry: Retry) -> tuple[byt
     headers = {"Range": f"bytes={start}-{'' if end is None else end - 1}"}
     if start == 0 and end is None:
         headers = {}
+    passing = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
     try:
         response = _http_session().get(url, headers=headers, timeout=retry.timeout_s)
-    except (requests.ConnectionError, requests.Timeout) as err:
+    except passing as err:  # refused, reset, timed out, a body cut short
         raise TransientError(f"{url}: {type(err).__name__}: {err}") from None
-    except requests.RequestException as err:  # a body cut short surfaces here (ChunkedEncodingError)
-        raise TransientError(f"{url}: {type(err).__name__}: {err}") from None
+    except requests.RequestException as err:
+        raise StorageError(f"{url}: {type(err).__name__}: {err}") from None
     status = response.status_code
     if _transient_status(status):
         raise TransientError(f"{url}: HTTP {status}")
@@ -156,25 +158,15 @@ def _http_read(url: str, start: int, end: int | None, retry: Retry) -> tuple[byt
 
 
 def _s3_read(url: str, start: int, end: int | None, retry: Retry) -> tuple[bytes, int | None]:
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-
     bucket, key = _bucket_key(url)
     ranged = {"Range": f"bytes={start}-{'' if end is None else end - 1}"} if (start or end is not None) else {}
     try:
         response = _s3_client(retry.timeout_s).get_object(Bucket=bucket, Key=key, **ranged)
         data = response["Body"].read()
-    except NoCredentialsError:
-        raise StorageError(f"{url}: no AWS credentials (AWS_ACCESS_KEY_ID / ~/.aws/credentials)") from None
-    except ClientError as err:
-        code = str(err.response.get("Error", {}).get("Code", ""))
-        status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        if code == "InvalidRange":
+    except Exception as err:  # noqa: BLE001 - botocore's errors, sorted by _s3_failure
+        if _s3_code(err) == "InvalidRange":  # nothing at or past `start`
             return b"", None
-        if _transient_status(status) or code in ("SlowDown", "Throttling", "RequestTimeout", "InternalError"):
-            raise TransientError(f"{url}: {code or status}") from None
-        raise StorageError(f"{url}: {code or status}: {err.response.get('Error', {}).get('Message', '')}") from None
-    except BotoCoreError as err:  # connection refused or reset, timeouts, a body cut short
-        raise TransientError(f"{url}: {type(err).__name__}: {err}") from None
+        raise _s3_failure(url, err) from None
     if len(data) != int(response.get("ContentLength", len(data))):
         raise TransientError(f"{url}: body cut short")
     size = None
@@ -184,6 +176,37 @@ def _s3_read(url: str, start: int, end: int | None, retry: Retry) -> tuple[bytes
     elif not ranged:
         size = len(data)
     return data, size
+
+
+def _s3_code(err: Exception) -> str:
+    return str(getattr(err, "response", {}).get("Error", {}).get("Code", ""))
+
+
+def _s3_failure(url: str, err: Exception) -> StorageError:
+    """What a botocore error means: connection refused or reset, timeouts, bodies cut short, 5xx
+    and throttling pass; missing, denied, no credentials or region, bad parameters do not."""
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionError,
+        HTTPClientError,
+        IncompleteReadError,
+        NoCredentialsError,
+        NoRegionError,
+    )
+
+    if isinstance(err, NoCredentialsError):
+        return StorageError(f"{url}: no AWS credentials (AWS_ACCESS_KEY_ID / ~/.aws/credentials)")
+    if isinstance(err, NoRegionError):
+        return StorageError(f"{url}: no AWS region (AWS_DEFAULT_REGION / ~/.aws/config)")
+    if isinstance(err, ClientError):
+        code = _s3_code(err)
+        status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        message = f"{url}: {code or status}: {err.response.get('Error', {}).get('Message', '')}"
+        passes = _transient_status(status) or code in ("SlowDown", "Throttling", "RequestTimeout", "InternalError")
+        return TransientError(message) if passes else StorageError(message)
+    if isinstance(err, (ConnectionError, HTTPClientError, IncompleteReadError)):
+        return TransientError(f"{url}: {type(err).__name__}: {err}")
+    return StorageError(f"{url}: {type(err).__name__}: {err}")
 
 
 def _read_once(url: str, start: int, end: int | None, retry: Retry) -> tuple[bytes, int | None]:
@@ -346,22 +369,12 @@ def upload(path: Path, url: str, retry: Retry | None = None) -> None:
 
 def _upload_once(path: Path, url: str, retry: Retry) -> None:
     if url.startswith("s3://"):
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-
         bucket, key = _bucket_key(url)
-        try:  # one request: a shard is far below S3's 5 GB limit for it
-            with open(path, "rb") as handle:
+        with open(path, "rb") as handle:
+            try:  # one request: a shard is far below S3's 5 GB limit for it
                 _s3_client(retry.timeout_s).put_object(Bucket=bucket, Key=key, Body=handle)
-        except NoCredentialsError:
-            raise StorageError(f"{url}: no AWS credentials (AWS_ACCESS_KEY_ID / ~/.aws/credentials)") from None
-        except ClientError as err:
-            code = str(err.response.get("Error", {}).get("Code", ""))
-            status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-            if _transient_status(status) or code in ("SlowDown", "RequestTimeout", "InternalError"):
-                raise TransientError(f"{url}: {code or status}") from None
-            raise StorageError(f"{url}: {code or status} on upload") from None
-        except BotoCoreError as err:
-            raise TransientError(f"{url}: {type(err).__name__}: {err}") from None
+            except Exception as err:  # noqa: BLE001 - botocore's errors, sorted by _s3_failure
+                raise _s3_failure(url, err) from None
         return
     import requests
 
