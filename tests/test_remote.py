@@ -151,7 +151,7 @@ def test_unreachable_or_wrong_locations_fail_preflight_naming_the_url(
     http: tuple[FileServer, FaultProxy], s3: FaultProxy
 ) -> None:
     dead = f"http://127.0.0.1:{free_port()}/set"
-    with pytest.raises(OSError, match=f"{dead}/manifest.json: ConnectionError"):
+    with pytest.raises(OSError, match=f"{dead}/manifest.json: NewConnectionError.*Connection refused"):
         check_readable(dead)
     with pytest.raises(OSError, match="s3://no-such-bucket/x/manifest.json: NoSuchBucket"):
         check_readable("s3://no-such-bucket/x")
@@ -170,7 +170,7 @@ def test_unreachable_or_wrong_locations_fail_preflight_naming_the_url(
 def test_a_launch_on_a_server_that_is_down_stops_before_any_job(tmp_path: Path) -> None:
     dead = f"http://127.0.0.1:{free_port()}/k700"
     result = run_launch("pretrain.py", tmp_path, tmp_path / "cache", "data=shards", f"data.shards={dead}", timeout=120)
-    assert result.returncode != 0 and f"{dead}/manifest.json: ConnectionError" in result.stderr, describe(result)
+    assert result.returncode != 0 and f"{dead}/manifest.json: NewConnectionError" in result.stderr, describe(result)
     assert "Traceback" not in result.stderr and not list(tmp_path.rglob(".submitit")), describe(result)
 
 

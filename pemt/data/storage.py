@@ -12,6 +12,7 @@ written to configs, params and run dirs.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import threading
@@ -87,15 +88,46 @@ def _transient_status(status: int) -> bool:
 _local = threading.local()
 
 
-def _http_session() -> Any:
-    """One keep-alive session per process and thread (range reads reuse the connection)."""
-    import requests
+def _http_pool() -> Any:
+    """One keep-alive connection pool per process and thread (range reads reuse connections).
+    urllib3 directly: requests costs ~1 ms of CPU more per read (benchmarks/remote_clients.py)."""
+    import urllib3
 
-    session = getattr(_local, "http", None)
-    if session is None or getattr(_local, "http_pid", None) != os.getpid():
-        session = requests.Session()
-        _local.http, _local.http_pid = session, os.getpid()
-    return session
+    pool = getattr(_local, "http", None)
+    if pool is None or getattr(_local, "http_pid", None) != os.getpid():
+        pool = urllib3.PoolManager(retries=False)
+        _local.http, _local.http_pid = pool, os.getpid()
+    return pool
+
+
+@functools.lru_cache(maxsize=64)
+def _netrc_auth(host: str) -> dict[str, str]:
+    """The Authorization header ~/.netrc gives `host` (read once per process), or none."""
+    import netrc
+
+    import urllib3
+
+    try:
+        login = netrc.netrc().authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return {}
+    return dict(urllib3.make_headers(basic_auth=f"{login[0]}:{login[2]}")) if login else {}
+
+
+def _http_request(method: str, url: str, headers: dict[str, str], retry: Retry, body: Any = None) -> Any:
+    """One request, with the user and password ~/.netrc holds for the host, if any."""
+    import urllib3
+    from urllib3.exceptions import HTTPError, LocationValueError, SSLError
+
+    headers = {**headers, **_netrc_auth(urlsplit(url).hostname or "")}
+    try:
+        return _http_pool().request(
+            method, url, headers=headers, body=body, timeout=urllib3.Timeout(retry.timeout_s), retries=False
+        )
+    except (LocationValueError, SSLError) as err:  # a bad URL, a certificate: trying again will not help
+        raise StorageError(f"{url}: {type(err).__name__}: {err}") from None
+    except HTTPError as err:  # refused, reset, timed out, a body cut short
+        raise TransientError(f"{url}: {type(err).__name__}: {err}") from None
 
 
 def _s3_client(timeout_s: float) -> Any:
@@ -120,19 +152,11 @@ def _bucket_key(url: str) -> tuple[str, str]:
 
 def _http_read(url: str, start: int, end: int | None, retry: Retry) -> tuple[bytes, int | None]:
     """Bytes [start, end) (to the end if None) and the object's size, if the server said it."""
-    import requests
-
     headers = {"Range": f"bytes={start}-{'' if end is None else end - 1}"}
     if start == 0 and end is None:
         headers = {}
-    passing = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
-    try:
-        response = _http_session().get(url, headers=headers, timeout=retry.timeout_s)
-    except passing as err:  # refused, reset, timed out, a body cut short
-        raise TransientError(f"{url}: {type(err).__name__}: {err}") from None
-    except requests.RequestException as err:
-        raise StorageError(f"{url}: {type(err).__name__}: {err}") from None
-    status = response.status_code
+    response = _http_request("GET", url, headers, retry)
+    status = response.status
     if _transient_status(status):
         raise TransientError(f"{url}: HTTP {status}")
     if status == 416:  # nothing at or past `start`
@@ -153,8 +177,8 @@ def _http_read(url: str, start: int, end: int | None, retry: Retry) -> tuple[byt
         total = response.headers["Content-Range"].rpartition("/")[2]
         size = int(total) if total.isdigit() else None
     elif status == 200:
-        size = len(response.content)
-    return response.content, size
+        size = len(response.data)
+    return response.data, size
 
 
 def _s3_read(url: str, start: int, end: int | None, retry: Retry) -> tuple[bytes, int | None]:
@@ -376,14 +400,10 @@ def _upload_once(path: Path, url: str, retry: Retry) -> None:
             except Exception as err:  # noqa: BLE001 - botocore's errors, sorted by _s3_failure
                 raise _s3_failure(url, err) from None
         return
-    import requests
-
-    try:
-        with open(path, "rb") as handle:
-            response = _http_session().put(url, data=handle, timeout=retry.timeout_s)
-    except requests.RequestException as err:
-        raise TransientError(f"{url}: {type(err).__name__}: {err}") from None
-    if _transient_status(response.status_code):
-        raise TransientError(f"{url}: HTTP {response.status_code}")
-    if response.status_code >= 300:
-        raise StorageError(f"{url}: HTTP {response.status_code} on upload")
+    with open(path, "rb") as handle:
+        headers = {"Content-Length": str(os.fstat(handle.fileno()).st_size)}
+        response = _http_request("PUT", url, headers, retry, body=handle)
+    if _transient_status(response.status):
+        raise TransientError(f"{url}: HTTP {response.status}")
+    if response.status >= 300:
+        raise StorageError(f"{url}: HTTP {response.status} on upload")
