@@ -67,9 +67,8 @@ def main() -> None:
     url, retry = f"{http.url}/shard.tar", Retry()
 
     import fsspec
-    import urllib3
-
     import requests
+    import urllib3
 
     pool = urllib3.PoolManager()
     session = requests.Session()
