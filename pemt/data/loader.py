@@ -9,8 +9,9 @@ raised: the trainer counts them and stops past `data.max_error_rate`.
 What a worker holds: the index of each shard it is in (member names and offsets from the tar
 headers), a shuffle buffer of such entries (`data.shuffle_buffer` samples, a few hundred bytes
 each), one decode (its output plus the decoder's state, about a GOP) and the finished batches
-waiting for the trainer (`prefetch_factor` per worker; frames stay uint8 until the device). It
-reads only the samples it decodes, and of each only what its window needs.
+waiting for the trainer (`prefetch_factor` per worker; frames stay uint8 until the device), and
+for remote shards up to 32 MiB of the blocks it read last (pemt.data.storage). It reads only the
+samples it decodes, and of each only what its window needs.
 """
 
 from __future__ import annotations
