@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from servers import FaultProxy, FileServer, S3Server, s3_environment
 
-from conftest import REPO, describe, free_port, keys_by_step, run_launch
+from conftest import REPO, describe, free_port, keys_by_step, run_launch, write_video
 from pemt.config import compose_config
 from pemt.data.errors import BadSamples
 from pemt.data.loader import build_loader
@@ -270,3 +270,15 @@ def test_a_damaged_remote_shard_counts_the_same_bad_samples_as_on_disk(damaged_s
         assert remote == local and len(local[1]) >= 4, (remote, local)
     finally:
         server.stop()
+
+
+def test_make_shards_uploads_what_it_wrote(tmp_path: Path, s3: FaultProxy) -> None:
+    from pemt.apps.make_shards import main as make_shards
+
+    for i in range(3):
+        write_video(tmp_path / "videos" / f"v{i}.mp4", i)
+    local = tmp_path / "shards"
+    make_shards([str(tmp_path / "videos"), str(local), "--samples", "2", "--upload", "s3://videos/made"])
+    assert read_manifest("s3://videos/made") == read_manifest(local)
+    assert len(check_readable("s3://videos/made")) == 2
+    assert upload_shards(local, "s3://videos/made", progress=False) == 1, "uploaded shards are skipped"

@@ -10,7 +10,9 @@ packing, once, instead of paying for full-size decoding every epoch; the sound i
 unless `--sample-rate` resamples it (AAC). Inputs that cannot be read are skipped and listed in
 OUT_DIR/skipped.jsonl. Run it again after an interruption: finished shards are kept and the rest
 is written, without duplicates; a run with other inputs, shard size or transform refuses
-(--restart deletes the folder's shards and starts again).
+(--restart deletes the folder's shards and starts again). `--upload s3://bucket/prefix` (or an
+http(s):// server that takes PUT) then copies the folder there, shards first and the manifest
+last, skipping shards already uploaded (see tools/upload_shards.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from pemt.data.ingest import make_shards
+from pemt.data.shards import upload_shards
+from pemt.data.storage import check_location, is_remote
 from pemt.data.transcode import Transcode
 
 
@@ -39,7 +43,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     recode.add_argument("--sample-rate", type=int, help="resample the sound to this rate (AAC); default: kept as is")
     recode.add_argument("--keep-original", action="store_true", help="also store each source file (original.<ext>)")
     parser.add_argument("--restart", action="store_true", help="delete OUT_DIR's shards and start again")
+    parser.add_argument("--upload", metavar="URL", help="then copy the shards to s3://bucket/prefix or http(s)://...")
     args = parser.parse_args(argv)
+    if args.upload:
+        try:
+            check_location(args.upload, "--upload")
+        except ValueError as err:
+            parser.error(str(err))
+        if not is_remote(args.upload):
+            parser.error(f"--upload {args.upload}: not an s3:// or http(s):// location")
     transform = None
     if args.short_side or args.fps or args.sample_rate:
         try:
@@ -63,6 +75,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{manifest['samples']} videos in {len(manifest['shards'])} shards at {args.out_dir}; "
         f"{manifest['skipped']} skipped (see {args.out_dir / 'skipped.jsonl'})"
     )
+    if args.upload:
+        try:
+            upload_shards(args.out_dir, args.upload)
+        except OSError as err:
+            parser.exit(1, f"make_shards: upload failed (run it again to continue): {err}\n")
+        print(f"uploaded to {args.upload}: train with data=shards data.shards={args.upload}")
     return manifest
 
 
