@@ -272,7 +272,9 @@ def test_a_damaged_remote_shard_counts_the_same_bad_samples_as_on_disk(damaged_s
         server.stop()
 
 
-def test_make_shards_uploads_what_it_wrote(tmp_path: Path, s3: FaultProxy) -> None:
+def test_make_shards_uploads_what_it_wrote(tmp_path: Path, s3: FaultProxy, shards: Path) -> None:
+    import boto3
+
     from pemt.apps.make_shards import main as make_shards
 
     for i in range(3):
@@ -281,4 +283,8 @@ def test_make_shards_uploads_what_it_wrote(tmp_path: Path, s3: FaultProxy) -> No
     make_shards([str(tmp_path / "videos"), str(local), "--samples", "2", "--upload", "s3://videos/made"])
     assert read_manifest("s3://videos/made") == read_manifest(local)
     assert len(check_readable("s3://videos/made")) == 2
-    assert upload_shards(local, "s3://videos/made", progress=False) == 1, "uploaded shards are skipped"
+    assert upload_shards(local, "s3://videos/made", progress=False) == 0, "all there already"
+    boto3.client("s3").delete_object(Bucket="videos", Key="made/manifest.json")  # as if cut before it
+    assert upload_shards(local, "s3://videos/made", progress=False) == 1, "shards there are not sent again"
+    with pytest.raises(ValueError, match="describes other shards"):
+        upload_shards(shards, "s3://videos/made", progress=False)

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.upload:
         try:
             upload_shards(args.out_dir, args.upload)
-        except OSError as err:
+        except (OSError, ValueError) as err:  # unreachable, denied, another set at the prefix
             parser.exit(1, f"make_shards: upload failed (run it again to continue): {err}\n")
         print(f"uploaded to {args.upload}: train with data=shards data.shards={args.upload}")
     return manifest

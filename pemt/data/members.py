@@ -133,9 +133,9 @@ def indexed_samples(url: str, retry: Retry | None = None) -> Iterator[dict[str, 
                 if not info.isreg():
                     continue
                 data: bytes | Member = Member(url, info.offset_data, info.size, retry)
-                if source is not None and info.size <= INLINE_MEMBER:
-                    # a remote tar's metadata: its bytes are in the index read already
-                    data = member_bytes(data) if (handle := tar.extractfile(info)) is None else handle.read()
+                handle = tar.extractfile(info) if source is not None and info.size <= INLINE_MEMBER else None
+                if handle is not None:  # a remote tar's metadata: its bytes are in the index read already
+                    data = handle.read()
                 members.append({"fname": info.name, "data": data, "__url__": url})
         except (tarfile.TarError, MemoryError, OverflowError, ValueError, OSError) as err:
             # a header that lies (a size past the end, a terabyte of extended header), or a remote

@@ -14,7 +14,7 @@ from typing import Any
 
 import webdataset as wds
 
-from pemt.data.storage import Retry, StorageError, is_remote, join, object_size, read_bytes, upload
+from pemt.data.storage import NotFound, Retry, StorageError, is_remote, join, object_size, read_bytes, upload
 from pemt.integrity import sha256
 
 MANIFEST = "manifest.json"
@@ -119,19 +119,29 @@ def check_readable(folder: str | Path) -> list[dict[str, Any]]:
 
 def upload_shards(folder: Path, location: str, progress: bool = True) -> int:
     """Copy a local shard folder to a remote prefix: every shard, then the manifest, so a reader
-    never finds a manifest whose shards are not all there. A shard already there with its size
-    is kept (an interrupted upload continues). Returns the number of files sent."""
+    never finds a manifest whose shards are not all there. Where no manifest is there yet (an
+    interrupted upload), a shard already there with its size is kept; a prefix whose manifest is
+    another folder's is refused (shards of two sets must never mix). Returns the files sent."""
     from tqdm import tqdm
 
     entries = read_manifest(folder)
+    local = (Path(folder) / MANIFEST).read_bytes()
+    try:
+        remote = read_bytes(join(location, MANIFEST))
+    except NotFound:
+        remote = None  # nothing uploaded yet, or interrupted before the manifest
+    if remote == local:
+        return 0
+    if remote is not None:
+        raise ValueError(f"{join(location, MANIFEST)} describes other shards than {folder}: upload to a new prefix")
     sent = 0
     for entry in tqdm(entries, desc=f"upload to {location}", unit="shard", disable=not progress):
         target = join(location, entry["name"])
         try:
-            if object_size(target, Retry(attempts=1)) == int(entry["bytes"]):
+            if object_size(target) == int(entry["bytes"]):
                 continue
-        except StorageError:
-            pass  # not there yet
+        except NotFound:
+            pass
         upload(Path(folder) / entry["name"], target)
         sent += 1
     upload(Path(folder) / MANIFEST, join(location, MANIFEST))

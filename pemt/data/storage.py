@@ -34,6 +34,10 @@ class TransientError(StorageError):
     """A failure that may pass: the read is tried again."""
 
 
+class NotFound(StorageError):
+    """No object at the URL (the bucket or server exists)."""
+
+
 @dataclass(frozen=True)
 class Retry:
     """How often and how patiently a remote read is tried before it fails."""
@@ -162,7 +166,7 @@ def _http_read(url: str, start: int, end: int | None, retry: Retry) -> tuple[byt
     if status == 416:  # nothing at or past `start`
         return b"", None
     if status == 404:
-        raise StorageError(f"{url}: not found (HTTP 404)")
+        raise NotFound(f"{url}: not found (HTTP 404)")
     if status in (401, 403):
         raise StorageError(f"{url}: access denied (HTTP {status}; credentials come from ~/.netrc)")
     if status not in (200, 206):
@@ -227,6 +231,8 @@ def _s3_failure(url: str, err: Exception) -> StorageError:
         status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         message = f"{url}: {code or status}: {err.response.get('Error', {}).get('Message', '')}"
         passes = _transient_status(status) or code in ("SlowDown", "Throttling", "RequestTimeout", "InternalError")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return NotFound(message)
         return TransientError(message) if passes else StorageError(message)
     if isinstance(err, (ConnectionError, HTTPClientError, IncompleteReadError)):
         return TransientError(f"{url}: {type(err).__name__}: {err}")
