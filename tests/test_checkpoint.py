@@ -91,6 +91,19 @@ def test_missing_manifest_is_never_loaded_and_set_aside(engine_factory: dict, tm
     assert [p.name.split("-")[0] for p in (tmp_path / "ckpt" / INCOMPLETE).iterdir()] == [step_tag(2)]
 
 
+def test_the_same_unfinished_step_set_aside_twice_in_a_second_keeps_both(tmp_path: Path) -> None:
+    """A job that dies saving step 6, restarts and dies saving step 6 again (a crash loop)."""
+    checkpointer = Checkpointer(tmp_path / "ckpt")
+    for attempt in range(2):
+        leftover = tmp_path / "ckpt" / ".staging" / step_tag(6)
+        leftover.mkdir(parents=True)
+        (leftover / "part").write_text(str(attempt))
+        assert len(checkpointer.set_aside_leftovers()) == 1
+    kept = sorted((tmp_path / "ckpt" / INCOMPLETE).iterdir())
+    assert [p.name.split("-")[0] for p in kept] == [step_tag(6)] * 2
+    assert sorted((p / "part").read_text() for p in kept) == ["0", "1"]
+
+
 def test_retention_keeps_last_k_and_every_mth(engine_factory: dict, tmp_path: Path) -> None:
     checkpointer = Checkpointer(tmp_path / "ckpt", keep_last=2, keep_every=3)
     _train_and_save(engine_factory, checkpointer, [1, 2, 3, 4, 5, 6, 7])
@@ -119,8 +132,16 @@ KILLED_WRITERS = ENGINE + textwrap.dedent("""
                 if step == 3:
                     os.write(write_end, b"x")
             os._exit(0)
-        os.read(read_end, 1)
+        os.close(write_end)  # the child's copy is the only one: a child that dies ends the read
+        if not os.read(read_end, 1):
+            sys.exit(f"job {kill} died before its third step: {os.waitpid(pid, 0)}")
+        os.close(read_end)
         time.sleep(draw.uniform(0.0, 0.6))
+        # a moment that fell between two saves waits for the next one to start (a busy machine
+        # stretches the steps between saves)
+        deadline = time.monotonic() + 5
+        while not any((ckpt / ".staging").glob("step_*")) and time.monotonic() < deadline:
+            time.sleep(0.002)
         landed += any((ckpt / ".staging").glob("step_*"))  # a save was being written
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)

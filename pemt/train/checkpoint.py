@@ -23,6 +23,7 @@ universal format (pemt.train.universal) and loaded from there.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -161,7 +162,13 @@ class Checkpointer:
         return sorted(found, key=lambda c: c.step)
 
     def _set_aside(self, path: Path, why: str) -> Path:
-        target = self.directory / INCOMPLETE / f"{path.name}-{why}-{int(time.time())}"
+        # one name per move: the same step can be set aside twice in a second (a job that dies
+        # while saving step N, restarts, and dies saving step N again)
+        stamp = int(time.time())
+        for attempt in itertools.count():
+            target = self.directory / INCOMPLETE / f"{path.name}-{why}-{stamp}{f'.{attempt}' if attempt else ''}"
+            if not target.exists():
+                break
         target.parent.mkdir(parents=True, exist_ok=True)
         path.rename(target)
         return target
