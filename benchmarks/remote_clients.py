@@ -26,7 +26,30 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # the loopback servers the tests use
 
-from servers import FileServer, S3Server, s3_environment  # noqa: E402
+from servers import S3Server, s3_environment  # noqa: E402
+
+SERVE = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from servers import FileServer
+FileServer(Path(sys.argv[2]), int(sys.argv[3]))
+while True:
+    time.sleep(3600)
+"""
+
+
+def _wait_for(port: int) -> None:
+    import socket
+
+    for _ in range(300):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"no server on port {port}")
+
 
 from conftest import free_port  # noqa: E402
 
@@ -58,13 +81,18 @@ def main() -> None:
     size = args.kib << 10
     draw = random.Random(0)
     offsets = [draw.randrange(0, (32 << 20) - size) for _ in range(args.requests)]
-    http = FileServer(work, port)
+    # the file server in a process of its own, so that process_time() here is the client's alone
+    http = subprocess.Popen(
+        [sys.executable, "-c", SERVE, str(HERE.parent / "tests"), str(work), str(port)],
+        stdout=subprocess.DEVNULL,
+    )
+    _wait_for(port)
     s3 = S3Server(port + 1)
     import boto3
 
     boto3.client("s3").create_bucket(Bucket="bench")
     upload(blob, "s3://bench/shard.tar")
-    url, retry = f"{http.url}/shard.tar", Retry()
+    url, retry = f"http://127.0.0.1:{port}/shard.tar", Retry()
 
     import fsspec
     import requests
@@ -100,7 +128,8 @@ def main() -> None:
     for name, read in candidates:
         reads = offsets if "curl" not in name else offsets[: max(20, len(offsets) // 10)]
         rows.append((name, *_measure(read, reads, size)))
-    http.stop()
+    http.terminate()
+    http.wait()
     s3.stop()
 
     first_s3 = next(i for i, row in enumerate(rows) if "S3" in row[0])
