@@ -8,6 +8,7 @@ import os
 import re
 import socket
 import threading
+import time
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -141,11 +142,13 @@ def s3_environment(endpoint: str) -> dict[str, str]:
 
 class FaultProxy:
     """A TCP proxy on 127.0.0.1:`port` to `upstream_port`. `down()` refuses connections until
-    `up()`; `cut(n, after)` ends the next `n` connections after `after` bytes to the client."""
+    `up()`; `cut(n, after)` ends the next `n` connections after `after` bytes to the client;
+    `stall(n, seconds)` answers nothing on the next `n` connections for that long (clients time out)."""
 
     def __init__(self, port: int, upstream_port: int) -> None:
         self.port, self.upstream_port = port, upstream_port
         self._cuts_left, self._cut_after = 0, 0
+        self._stalls_left, self._stall_s = 0, 0.0
         self.cuts_made = 0  # connections ended early so far
         self.bytes_to_clients = 0
         self._open: set[socket.socket] = set()
@@ -184,6 +187,13 @@ class FaultProxy:
         for sock in live:
             _close(sock)
 
+    def stall(self, connections: int, seconds: float) -> None:
+        with self._lock:
+            self._stalls_left, self._stall_s = connections, seconds
+            live, self._open = list(self._open), set()
+        for sock in live:
+            _close(sock)
+
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
@@ -199,8 +209,12 @@ class FaultProxy:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._open.add(client)
+                stall = self._stall_s if self._stalls_left else 0.0
+                if stall:
+                    self._stalls_left -= 1
+                    self.cuts_made += 1
             threading.Thread(target=_pump, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=_pump, args=(upstream, client, self._take_cut), daemon=True).start()
+            threading.Thread(target=_pump, args=(upstream, client, self._take_cut, stall), daemon=True).start()
 
     def _take_cut(self, sent: int, passing: int) -> int | None:
         """Where a connection that has sent `sent` bytes (`passing` of them now) is to be cut, if it is."""
@@ -213,9 +227,15 @@ class FaultProxy:
         return None
 
 
-def _pump(source: socket.socket, target: socket.socket, take_cut: Any = None) -> None:
-    """Copy `source` to `target` until either closes, or `take_cut` says where to stop."""
+def _pump(source: socket.socket, target: socket.socket, take_cut: Any = None, stall: float = 0.0) -> None:
+    """Copy `source` to `target` until either closes, or `take_cut` says where to stop; a stalled
+    connection forwards nothing for `stall` seconds, then ends."""
     sent = 0
+    if stall:
+        time.sleep(stall)
+        _close(source)
+        _close(target)
+        return
     try:
         while True:
             data = source.recv(1 << 16)

@@ -115,6 +115,14 @@ def test_connections_cut_mid_shard_are_resumed_with_nothing_lost(
     assert proxy.cuts_made - before == 3 and retries_so_far() - retried >= 3
 
 
+def test_answers_that_time_out_are_tried_again(s3: FaultProxy, local_slots: list) -> None:
+    before, retried = s3.cuts_made, retries_so_far()
+    s3.stall(connections=1, seconds=2.0)
+    patient = Retry(attempts=4, backoff_s=0.1, timeout_s=0.5)
+    assert _slots("s3://videos/train", retry=patient) == local_slots
+    assert s3.cuts_made - before == 1 and retries_so_far() - retried >= 1
+
+
 def test_a_server_down_for_a_while_costs_time_not_samples(s3: FaultProxy, local_slots: list) -> None:
     """The store goes down after the first sample is read and is back a second later."""
 

@@ -135,17 +135,19 @@ def _http_request(method: str, url: str, headers: dict[str, str], retry: Retry, 
 
 
 def _s3_client(timeout_s: float) -> Any:
-    client = getattr(_local, "s3", None)
-    if client is None or getattr(_local, "s3_pid", None) != os.getpid():
+    """One client per process, thread and timeout (a client's timeouts are fixed when it is made)."""
+    if getattr(_local, "s3_pid", None) != os.getpid():
+        _local.s3, _local.s3_pid = {}, os.getpid()
+    client = _local.s3.get(timeout_s)
+    if client is None:
         import boto3
         from botocore.config import Config
 
         # pemt retries (with the backoff it is configured with); botocore tries once
         config = Config(
-            retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=timeout_s, read_timeout=timeout_s
+            retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=timeout_s, read_timeout=timeout_s
         )
-        client = boto3.session.Session().client("s3", config=config)
-        _local.s3, _local.s3_pid = client, os.getpid()
+        client = _local.s3[timeout_s] = boto3.session.Session().client("s3", config=config)
     return client
 
 
@@ -171,7 +173,8 @@ def _http_read(url: str, start: int, end: int | None, retry: Retry) -> tuple[byt
         raise StorageError(f"{url}: access denied (HTTP {status}; credentials come from ~/.netrc)")
     if status not in (200, 206):
         raise StorageError(f"{url}: HTTP {status}")
-    if headers and status == 200 and not (start == 0 and end is None):
+    whole = start == 0 and (end is None or len(response.data) == end)  # a range that is the whole object
+    if headers and status == 200 and not whole:
         raise StorageError(
             f"{url}: the server ignores byte ranges (HTTP Range), which pemt reads shard members by; "
             "serve the shards with one that honours them (nginx, Apache, any object store)"
@@ -207,7 +210,9 @@ def _s3_read(url: str, start: int, end: int | None, retry: Retry) -> tuple[bytes
 
 
 def _s3_code(err: Exception) -> str:
-    return str(getattr(err, "response", {}).get("Error", {}).get("Code", ""))
+    """A ClientError's code; "" for others (whose `response`, if any, is not S3's answer)."""
+    response = getattr(err, "response", None)
+    return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
 
 
 def _s3_failure(url: str, err: Exception) -> StorageError:
