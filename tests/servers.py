@@ -9,6 +9,7 @@ import re
 import socket
 import threading
 import time
+import weakref
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -113,6 +114,7 @@ class S3Server:
             stderr=subprocess.DEVNULL,
         )
         self.url = f"http://127.0.0.1:{port}"
+        weakref.finalize(self, self.process.kill)  # not left running by a script that crashes
         deadline = time.monotonic() + 60
         while True:
             try:
