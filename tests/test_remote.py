@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from servers import FaultProxy, FileServer, S3Server, s3_environment
 
-from conftest import REPO, describe, free_port, keys_by_step, run_launch, write_video
+from conftest import describe, free_port, keys_by_step, run_launch, write_video
 from pemt.config import compose_config
 from pemt.data.errors import BadSamples
 from pemt.data.loader import build_loader
@@ -225,10 +225,10 @@ def test_training_resumes_exactly_from_http_then_s3(
     run_dir = tmp_path / "run"
 
     def launch(location: str, steps: int) -> None:
-        cmd = [
-            sys.executable,
-            str(REPO / "launch" / "pretrain.py"),
-            f"paths.root={tmp_path}",
+        result = run_launch(
+            "pretrain.py",
+            tmp_path,
+            tmp_path / "cache",
             f"run_dir={run_dir}",
             "data=shards",
             f"data.shards={location}",
@@ -240,8 +240,7 @@ def test_training_resumes_exactly_from_http_then_s3(
             "train.record_samples=true",
             "train.log_every=1",
             f"train.max_steps={steps}",
-        ]
-        result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+        )
         assert result.returncode == 0, describe(result)
 
     cuts = http[1].cuts_made + s3.cuts_made

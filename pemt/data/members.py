@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 
 from webdataset.tariterators import group_by_keys
 
-from pemt.data.storage import Retry, is_remote, object_size, open_remote
+from pemt.data.storage import ByteRange, Retry, is_remote, object_size, open_remote
 
 # Bytes a ranged request of a remote tar's index reads: a header and the small members after it
 # (metadata, sound), without pulling in the start of the video that follows
@@ -51,19 +51,12 @@ class Member:
             return handle.read()
 
 
-class _Window(io.RawIOBase):
-    """Bytes [offset, offset + size) of a file, as a file of their own."""
+class _Window(ByteRange):
+    """Bytes [offset, offset + size) of a local file, as a file of their own."""
 
     def __init__(self, path: str, offset: int, size: int) -> None:
-        super().__init__()
+        super().__init__(offset, size)
         self._fd = os.open(path, os.O_RDONLY)
-        self._offset, self._size, self._position = offset, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
 
     def readinto(self, buffer: Any) -> int:
         wanted = min(len(buffer), self._size - self._position)
@@ -73,14 +66,6 @@ class _Window(io.RawIOBase):
         buffer[: len(data)] = data
         self._position += len(data)
         return len(data)
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
-        self._position = max(0, base + offset)
-        return self._position
-
-    def tell(self) -> int:
-        return self._position
 
     def close(self) -> None:
         if not self.closed:

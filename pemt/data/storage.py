@@ -342,21 +342,36 @@ def forget_reads() -> None:
     _BLOCKS.clear()
 
 
-class RemoteFile(io.RawIOBase):
-    """Bytes [offset, offset + size) of a remote object as a seekable, read-only file, read in
-    `block`-byte ranged requests that are kept for a while (see _Blocks)."""
+class ByteRange(io.RawIOBase):
+    """Bytes [offset, offset + size) of something, as a seekable, read-only file; subclasses say
+    how a read at the current position is served (`readinto`)."""
 
-    def __init__(self, url: str, retry: Retry, offset: int = 0, size: int | None = None, block: int = 1 << 20) -> None:
+    def __init__(self, offset: int, size: int) -> None:
         super().__init__()
-        self.url, self.retry, self._offset, self._block = url, retry, offset, block
-        self._size = size if size is not None else object_size(url, retry) - offset
-        self._position = 0
+        self._offset, self._size, self._position = offset, size, 0
 
     def readable(self) -> bool:
         return True
 
     def seekable(self) -> bool:
         return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+
+class RemoteFile(ByteRange):
+    """Bytes [offset, offset + size) of a remote object, read in `block`-byte ranged requests that
+    are kept for a while (see _Blocks)."""
+
+    def __init__(self, url: str, retry: Retry, offset: int = 0, size: int | None = None, block: int = 1 << 20) -> None:
+        super().__init__(offset, size if size is not None else object_size(url, retry) - offset)
+        self.url, self.retry, self._block = url, retry, block
 
     def readinto(self, buffer: Any) -> int:
         if self._position >= self._size:
@@ -374,14 +389,6 @@ class RemoteFile(io.RawIOBase):
         buffer[:count] = data[within : within + count]
         self._position += count
         return count
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
-        self._position = max(0, base + offset)
-        return self._position
-
-    def tell(self) -> int:
-        return self._position
 
 
 def open_remote(url: str, retry: Retry, offset: int = 0, size: int | None = None, block: int = 1 << 20) -> BinaryIO:
