@@ -132,7 +132,8 @@ class StreamDataset(IterableDataset[dict[str, Any]]):
             if mine:
                 batch = _collate(samples, errors, micro, decode_s)
                 # remote reads tried again by this worker since its last batch (its skipped steps' included)
-                batch["retries"], retried = retries_so_far() - retried, retries_so_far()
+                now = retries_so_far()
+                batch["retries"], retried = now - retried, now
                 yield batch
             micro += 1
 

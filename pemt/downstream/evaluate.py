@@ -27,12 +27,17 @@ Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _my_slots(
-    folder: str, rank: int, world: int, max_samples: int | None, retry: Retry | None = None
+    folder: str,
+    entries: list[dict[str, Any]],
+    rank: int,
+    world: int,
+    max_samples: int | None,
+    retry: Retry | None = None,
 ) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
-    """Slot i of the folder (manifest order; a shard that ends early keeps its slots, empty) is
-    rank i mod W's: (shard, raw sample or None, why there is none)."""
+    """Slot i of the folder (its manifest `entries` in order; a shard that ends early keeps its
+    slots, empty) is rank i mod W's: (shard, raw sample or None, why there is none)."""
     index = 0
-    for entry in read_manifest(folder, retry):
+    for entry in entries:
         url = join(folder, entry["name"])
         for sample, error in shard_samples(url, int(entry["samples"]), retry):
             if max_samples is not None and index >= max_samples:
@@ -42,8 +47,8 @@ def _my_slots(
             index += 1
 
 
-def _slot_count(folder: str, max_samples: int | None, retry: Retry | None = None) -> int:
-    total = sum(int(e["samples"]) for e in read_manifest(folder, retry))
+def _slot_count(entries: list[dict[str, Any]], max_samples: int | None) -> int:
+    total = sum(int(e["samples"]) for e in entries)
     return total if max_samples is None else min(total, max_samples)
 
 
@@ -62,8 +67,9 @@ def predict(
     Batches are decoded as they are scored (a rank holds one batch, not its share of the set);
     every rank runs the same number of rounds, known from the manifest."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    rounds = math.ceil(math.ceil(_slot_count(folder, max_samples, retry) / world) / batch_size)
-    slots = _my_slots(folder, rank, world, max_samples, retry)
+    entries = read_manifest(folder, retry)  # once: a remote manifest is a request
+    rounds = math.ceil(math.ceil(_slot_count(entries, max_samples) / world) / batch_size)
+    slots = _my_slots(folder, entries, rank, world, max_samples, retry)
     results, errors = [], []
     for _ in range(rounds):
         batch = []

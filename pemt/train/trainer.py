@@ -5,6 +5,7 @@ of a submitted job."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import signal
@@ -146,8 +147,14 @@ class Trainer:
                 f"data.streams={self.cfg.data.streams} but the checkpoint was written with "
                 f"data.streams={saved['streams']}: the sample order would change; resume with the same value"
             )
-        check_continuity(state, self.cfg, self._resolved(), manifest_digest(shard_source(self.cfg)), int(state["step"]))
+        check_continuity(state, self.cfg, self._resolved(), self._data_manifest, int(state["step"]))
         return state
+
+    @functools.cached_property
+    def _data_manifest(self) -> str | None:
+        """The shards' manifest digest, read once a job: a remote one is a request, and a save on
+        the preemption signal must not wait on the store."""
+        return manifest_digest(shard_source(self.cfg))
 
     def _resolved(self) -> dict[str, Any]:
         resolved: dict[str, Any] = redact_config(plain(self.cfg))
@@ -242,7 +249,7 @@ class Trainer:
             "world_size": self.info.world_size,
             "data_cursor": {"micro_step": step * accum, "streams": int(cfg.data.streams), "seed": int(cfg.seed)},
             "config": self._resolved(),
-            "data_manifest": manifest_digest(shard_source(cfg)),
+            "data_manifest": self._data_manifest,
         }
         report = self.checkpointer.save(self.engine, step, state, final=final)
         delay = OmegaConf.select(cfg, "cluster.signal_delay_s")
