@@ -7,7 +7,8 @@ Decodes the same generated mp4 files four ways and prints samples/s (a sample is
   bare PyAV   decode_clips() in a plain loop over the files: the decoder's limit;
   torch       a plain torch Dataset over the folder of mp4 files, in a DataLoader;
   pemt        pemt's resumable WebDataset stream over shards of the same files;
-  pemt HTTP   the same shards served over HTTP (byte ranges) on loopback;
+  pemt HTTP   the same shards served over HTTP (byte ranges) on loopback; then again with each
+              request held `--latency-ms` (a store's latency), reading ahead off and on;
   pemt S3     the same shards in an S3-compatible store (moto) on loopback.
 Then the tiny model's training step time, and the workers needed to keep it fed.
 Ratios are against bare PyAV measured in the same run; the remote rows also against the local
@@ -73,6 +74,7 @@ def main() -> None:
         action="store_true",
         help="decode the paper's window (30 clips x 16 frames at 16 fps, crop 112) instead of the tiny default",
     )
+    parser.add_argument("--latency-ms", type=float, default=20.0, help="a store's latency added to each request")
     parser.add_argument("--out", default="loader_throughput_cpu.md", help="file name under benchmarks/results/")
     args = parser.parse_args()
 
@@ -119,7 +121,7 @@ def main() -> None:
         n // args.batch,
     )
     pemt_rate = drain(build_loader(cfg.data, str(work / "shards"), args.batch, 0, 1, seed=0), n // args.batch)
-    remote = _remote_rates(work / "shards", port, cfg.data, args.batch, n // args.batch, drain)
+    remote = _remote_rates(work / "shards", port, cfg.data, args.batch, n // args.batch, drain, args.latency_ms)
 
     per_worker = pemt_rate / w
     feed = ""
@@ -171,7 +173,8 @@ def main() -> None:
     feed += (
         f"The shards hold {shard_bytes / 1e3:.1f} KB per sample; a remote read is the tar's headers "
         "plus what each decode's window needs. Loopback has no network latency or bandwidth limit: the "
-        "remote rows measure pemt's request overhead, not a cluster's network. The servers (Python's "
+        "plain remote rows measure pemt's request overhead, not a cluster's network; the +ms rows hold "
+        "every request that long at the proxy, as a distant store would. The servers (Python's "
         "http.server with range support, moto) and the proxy that counts bytes run on the same cores as "
         "the decoders; their CPU time per sample is in the last column."
     )
@@ -185,7 +188,7 @@ def _cpu(*processes: psutil.Process) -> float:
 
 
 def _remote_rates(
-    shards: Path, port: int, data_cfg, batch: int, batches: int, drain
+    shards: Path, port: int, data_cfg, batch: int, batches: int, drain, latency_ms: float
 ) -> list[tuple[str, float, float, float]]:
     """(row, samples/s, bytes read per sample, server core-seconds per sample) of the pemt stream
     from HTTP and from S3 on loopback (ports `port` to `port + 3`). The servers and the counting
@@ -200,6 +203,14 @@ def _remote_rates(
     rate = drain(build_loader(data_cfg, f"{proxy.url}/{shards.name}", batch, 0, 1, seed=0), batches)
     samples = batches * batch
     rows.append(("pemt HTTP", rate, proxy.bytes_to_clients / samples, (_cpu(here) - began) / samples))
+    # A store's latency (object stores answer in tens of ms), with and without reading ahead
+    proxy.latency_s = latency_ms / 1000
+    for read_ahead in (False, True):
+        cfg = OmegaConf.merge(data_cfg, {"remote": {"read_ahead": read_ahead}})
+        sent, began = proxy.bytes_to_clients, _cpu(here)
+        rate = drain(build_loader(cfg, f"{proxy.url}/{shards.name}", batch, 0, 1, seed=0), batches)
+        name = f"pemt HTTP +{latency_ms:g} ms, read-ahead {'on' if read_ahead else 'off'}"
+        rows.append((name, rate, (proxy.bytes_to_clients - sent) / samples, (_cpu(here) - began) / samples))
     proxy.down()
     http.stop()
 

@@ -7,6 +7,7 @@ size, in fresh processes (gloo on CPU, NCCL on GPUs):
   (a) bare: DistributedDataParallel, one pre-decoded micro-batch held in memory;
   (b) pemt step under ZeRO-1/2/3: the trainer's step (step guard, DeepSpeed engine, metric
       sums) on that same micro-batch;
+  (b') pemt step, ZeRO-2 with `train.compile=true`: the same step with compiled blocks;
   (c) pemt loop (ZeRO-2): the whole trainer (real loader decoding mp4 shards, telemetry,
       MLflow) for the same number of steps.
 The step time is the slowest rank's, averaged over the timed steps. Prints a table with the
@@ -50,7 +51,7 @@ MODELS = {
         "data.crop=48",
     ],
 }
-VARIANTS = ["bare", "zero1", "zero2", "zero3", "loop"]
+VARIANTS = ["bare", "zero1", "zero2", "zero3", "compiled", "loop"]
 
 
 def _config(model: str, variant: str, root: Path, ranks: int, steps: int) -> DictConfig:
@@ -60,6 +61,7 @@ def _config(model: str, variant: str, root: Path, ranks: int, steps: int) -> Dic
         overrides=[
             *MODELS[model],
             f"deepspeed={zero}",
+            f"train.compile={variant == 'compiled'}",
             f"gpus_per_node={ranks}",
             f"train.global_batch_size={4 * ranks}",
             f"data.streams={4 * ranks}",
@@ -271,18 +273,20 @@ def _report(rows: dict[str, dict[str, dict[str, Any]]], args: argparse.Namespace
     for model, variants in rows.items():
         bare, step = variants.get("bare"), variants.get("zero2")
         for name, row in variants.items():
-            label = {"bare": "(a) bare DDP", "loop": "(c) pemt loop, ZeRO-2"}.get(
-                name, f"(b) pemt step, ZeRO-{name[-1]}"
-            )
+            label = {
+                "bare": "(a) bare DDP",
+                "compiled": "(b') pemt step, ZeRO-2, compiled",
+                "loop": "(c) pemt loop, ZeRO-2",
+            }.get(name, f"(b) pemt step, ZeRO-{name[-1]}")
             versus_bare = f"{row['mean_s'] / bare['mean_s']:.3f}" if bare else "-"
-            versus_step = f"{row['mean_s'] / step['mean_s']:.3f}" if step and name == "loop" else "-"
+            versus_step = f"{row['mean_s'] / step['mean_s']:.3f}" if step and name in ("compiled", "loop") else "-"
             lines.append(
                 f"| {model} | {label} | {1000 * row['mean_s']:.1f} | {1000 * row['median_s']:.1f} "
                 f"| {versus_bare} | {versus_step} |"
             )
     lines += ["", "Where a step's time goes (rank 0, ms per step):", ""]
     for model, variants in rows.items():
-        for name in ("bare", "zero2"):
+        for name in ("bare", "zero2", "compiled"):
             if name in variants:
                 parts = ", ".join(f"{k} {1000 * v:.1f}" for k, v in variants[name]["phases"].items())
                 lines.append(f"- {model}, {name}: {parts}")

@@ -10,6 +10,7 @@ from pemt.cluster.keys import check_cluster
 from pemt.curriculum import stages
 from pemt.data.loader import check_data
 from pemt.model.factory import check_model
+from pemt.train.compilation import check_compile
 from pemt.train.engine_config import check_batch, check_world
 from pemt.train.profiling import check_profile
 
@@ -23,6 +24,7 @@ def validate(cfg: DictConfig) -> None:
     check_model(cfg)
     stages(cfg)  # the curriculum's stages, or the one stage of the plain config
     check_profile(cfg)
+    check_compile(cfg)
     if "task" in cfg:
         from pemt.downstream.task import check_task
 

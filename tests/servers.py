@@ -145,7 +145,8 @@ def s3_environment(endpoint: str) -> dict[str, str]:
 class FaultProxy:
     """A TCP proxy on 127.0.0.1:`port` to `upstream_port`. `down()` refuses connections until
     `up()`; `cut(n, after)` ends the next `n` connections after `after` bytes to the client;
-    `stall(n, seconds)` answers nothing on the next `n` connections for that long (clients time out)."""
+    `stall(n, seconds)` answers nothing on the next `n` connections for that long (clients time out);
+    `latency_s` holds each request that long before it goes on (a store's first-byte latency)."""
 
     def __init__(self, port: int, upstream_port: int) -> None:
         self.port, self.upstream_port = port, upstream_port
@@ -153,6 +154,7 @@ class FaultProxy:
         self._stalls_left, self._stall_s = 0, 0.0
         self.cuts_made = 0  # connections ended early so far
         self.bytes_to_clients = 0
+        self.latency_s = 0.0
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
@@ -173,6 +175,9 @@ class FaultProxy:
     def down(self) -> None:
         """New connections are refused and open ones end, as when the server stops."""
         if self._listener is not None:
+            # shutdown first: close alone leaves a listener that a thread waits in accept() on
+            # still taking connections
+            _close(self._listener)
             self._listener.close()
             self._listener = None
         with self._lock:
@@ -215,8 +220,11 @@ class FaultProxy:
                 if stall:
                     self._stalls_left -= 1
                     self.cuts_made += 1
-            threading.Thread(target=_pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=_pump, args=(client, upstream, None, 0.0, self._latency), daemon=True).start()
             threading.Thread(target=_pump, args=(upstream, client, self._take_cut, stall), daemon=True).start()
+
+    def _latency(self) -> float:
+        return self.latency_s
 
     def _take_cut(self, sent: int, passing: int) -> int | None:
         """Where a connection that has sent `sent` bytes (`passing` of them now) is to be cut, if it is."""
@@ -229,9 +237,12 @@ class FaultProxy:
         return None
 
 
-def _pump(source: socket.socket, target: socket.socket, take_cut: Any = None, stall: float = 0.0) -> None:
+def _pump(
+    source: socket.socket, target: socket.socket, take_cut: Any = None, stall: float = 0.0, delay: Any = None
+) -> None:
     """Copy `source` to `target` until either closes, or `take_cut` says where to stop; a stalled
-    connection forwards nothing for `stall` seconds, then ends."""
+    connection forwards nothing for `stall` seconds, then ends; `delay()` seconds pass before each
+    chunk goes on."""
     sent = 0
     if stall:
         time.sleep(stall)
@@ -243,6 +254,8 @@ def _pump(source: socket.socket, target: socket.socket, take_cut: Any = None, st
             data = source.recv(1 << 16)
             if not data:
                 break
+            if delay is not None and (wait := delay()):
+                time.sleep(wait)
             cut_at = take_cut(sent + len(data), len(data)) if take_cut else None
             if cut_at is not None:
                 target.sendall(data[: max(0, cut_at - sent)])

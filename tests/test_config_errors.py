@@ -30,6 +30,7 @@ def _assert_nothing_started(root: Path) -> None:
         (["cluster=slurm", "cluster.requeue=no"], "cluster.requeue='no': choose True or False"),  # a truthy string
         (["model.factorized.normalize=maybe", "model.sharing=[factorized]"], "factorized.normalize='maybe'"),
         (["profile.steps=[3,2]"], "profile.steps=[3, 2]: need 1 <= FIRST <= LAST"),
+        (["train.compile=true", "deepspeed=zero3"], "train.compile=true with deepspeed=zero3"),
         (["-m", "nodes=1", "gpus_per_node=1,2"], "gpus_per_node differs between sweep points"),
         (["-m", "train.global_batch_size=8,9"], "train.global_batch_size=9 is not divisible"),
         # Preflight: checks against the machine.

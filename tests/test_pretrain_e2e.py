@@ -155,9 +155,9 @@ def _losses(root: Path, metric: str = "loss") -> dict[int, float]:
 
 
 def test_accumulated_steps_with_the_contrastive_loss_resume_exactly(tmp_path: Path, data_cache: Path) -> None:
-    """Two micro-batches per rank per step and the optional InfoNCE: a run stopped at step 3 and
-    resumed sees the same samples and computes the same losses as one that never stopped; a
-    resume that would change the sample order (another data.streams) is refused."""
+    """Two micro-batches per rank per step, the optional InfoNCE and compiled blocks: a run stopped
+    at step 3 and resumed sees the same samples and computes the same losses as one that never
+    stopped; a resume that would change the sample order (another data.streams) is refused."""
     common = (
         "train.grad_accum_steps=2",
         "data.streams=4",  # the global batch of 8 is 4 streams x 2 micro-steps
@@ -165,6 +165,7 @@ def test_accumulated_steps_with_the_contrastive_loss_resume_exactly(tmp_path: Pa
         "train.log_every=1",
         "train.checkpoint_every=3",
         "train.record_samples=true",
+        "train.compile=true",
     )
     straight = run_pretrain(tmp_path / "straight", data_cache, "train.max_steps=6", *common)
     assert straight.returncode == 0, describe(straight)

@@ -20,8 +20,9 @@ from pemt.config import compose_config
 from pemt.data.errors import BadSamples
 from pemt.data.loader import build_loader
 from pemt.data.members import member_bytes
+from pemt.data.remote_file import forget_reads, reads_in_flight
 from pemt.data.shards import check_readable, read_manifest, upload_shards
-from pemt.data.storage import Retry, StorageError, check_location, forget_reads, read_bytes, retries_so_far
+from pemt.data.storage import Retry, StorageError, check_location, read_bytes, retries_so_far
 from pemt.data.stream import plan_from_manifest, stream_slots
 from pemt.data.synthetic import SyntheticSpec, generate
 
@@ -102,6 +103,40 @@ def test_remote_shards_stream_exactly_the_local_order_and_bytes(
 ) -> None:
     folder = f"{http[1].url}/set" if where == "http" else "s3://videos/train"
     assert _slots(folder) == local_slots
+
+
+@pytest.mark.parametrize("read_ahead", [True, False])
+def test_the_next_batch_is_fetched_while_this_one_decodes(
+    http: tuple[FileServer, FaultProxy], read_ahead: bool
+) -> None:
+    """With read-ahead, a batch's members are in memory before its turn: the store can go away
+    after the batch before it and it still decodes whole; without, it has to ask the store."""
+    _, proxy = http
+    cfg = compose_config(
+        "pretrain",
+        overrides=[
+            "data.num_workers=0",
+            f"data.streams={STREAMS}",
+            f"data.remote.read_ahead={read_ahead}",
+            "data.remote.attempts=2",
+            "data.remote.backoff_s=0.1",
+        ],
+    )
+    forget_reads()
+    batches = iter(build_loader(cfg.data, f"{proxy.url}/set", STREAMS, 0, 1, seed=0))
+    assert not next(batches)["errors"]
+    deadline = time.monotonic() + 30
+    while reads_in_flight() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proxy.down()
+    try:
+        second = next(batches)
+    finally:
+        proxy.up()
+    if read_ahead:
+        assert not second["errors"] and len(second["key"]) == STREAMS
+    else:
+        assert len(second["errors"]) == STREAMS and proxy.url in second["errors"][0]["reason"], second["errors"]
 
 
 def test_connections_cut_mid_shard_are_resumed_with_nothing_lost(

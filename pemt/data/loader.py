@@ -10,7 +10,8 @@ What a worker holds: the index of each shard it is in (member names and offsets 
 headers), a shuffle buffer of such entries (`data.shuffle_buffer` samples, a few hundred bytes
 each), one decode (its output plus the decoder's state, about a GOP) and the finished batches
 waiting for the trainer (`prefetch_factor` per worker; frames stay uint8 until the device), and
-for remote shards up to 32 MiB of the blocks it read last (pemt.data.storage). It reads only the
+for remote shards up to 32 MiB of the blocks it read last or reads ahead for its next batch
+(pemt.data.remote_file). It reads only the
 samples it decodes, and of each only what its window needs.
 """
 
@@ -28,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pemt.config import ConfigError, one_of, positive_int, positive_number
 from pemt.data.decode import ClipSpec, DecodeError, decode_clips
-from pemt.data.members import member_bytes, member_size, member_source
+from pemt.data.members import member_bytes, member_size, member_source, read_ahead_samples
 from pemt.data.metadata import MAX_METADATA_BYTES, parse_metadata
 from pemt.data.storage import check_location, is_remote, retries_so_far, retry_from_config
 from pemt.data.stream import Slot, StreamPlan, plan_from_manifest, stream_slots
@@ -90,52 +91,71 @@ class StreamDataset(IterableDataset[dict[str, Any]]):
         spec: ClipSpec,
         train: bool = True,
         check: Callable[[dict[str, Any]], None] | None = None,
+        read_ahead: bool = True,
     ) -> None:
         super().__init__()
         self.plan, self.streams, self.per_stream = plan, streams, per_stream
         self.start, self.spec, self.train, self.check = start, spec, train, check
+        self.read_ahead = read_ahead
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def _own_steps(self) -> Iterator[tuple[int, list[Slot]]]:
+        """This worker's micro-steps and their slots; the other workers' slots are passed over (their
+        index entries only: nothing of them is read)."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         slots = {v: stream_slots(self.plan, v, self.start * self.per_stream) for v in self.streams}
         micro = self.start
-        retried = retries_so_far()
         while True:
-            mine = (micro - self.start) % workers == worker
-            samples, errors, decode_s = [], [], 0.0
-            for v in self.streams:
-                for _ in range(self.per_stream):
-                    slot = next(slots[v])
-                    if not mine:
-                        continue  # another worker's step: its index entry is passed, nothing is read
-                    if slot.sample is None:
-                        errors.append({"shard": slot.shard, "key": None, "reason": slot.error})
-                        continue
-                    began = time.perf_counter()
-                    try:
-                        sample = _decode(slot, self.spec, self.plan.seed, self.train)
-                        if self.check is not None:
-                            self.check(sample)
-                        samples.append(sample)
-                    except DecodeError as err:
-                        errors.append({"shard": slot.shard, "key": slot.sample.get("__key__"), "reason": str(err)})
-                    except Exception as err:  # noqa: BLE001 - whatever one sample does, it is one bad sample
-                        errors.append(
-                            {
-                                "shard": slot.shard,
-                                "key": slot.sample.get("__key__"),
-                                "reason": f"{type(err).__name__}: {str(err)[:300]}",
-                            }
-                        )
-                    decode_s += time.perf_counter() - began
-            if mine:
-                batch = _collate(samples, errors, micro, decode_s)
-                # remote reads tried again by this worker since its last batch (its skipped steps' included)
-                now = retries_so_far()
-                batch["retries"], retried = now - retried, now
-                yield batch
+            step = [next(slots[v]) for v in self.streams for _ in range(self.per_stream)]
+            if (micro - self.start) % workers == worker:
+                yield micro, step
             micro += 1
+
+    def _decode_slots(self, slots: list[Slot]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], float]:
+        samples, errors, decode_s = [], [], 0.0
+        for slot in slots:
+            if slot.sample is None:
+                errors.append({"shard": slot.shard, "key": None, "reason": slot.error})
+                continue
+            began = time.perf_counter()
+            try:
+                sample = _decode(slot, self.spec, self.plan.seed, self.train)
+                if self.check is not None:
+                    self.check(sample)
+                samples.append(sample)
+            except DecodeError as err:
+                errors.append({"shard": slot.shard, "key": slot.sample.get("__key__"), "reason": str(err)})
+            except Exception as err:  # noqa: BLE001 - whatever one sample does, it is one bad sample
+                errors.append(
+                    {
+                        "shard": slot.shard,
+                        "key": slot.sample.get("__key__"),
+                        "reason": f"{type(err).__name__}: {str(err)[:300]}",
+                    }
+                )
+            decode_s += time.perf_counter() - began
+        return samples, errors, decode_s
+
+    def _read_ahead(self, slots: list[Slot]) -> None:
+        if self.read_ahead:
+            read_ahead_samples([slot.sample for slot in slots if slot.sample])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        retried = retries_so_far()
+        steps = self._own_steps()
+        upcoming = next(steps)
+        self._read_ahead(upcoming[1])
+        while True:
+            micro, slots = upcoming
+            # The next batch's remote members are fetched while this one decodes.
+            upcoming = next(steps)
+            self._read_ahead(upcoming[1])
+            samples, errors, decode_s = self._decode_slots(slots)
+            batch = _collate(samples, errors, micro, decode_s)
+            # remote reads tried again by this worker since its last batch (its skipped steps' included)
+            now = retries_so_far()
+            batch["retries"], retried = now - retried, now
+            yield batch
 
 
 def _collate(
@@ -185,7 +205,10 @@ def build_loader(
         shards, int(data_cfg.streams), seed, int(data_cfg.shuffle_buffer), retry_from_config(data_cfg)
     )
     streams, per_stream = stream_layout(plan.streams, rank, world_size, micro_batch)
-    dataset = StreamDataset(plan, streams, per_stream, start_micro_step, clip_spec(data_cfg), check=check)
+    read_ahead = bool(OmegaConf.select(data_cfg, "remote.read_ahead", default=True))
+    dataset = StreamDataset(
+        plan, streams, per_stream, start_micro_step, clip_spec(data_cfg), check=check, read_ahead=read_ahead
+    )
     workers = int(data_cfg.num_workers)
     return DataLoader(
         dataset,
@@ -239,6 +262,7 @@ def check_data(cfg: DictConfig) -> None:
     positive_int(cfg, "data.remote.attempts")
     positive_number(cfg, "data.remote.backoff_s")
     positive_number(cfg, "data.remote.timeout_s")
+    one_of(cfg, "data.remote.read_ahead", (True, False))
     for key in ("data.shards", "eval.shards"):
         try:
             check_location(str(OmegaConf.select(cfg, key) or ""), key)

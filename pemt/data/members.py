@@ -22,13 +22,16 @@ from typing import Any, BinaryIO
 
 from webdataset.tariterators import group_by_keys
 
-from pemt.data.storage import ByteRange, Retry, is_remote, object_size, open_remote
+from pemt.data.remote_file import ByteRange, open_remote, read_ahead
+from pemt.data.storage import Retry, is_remote, object_size
 
 # Bytes a ranged request of a remote tar's index reads: a header and the small members after it
 # (metadata, sound), without pulling in the start of the video that follows
 INDEX_READ = 1 << 13
 # Members of a remote tar up to this size are kept as bytes while indexing, not read again later
 INLINE_MEMBER = 1 << 12
+# Bytes of whole members read ahead for one batch: two batches' worth stay within the block cache
+READ_AHEAD_BYTES = 12 << 20
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,11 @@ class Member:
     def read(self) -> bytes:
         with self.open() as handle:
             return handle.read()
+
+    def read_ahead(self, whole: bool) -> None:
+        """A remote member: start fetching it (or its ends, where a container keeps its index)."""
+        if is_remote(self.path):
+            read_ahead(self.path, self.retry or Retry(), self.offset, self.size, whole)
 
 
 class _Window(ByteRange):
@@ -71,6 +79,18 @@ class _Window(ByteRange):
         if not self.closed:
             os.close(self._fd)
         super().close()
+
+
+def read_ahead_samples(samples: list[dict[str, Any]], budget: int = READ_AHEAD_BYTES) -> None:
+    """Start fetching the remote members of `samples` in the background, whole while `budget`
+    bytes last (the process keeps 32 MiB of blocks: what is read ahead must still be there when
+    its decode comes), then only their ends."""
+    for sample in samples:
+        for value in sample.values():
+            if isinstance(value, Member):
+                whole = value.size <= budget
+                budget -= value.size if whole else 0
+                value.read_ahead(whole)
 
 
 def member_size(value: bytes | Member) -> int:

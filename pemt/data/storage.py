@@ -13,14 +13,12 @@ written to configs, params and run dirs.
 from __future__ import annotations
 
 import functools
-import io
 import os
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 from urllib.parse import urlsplit
 
 REMOTE_SCHEMES = ("http", "https", "s3")
@@ -300,100 +298,6 @@ def object_size(url: str, retry: Retry | None = None) -> int:
     if size is None:
         raise StorageError(f"{url}: the server does not say the object's size (Content-Range)")
     return size
-
-
-class _Blocks:
-    """The blocks this process read last, so that a decoder's seeks (to the index at a video's
-    end, back to the start, again for the sound) read each block once. Bounded in bytes."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes, self.bytes = max_bytes, 0
-        self._blocks: OrderedDict[tuple[str, int, int, int], bytes] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[str, int, int, int]) -> bytes | None:
-        with self._lock:
-            data = self._blocks.get(key)
-            if data is not None:
-                self._blocks.move_to_end(key)
-            return data
-
-    def put(self, key: tuple[str, int, int, int], data: bytes) -> None:
-        with self._lock:
-            if key in self._blocks:
-                return
-            self._blocks[key] = data
-            self.bytes += len(data)
-            while self.bytes > self.max_bytes and len(self._blocks) > 1:
-                _, dropped = self._blocks.popitem(last=False)
-                self.bytes -= len(dropped)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._blocks.clear()
-            self.bytes = 0
-
-
-_BLOCKS = _Blocks(max_bytes=32 << 20)
-
-
-def forget_reads() -> None:
-    """Drop the blocks this process keeps: the next reads go to the server."""
-    _BLOCKS.clear()
-
-
-class ByteRange(io.RawIOBase):
-    """Bytes [offset, offset + size) of something, as a seekable, read-only file; subclasses say
-    how a read at the current position is served (`readinto`)."""
-
-    def __init__(self, offset: int, size: int) -> None:
-        super().__init__()
-        self._offset, self._size, self._position = offset, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
-        self._position = max(0, base + offset)
-        return self._position
-
-    def tell(self) -> int:
-        return self._position
-
-
-class RemoteFile(ByteRange):
-    """Bytes [offset, offset + size) of a remote object, read in `block`-byte ranged requests that
-    are kept for a while (see _Blocks)."""
-
-    def __init__(self, url: str, retry: Retry, offset: int = 0, size: int | None = None, block: int = 1 << 20) -> None:
-        super().__init__(offset, size if size is not None else object_size(url, retry) - offset)
-        self.url, self.retry, self._block = url, retry, block
-
-    def readinto(self, buffer: Any) -> int:
-        if self._position >= self._size:
-            return 0
-        index, within = divmod(self._position, self._block)
-        key = (self.url, self._offset, self._block, index)
-        data = _BLOCKS.get(key)
-        if data is None:
-            start = self._offset + index * self._block
-            data = read_range(self.url, start, min(start + self._block, self._offset + self._size), self.retry)
-            _BLOCKS.put(key, data)
-        count = min(len(buffer), len(data) - within)
-        if count <= 0:
-            return 0
-        buffer[:count] = data[within : within + count]
-        self._position += count
-        return count
-
-
-def open_remote(url: str, retry: Retry, offset: int = 0, size: int | None = None, block: int = 1 << 20) -> BinaryIO:
-    """Bytes [offset, offset + size) of a remote object as a buffered file, read `block` bytes a request."""
-    return io.BufferedReader(RemoteFile(url, retry, offset, size, block), buffer_size=min(block, 1 << 16))
 
 
 def upload(path: Path, url: str, retry: Retry | None = None) -> None:

@@ -5,24 +5,25 @@ DeepSpeed builds each file's state dict (model states, every rank's optimizer sh
 to its checkpoint engine. `CapturingEngine` takes that place: it keeps the state dicts instead of
 writing them, copying every tensor to host memory first when the write is to happen later (the
 training step that follows would change the live tensors). `write_files` then writes them:
-torch.save, fsync, sha256, and a part file per rank (`.parts/rankNNNNN.json`) listing what the rank
+torch.save (hashed as it writes), fsync, and a part file per rank (`.parts/rankNNNNN.json`) listing what the rank
 wrote, or why it could not. Errors are recorded, never raised inside DeepSpeed's save, so a rank
 whose disk is full does not leave the others waiting in DeepSpeed's barrier.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
 
-from pemt.integrity import sha256, write_atomic
+from pemt.integrity import write_atomic
 
 PARTS = ".parts"
 
@@ -125,19 +126,43 @@ class WriteJob:
         return self.staging / PARTS / f"rank{self.rank:05d}.json"
 
 
+class _HashingWriter:
+    """A file that hashes what is written to it: the checksum costs no second pass over the file."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.digest = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        written: int = self.handle.write(data)
+        return written
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
 def write_files(job: WriteJob) -> dict[str, Any]:
     """Write, fsync and hash the job's files; record the rank's part (file facts, or the error)."""
+    from torch.utils.serialization import config
+
     written: dict[str, dict[str, Any]] = {}
     try:
         for path, state in job.files:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("wb") as handle:
-                # torch's zip format: DeepSpeed's consolidation (zero_to_fp32, export) memory-maps
-                # optimizer shards, which only that format allows (the legacy one writes ~1.4x faster)
-                torch.save(state, handle)
+            # torch's zip format: DeepSpeed's consolidation (zero_to_fp32, export) memory-maps
+            # optimizer shards, which only that format allows (the legacy one writes ~1.4x faster).
+            # Without its per-record CRC32: the manifest's sha256 of the whole file checks it.
+            no_crc = config.patch({"save.compute_crc32": False})  # type: ignore[attr-defined]  # made at import
+            with path.open("wb") as handle, no_crc:
+                writer = _HashingWriter(handle)
+                torch.save(state, cast(IO[bytes], writer))
                 handle.flush()
                 os.fsync(handle.fileno())
-            written[str(path.relative_to(job.staging))] = {"bytes": path.stat().st_size, "sha256": sha256(path)}
+            written[str(path.relative_to(job.staging))] = {
+                "bytes": path.stat().st_size,
+                "sha256": writer.digest.hexdigest(),
+            }
         for folder in {path.parent for path, _ in job.files} | {job.staging}:
             fsync_dir(folder)
         part = {"rank": job.rank, "files": written}
