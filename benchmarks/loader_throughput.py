@@ -8,8 +8,9 @@ Decodes the same generated mp4 files four ways and prints samples/s (a sample is
   torch       a plain torch Dataset over the folder of mp4 files, in a DataLoader;
   pemt        pemt's resumable WebDataset stream over shards of the same files;
   pemt HTTP   the same shards served over HTTP (byte ranges) on loopback; then again with each
-              request held `--latency-ms` (a store's latency), reading ahead off and on;
-  pemt S3     the same shards in an S3-compatible store (moto) on loopback.
+              request held `--latency-ms` (a store's latency): reading ahead off and on, each
+              shard's headers walked, then its index beside it (as pemt's upload writes);
+  pemt S3     the same shards uploaded to an S3-compatible store (moto) on loopback.
 Then the tiny model's training step time, and the workers needed to keep it fed.
 Ratios are against bare PyAV measured in the same run; the remote rows also against the local
 pemt stream, with the bytes they read per sample (counted by a proxy in front of each server).
@@ -193,6 +194,7 @@ def _remote_rates(
     """(row, samples/s, bytes read per sample, server core-seconds per sample) of the pemt stream
     from HTTP and from S3 on loopback (ports `port` to `port + 3`). The servers and the counting
     proxy share this machine's cores with the decoders; their CPU time is measured."""
+    from pemt.data.members import INDEX_SUFFIX, shard_index
     from pemt.data.shards import upload_shards
 
     rows = []
@@ -204,12 +206,20 @@ def _remote_rates(
     samples = batches * batch
     rows.append(("pemt HTTP", rate, proxy.bytes_to_clients / samples, (_cpu(here) - began) / samples))
     # A store's latency (object stores answer in tens of ms), with and without reading ahead
+    # (the headers walked, as for shards copied by other tools; then each shard's index beside it, as
+    # pemt's upload writes it)
     proxy.latency_s = latency_ms / 1000
-    for read_ahead in (False, True):
+    for read_ahead, indexed in ((False, False), (True, False), (True, True)):
+        if indexed:
+            for tar in shards.glob("*.tar"):
+                (shards / f"{tar.name}{INDEX_SUFFIX}").write_bytes(shard_index(tar))
         cfg = OmegaConf.merge(data_cfg, {"remote": {"read_ahead": read_ahead}})
         sent, began = proxy.bytes_to_clients, _cpu(here)
         rate = drain(build_loader(cfg, f"{proxy.url}/{shards.name}", batch, 0, 1, seed=0), batches)
-        name = f"pemt HTTP +{latency_ms:g} ms, read-ahead {'on' if read_ahead else 'off'}"
+        name = (
+            f"pemt HTTP +{latency_ms:g} ms, read-ahead {'on' if read_ahead else 'off'}, "
+            f"{'shard indexes' if indexed else 'headers walked'}"
+        )
         rows.append((name, rate, (proxy.bytes_to_clients - sent) / samples, (_cpu(here) - began) / samples))
     proxy.down()
     http.stop()

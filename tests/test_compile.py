@@ -10,7 +10,7 @@ import torch
 
 from pemt.config import compose_config
 from pemt.model.factory import build_pretraining_model
-from pemt.train.compilation import compile_blocks
+from pemt.train.compilation import AUTO_MIN_STEPS, check_compile, compile_blocks, compiles
 
 
 def test_compiled_blocks_train_as_the_eager_model_does() -> None:
@@ -64,3 +64,15 @@ def test_compiled_blocks_train_as_the_eager_model_does() -> None:
     for name, buffer in eager.named_buffers():
         torch.testing.assert_close(buffers[name], buffer, rtol=1e-3, atol=1e-4, msg=name)
     assert int(buffers["backbone.visual_cnn.stem.1.num_batches_tracked"]) == 2  # once per step, not per pass
+
+
+def test_auto_compiles_runs_long_enough_to_earn_the_compilation_back() -> None:
+    def compiled(*overrides: str) -> bool:
+        cfg = compose_config("pretrain", overrides=list(overrides))
+        check_compile(cfg)
+        return compiles(cfg)
+
+    assert not compiled()  # the embedded default: 30 steps start at once
+    assert compiled(f"train.max_steps={AUTO_MIN_STEPS}")
+    assert not compiled(f"train.max_steps={AUTO_MIN_STEPS}", "deepspeed=zero3")  # recompiles on every call
+    assert compiled("train.compile=true") and not compiled(f"train.max_steps={AUTO_MIN_STEPS}", "train.compile=false")

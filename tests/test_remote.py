@@ -4,6 +4,7 @@ servers on loopback, with a proxy in front that drops connections, goes down and
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -19,7 +20,7 @@ from conftest import describe, free_port, keys_by_step, run_launch, write_video
 from pemt.config import compose_config
 from pemt.data.errors import BadSamples
 from pemt.data.loader import build_loader
-from pemt.data.members import member_bytes
+from pemt.data.members import INDEX_SUFFIX, indexed_samples, member_bytes, shard_index
 from pemt.data.remote_file import forget_reads, reads_in_flight
 from pemt.data.shards import check_readable, read_manifest, upload_shards
 from pemt.data.storage import Retry, StorageError, check_location, read_bytes, retries_so_far
@@ -290,6 +291,40 @@ def test_training_resumes_exactly_from_http_then_s3(
     [run] = client.search_runs([client.get_experiment_by_name("pemt-pretrain").experiment_id])
     retried = [m.value for m in client.get_metric_history(run.info.run_id, "remote_retries")]
     assert len(retried) == 4 and sum(retried) > 0, "the data workers' retries reach MLflow"
+
+
+def test_a_shards_index_beside_it_replaces_the_walk_over_its_headers(
+    http: tuple[FileServer, FaultProxy], shards: Path, local_slots: list
+) -> None:
+    """An uploaded shard's index is read in one request instead of one per member header, and gives
+    the same samples; an index that does not describe the tar (another size) or is not an index
+    is passed over for the headers."""
+    _, proxy = http
+    folder = shards.parent / "indexed"
+    shutil.copytree(shards, folder)
+    shard = sorted(folder.glob("*.tar"))[0]
+
+    def index_read(url: str) -> tuple[list, int]:
+        """The shard's samples (member bytes), and the bytes its indexing alone read."""
+        forget_reads()
+        before = proxy.bytes_to_clients
+        samples = list(indexed_samples(url, FAST))
+        spent = proxy.bytes_to_clients - before
+        return [{k: member_bytes(v) for k, v in sample.items() if k != "__url__"} for sample in samples], spent
+
+    url = f"{proxy.url}/indexed/{shard.name}"
+    walked, walk_bytes = index_read(url)
+    (folder / f"{shard.name}{INDEX_SUFFIX}").write_bytes(shard_index(shard))
+    listed, list_bytes = index_read(url)
+    assert listed == walked and len(listed) == 2
+    assert list_bytes < walk_bytes / 4, (list_bytes, walk_bytes)
+    (folder / f"{shard.name}{INDEX_SUFFIX}").write_text('{"bytes": 1, "members": []}')  # the tar was replaced
+    assert index_read(url)[0] == walked
+    (folder / f"{shard.name}{INDEX_SUFFIX}").write_text("<html>not an index</html>")
+    assert index_read(url)[0] == walked
+    for tar in folder.glob("*.tar"):
+        (folder / f"{tar.name}{INDEX_SUFFIX}").write_bytes(shard_index(tar))
+    assert _slots(f"{proxy.url}/indexed") == local_slots
 
 
 def test_a_damaged_remote_shard_counts_the_same_bad_samples_as_on_disk(damaged_shards: Path) -> None:

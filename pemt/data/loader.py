@@ -11,8 +11,8 @@ headers), a shuffle buffer of such entries (`data.shuffle_buffer` samples, a few
 each), one decode (its output plus the decoder's state, about a GOP) and the finished batches
 waiting for the trainer (`prefetch_factor` per worker; frames stay uint8 until the device), and
 for remote shards up to 32 MiB of the blocks it read last or reads ahead for its next batch
-(pemt.data.remote_file). It reads only the
-samples it decodes, and of each only what its window needs.
+(pemt.data.remote_file). It reads only the samples it decodes, and of each only what its window
+needs.
 """
 
 from __future__ import annotations

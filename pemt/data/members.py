@@ -7,13 +7,16 @@ for local shards the stream reads the tar's headers (seeking past the data: 512 
 keeps where each member lies, and a decode opens just its own members. What a worker holds
 for a shard is its index, never its videos. Members are grouped into samples by WebDataset's
 own rule (`group_by_keys`), so keys and suffixes are the same as in a streamed read. A remote
-tar (pemt.data.storage) is read the same way, each read a ranged request.
+tar (pemt.data.storage) is read the same way, each read a ranged request; where pemt uploaded it,
+its index lies beside it (`shard_index`), and one request replaces the walk over its headers.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
+import json
 import os
 import tarfile
 from collections.abc import Iterator
@@ -23,13 +26,16 @@ from typing import Any, BinaryIO
 from webdataset.tariterators import group_by_keys
 
 from pemt.data.remote_file import ByteRange, open_remote, read_ahead
-from pemt.data.storage import Retry, is_remote, object_size
+from pemt.data.storage import NotFound, Retry, is_remote, object_size, read_bytes
 
 # Bytes a ranged request of a remote tar's index reads: a header and the small members after it
 # (metadata, sound), without pulling in the start of the video that follows
 INDEX_READ = 1 << 13
 # Members of a remote tar up to this size are kept as bytes while indexing, not read again later
 INLINE_MEMBER = 1 << 12
+# A remote tar's index beside it (`shard-000001.tar.index.json`, written by pemt's upload): one
+# request instead of one per member header
+INDEX_SUFFIX = ".index.json"
 # Bytes of whole members read ahead for one batch: two batches' worth stay within the block cache
 READ_AHEAD_BYTES = 12 << 20
 
@@ -122,15 +128,57 @@ def can_index(url: str) -> bool:
     return True
 
 
+def shard_index(path: str | os.PathLike[str]) -> bytes:
+    """A local tar's index, to keep beside its remote copy: where each member lies, and the bytes
+    of the small ones (metadata), as the header walk of a remote tar would have kept them."""
+    members = []
+    with tarfile.open(path, "r:") as tar:
+        for info in tar:
+            if not info.isreg():
+                continue
+            entry: dict[str, Any] = {"name": info.name, "offset": info.offset_data, "size": info.size}
+            handle = tar.extractfile(info) if info.size <= INLINE_MEMBER else None
+            if handle is not None:
+                entry["data"] = base64.b64encode(handle.read()).decode()
+            members.append(entry)
+    return json.dumps({"bytes": os.path.getsize(path), "members": members}).encode()
+
+
+def _indexed_remotely(url: str, size: int, retry: Retry | None) -> list[dict[str, Any]] | None:
+    """A remote tar's members from the index beside it; None where there is none, or one that does
+    not describe this tar (another size: the tar was replaced), so its headers are read instead."""
+    try:
+        index = json.loads(read_bytes(url + INDEX_SUFFIX, retry))
+        if index["bytes"] != size:
+            return None
+        return [
+            {
+                "fname": entry["name"],
+                "data": base64.b64decode(entry["data"])
+                if "data" in entry
+                else Member(url, int(entry["offset"]), int(entry["size"]), retry),
+                "__url__": url,
+            }
+            for entry in index["members"]
+        ]
+    except NotFound:
+        return None
+    except (ValueError, KeyError, TypeError):  # not an index pemt wrote: the headers say it
+        return None
+
+
 def indexed_samples(url: str, retry: Retry | None = None) -> Iterator[dict[str, Any]]:
     """The samples of a tar in order, each a dict of suffix -> Member plus `__key__` and
     `__url__`. A tar that ends early (cut mid-member, a header whose size runs past the end of
     the file) raises tarfile.ReadError after its last complete sample; a remote one that cannot
     be read raises pemt.data.storage.StorageError."""
+    size = object_size(url, retry)
+    if is_remote(url) and (listed := _indexed_remotely(url, size, retry)) is not None:
+        yield from group_by_keys(iter(listed))
+        return
     members: list[dict[str, Any]] = []
     failure: Exception | None = None
     info = None
-    size = object_size(url, retry)
     source = open_remote(url, retry or Retry(), size=size, block=INDEX_READ) if is_remote(url) else None
     with contextlib.closing(source or io.BytesIO()), tarfile.open(url if source is None else None, "r:", source) as tar:
         try:

@@ -8,12 +8,14 @@ folder or a remote prefix (pemt.data.storage); the manifest is read from the sam
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import webdataset as wds
 
+from pemt.data.members import INDEX_SUFFIX, shard_index
 from pemt.data.storage import NotFound, Retry, StorageError, is_remote, join, object_size, read_bytes, upload
 from pemt.integrity import sha256
 
@@ -118,8 +120,9 @@ def check_readable(folder: str | Path) -> list[dict[str, Any]]:
 
 
 def upload_shards(folder: Path, location: str, progress: bool = True) -> int:
-    """Copy a local shard folder to a remote prefix: every shard, then the manifest, so a reader
-    never finds a manifest whose shards are not all there. Where no manifest is there yet (an
+    """Copy a local shard folder to a remote prefix: every shard and its index (read by one request
+    instead of a request per member header), then the manifest, so a reader never finds a manifest
+    whose shards are not all there. Where no manifest is there yet (an
     interrupted upload), a shard already there with its size is kept; a prefix whose manifest is
     another folder's is refused (shards of two sets must never mix). Returns the files sent."""
     from tqdm import tqdm
@@ -135,14 +138,19 @@ def upload_shards(folder: Path, location: str, progress: bool = True) -> int:
     if remote is not None:
         raise ValueError(f"{join(location, MANIFEST)} describes other shards than {folder}: upload to a new prefix")
     sent = 0
-    for entry in tqdm(entries, desc=f"upload to {location}", unit="shard", disable=not progress):
-        target = join(location, entry["name"])
-        try:
-            if object_size(target) == int(entry["bytes"]):
-                continue
-        except NotFound:
-            pass
-        upload(Path(folder) / entry["name"], target)
-        sent += 1
-    upload(Path(folder) / MANIFEST, join(location, MANIFEST))
+    with tempfile.TemporaryDirectory(prefix="pemt-upload-") as scratch:
+        for entry in tqdm(entries, desc=f"upload to {location}", unit="shard", disable=not progress):
+            shard = Path(folder) / entry["name"]
+            index = Path(scratch) / f"{entry['name']}{INDEX_SUFFIX}"
+            index.write_bytes(shard_index(shard))  # after its shard: an index never points into nothing
+            for path, size in ((shard, int(entry["bytes"])), (index, index.stat().st_size)):
+                target = join(location, path.name)
+                try:
+                    if object_size(target) == size:
+                        continue
+                except NotFound:
+                    pass
+                upload(path, target)
+                sent += 1
+        upload(Path(folder) / MANIFEST, join(location, MANIFEST))
     return sent + 1

@@ -32,7 +32,7 @@ from pemt.track.context import redact_config
 from pemt.track.metrics import counting_flops
 from pemt.track.tracker import MlflowTracker
 from pemt.train.checkpoint import Checkpointer, CheckpointError
-from pemt.train.compilation import compile_blocks
+from pemt.train.compilation import compile_blocks, compiles
 from pemt.train.continuity import check_continuity, manifest_digest
 from pemt.train.engine_config import deepspeed_config
 from pemt.train.guard import StepGuard
@@ -92,7 +92,7 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         model = self.task.build_model(cfg)
-        if cfg.train.compile:
+        if compiles(cfg):
             compile_blocks(model)
         optimizer, scheduler = build_optimizer(model, cfg.train)
         engine_config = deepspeed_config(cfg)
