@@ -7,10 +7,10 @@ Decodes the same generated mp4 files four ways and prints samples/s (a sample is
   bare PyAV   decode_clips() in a plain loop over the files: the decoder's limit;
   torch       a plain torch Dataset over the folder of mp4 files, in a DataLoader;
   pemt        pemt's resumable WebDataset stream over shards of the same files;
-  pemt HTTP   the same shards served over HTTP (byte ranges) on loopback; then again with each
-              request held `--latency-ms` (a store's latency): reading ahead off and on, each
+  pemt HTTP   the same shards served over HTTP (byte ranges) on loopback, without and with each
+              request held `--latency-ms` (a store's latency), reading ahead off and on; each
               shard's headers walked, then its index beside it (as pemt's upload writes);
-  pemt S3     the same shards uploaded to an S3-compatible store (moto) on loopback.
+  pemt S3     the same shards uploaded (with their indexes) to an S3-compatible store (moto).
 Then the tiny model's training step time, and the workers needed to keep it fed.
 Ratios are against bare PyAV measured in the same run; the remote rows also against the local
 pemt stream, with the bytes they read per sample (counted by a proxy in front of each server).
@@ -201,23 +201,22 @@ def _remote_rates(
     here = psutil.Process()
     http = FileServer(shards.parent, port)  # threads of this process, as is the proxy
     proxy = FaultProxy(port + 1, port)
-    began = _cpu(here)
-    rate = drain(build_loader(data_cfg, f"{proxy.url}/{shards.name}", batch, 0, 1, seed=0), batches)
     samples = batches * batch
-    rows.append(("pemt HTTP", rate, proxy.bytes_to_clients / samples, (_cpu(here) - began) / samples))
-    # A store's latency (object stores answer in tens of ms), with and without reading ahead
-    # (the headers walked, as for shards copied by other tools; then each shard's index beside it, as
-    # pemt's upload writes it)
-    proxy.latency_s = latency_ms / 1000
-    for read_ahead, indexed in ((False, False), (True, False), (True, True)):
+    # Each shard's headers walked (shards copied there by other tools), then its index beside it
+    # (as pemt's upload writes it); without and with a store's latency (object stores answer in
+    # tens of ms), reading ahead off and on.
+    settings = [(0, True, False), (latency_ms, False, False), (latency_ms, True, False)]
+    settings += [(0, True, True), (latency_ms, True, True)]
+    for latency, read_ahead, indexed in settings:
         if indexed:
             for tar in shards.glob("*.tar"):
                 (shards / f"{tar.name}{INDEX_SUFFIX}").write_bytes(shard_index(tar))
+        proxy.latency_s = latency / 1000
         cfg = OmegaConf.merge(data_cfg, {"remote": {"read_ahead": read_ahead}})
         sent, began = proxy.bytes_to_clients, _cpu(here)
         rate = drain(build_loader(cfg, f"{proxy.url}/{shards.name}", batch, 0, 1, seed=0), batches)
         name = (
-            f"pemt HTTP +{latency_ms:g} ms, read-ahead {'on' if read_ahead else 'off'}, "
+            f"pemt HTTP{f' +{latency:g} ms' if latency else ''}, read-ahead {'on' if read_ahead else 'off'}, "
             f"{'shard indexes' if indexed else 'headers walked'}"
         )
         rows.append((name, rate, (proxy.bytes_to_clients - sent) / samples, (_cpu(here) - began) / samples))
