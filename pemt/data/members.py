@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 from webdataset.tariterators import group_by_keys
 
 from pemt.data.remote_file import ByteRange, open_remote, read_ahead
-from pemt.data.storage import NotFound, Retry, is_remote, object_size, read_bytes
+from pemt.data.storage import Retry, StorageError, Unreachable, is_remote, object_size, read_bytes
 
 # Bytes a ranged request of a remote tar's index reads: a header and the small members after it
 # (metadata, sound), without pulling in the start of the video that follows
@@ -161,7 +161,9 @@ def _indexed_remotely(url: str, size: int, retry: Retry | None) -> list[dict[str
             }
             for entry in index["members"]
         ]
-    except NotFound:
+    except Unreachable:  # every attempt spent: the tar cannot be read now either
+        raise
+    except StorageError:  # none (S3 says "denied" for a missing key to those who may not list the bucket)
         return None
     except (ValueError, KeyError, TypeError):  # not an index pemt wrote: the headers say it
         return None

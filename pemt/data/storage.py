@@ -36,6 +36,10 @@ class NotFound(StorageError):
     """No object at the URL (the bucket or server exists)."""
 
 
+class Unreachable(StorageError):
+    """A failure that may pass, still there after every attempt."""
+
+
 @dataclass(frozen=True)
 class Retry:
     """How often and how patiently a remote read is tried before it fails."""
@@ -271,13 +275,13 @@ def _read(url: str, start: int, end: int | None, retry: Retry) -> tuple[bytes, i
             data, size = _read_once(url, start, end, retry)
         except TransientError as err:
             if wait is None:
-                raise StorageError(f"{err} (after {retry.attempts} attempts)") from None
+                raise Unreachable(f"{err} (after {retry.attempts} attempts)") from None
             _retried[0] += 1
             time.sleep(wait)
             continue
         if end is not None and len(data) < end - start and (size is None or start + len(data) < size):
             if wait is None:
-                raise StorageError(f"{url}: short read at byte {start} (after {retry.attempts} attempts)")
+                raise Unreachable(f"{url}: short read at byte {start} (after {retry.attempts} attempts)")
             _retried[0] += 1
             time.sleep(wait)
             continue
