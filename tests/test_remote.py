@@ -21,7 +21,7 @@ from pemt.config import compose_config
 from pemt.data.errors import BadSamples
 from pemt.data.loader import build_loader
 from pemt.data.members import INDEX_SUFFIX, indexed_samples, member_bytes, shard_index
-from pemt.data.remote_file import forget_reads, reads_in_flight
+from pemt.data.remote_file import forget_reads, open_remote, read_ahead, reads_in_flight
 from pemt.data.shards import check_readable, read_manifest, upload_shards
 from pemt.data.storage import Retry, StorageError, check_location, read_bytes, retries_so_far
 from pemt.data.stream import plan_from_manifest, stream_slots
@@ -138,6 +138,28 @@ def test_the_next_batch_is_fetched_while_this_one_decodes(
         assert not second["errors"] and len(second["key"]) == STREAMS
     else:
         assert len(second["errors"]) == STREAMS and proxy.url in second["errors"][0]["reason"], second["errors"]
+
+
+def _read_in_child(url: str, size: int) -> None:
+    with open_remote(url, FAST, 0, size) as handle:
+        assert len(handle.read()) == size
+
+
+def test_a_forked_process_does_not_wait_on_its_parents_reads_ahead(http: tuple[FileServer, FaultProxy]) -> None:
+    """A process forked while its parent reads ahead has neither the parent's threads nor its
+    reads: it reads for itself instead of waiting on a read that never ends."""
+    import multiprocessing
+
+    _, proxy = http
+    url = f"{proxy.url}/set/manifest.json"
+    size = len(read_bytes(url, FAST))
+    forget_reads()
+    proxy.stall(connections=1, seconds=3.0)  # the parent's read ahead hangs for a while
+    read_ahead(url, FAST, 0, size, whole=True)
+    child = multiprocessing.get_context("fork").Process(target=_read_in_child, args=(url, size))
+    child.start()
+    child.join(timeout=20)
+    assert child.exitcode == 0, "the child waited on its parent's read, or failed"
 
 
 def test_connections_cut_mid_shard_are_resumed_with_nothing_lost(

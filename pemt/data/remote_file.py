@@ -11,6 +11,7 @@ requests of a batch's samples overlap each other and the decoding before them: a
 from __future__ import annotations
 
 import io
+import os
 import queue
 import threading
 from collections import OrderedDict
@@ -70,6 +71,10 @@ class _Blocks:
         with self._lock:
             return len(self._pending)
 
+    def forget_pending(self) -> None:
+        """In a forked child: reads in flight in the parent never finish here."""
+        self._pending, self._lock = {}, threading.Lock()
+
     def drop_pending(self, key: Key) -> None:
         with self._lock:
             self._pending.pop(key, None)
@@ -119,8 +124,20 @@ class _Readers:
         while True:
             self._jobs.get()()
 
+    def forget(self) -> None:
+        """In a forked child: the parent's threads and queued reads are not there."""
+        self._jobs, self._started, self._lock = queue.SimpleQueue(), False, threading.Lock()
+
 
 _READERS = _Readers(READ_AHEAD_THREADS)
+
+
+def _after_fork() -> None:
+    _READERS.forget()
+    _BLOCKS.forget_pending()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def read_ahead(url: str, retry: Retry, offset: int, size: int, whole: bool, block: int = BLOCK) -> None:

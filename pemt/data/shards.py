@@ -122,9 +122,9 @@ def check_readable(folder: str | Path) -> list[dict[str, Any]]:
 def upload_shards(folder: Path, location: str, progress: bool = True) -> int:
     """Copy a local shard folder to a remote prefix: every shard and its index (read by one request
     instead of a request per member header), then the manifest, so a reader never finds a manifest
-    whose shards are not all there. Where no manifest is there yet (an
-    interrupted upload), a shard already there with its size is kept; a prefix whose manifest is
-    another folder's is refused (shards of two sets must never mix). Returns the files sent."""
+    whose shards are not all there. Where no manifest is there yet (an interrupted upload), a file
+    already there with its size is kept; a prefix whose manifest is another folder's is refused
+    (shards of two sets must never mix). Returns the files sent."""
     from tqdm import tqdm
 
     entries = read_manifest(folder)

@@ -5,8 +5,8 @@ DeepSpeed builds each file's state dict (model states, every rank's optimizer sh
 to its checkpoint engine. `CapturingEngine` takes that place: it keeps the state dicts instead of
 writing them, copying every tensor to host memory first when the write is to happen later (the
 training step that follows would change the live tensors). `write_files` then writes them:
-torch.save (hashed as it writes), fsync, and a part file per rank (`.parts/rankNNNNN.json`) listing what the rank
-wrote, or why it could not. Errors are recorded, never raised inside DeepSpeed's save, so a rank
+torch.save (hashed as it writes), fsync, and a part file per rank (`.parts/rankNNNNN.json`)
+listing what the rank wrote, or why it could not. Errors are recorded, never raised inside DeepSpeed's save, so a rank
 whose disk is full does not leave the others waiting in DeepSpeed's barrier.
 """
 
@@ -153,7 +153,7 @@ def write_files(job: WriteJob) -> dict[str, Any]:
             # torch's zip format: DeepSpeed's consolidation (zero_to_fp32, export) memory-maps
             # optimizer shards, which only that format allows (the legacy one writes ~1.4x faster).
             # Without its per-record CRC32: the manifest's sha256 of the whole file checks it.
-            no_crc = config.patch({"save.compute_crc32": False})  # type: ignore[attr-defined]  # made at import
+            no_crc = config.patch({"save.compute_crc32": False})  # type: ignore[attr-defined]  # added at import
             with path.open("wb") as handle, no_crc:
                 writer = _HashingWriter(handle)
                 torch.save(state, cast(IO[bytes], writer))
