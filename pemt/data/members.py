@@ -169,15 +169,23 @@ def _indexed_remotely(url: str, size: int, retry: Retry | None) -> list[dict[str
         return None
 
 
-def indexed_samples(url: str, retry: Retry | None = None) -> Iterator[dict[str, Any]]:
+def indexed_samples(url: str, retry: Retry | None = None, size: int | None = None) -> Iterator[dict[str, Any]]:
     """The samples of a tar in order, each a dict of suffix -> Member plus `__key__` and
     `__url__`. A tar that ends early (cut mid-member, a header whose size runs past the end of
     the file) raises tarfile.ReadError after its last complete sample; a remote one that cannot
-    be read raises pemt.data.storage.StorageError."""
-    size = object_size(url, retry)
-    if is_remote(url) and (listed := _indexed_remotely(url, size, retry)) is not None:
-        yield from group_by_keys(iter(listed))
-        return
+    be read raises pemt.data.storage.StorageError. `size`: a remote tar's bytes as its manifest
+    says: with the tar's index beside it, one request reads the shard's index."""
+    if not is_remote(url):
+        size = object_size(url, retry)
+    else:
+        measured = size is None
+        size = object_size(url, retry) if size is None else size
+        listed = _indexed_remotely(url, size, retry)
+        if listed is not None:
+            yield from group_by_keys(iter(listed))
+            return
+        if not measured:  # the manifest's word; the header walk ends where the tar really does
+            size = object_size(url, retry)
     members: list[dict[str, Any]] = []
     failure: Exception | None = None
     info = None

@@ -43,6 +43,7 @@ class StreamPlan:
     seed: int
     shuffle_buffer: int
     retry: Retry = Retry()  # remote shards: how each read is retried
+    sizes: tuple[int | None, ...] = ()  # each shard's bytes, where the manifest says (saves a request)
 
     def __post_init__(self) -> None:
         if len(self.urls) < self.streams:
@@ -83,15 +84,16 @@ def plan_from_manifest(
         seed,
         shuffle_buffer,
         retry or Retry(),
+        tuple(e.get("bytes") for e in entries),
     )
 
 
-def _read_samples(url: str, retry: Retry) -> Iterator[dict[str, Any]]:
+def _read_samples(url: str, retry: Retry, size: int | None = None) -> Iterator[dict[str, Any]]:
     """A shard's samples in order. A tar, local or remote, is indexed (members read later, only
     by the worker that decodes them: pemt.data.members); a local compressed one is streamed by
     WebDataset."""
     if can_index(url):
-        return indexed_samples(url, retry)
+        return indexed_samples(url, retry, size)
     if is_remote(url):
         raise StorageError(f"{url}: remote shards are read by range, which needs uncompressed .tar files")
     samples: Iterator[dict[str, Any]] = wds.tarfile_to_samples()([{"url": url}])
@@ -99,12 +101,13 @@ def _read_samples(url: str, retry: Retry) -> Iterator[dict[str, Any]]:
 
 
 def shard_samples(
-    url: str, count: int, retry: Retry | None = None
+    url: str, count: int, retry: Retry | None = None, size: int | None = None
 ) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
-    """Exactly `count` entries: the shard's samples, then placeholders if it ends early."""
+    """Exactly `count` entries: the shard's samples, then placeholders if it ends early. `size`:
+    the shard's bytes as its manifest gives them (a remote one is then not asked)."""
     produced = 0
     try:
-        for sample in _read_samples(url, retry or Retry()):
+        for sample in _read_samples(url, retry or Retry(), size):
             if produced == count:
                 break
             produced += 1
@@ -141,7 +144,8 @@ def stream_slots(plan: StreamPlan, stream: int, start: int) -> Iterator[Slot]:
                 continue
             rng = random.Random(f"shuffle-{plan.seed}-{stream}-{epoch}-{shard}")
             url = plan.urls[shard]
-            samples = shard_samples(url, count, plan.retry)
+            size = plan.sizes[shard] if plan.sizes else None
+            samples = shard_samples(url, count, plan.retry, size)
             for index, (sample, error) in enumerate(_shuffled(samples, plan.shuffle_buffer, rng)):
                 if index >= offset:
                     yield Slot(stream, position, url, sample, error)

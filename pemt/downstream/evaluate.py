@@ -39,7 +39,7 @@ def _my_slots(
     index = 0
     for entry in entries:
         url = join(folder, entry["name"])
-        for sample, error in shard_samples(url, int(entry["samples"]), retry):
+        for sample, error in shard_samples(url, int(entry["samples"]), retry, entry.get("bytes")):
             if max_samples is not None and index >= max_samples:
                 return
             if index % world == rank:
