@@ -205,7 +205,8 @@ def build_loader(
         shards, int(data_cfg.streams), seed, int(data_cfg.shuffle_buffer), retry_from_config(data_cfg)
     )
     streams, per_stream = stream_layout(plan.streams, rank, world_size, micro_batch)
-    read_ahead = bool(OmegaConf.select(data_cfg, "remote.read_ahead", default=True))
+    # local members are read from the page cache: nothing to fetch ahead, no work per batch
+    read_ahead = is_remote(shards) and bool(OmegaConf.select(data_cfg, "remote.read_ahead", default=True))
     dataset = StreamDataset(
         plan, streams, per_stream, start_micro_step, clip_spec(data_cfg), check=check, read_ahead=read_ahead
     )
