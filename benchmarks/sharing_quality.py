@@ -83,7 +83,7 @@ def model_overrides(args: argparse.Namespace) -> list[str]:
 
 def data_overrides(args: argparse.Namespace, videos: int, seed: int) -> list[str]:
     return [
-        "data.synthetic.task=sync",
+        f"data.synthetic.task={args.task}",
         "data.synthetic.classes=32",
         f"data.synthetic.videos={videos}",
         "data.synthetic.seconds=4.0",
@@ -136,7 +136,7 @@ def videos_of(args: argparse.Namespace, root: Path, videos: int, seed: int) -> d
     """Decoded clips and labels of a synthetic set (decoded once, cached as tensors)."""
     import torch
 
-    cache = root / f"decoded-{videos}-{seed}.pt"
+    cache = root / f"decoded-{args.task}-{videos}-{seed}.pt"
     if cache.exists():
         return torch.load(cache, weights_only=True)
     from pemt.data.loader import clip_spec, decode_sample
@@ -255,6 +255,7 @@ def transformer_params(args: argparse.Namespace, variant: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=REPO / "outputs" / "sharing_quality")
+    parser.add_argument("--task", choices=["rhythm", "sync"], default="rhythm", help="data.synthetic.task")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--videos", type=int, default=1024, help="pretraining (and probe training) videos")
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
 
     root = args.root.resolve()
     root.mkdir(parents=True, exist_ok=True)
-    settings = {k: getattr(args, k) for k in ("steps", "batch", "videos", "test_videos", "hidden", "layers")}
+    settings = {k: getattr(args, k) for k in ("task", "steps", "batch", "videos", "test_videos", "hidden", "layers")}
     done_file = root / "rows.json"
     rows = [r for r in (json.loads(done_file.read_text()) if done_file.exists() else []) if r["settings"] == settings]
     wanted = [(v, s, False) for v in args.variants for s in args.seeds] + [
@@ -313,7 +314,7 @@ def _stats(values: list[float]) -> str:
 def render(rows: list[dict], args: argparse.Namespace, params: dict[str, int]) -> str:
     columns = ["full", *(f"{k}-shot" for k in SHOTS)]
     lines = [
-        "# Sharing quality on the sync task\n",
+        f"# Sharing quality on the {args.task} task\n",
         f"{args.steps} pretraining steps x batch {args.batch}, {args.videos} videos (32 classes), held-out "
         f"{args.test_videos}; transformers hidden {args.hidden}, {args.layers} layers; seeds "
         f"{', '.join(map(str, args.seeds))}; probe top-1 % (mean ± sd over seeds; chance 3.1%)\n",

@@ -1,6 +1,6 @@
 """Synthetic audio-visual videos with structure a model can learn, written as shards.
 
-Two tasks (`data.synthetic.task`):
+Three tasks (`data.synthetic.task`):
 - `classes`: each of K classes pairs a visual pattern (a shape of one colour moving at one speed)
   with a sound (a tone of one pitch, beating in one range of tempi). Within a video the shape
   flashes in time with the beats, at a per-video tempo and phase. Either modality alone (even a
@@ -10,6 +10,9 @@ Two tasks (`data.synthetic.task`):
   over moving distractors and noise, colours drawn at random: the picture alone shows two shapes,
   the sound two tones, and only their synchrony says which pair is the class (a probe on either
   modality is capped near 1/16 and 1/8, on both without timing near 1/4).
+- `rhythm`: as `sync`, but the pair (and each decoy, at a tempo of its own) beats all through the
+  video instead of flashing twice: the rhythm is predictable within each modality and the pair's
+  synchrony shows on every beat, so pretraining can learn it in hundreds of steps.
 Everything is deterministic from the seed.
 """
 
@@ -20,6 +23,7 @@ import io
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -44,14 +48,14 @@ class SyntheticSpec:
     sample_rate: int = 16000
     videos_per_shard: int = 8
     seed: int = 0
-    task: str = "classes"  # classes | sync
+    task: str = "classes"  # classes | sync | rhythm
 
     def __post_init__(self) -> None:
-        if self.task not in ("classes", "sync"):
-            raise ValueError(f"data.synthetic.task={self.task!r}: choose classes or sync")
-        if self.task == "sync" and not 2 <= self.classes <= len(_SHAPES) * len(_SYNC_PITCHES):
+        if self.task not in ("classes", "sync", "rhythm"):
+            raise ValueError(f"data.synthetic.task={self.task!r}: choose classes, sync or rhythm")
+        if self.task != "classes" and not 2 <= self.classes <= len(_SHAPES) * len(_SYNC_PITCHES):
             raise ValueError(
-                f"data.synthetic.classes={self.classes}: the sync task has at most "
+                f"data.synthetic.classes={self.classes}: the {self.task} task has at most "
                 f"{len(_SHAPES) * len(_SYNC_PITCHES)} (shape, tone) pairs"
             )
 
@@ -85,6 +89,8 @@ _SHAPES = ("square", "disc", "bar", "cross")
 _SYNC_PITCHES = tuple(300.0 * 2 ** (i / 2.5) for i in range(8))  # 300 Hz to 2.1 kHz, clearly apart
 SYNC_SLOT_S = 0.5  # events start on a half-second grid (a clip of the default window)
 SYNC_FLASH_S = 0.25  # how long a flash or a tone lasts
+RHYTHM_HZ = (0.8, 2.4)  # beats per second of the rhythm task (on half of each beat)
+RHYTHM_APART_HZ = 0.3  # the least difference between a video's three tempi
 
 
 @dataclass(frozen=True)
@@ -122,7 +128,8 @@ def _shape_mask(shape: str, side: int) -> np.ndarray:
 
 def render(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Frames (N, H, W, 3) uint8, mono audio (S,) float32 and metadata for one video."""
-    return render_sync(spec, index) if spec.task == "sync" else render_classes(spec, index)
+    renderers = {"classes": render_classes, "sync": render_sync, "rhythm": render_rhythm}
+    return renderers[spec.task](spec, index)
 
 
 def render_classes(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -178,21 +185,83 @@ def render_sync(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarray
     order = rng.permutation(slots)
     synced, flash_only, tone_only = order[:2], order[2:4], order[4:6]
     jitter = rng.uniform(0.0, SYNC_SLOT_S - SYNC_FLASH_S, size=slots)
-    flashes = {
-        shape: [(s * SYNC_SLOT_S + jitter[s]) for s in synced],
-        decoy_shape: [(s * SYNC_SLOT_S + jitter[s]) for s in flash_only],
+
+    def events(chosen: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        starts = [s * SYNC_SLOT_S + jitter[s] for s in chosen]
+        return lambda t: np.any([(start <= t) & (t < start + SYNC_FLASH_S) for start in starts], axis=0)
+
+    frames, audio = _scene(
+        spec,
+        rng,
+        {shape: events(synced), decoy_shape: events(flash_only)},
+        {pitch: events(synced), decoy_pitch: events(tone_only)},
+    )
+    meta = {
+        **_meta(spec, index, label, "synthetic-sync", shape, pitch, decoy_shape, decoy_pitch),
+        "synced_slots": sorted(int(s) for s in synced),
     }
-    tones = {
-        pitch: [(s * SYNC_SLOT_S + jitter[s]) for s in synced],
-        decoy_pitch: [(s * SYNC_SLOT_S + jitter[s]) for s in tone_only],
+    return frames, audio, meta
+
+
+def render_rhythm(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The `rhythm` task: class = (shape, tone) that beat at one tempo and phase; a decoy shape and a
+    decoy tone beat at tempi of their own, distractors move over noise. As in `sync` only timing
+    binds the pair, but each video repeats it every beat, so the within-modality objectives (what
+    comes next in the rhythm) and the pair objective have something to learn in a short run."""
+    rng = np.random.default_rng([spec.seed, index, 11])
+    label = int(rng.integers(spec.classes))
+    shape, pitch = label % len(_SHAPES), label // len(_SHAPES)
+    decoy_shape = int(rng.choice([s for s in range(len(_SHAPES)) if s != shape]))
+    decoy_pitch = int(rng.choice([p for p in range(len(_SYNC_PITCHES)) if p != pitch]))
+    # Three tempi at least RHYTHM_APART_HZ apart, so no decoy keeps time with the pair for long.
+    while True:
+        tempi = rng.uniform(*RHYTHM_HZ, size=3)
+        if min(abs(a - b) for i, a in enumerate(tempi) for b in tempi[i + 1 :]) >= RHYTHM_APART_HZ:
+            break
+    phases = rng.uniform(0.0, 1.0, size=3)
+
+    def beats(which: int) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda t: ((t * tempi[which] + phases[which]) % 1.0) < 0.5
+
+    lit, sounding = {shape: beats(0), decoy_shape: beats(1)}, {pitch: beats(0), decoy_pitch: beats(2)}
+    frames, audio = _scene(spec, rng, lit, sounding)
+    meta = {
+        **_meta(spec, index, label, "synthetic-rhythm", shape, pitch, decoy_shape, decoy_pitch),
+        "tempo_hz": float(tempi[0]),
+        "decoy_tempi_hz": [float(tempi[1]), float(tempi[2])],
+    }
+    return frames, audio, meta
+
+
+def _meta(
+    spec: SyntheticSpec, index: int, label: int, source: str, shape: int, pitch: int, decoy_shape: int, decoy_pitch: int
+) -> dict[str, Any]:
+    return {
+        "id": f"synthetic-{index:06d}",
+        "label": label,
+        "duration": spec.seconds,
+        "fps": spec.source_fps,
+        "source": source,
+        "shape": _SHAPES[shape],
+        "pitch_hz": _SYNC_PITCHES[pitch],
+        "decoy_shape": _SHAPES[decoy_shape],
+        "decoy_pitch_hz": _SYNC_PITCHES[decoy_pitch],
     }
 
+
+def _scene(
+    spec: SyntheticSpec,
+    rng: np.random.Generator,
+    lit: dict[int, Callable[[np.ndarray], np.ndarray]],
+    sounding: dict[int, Callable[[np.ndarray], np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Frames and audio of the joint tasks: each shape in `lit` (index -> when it is lit, a function
+    of time in s) in its own corner, in a random colour, dim when not lit; each tone in `sounding`
+    likewise; two distractor blobs moving over a noisy background, and noise in the sound."""
     n_frames, size = int(round(spec.seconds * spec.source_fps)), spec.size
     side = max(6, size // 4)
-    colours = _COLOURS[rng.permutation(len(_COLOURS) - 1)[:2]]  # random (and bright): colour says nothing
+    colours = _COLOURS[rng.permutation(len(_COLOURS) - 1)[: len(lit)]]  # random (and bright): colour says nothing
     corners = rng.permutation([(2, 2), (2, size - side - 2), (size - side - 2, 2), (size - side - 2, size - side - 2)])
-    places = {shape: corners[0], decoy_shape: corners[1]}
-    tint = {shape: colours[0], decoy_shape: colours[1]}
     yy, xx = np.mgrid[:size, :size]
     blobs = rng.uniform(0, size, size=(2, 2)), rng.uniform(-8, 8, size=(2, 2))  # distractors: place, velocity
     base = rng.uniform(10, 40, size=(size, size, 3)).astype(np.float32)
@@ -203,32 +272,17 @@ def render_sync(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarray
         for (y, x), (vy, vx) in zip(*blobs):
             cy, cx = (y + vy * t) % size, (x + vx * t) % size
             frame[(yy - cy) ** 2 + (xx - cx) ** 2 <= (size / 8) ** 2] += 60
-        for which, times in flashes.items():
-            lit = any(start <= t < start + SYNC_FLASH_S for start in times)
-            y0, x0 = places[which]
+        for (which, when), (y0, x0), colour in zip(lit.items(), corners, colours):
             region = frame[y0 : y0 + side, x0 : x0 + side]
-            region[_shape_mask(_SHAPES[which], side)] = tint[which] * (1.0 if lit else 0.3)
+            region[_shape_mask(_SHAPES[which], side)] = colour * (1.0 if when(np.float64(t)) else 0.3)
         frames[i] = frame.clip(0, 255).astype(np.uint8)
 
     clock = np.arange(int(spec.seconds * spec.sample_rate)) / spec.sample_rate
     audio = 0.03 * rng.standard_normal(clock.shape)
-    for which, times in tones.items():
-        for start in times:
-            on = (clock >= start) & (clock < start + SYNC_FLASH_S)
-            audio[on] += 0.4 * np.sin(2 * np.pi * _SYNC_PITCHES[which] * clock[on])
-    meta = {
-        "id": f"synthetic-{index:06d}",
-        "label": label,
-        "duration": spec.seconds,
-        "fps": spec.source_fps,
-        "source": "synthetic-sync",
-        "shape": _SHAPES[shape],
-        "pitch_hz": _SYNC_PITCHES[pitch],
-        "decoy_shape": _SHAPES[decoy_shape],
-        "decoy_pitch_hz": _SYNC_PITCHES[decoy_pitch],
-        "synced_slots": sorted(int(s) for s in synced),
-    }
-    return frames, audio.astype(np.float32), meta
+    for which, when in sounding.items():
+        on = when(clock)
+        audio[on] += 0.4 * np.sin(2 * np.pi * _SYNC_PITCHES[which] * clock[on])
+    return frames, audio.astype(np.float32)
 
 
 def encode_mp4(frames: np.ndarray, audio: np.ndarray, fps: int, sample_rate: int) -> bytes:
