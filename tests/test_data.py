@@ -118,3 +118,43 @@ def test_the_sync_task_hides_the_class_from_each_modality_alone() -> None:
     assert SyntheticSpec().digest() == "be4069c12f93", "sets made before the task existed keep their folder"
     with pytest.raises(ValueError, match="at most 32"):
         SyntheticSpec(classes=40, task="sync")
+
+
+def test_the_rhythm_task_binds_the_class_pair_by_its_beat_alone() -> None:
+    """In `rhythm` two shapes blink and two tones beat all through the video; of the four
+    (shape, tone) pairings exactly one keeps time together, and it is the class's."""
+    import numpy as np
+
+    from pemt.data.synthetic import _SHAPES, _SYNC_PITCHES, _shape_mask
+
+    spec = SyntheticSpec(videos=64, classes=32, seconds=4.0, task="rhythm")
+    assert len({render(spec, i)[2]["label"] for i in range(64)}) > 20, "labels spread over the 32 classes"
+    side, size = spec.size // 4, spec.size
+    corners = [(2, 2), (2, size - side - 2), (size - side - 2, 2), (size - side - 2, size - side - 2)]
+    for index in range(6):
+        frames, audio, meta = render(spec, index)
+        # which corners hold a shape (they are lit at some time), and when each is lit
+        regions = {c: frames[:, y : y + side, x : x + side].max(-1) for c, (y, x) in enumerate(corners)}
+        lit = {c: np.percentile(r.reshape(len(r), -1), 90, axis=1) > 160 for c, r in regions.items()}
+        shown = [c for c, on in lit.items() if 0.2 < on.mean() < 0.8]
+        assert len(shown) == 2, "a class shape and a decoy shape, each lit about half the time"
+        # when each tone sounds: its amplitude in 10 ms from each frame's time
+        window = spec.sample_rate // 100
+        starts = (np.arange(len(frames)) * spec.sample_rate // spec.source_fps)[:, None] + np.arange(window)
+        clock = starts / spec.sample_rate
+        sounding = {}
+        for pitch in _SYNC_PITCHES:
+            piece = audio[starts]
+            amplitude = 2 * np.abs((piece * np.exp(-2j * np.pi * pitch * clock)).mean(1))
+            sounding[pitch] = amplitude > 0.2
+        heard = [p for p, on in sounding.items() if 0.2 < on.mean() < 0.8]
+        assert len(heard) == 2, "a class tone and a decoy tone, each heard about half the time"
+        agreement = {(c, p): float((lit[c] == sounding[p]).mean()) for c in shown for p in heard}
+        together = [pair for pair, share in agreement.items() if share > 0.9]
+        assert len(together) == 1, agreement
+        assert max(share for pair, share in agreement.items() if pair not in together) < 0.8, agreement
+        (corner, pitch) = together[0]
+        assert pitch == meta["pitch_hz"] and meta["decoy_pitch_hz"] in heard
+        drawn = regions[corner][lit[corner]].mean(0) > 160  # the pixels that light up
+        assert (drawn == _shape_mask(meta["shape"], side)).mean() > 0.9, "the pair's shape is the class's"
+        assert meta["label"] == _SHAPES.index(meta["shape"]) + len(_SHAPES) * _SYNC_PITCHES.index(pitch)
