@@ -110,6 +110,24 @@ def test_retention_keeps_last_k_and_every_mth(engine_factory: dict, tmp_path: Pa
     assert [c.step for c in checkpointer.committed()] == [3, 6, 7]
 
 
+def test_host_copies_refill_kept_buffers_and_never_share_one_between_tensors() -> None:
+    """An asynchronous save's copy reuses the last save's buffers (no allocation per save), holds
+    the values of the moment it was taken, and two files' tensors at the same path in their
+    state dicts (DeepSpeed's model and optimizer files) never land in one buffer."""
+    from pemt.train.snapshot import HostCopy
+
+    copy = HostCopy()
+    model, optimizer = {"state": {"w": torch.ones(4)}}, {"state": {"w": torch.zeros(4)}}
+    first = copy(model, ("model.pt",)), copy(optimizer, ("optim.pt",))
+    assert first[0]["state"]["w"].data_ptr() != first[1]["state"]["w"].data_ptr()
+    assert copy.kept_bytes == 2 * 4 * 4
+    model["state"]["w"].add_(1)  # training goes on: the copy keeps what was saved
+    assert torch.equal(first[0]["state"]["w"], torch.ones(4))
+    again = copy(model, ("model.pt",))
+    assert again["state"]["w"].data_ptr() == first[0]["state"]["w"].data_ptr(), "the kept buffer is refilled"
+    assert torch.equal(again["state"]["w"], torch.full((4,), 2.0)) and copy.kept_bytes == 2 * 4 * 4
+
+
 KILLED_WRITERS = ENGINE + textwrap.dedent("""
     import random, signal, sys, time
     from pathlib import Path

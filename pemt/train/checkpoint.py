@@ -223,7 +223,8 @@ class Checkpointer:
     def _room_for_copy(self) -> bool:
         if self._last_bytes is None:
             return False  # the first save is synchronous: it measures what a copy takes
-        if self._last_bytes <= HOST_COPY_SHARE * psutil.virtual_memory().available:
+        more = self._last_bytes - self.copy.kept_bytes  # the buffers kept from the last copy are reused
+        if more <= HOST_COPY_SHARE * psutil.virtual_memory().available:
             return True
         if not self._warned_memory:
             log.warning(

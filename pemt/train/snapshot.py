@@ -47,21 +47,27 @@ def tensor_bytes(tree: Any) -> int:
 
 
 class HostCopy:
-    """Copies of state dicts in host memory; on GPUs into pinned buffers kept across saves
-    (pinning memory is slow; a checkpoint's shapes do not change)."""
+    """Copies of state dicts in host memory, into buffers kept across saves (pinned on GPUs): a
+    checkpoint's shapes do not change, and filling memory already mapped (and pinned) is several
+    times faster than allocating it at every save. At most one save is in flight, and the next
+    copy waits for it, so a buffer is never refilled while it is being written."""
 
     def __init__(self) -> None:
-        self._pinned: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._kept: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    @property
+    def kept_bytes(self) -> int:
+        return tensor_bytes(list(self._kept.values()))
 
     def __call__(self, tree: Any, key: tuple[Any, ...] = ()) -> Any:
+        """A copy of `tree`; `key` names where it lies (a file, then the path within it), so no
+        two tensors of one save share a buffer."""
         if isinstance(tree, torch.Tensor):
-            if not tree.is_cuda:
-                return tree.detach().clone()
             slot = (*key, tuple(tree.shape), tree.dtype)
-            buffer = self._pinned.get(slot)
+            buffer = self._kept.get(slot)
             if buffer is None:
-                buffer = self._pinned[slot] = torch.empty(tree.shape, dtype=tree.dtype, pin_memory=True)
-            return buffer.copy_(tree.detach(), non_blocking=True)
+                buffer = self._kept[slot] = torch.empty(tree.shape, dtype=tree.dtype, pin_memory=tree.is_cuda)
+            return buffer.copy_(tree.detach(), non_blocking=tree.is_cuda)
         if isinstance(tree, dict):
             out = {k: self(v, (*key, k)) for k, v in tree.items()}
             copied = type(tree)(out) if type(tree) in (dict, OrderedDict) else out
@@ -97,7 +103,8 @@ class CapturingEngine(CheckpointEngine):  # type: ignore[misc]  # DeepSpeed ship
         os.makedirs(path, exist_ok=exist_ok)
 
     def save(self, state_dict: Any, path: str) -> None:
-        self.files.append((Path(path), self.copy(state_dict) if self.copy is not None else state_dict))
+        copied = self.copy(state_dict, (Path(path).name,)) if self.copy is not None else state_dict
+        self.files.append((Path(path), copied))
 
     def load(self, path: str, map_location: Any = None) -> Any:
         return torch.load(path, map_location=map_location, weights_only=False)
