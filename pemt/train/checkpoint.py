@@ -343,6 +343,15 @@ class Checkpointer:
             log.error("checkpoint at step %d not committed (the previous one stays): %s", step, err)
             return False
         self._prune()  # only now, with the new checkpoint durable
+        written = sum(f["bytes"] for f in files.values())
+        slowest = max(p.get("write_s", 0.0) for p in parts)
+        log.info(
+            "checkpoint at step %d committed: %.2f GB, the slowest rank wrote its part in %.2f s (%.0f MB/s in all)",
+            step,
+            written / 1e9,
+            slowest,
+            written / 1e6 / max(slowest, 1e-9),
+        )
         return True
 
     def _prune(self) -> None:

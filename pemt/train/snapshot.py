@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,6 +155,7 @@ def write_files(job: WriteJob) -> dict[str, Any]:
     from torch.utils.serialization import config
 
     written: dict[str, dict[str, Any]] = {}
+    started = time.perf_counter()
     try:
         for path, state in job.files:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,10 +174,10 @@ def write_files(job: WriteJob) -> dict[str, Any]:
             }
         for folder in {path.parent for path, _ in job.files} | {job.staging}:
             fsync_dir(folder)
-        part = {"rank": job.rank, "files": written}
+        part = {"rank": job.rank, "files": written, "write_s": time.perf_counter() - started}
     except (OSError, RuntimeError, ValueError) as err:  # a full disk, a vanished mount: this save fails
         part = {"rank": job.rank, "error": f"{type(err).__name__}: {err}"}
-    job.files = []  # the host copies go as soon as they are on disk
+    job.files = []  # on disk: nothing here holds the state any longer (the host copy keeps its buffers)
     try:
         job.part.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(job.part, json.dumps(part))
