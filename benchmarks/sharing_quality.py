@@ -4,9 +4,10 @@ audio-visual synchrony solves.
     python benchmarks/sharing_quality.py                 # the table: ~2 h of 2 cores; continues where it stopped
     python benchmarks/sharing_quality.py --quick         # a smoke run of the whole path (minutes)
 
-Data: `data.synthetic.task=sync` (32 classes: which of 4 shapes flashes in time with which of 8
-tones, under a decoy shape flashing off the beat, a decoy tone without a flash, moving distractors
-and noise; neither modality alone nor the pair without timing gives the class). Model: the tiny
+Data: `data.synthetic.task=rhythm` (`--task`; 32 classes: which of 4 shapes blinks in time with
+which of 8 tones, beside a decoy shape and a decoy tone beating at tempi of their own, over moving
+distractors and noise: neither modality alone nor the pair without timing gives the class), or
+`sync` (the same classes, shown by two synchronous events instead of a rhythm). Model: the tiny
 CNNs with transformers of hidden 256, 4 layers, 4 heads, FFN 512. Every variant pretrains through
 launch/pretrain.py with the same steps, batch, data and seeds (MLflow experiment `pemt-evidence`).
 
@@ -70,6 +71,7 @@ VARIANTS = {
 }
 RANDOM_OF = ["none", "layer", "layer+cross", "factorized r64"]  # random initialisations probed as floors
 SHOTS = (2, 4, 8)
+LOSSES = ("loss_mep_visual", "loss_mep_audio", "loss_pair")  # chance: ln 17 (16 negatives), ln 17, ln 2
 
 
 def model_overrides(args: argparse.Namespace) -> list[str]:
@@ -126,6 +128,14 @@ def launch(overrides: list[str]) -> tuple[Path, str, float]:
     return Path(found.group(2)), found.group(3), time.perf_counter() - started
 
 
+def final_losses(root: Path, run_id: str) -> dict[str, float]:
+    """The pretraining objectives' last logged values: has the run learned anything?"""
+    from mlflow.tracking import MlflowClient
+
+    metrics = MlflowClient(f"sqlite:///{root}/mlflow.db").get_run(run_id).data.metrics
+    return {k: metrics[k] for k in LOSSES if k in metrics}
+
+
 def _compose(overrides: list[str]):
     from pemt.config import compose_config
 
@@ -161,24 +171,49 @@ def videos_of(args: argparse.Namespace, root: Path, videos: int, seed: int) -> d
     return out
 
 
-def features(model, data: dict, batch: int = 64):
-    """The frozen model's features: fused BOS output, mean fused visual and audio outputs."""
+def _forward(backbone, video, audio):
+    """Clip embeddings of both modalities and the multimodal transformer's output, frozen."""
     import torch
 
     from pemt.data.decode import video_to_float
 
-    backbone, outs = model.backbone, []
-    model.eval()
     with torch.no_grad():
-        for i in range(0, len(data["label"]), batch):
-            video = video_to_float(data["video"][i : i + batch], "cpu", torch.float32)
-            visual, audio = backbone.embed_clips(video, data["audio"][i : i + batch])
-            visual_out = backbone.contextualise("visual", visual)[:, 1:]
-            audio_out = backbone.contextualise("audio", audio)[:, 1:]
-            fused = backbone.fuse(visual_out, audio_out)
-            length = visual.shape[1]
-            outs.append(torch.cat([fused[:, 0], fused[:, 1 : 1 + length].mean(1), fused[:, 2 + length :].mean(1)], 1))
+        visual, audio = backbone.embed_clips(video_to_float(video, "cpu", torch.float32), audio)
+        visual_out = backbone.contextualise("visual", visual)[:, 1:]
+        audio_out = backbone.contextualise("audio", audio)[:, 1:]
+        return visual, audio, backbone.fuse(visual_out, audio_out)
+
+
+def features(model, data: dict, batch: int = 64):
+    """The frozen model's features: fused BOS output, mean fused visual and audio outputs."""
+    import torch
+
+    outs = []
+    model.eval()
+    for i in range(0, len(data["label"]), batch):
+        visual, _, fused = _forward(model.backbone, data["video"][i : i + batch], data["audio"][i : i + batch])
+        length = visual.shape[1]
+        outs.append(torch.cat([fused[:, 0], fused[:, 1 : 1 + length].mean(1), fused[:, 2 + length :].mean(1)], 1))
     return torch.cat(outs)
+
+
+def spread(model, data: dict, count: int = 64) -> dict[str, float]:
+    """How much the frozen model's clip embeddings and fused BOS output differ between videos: the
+    standard deviation across videos relative to their RMS (near 0: every video looks alike to the
+    objectives and the probe), and across the clips of one video for the visual embeddings."""
+
+    def across(x):
+        x = x.flatten(1)
+        return float(x.std(0).mean() / x.square().mean().sqrt())
+
+    model.eval()
+    visual, audio, fused = _forward(model.backbone, data["video"][:count], data["audio"][:count])
+    return {
+        "visual clips": across(visual),
+        "audio clips": across(audio),
+        "visual clips within a video": float(visual.std(1).mean() / visual.square().mean().sqrt()),
+        "fused BOS": across(fused[:, 0]),
+    }
 
 
 def fit_probe(train_x, train_y, test_x, test_y, classes: int, weight_decay: float = 1e-3) -> float:
@@ -223,7 +258,7 @@ def probe_model(args: argparse.Namespace, root: Path, variant: str, seed: int, r
     train, test = videos_of(args, root, args.videos, 0), videos_of(args, root, args.test_videos, 1)
     train_x, test_x = features(model, train), features(model, test)
     train_y, test_y = train["label"], test["label"]
-    result = {"full": fit_probe(train_x, train_y, test_x, test_y, 32)}
+    result = {"full": fit_probe(train_x, train_y, test_x, test_y, 32), "spread": spread(model, train)}
     for shots in SHOTS:
         scores = []
         for draw in range(3):
@@ -264,19 +299,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 variants, 1 seed, few steps and videos")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 variant, 1 seed, few steps and videos")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.videos, args.test_videos, args.seeds = 4, 64, 64, [0]
-        args.hidden, args.layers, args.batch, args.variants = 64, 2, 16, ["none", "factorized r64"]
+        args.hidden, args.layers, args.batch, args.variants = 64, 2, 16, ["factorized r64"]
     from tqdm import tqdm
 
     root = args.root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("task", "steps", "batch", "videos", "test_videos", "hidden", "layers")}
     done_file = root / "rows.json"
-    rows = [r for r in (json.loads(done_file.read_text()) if done_file.exists() else []) if r["settings"] == settings]
+    # rows of these settings (probed before the spread was measured: probed again)
+    rows = [
+        r
+        for r in (json.loads(done_file.read_text()) if done_file.exists() else [])
+        if r["settings"] == settings and "spread" in r["probe"]
+    ]
     wanted = [(v, s, False) for v in args.variants for s in args.seeds] + [
         (v, s, True) for v in RANDOM_OF if v in args.variants for s in args.seeds
     ]
@@ -286,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = None
         if not random_init:
             run_dir, row["run_id"], row["pretrain_s"] = launch(pretrain_overrides(args, root, variant, seed))
+            row["losses"] = final_losses(root, row["run_id"])
         started = time.perf_counter()
         row["probe"] = probe_model(args, root, variant, seed, run_dir)
         row["probe_s"] = time.perf_counter() - started
@@ -318,8 +359,9 @@ def render(rows: list[dict], args: argparse.Namespace, params: dict[str, int]) -
         f"{args.steps} pretraining steps x batch {args.batch}, {args.videos} videos (32 classes), held-out "
         f"{args.test_videos}; transformers hidden {args.hidden}, {args.layers} layers; seeds "
         f"{', '.join(map(str, args.seeds))}; probe top-1 % (mean ± sd over seeds; chance 3.1%)\n",
-        "| variant | transformer params | vs none | " + " | ".join(columns) + " | pretrain min |",
-        "|---|---:|---:|" + "---:|" * len(columns) + "---:|",
+        "| variant | transformer params | vs none | " + " | ".join(columns) + " | fused BOS spread | final MEP "
+        "visual / audio, pair loss | pretrain min |",
+        "|---|---:|---:|" + "---:|" * len(columns) + "---:|---:|---:|",
     ]
     none = params.get("none")
     for random_init in (True, False):
@@ -330,6 +372,9 @@ def render(rows: list[dict], args: argparse.Namespace, params: dict[str, int]) -
             name = f"random init, {variant}" if random_init else variant
             ratio = f"{params[variant] / none:.2f}" if none else "-"
             cells = [_stats([r["probe"][c] for r in mine]) for c in columns]
+            cells.append(f"{statistics.mean(r['probe']['spread']['fused BOS'] for r in mine):.3f}")
+            losses = [r["losses"] for r in mine if r.get("losses")]
+            cells.append(" / ".join(f"{statistics.mean(x[k] for x in losses):.2f}" for k in LOSSES) if losses else "-")
             minutes = statistics.mean(r["pretrain_s"] for r in mine) / 60
             lines.append(
                 f"| {name} | {params[variant] / 1e6:.2f}M | {ratio} | " + " | ".join(cells) + f" | {minutes:.1f} |"

@@ -1,0 +1,44 @@
+"""Benchmarks whose smoke runs CI keeps working (the full runs take hours)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+
+def _mlflow_runs(root: Path) -> int:
+    with sqlite3.connect(root / "mlflow.db") as db:
+        return int(db.execute("select count(*) from runs").fetchone()[0])
+
+
+def test_sharing_quality_quick_runs_the_whole_path_and_continues_from_its_cache(tmp_path: Path) -> None:
+    """`sharing_quality.py --quick`: a pretraining run through launch/pretrain.py (in MLflow), probes
+    of it and of a random initialisation of the same shape, the table and the plot; run again, it
+    pretrains nothing and writes the same table."""
+    root, out = tmp_path / "root", tmp_path / "out"
+    command = [sys.executable, str(REPO / "benchmarks" / "sharing_quality.py"), "--quick", "--root", str(root)]
+    first = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    table = (out / "sharing_quality_quick.md").read_text()
+    assert "| random init, factorized r64 |" in table and "| factorized r64 |" in table
+    assert (out / "sharing_quality_quick.png").stat().st_size > 0
+    rows = json.loads((root / "rows.json").read_text())
+    assert sorted(r["random"] for r in rows) == [False, True]
+    for row in rows:
+        probe = row["probe"]
+        assert all(0.0 <= probe[k] <= 100.0 for k in ("full", "2-shot", "4-shot", "8-shot"))
+        assert all(0.0 < v < 2.0 for v in probe["spread"].values()), probe["spread"]
+    pretrained = next(r for r in rows if not r["random"])
+    assert set(pretrained["losses"]) == {"loss_mep_visual", "loss_mep_audio", "loss_pair"}
+    assert _mlflow_runs(root) >= 1
+    runs = _mlflow_runs(root)
+
+    again = subprocess.run([*command, "--out", str(tmp_path / "again")], capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _mlflow_runs(root) == runs, "nothing pretrained again"
+    assert (tmp_path / "again" / "sharing_quality_quick.md").read_text() == table
