@@ -12,7 +12,8 @@ Three tasks (`data.synthetic.task`):
   modality is capped near 1/16 and 1/8, on both without timing near 1/4).
 - `rhythm`: as `sync`, but the pair (and each decoy, at a tempo of its own) beats all through the
   video instead of flashing twice: the rhythm is predictable within each modality and the pair's
-  synchrony shows on every beat, so pretraining can learn it in hundreds of steps.
+  synchrony shows on every beat (still not learned in 300 steps on 2 CPU cores:
+  benchmarks/results/sharing_quality.md).
 Everything is deterministic from the seed.
 """
 
@@ -207,7 +208,7 @@ def render_rhythm(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarr
     """The `rhythm` task: class = (shape, tone) that beat at one tempo and phase; a decoy shape and a
     decoy tone beat at tempi of their own, distractors move over noise. As in `sync` only timing
     binds the pair, but each video repeats it every beat, so the within-modality objectives (what
-    comes next in the rhythm) and the pair objective have something to learn in a short run."""
+    comes next in the rhythm) and the pair objective see it many times a video."""
     rng = np.random.default_rng([spec.seed, index, 11])
     label = int(rng.integers(spec.classes))
     shape, pitch = label % len(_SHAPES), label // len(_SHAPES)
