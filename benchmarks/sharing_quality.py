@@ -132,7 +132,8 @@ def final_losses(root: Path, run_id: str) -> dict[str, float]:
     """The pretraining objectives' last logged values: has the run learned anything?"""
     from mlflow.tracking import MlflowClient
 
-    metrics = MlflowClient(f"sqlite:///{root}/mlflow.db").get_run(run_id).data.metrics
+    tracking_uri = _compose([f"paths.root={root}"]).mlflow.tracking_uri  # where launch/pretrain.py logged it
+    metrics = MlflowClient(tracking_uri).get_run(run_id).data.metrics
     return {k: metrics[k] for k in LOSSES if k in metrics}
 
 

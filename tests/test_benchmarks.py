@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +11,10 @@ from conftest import REPO
 
 
 def _mlflow_runs(root: Path) -> int:
-    with sqlite3.connect(root / "mlflow.db") as db:
-        return int(db.execute("select count(*) from runs").fetchone()[0])
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")  # the pretraining config's store under paths.root
+    return len(client.search_runs([client.get_experiment_by_name("pemt-evidence").experiment_id]))
 
 
 def test_sharing_quality_quick_runs_the_whole_path_and_continues_from_its_cache(tmp_path: Path) -> None:
