@@ -7,7 +7,9 @@ audio-visual synchrony solves.
 Data: `data.synthetic.task=rhythm` (`--task`; 32 classes: which of 4 shapes blinks in time with
 which of 8 tones, beside a decoy shape and a decoy tone beating at tempi of their own, over moving
 distractors and noise: neither modality alone nor the pair without timing gives the class), or
-`sync` (the same classes, shown by two synchronous events instead of a rhythm). Model: the tiny
+`sync` (the same classes, shown by two synchronous events instead of a rhythm), or `classes` (the
+easy task, where either modality alone gives the class: what sharing costs where the objectives do
+learn). Tasks other than rhythm write `sharing_quality_<task>.md`. Model: the tiny
 CNNs with transformers of hidden 256, 4 layers, 4 heads, FFN 512. Every variant pretrains through
 launch/pretrain.py with the same steps, batch, data and seeds (MLflow experiment `pemt-evidence`).
 
@@ -291,7 +293,7 @@ def transformer_params(args: argparse.Namespace, variant: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=REPO / "outputs" / "sharing_quality")
-    parser.add_argument("--task", choices=["rhythm", "sync"], default="rhythm", help="data.synthetic.task")
+    parser.add_argument("--task", choices=["rhythm", "sync", "classes"], default="rhythm", help="data.synthetic.task")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--videos", type=int, default=1024, help="pretraining (and probe training) videos")
@@ -340,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     table = render([r for r in rows if (r["variant"], r["seed"], r["random"]) in wanted], args, params)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "sharing_quality_quick" if args.quick else "sharing_quality"
+    name = "sharing_quality" + ("" if args.task == "rhythm" else f"_{args.task}") + ("_quick" if args.quick else "")
     (args.out / f"{name}.md").write_text(table)
     plot(rows, args, params, args.out / f"{name}.png")
     return 0
