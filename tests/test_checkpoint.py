@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,32 @@ def test_host_copies_refill_kept_buffers_and_never_share_one_between_tensors() -
     again = copy(model, ("model.pt",))
     assert again["state"]["w"].data_ptr() == first[0]["state"]["w"].data_ptr(), "the kept buffer is refilled"
     assert torch.equal(again["state"]["w"], torch.full((4,), 2.0)) and copy.kept_bytes == 2 * 4 * 4
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice is Linux's")
+def test_a_background_write_yields_the_cpu_to_training_and_its_hashes_match_the_files(
+    engine_factory: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The background writer runs below the training thread's CPU priority (which stays as it
+    was), and the sha256 it computes on a second thread while writing is the files' own."""
+    from pemt.train import checkpoint, snapshot
+
+    priorities = []
+
+    def recording_write_files(job: snapshot.WriteJob) -> dict[str, Any]:
+        priorities.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return snapshot.write_files(job)
+
+    monkeypatch.setattr(checkpoint, "write_files", recording_write_files)
+    monkeypatch.setattr(snapshot, "HASH_ALONGSIDE_BYTES", 1024)  # this engine's tensors are small
+    training = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    checkpointer = Checkpointer(tmp_path / "ckpt", asynchronous=True)
+    _train_and_save(engine_factory, checkpointer, [1, 2])  # the first save is synchronous, the second not
+    checkpointer.settle()
+    assert priorities == [training, min(19, training + snapshot.WRITER_NICENESS)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == training
+    assert [c.step for c in checkpointer.committed()] == [1, 2]
+    assert all(verify(c.path, c.manifest) is None for c in checkpointer.committed())
 
 
 KILLED_WRITERS = ENGINE + textwrap.dedent("""

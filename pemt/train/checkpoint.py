@@ -4,15 +4,15 @@ written in the background.
 A save has DeepSpeed build its files (model states, every rank's optimizer shard, lr schedule)
 into `checkpoints/.staging/<tag>`, through pemt's own checkpoint engine (pemt.train.snapshot):
 asynchronously, every tensor is first copied to host memory (pinned on GPUs) and training goes
-on while a background thread writes, fsyncs and hashes the files; synchronously (the first save,
-the last, a save on a signal, or `train.async_checkpoint=false`) the same writes happen before
-the save returns. Each rank records what it wrote (or why it could not) in a part file. Rank 0
-commits once every rank's part is in: it writes the manifest (every expected file with its size
-and sha256, every rank's list), fsyncs the folder, renames it to `checkpoints/<tag>`, fsyncs the
-parent, points `latest` at it, and only then lets retention delete older checkpoints. A
-checkpoint is therefore complete, durable and verified, or invisible; at most one save is in
-flight; a rank that cannot write (a full disk) fails that save without the others waiting in a
-barrier, and the previous checkpoint stays.
+on while a background thread (at a lower CPU priority) writes, fsyncs and hashes the files;
+synchronously (the first save, the last, a save on a signal, or `train.async_checkpoint=false`)
+the same writes happen before the save returns. Each rank records what it wrote (or why it could
+not) in a part file. Rank 0 commits once every rank's part is in: it writes the manifest (every
+expected file with its size and sha256, every rank's list), fsyncs the folder, renames it to
+`checkpoints/<tag>`, fsyncs the parent, points `latest` at it, and only then lets retention delete
+older checkpoints. A checkpoint is therefore complete, durable and verified, or invisible; at most
+one save is in flight; a rank that cannot write (a full disk) fails that save without the others
+waiting in a barrier, and the previous checkpoint stays.
 
 Loading checks the manifest and falls back to the previous complete checkpoint when a file is
 missing, truncated or altered, or when DeepSpeed cannot load it (it is then set aside under
@@ -41,7 +41,16 @@ import torch.distributed as dist
 from pemt.distributed import world
 from pemt.integrity import sha256, write_atomic
 from pemt.train import universal
-from pemt.train.snapshot import PARTS, CapturingEngine, HostCopy, WriteJob, fsync_dir, tensor_bytes, write_files
+from pemt.train.snapshot import (
+    PARTS,
+    CapturingEngine,
+    HostCopy,
+    WriteJob,
+    fsync_dir,
+    tensor_bytes,
+    write_files,
+    yield_cpu_to_training,
+)
 from pemt.train.universal import glob_safe
 
 log = logging.getLogger(__name__)
@@ -274,6 +283,7 @@ class Checkpointer:
         return SaveReport(time.perf_counter() - started, False, committed=committed)
 
     def _write_and_commit(self, job: WriteJob, step: int, state: dict[str, Any], size: int) -> None:
+        yield_cpu_to_training()
         write_files(job)
         if job.rank == 0 and not self._commit(job.staging, step, state, size):
             self.failures += 1
