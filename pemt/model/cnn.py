@@ -156,7 +156,8 @@ def _shortcut(dims: int, cin: int, cout: int, stride: int) -> nn.Module:
 
 
 class ResNet(nn.Module):
-    """Stem, residual stages, average pool -> (N, out_dim), or a grid of cells (tokens per clip).
+    """Stem, residual stages, average pool -> (N, out_dim), or a grid of cells (tokens per clip);
+    with `out_norm`, the pooled features are normalised over the batch.
 
     `temporal_kernels` gives the stem's and each stage's temporal kernel (3D only).
     `separable_stem` replaces the stem's k x k kernel by k x 1 then 1 x k (the audio network).
@@ -174,6 +175,7 @@ class ResNet(nn.Module):
         stem_pool: bool = False,
         temporal_kernels: Sequence[int] | None = None,
         separable_stem: bool = False,
+        out_norm: bool = False,
     ) -> None:
         super().__init__()
         conv, norm = _conv(dims), _norm(dims)
@@ -210,18 +212,30 @@ class ResNet(nn.Module):
                 cin = stage_width * block_type.expansion
         self.stages = nn.Sequential(*blocks)
         self.out_dim = cin
+        # A ReLU network's pooled features share a large positive offset that differs little
+        # between inputs; normalising them over the batch centres and scales each channel, so the
+        # projection sees mostly what tells clips apart.
+        self.out_norm = norm(cin) if out_norm else None
 
     def forward(self, x: torch.Tensor, grid: int = 1) -> torch.Tensor:
         """(N, out_dim) pooled over the whole map, or with `grid` > 1 (N, grid^2, out_dim): the
         map average-pooled to grid x grid cells (over time too in 3D), row by row."""
         features: torch.Tensor = self.stages(self.stem(x))
         if grid == 1:
-            return features.flatten(2).mean(-1)
+            return self._normalise(features.flatten(2).mean(-1))
         if features.dim() == 5:
             pooled = F.adaptive_avg_pool3d(features, (1, grid, grid))
         else:
             pooled = F.adaptive_avg_pool2d(features, (grid, grid))
-        return pooled.flatten(2).transpose(1, 2)
+        cells = pooled.flatten(2).transpose(1, 2)
+        return self._normalise(cells.flatten(0, 1)).view(cells.shape)
+
+    def _normalise(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(N, C) pooled features through `out_norm`, if any (as an N x C x 1 x 1 map)."""
+        if self.out_norm is None:
+            return pooled
+        normalised: torch.Tensor = self.out_norm(pooled[..., None, None])
+        return normalised.flatten(1)
 
 
 def build_cnn(dims: int, in_channels: int, cfg: DictConfig) -> ResNet:
@@ -236,4 +250,5 @@ def build_cnn(dims: int, in_channels: int, cfg: DictConfig) -> ResNet:
         stem_pool=cfg.get("stem_pool", False),
         temporal_kernels=cfg.get("temporal_kernels"),
         separable_stem=cfg.get("separable_stem", False),
+        out_norm=bool(cfg.get("out_norm", False)),
     )
