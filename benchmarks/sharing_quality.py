@@ -9,8 +9,9 @@ which of 8 tones, beside a decoy shape and a decoy tone beating at tempi of thei
 distractors and noise: neither modality alone nor the pair without timing gives the class), or
 `sync` (the same classes, shown by two synchronous events instead of a rhythm), or `classes` (the
 easy task, where either modality alone gives the class: what sharing costs where the objectives do
-learn). Tasks other than rhythm write `sharing_quality_<task>.md`; `--cnn-out-norm` (the CNNs' pooled
-features normalised over the batch) adds `_cnn_out_norm` to the name. Model: the tiny
+learn). `--set KEY=VALUE` applies an override to every variant (an objective's weight, the CNNs'
+`out_norm`). Tasks other than rhythm, and overrides, add to the file name
+(`sharing_quality_<task>_<key>-<value>.md`). Model: the tiny
 CNNs with transformers of hidden 256, 4 layers, 4 heads, FFN 512. Every variant pretrains through
 launch/pretrain.py with the same steps, batch, data and seeds (MLflow experiment `pemt-evidence`).
 
@@ -78,14 +79,13 @@ LOSSES = ("loss_mep_visual", "loss_mep_audio", "loss_pair")  # chance: ln 17 (16
 
 
 def model_overrides(args: argparse.Namespace) -> list[str]:
-    norm = str(args.cnn_out_norm).lower()
+    """The model's size, then the `--set` overrides every variant shares."""
     return [
         f"model.hidden_size={args.hidden}",
         f"model.num_layers={args.layers}",
         "model.num_heads=4",
         f"model.ffn_size={2 * args.hidden}",
-        f"model.visual_cnn.out_norm={norm}",
-        f"model.audio_cnn.out_norm={norm}",
+        *args.overrides,
     ]
 
 
@@ -307,7 +307,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument(
-        "--cnn-out-norm", action="store_true", help="model.{visual,audio}_cnn.out_norm=true in every variant"
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every variant (repeatable), e.g. loss.contrastive_weight=1.0",
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 variant, 1 seed, few steps and videos")
     parser.add_argument("--out", type=Path, default=HERE / "results")
@@ -320,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     root = args.root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("task", "steps", "batch", "videos", "test_videos", "hidden", "layers")}
-    if args.cnn_out_norm:  # only when set, so rows cached before the option existed still match
-        settings["cnn_out_norm"] = True
+    if args.overrides:  # only when given, so rows cached before the option existed still match
+        settings["overrides"] = args.overrides
     done_file = root / "rows.json"
     # rows of these settings (probed before the spread was measured: probed again)
     rows = [
@@ -351,11 +356,17 @@ def main(argv: list[str] | None = None) -> int:
     table = render([r for r in rows if (r["variant"], r["seed"], r["random"]) in wanted], args, params)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "sharing_quality" + ("" if args.task == "rhythm" else f"_{args.task}")
-    name += ("_cnn_out_norm" if args.cnn_out_norm else "") + ("_quick" if args.quick else "")
+    name = output_name(args)
     (args.out / f"{name}.md").write_text(table)
     plot(rows, args, params, args.out / f"{name}.png")
     return 0
+
+
+def output_name(args: argparse.Namespace) -> str:
+    """sharing_quality[_<task>][_<key>-<value> ...][_quick]: the last part of each override's key."""
+    parts = ["sharing_quality", *([args.task] if args.task != "rhythm" else [])]
+    parts += dict.fromkeys(f"{o.split('=', 1)[0].rsplit('.', 1)[-1]}-{o.split('=', 1)[1]}" for o in args.overrides)
+    return "_".join(parts + (["quick"] if args.quick else []))
 
 
 def _stats(values: list[float]) -> str:
@@ -369,7 +380,7 @@ def render(rows: list[dict], args: argparse.Namespace, params: dict[str, int]) -
     columns = ["full", *(f"{k}-shot" for k in SHOTS)]
     lines = [
         f"# Sharing quality on the {args.task} task"
-        + (", CNN features normalised over the batch (`out_norm`)" if args.cnn_out_norm else "")
+        + (f", every variant with {', '.join(f'`{o}`' for o in args.overrides)}" if args.overrides else "")
         + "\n",
         f"{args.steps} pretraining steps x batch {args.batch}, {args.videos} videos (32 classes), held-out "
         f"{args.test_videos}; transformers hidden {args.hidden}, {args.layers} layers; seeds "

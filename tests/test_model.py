@@ -285,3 +285,49 @@ def test_thirty_second_clips_checkpointed_give_the_same_gradients_for_far_less_m
     # The recomputation in the backward pass must not update BatchNorm's statistics a second time
     for name, value in plain_stats.items():
         torch.testing.assert_close(stats[name], value, msg=name)
+
+
+@pytest.mark.parametrize("tokens_per_clip", [1, 4])
+def test_cnn_out_norm_centres_pooled_features_that_otherwise_share_one_offset(tokens_per_clip: int) -> None:
+    """A ReLU network's pooled features are nearly alike across clips (a shared positive offset);
+    with `out_norm` each channel is centred and scaled over the batch in training (every cell of
+    every clip when a clip gives several tokens), and evaluation uses the running statistics.
+    Off by default, so a checkpoint saved without it has the same keys."""
+    from pemt.model.cnn import ResNet
+
+    clips, grid = torch.rand(32, 3, 4, 16, 16), int(tokens_per_clip**0.5)
+
+    def across_clips(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = features.reshape(-1, features.shape[-1])
+        return flat.mean(0), flat.var(0, unbiased=False)
+
+    def spread(features: torch.Tensor) -> float:
+        mean, var = across_clips(features)
+        return float(var.sum().sqrt() / (var + mean.square()).sum().sqrt())
+
+    torch.manual_seed(0)
+    plain = ResNet(3, 3, width=8, layers=[1, 1])
+    torch.manual_seed(0)
+    normalised = ResNet(3, 3, width=8, layers=[1, 1], out_norm=True)
+    assert spread(plain(clips, grid)) < 0.3
+    trained = normalised(clips, grid)
+    assert trained.shape == plain(clips, grid).shape
+    mean, var = across_clips(trained)
+    assert mean.abs().max() < 1e-4 and (var - 1).abs().max() < 0.02 and spread(trained) > 0.99  # eps: not 1 exactly
+    normalised.eval()
+    norm = normalised.out_norm
+    assert norm is not None and norm.running_mean is not None and norm.running_var is not None
+    normalised.out_norm = None
+    features = normalised(clips, grid)
+    normalised.out_norm = norm
+    expected = (features - norm.running_mean) / (norm.running_var + norm.eps).sqrt()
+    assert torch.allclose(normalised(clips, grid), expected, atol=1e-5)
+
+    keys = set(build_pretraining_model(_cfg()).state_dict())
+    assert not any("out_norm" in k for k in keys)
+    both = ["model.visual_cnn.out_norm=true", "model.audio_cnn.out_norm=true"]
+    assert {k for k in build_pretraining_model(_cfg(*both)).state_dict() if k not in keys} == {
+        f"backbone.{cnn}.out_norm.{stat}"
+        for cnn in ("visual_cnn", "audio_cnn")
+        for stat in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    }
