@@ -8,10 +8,10 @@ Data: `data.synthetic.task=rhythm` (`--task`; 32 classes: which of 4 shapes blin
 which of 8 tones, beside a decoy shape and a decoy tone beating at tempi of their own, over moving
 distractors and noise: neither modality alone nor the pair without timing gives the class), or
 `sync` (the same classes, shown by two synchronous events instead of a rhythm), or `classes` (the
-easy task, where either modality alone gives the class). `--set KEY=VALUE` applies an override to every variant (an objective's weight, the CNNs'
-`out_norm`). Tasks other than rhythm, and overrides, add to the file name
-(`sharing_quality_<task>_<key>-<value>.md`). Model: the tiny
-CNNs with transformers of hidden 256, 4 layers, 4 heads, FFN 512. Every variant pretrains through
+easy task, where either modality alone gives the class). `--set KEY=VALUE` applies an override to
+every variant (an objective's weight, the CNNs' `out_norm`). Tasks other than rhythm, and overrides,
+add to the file name (`sharing_quality_<task>_<key>-<value>.md`). Model: the tiny CNNs with
+transformers of hidden 256, 4 layers, 4 heads, FFN 512. Every variant pretrains through
 launch/pretrain.py with the same steps, batch, data and seeds (MLflow experiment `pemt-evidence`).
 
 Probe: the frozen model's features of every video (the multimodal transformer's BOS output and its
