@@ -298,7 +298,7 @@ def test_cnn_out_norm_centres_pooled_features_that_otherwise_share_one_offset(to
     clips, grid = torch.rand(32, 3, 4, 16, 16), int(tokens_per_clip**0.5)
 
     def across_clips(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        flat = features.reshape(-1, features.shape[-1])
+        flat = features.detach().reshape(-1, features.shape[-1])
         return flat.mean(0), flat.var(0, unbiased=False)
 
     def spread(features: torch.Tensor) -> float:
