@@ -364,7 +364,11 @@ def main(argv: list[str] | None = None) -> int:
 def output_name(args: argparse.Namespace) -> str:
     """sharing_quality[_<task>][_<key>-<value> ...][_quick]: the last part of each override's key."""
     parts = ["sharing_quality", *([args.task] if args.task != "rhythm" else [])]
-    parts += dict.fromkeys(f"{o.split('=', 1)[0].rsplit('.', 1)[-1]}-{o.split('=', 1)[1]}" for o in args.overrides)
+    for override in args.overrides:
+        key, _, value = override.partition("=")
+        part = f"{key.rsplit('.', 1)[-1]}-{value}"
+        if part not in parts:  # the visual and the audio CNN's `out_norm` name the file once
+            parts.append(part)
     return "_".join(parts + (["quick"] if args.quick else []))
 
 

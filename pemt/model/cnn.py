@@ -227,15 +227,15 @@ class ResNet(nn.Module):
             pooled = F.adaptive_avg_pool3d(features, (1, grid, grid))
         else:
             pooled = F.adaptive_avg_pool2d(features, (grid, grid))
-        cells = pooled.flatten(2).transpose(1, 2)
-        return self._normalise(cells.flatten(0, 1)).view(cells.shape)
+        return self._normalise(pooled.flatten(2).transpose(1, 2))
 
     def _normalise(self, pooled: torch.Tensor) -> torch.Tensor:
-        """(N, C) pooled features through `out_norm`, if any (as an N x C x 1 x 1 map)."""
+        """Pooled features (..., C) through `out_norm`, if any: every cell of every clip is one
+        sample of the batch (an M x C x 1 x 1 map to the BatchNorm)."""
         if self.out_norm is None:
             return pooled
-        normalised: torch.Tensor = self.out_norm(pooled[..., None, None])
-        return normalised.flatten(1)
+        normalised: torch.Tensor = self.out_norm(pooled.reshape(-1, pooled.shape[-1], 1, 1))
+        return normalised.view(pooled.shape)
 
 
 def build_cnn(dims: int, in_channels: int, cfg: DictConfig) -> ResNet:
