@@ -43,3 +43,24 @@ def test_sharing_quality_quick_runs_the_whole_path_and_continues_from_its_cache(
     assert again.returncode == 0, again.stderr[-3000:]
     assert _mlflow_runs(root) == runs, "nothing pretrained again"
     assert (tmp_path / "again" / "sharing_quality_quick.md").read_text() == table
+
+
+def test_pair_objective_quick_writes_every_row_and_out_norm_spreads_the_clips(tmp_path: Path) -> None:
+    """`pair_objective.py --quick`: every row trains and lands in the table, and the rows with
+    `out_norm` show clip embeddings that differ between videos far more than the row without."""
+    out = tmp_path / "out"
+    command = [sys.executable, str(REPO / "benchmarks" / "pair_objective.py"), "--quick", "--root", str(tmp_path)]
+    done = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = [line for line in (out / "pair_objective_quick.md").read_text().splitlines() if line.startswith("|")]
+    rows = [line.split("|")[1:-1] for line in table[2:]]  # after the header and its rule
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [
+        ("no out_norm", "fixed"),
+        ("out_norm", "fixed"),
+        ("out_norm", "new"),
+        ("out_norm", "new"),
+    ]
+    for row in rows:
+        assert 0.0 < float(row[3]) < 10.0 and 0.0 <= float(row[4]) <= 1.0, row
+    visual_spread = [float(r[6].split("/")[0]) for r in rows]
+    assert min(visual_spread[1:]) > 3 * visual_spread[0], visual_spread
