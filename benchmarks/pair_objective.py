@@ -39,37 +39,35 @@ ROWS = [
 def spreads(model, video, audio) -> dict[str, float]:
     import torch
 
-    def across(x: torch.Tensor) -> float:
-        x = x.flatten(1)
-        return float(x.std(0).mean() / x.square().mean().sqrt())
-
     backbone = model.backbone
     with torch.no_grad():
         visual, sound = backbone.embed_clips(video, audio)
         visual_out = backbone.contextualise("visual", visual)
         fused = backbone.fuse(visual_out[:, 1:], backbone.contextualise("audio", sound)[:, 1:])
     return {
-        "visual clips": across(visual),
-        "audio clips": across(sound),
-        "visual tokens": across(visual_out[:, 1:]),
-        "fused BOS": across(fused[:, 0]),
+        "visual clips": sq.across(visual),
+        "audio clips": sq.across(sound),
+        "visual tokens": sq.across(visual_out[:, 1:]),
+        "fused BOS": sq.across(fused[:, 0]),
     }
 
 
 def train_row(args: argparse.Namespace, data: dict, overrides: list[str], batches: str, lr: float) -> dict:
+    """`data["video"]` already as floats (converted once for every row and step)."""
     import torch
 
-    from pemt.data.decode import video_to_float
+    from pemt.config import compose_config
     from pemt.model.factory import build_pretraining_model
 
-    cfg = sq._compose(
+    cfg = compose_config(
+        "pretrain",
         [
             *sq.data_overrides(args, args.videos, 0),
             *sq.model_overrides(args),
             "model.sharing=[]",
             "loss.mep_weight=0",
             *overrides,
-        ]
+        ],
     )
     torch.manual_seed(0)
     model = build_pretraining_model(cfg).train()
@@ -82,20 +80,18 @@ def train_row(args: argparse.Namespace, data: dict, overrides: list[str], batche
             group["lr"] = lr * min(1.0, step / 5)
         chosen = torch.arange(args.batch) if batches == "fixed" else torch.randperm(args.videos, generator=order)
         chosen = chosen[: args.batch]
-        video = video_to_float(data["video"][chosen], "cpu", torch.float32)
-        out = model(video, data["audio"][chosen], step_seed=step)
+        out = model(data["video"][chosen], data["audio"][chosen], step_seed=step)
         optimizer.zero_grad()
         out["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         history.append((float(out["loss_pair"]), float(out["pair_accuracy"]), float(grad_norm)))
     last = history[-10:]
-    video = video_to_float(data["video"][: args.batch], "cpu", torch.float32)
     return {
         "loss": statistics.mean(h[0] for h in last),
         "accuracy": statistics.mean(h[1] for h in last),
         "grad_norm": statistics.mean(h[2] for h in last),
-        "spread": spreads(model, video, data["audio"][: args.batch]),
+        "spread": spreads(model, data["video"][: args.batch], data["audio"][: args.batch]),
         "seconds": time.perf_counter() - started,
     }
 
@@ -111,9 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     args.hidden, args.layers = 256, 4
     if args.quick:
         args.steps, args.batch, args.videos, args.hidden, args.layers = 3, 8, 16, 64, 2
+    import torch
     from tqdm import tqdm
 
+    from pemt.data.decode import video_to_float
+
     data = sq.videos_of(args, args.root.resolve(), args.videos, 0)
+    data["video"] = video_to_float(data["video"], "cpu", torch.float32)
     lines = [
         "# The correct-pair objective alone: memorising a fixed batch vs learning from new ones\n",
         f"`classes` task, {args.videos} videos, batch {args.batch}, {args.steps} steps, no sharing, hidden "

@@ -203,15 +203,16 @@ def features(model, data: dict, batch: int = 64):
     return torch.cat(outs)
 
 
+def across(x) -> float:
+    """How much x (videos first) differs between videos: the standard deviation across videos relative
+    to the RMS (near 0: every video looks alike to the objectives and the probe)."""
+    x = x.flatten(1)
+    return float(x.std(0).mean() / x.square().mean().sqrt())
+
+
 def spread(model, data: dict, count: int = 64) -> dict[str, float]:
-    """How much the frozen model's clip embeddings and fused BOS output differ between videos: the
-    standard deviation across videos relative to their RMS (near 0: every video looks alike to the
-    objectives and the probe), and across the clips of one video for the visual embeddings."""
-
-    def across(x):
-        x = x.flatten(1)
-        return float(x.std(0).mean() / x.square().mean().sqrt())
-
+    """How much the frozen model's clip embeddings and fused BOS output differ between videos
+    (`across`), and across the clips of one video for the visual embeddings."""
     model.eval()
     visual, audio, fused = _forward(model.backbone, data["video"][:count], data["audio"][:count])
     return {
