@@ -33,6 +33,7 @@ import psutil
 import torch
 
 from pemt.config import compose_config
+from pemt.distributed import leave_distributed
 from pemt.model.factory import build_pretraining_model
 from pemt.train.checkpoint import Checkpointer
 
@@ -182,6 +183,7 @@ def _rank_main(rank: int, model_name: str, folder: str, port: int, steps: int, e
             "async_total_s": max(g["async_total_s"] for g in gathered),
         }
         (Path(folder) / "results.json").write_text(json.dumps(merged))
+    leave_distributed()
 
 
 def engine_io(model_name: str, folder: Path, steps: int, every: int, rounds: int) -> dict[str, Any]:

@@ -34,6 +34,7 @@ import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
 from pemt.config import compose_config
+from pemt.distributed import leave_distributed
 
 HERE = Path(__file__).resolve().parent
 
@@ -207,6 +208,7 @@ def _rank_main(rank: int, model: str, variant: str, root: str, port: int, ranks:
     clock = PhaseClock()
     run = {"bare": _bare, "loop": _pemt_loop}.get(variant, _pemt_step)
     times = run(cfg, rank, ranks, steps, warmup, clock)
+    leave_distributed()
     out = Path(root) / model / f"{variant}.rank{rank}.json"
     out.write_text(json.dumps({"times": times, "phases": clock.seconds}))
 

@@ -285,6 +285,7 @@ FULL_DISK = ENGINE + textwrap.dedent("""
         # one write per line: the ranks share stdout, and print() writes the newline separately
         sys.stdout.write(json.dumps({"rank": rank, "committed": outcomes}) + "\\n")
         sys.stdout.flush()
+        torch.distributed.destroy_process_group()  # left to the exit, gloo aborts half the time
 
     if __name__ == "__main__":
         mp.start_processes(rank_main, args=(sys.argv[1], sys.argv[3]), nprocs=2, start_method="spawn")

@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+import pytest
+
+from conftest import REPO, free_port
 from pemt.distributed import RENDEZVOUS_PORTS, rendezvous_port
 
 EXPORT = """
@@ -61,3 +63,56 @@ def test_ports_lie_below_the_ephemeral_range_and_spread_over_jobs() -> None:
     ports = {rendezvous_port(str(job)) for job in range(2000)}
     assert all(low <= p <= high < ephemeral_low for p in ports)
     assert len(ports) > 1500, "different jobs rarely share a port"
+
+
+LEAVE = """
+import os, sys, torch, torch.distributed as dist
+import torch.multiprocessing as mp
+from pemt.distributed import leave_distributed
+
+def rank_main(rank, port):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo")
+    for _ in range(3):
+        dist.all_reduce(torch.ones(1 << 20))
+    leave_distributed()
+
+if __name__ == "__main__":
+    for round_ in range(4):  # left to the exit, each round aborts a rank about half the time
+        mp.start_processes(rank_main, args=(int(sys.argv[1]) + round_,), nprocs=2, start_method="spawn")
+"""
+
+
+def test_ranks_that_leave_the_process_group_exit_cleanly(tmp_path: Path) -> None:
+    """A finished job's tasks exit 0: a gloo group left to the interpreter's exit aborts a rank
+    (SIGABRT) after the work is done, which Slurm records as a failed task."""
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE)
+    done = subprocess.run(
+        [sys.executable, str(script), str(free_port())],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_training_leaves_the_process_group_however_it_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pemt.train import trainer
+
+    left = []
+
+    class Failing:
+        def __init__(self, cfg, task=None) -> None:
+            pass
+
+        def fit(self) -> dict:
+            raise SystemExit(0)  # as a requeue ends rank 0
+
+    monkeypatch.setattr(trainer, "Trainer", Failing)
+    monkeypatch.setattr(trainer, "leave_distributed", lambda: left.append(True))
+    with pytest.raises(SystemExit):
+        trainer.train(None)  # type: ignore[arg-type]
+    assert left == [True]

@@ -26,7 +26,7 @@ from pemt.curriculum import Stage, stage_at, stage_data_config, stages
 from pemt.data.errors import BadSamples
 from pemt.data.loader import build_loader, shard_source
 from pemt.data.shards import transform_warnings
-from pemt.distributed import DistInfo, init_distributed, tag_log_lines
+from pemt.distributed import DistInfo, init_distributed, leave_distributed, tag_log_lines
 from pemt.ownership import RunBusy, RunLock, describe
 from pemt.track.context import redact_config
 from pemt.track.metrics import counting_flops
@@ -433,4 +433,7 @@ class Trainer:
 
 
 def train(cfg: DictConfig, task: Task | None = None) -> dict[str, Any]:
-    return Trainer(cfg, task).fit()
+    try:
+        return Trainer(cfg, task).fit()
+    finally:  # a requeue's exit included
+        leave_distributed()
