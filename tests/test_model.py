@@ -12,13 +12,13 @@ import torch
 from omegaconf import DictConfig
 
 from conftest import REPO
-from pemt.config import compose_config
+from pemt.config import ConfigError, compose_config
 from pemt.data.decode import decode_clips, video_to_float
 from pemt.data.loader import clip_spec
 from pemt.data.synthetic import SyntheticSpec, make_sample
 from pemt.model.cnn import BatchNorm
 from pemt.model.factorized import Factorization, FactorizedDense
-from pemt.model.factory import build_pretraining_model
+from pemt.model.factory import build_pretraining_model, check_model
 from pemt.model.params import count_parameters
 
 SHARING = ["[]", "[layer]", "[cross]", "[layer,cross]", "[factorized]", "[layer,cross,factorized]"]
@@ -47,6 +47,38 @@ def test_every_fusion_and_sharing_mode_trains(fusion: str, sharing: str) -> None
     out["loss"].backward()
     unused = [n for n, p in model.named_parameters() if p.grad is None]
     assert not unused, f"parameters with no gradient: {unused}"
+
+
+@pytest.mark.parametrize("fusion", ["mid", "early", "late"])
+def test_the_agreement_pair_head_trains_the_transformers_through_both_bos(fusion: str) -> None:
+    """loss.pair_head=agreement with the pair objective alone: every transformer the pair's two
+    BOS come from gets gradient (in mid fusion the multimodal one learns from this head only)."""
+    cfg = _cfg(f"model.fusion={fusion}", "loss.pair_head=agreement", "loss.mep_weight=0")
+    model = build_pretraining_model(cfg)
+    video, audio = _batch(cfg)
+    out = model(video, audio)
+    out["loss"].backward()
+    unused = {n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()}
+    assert not {n for n in unused if not n.startswith(("mep_heads.", "mask_tokens"))}, unused
+    with pytest.raises(ConfigError, match="loss.pair_head='dot'"):
+        check_model(_cfg("loss.pair_head=dot"))
+
+
+def test_at_initialisation_the_transformers_input_is_mostly_content() -> None:
+    """Positions, cells and token types start small beside the clip embeddings they are added to
+    (BERT's N(0, 0.02)): the multimodal input after its LayerNorm still points where the content
+    does, so videos start out different to the transformers."""
+    from pemt.model.transformer import SequenceEmbedding
+
+    torch.manual_seed(0)
+    embedding = SequenceEmbedding(256, max_clips=8, modalities=2, dropout=0.0, max_tokens_per_clip=4)
+    visual, audio = torch.randn(4, 32, 256), torch.randn(4, 32, 256)
+    embedded = embedding(visual, audio, tokens_per_clip=4)
+    content = torch.cat([visual, audio], dim=1)
+    kept = torch.nn.functional.cosine_similarity(
+        torch.cat([embedded[:, 1:33], embedded[:, 34:]], dim=1), content, dim=-1
+    )
+    assert kept.min() > 0.95, kept.min()
 
 
 def test_bf16_through_deepspeed_keeps_fp32_statistics_and_master_weights(single_rank_deepspeed: None) -> None:

@@ -39,7 +39,11 @@ class AVPretrainingModel(nn.Module):
         self.fusion = self.backbone.fusion
         self.mask_tokens = nn.Parameter(torch.randn(len(MODALITIES), hidden) * 0.02)
         self.mep_heads = nn.ModuleDict({m: nn.Linear(hidden, hidden) for m in MODALITIES})
-        self.pair_head = nn.Linear(2 * hidden if self.fusion == "late" else hidden, 1)
+        self.pair_kind = str(loss_cfg.get("pair_head", "bos"))
+        if self.pair_kind == "agreement":
+            self.pair_head: nn.Module = PairAgreement(hidden)
+        else:
+            self.pair_head = nn.Linear(2 * hidden if self.fusion == "late" else hidden, 1)
         self.loss_cfg = loss_cfg
 
     def _mask(self, tokens: torch.Tensor, index: int, first: int, step_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,21 +63,33 @@ class AVPretrainingModel(nn.Module):
 
     def _contextual(
         self, visual: torch.Tensor, audio: torch.Tensor, mismatched: torch.Tensor, first: int
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Per-position outputs for each modality (B, T, H) and the pair head's input."""
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Per-position outputs for each modality (B, T, H), and the visual and the audio BOS
+        the pair head reads: the multimodal transformer's (late fusion: each modality's own)."""
         backbone = self.backbone
         length = visual.shape[1]
         if self.fusion == "early":
             fused = backbone.fuse(visual, self._pair(audio, mismatched, first))
-            return {"visual": fused[:, 1 : 1 + length], "audio": fused[:, 2 + length :]}, fused[:, 0]
+            outputs = {"visual": fused[:, 1 : 1 + length], "audio": fused[:, 2 + length :]}
+            return outputs, fused[:, 0], fused[:, 1 + length]
         visual_out = backbone.contextualise("visual", visual)
         audio_out = backbone.contextualise("audio", audio)
         paired = self._pair(audio_out, mismatched, first)
         outputs = {"visual": visual_out[:, 1:], "audio": audio_out[:, 1:]}
         if self.fusion == "late":
-            return outputs, torch.cat([visual_out[:, 0], paired[:, 0]], dim=-1)
+            return outputs, visual_out[:, 0], paired[:, 0]
         fused = backbone.fuse(visual_out[:, 1:], paired[:, 1:])
-        return outputs, fused[:, 0]
+        return outputs, fused[:, 0], fused[:, 1 + length]
+
+    def _pair_logits(self, visual_bos: torch.Tensor, audio_bos: torch.Tensor) -> torch.Tensor:
+        """The paper's head reads the visual BOS of the fused sequence (late fusion: both BOS)."""
+        if self.pair_kind == "agreement":
+            logits: torch.Tensor = self.pair_head(visual_bos, audio_bos)
+        elif self.fusion == "late":
+            logits = self.pair_head(torch.cat([visual_bos, audio_bos], dim=-1)).squeeze(-1)
+        else:
+            logits = self.pair_head(visual_bos).squeeze(-1)
+        return logits
 
     def forward(
         self, video: torch.Tensor, audio: torch.Tensor, step_seed: int | None = None
@@ -88,7 +104,7 @@ class AVPretrainingModel(nn.Module):
         embeddings = dict(zip(MODALITIES, self.backbone.embed_clips(video, audio)))
         masked = {m: self._mask(embeddings[m], i, first, step_seed) for i, m in enumerate(MODALITIES)}
         mismatched = mismatch_mask(first, video.shape[0], rows, video.device)
-        outputs, pair_input = self._contextual(masked["visual"][0], masked["audio"][0], mismatched, first)
+        outputs, visual_bos, audio_bos = self._contextual(masked["visual"][0], masked["audio"][0], mismatched, first)
 
         losses: dict[str, torch.Tensor] = {}
         if cfg.mep_weight:
@@ -103,7 +119,7 @@ class AVPretrainingModel(nn.Module):
                     float(cfg.temperature),
                     draw_key=(step_seed, 1, i),
                 )
-        pair, pair_accuracy = pair_loss(self.pair_head(pair_input).squeeze(-1), mismatched)
+        pair, pair_accuracy = pair_loss(self._pair_logits(visual_bos, audio_bos), mismatched)
         losses["loss_pair"] = pair
         if cfg.contrastive_weight:
             losses["loss_contrastive"] = info_nce(
@@ -116,3 +132,20 @@ class AVPretrainingModel(nn.Module):
             + float(cfg.contrastive_weight) * losses.get("loss_contrastive", 0.0)
         )
         return {"loss": total, **{k: v.detach() for k, v in losses.items()}, "pair_accuracy": pair_accuracy.detach()}
+
+
+class PairAgreement(nn.Module):
+    """A correct-pair head that compares: the scaled dot product of the two BOS outputs, each
+    through its own projection, plus a bias. The paper's linear head on one BOS has to learn the
+    comparison inside the transformers; this one has it built in, as InfoNCE does."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.visual = nn.Linear(hidden, hidden)
+        self.audio = nn.Linear(hidden, hidden)
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def forward(self, visual_bos: torch.Tensor, audio_bos: torch.Tensor) -> torch.Tensor:
+        agreement: torch.Tensor = (self.visual(visual_bos) * self.audio(audio_bos)).sum(-1)
+        scaled: torch.Tensor = agreement / visual_bos.shape[-1] ** 0.5 + self.bias
+        return scaled

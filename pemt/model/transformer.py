@@ -181,6 +181,11 @@ class SequenceEmbedding(nn.Module):
         self.positions = nn.Embedding(max_clips + 1, hidden)
         self.cells = nn.Embedding(max_tokens_per_clip, hidden) if max_tokens_per_clip > 1 else None
         self.token_types = nn.Embedding(modalities, hidden) if modalities > 1 else None
+        # BERT's N(0, 0.02): at torch's N(0, 1) each table is as large as the content it is added
+        # to, and the LayerNorm after them leaves the content a third of the multimodal input
+        for table in (self.positions, self.cells, self.token_types):
+            if table is not None:
+                nn.init.normal_(table.weight, std=0.02)
         self.norm = nn.LayerNorm(hidden, eps=1e-12)
         self.dropout = nn.Dropout(dropout)
 
