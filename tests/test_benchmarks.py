@@ -54,13 +54,15 @@ def test_pair_objective_quick_writes_every_row_and_out_norm_spreads_the_clips(tm
     assert done.returncode == 0, done.stderr[-3000:]
     table = [line for line in (out / "pair_objective_quick.md").read_text().splitlines() if line.startswith("|")]
     rows = [line.split("|")[1:-1] for line in table[2:]]  # after the header and its rule
-    assert [(r[0].strip(), r[1].strip()) for r in rows] == [
-        ("no out_norm", "fixed"),
-        ("out_norm", "fixed"),
-        ("out_norm", "new"),
-        ("out_norm", "new"),
+    assert [(r[0].strip(), r[1].strip(), r[2].strip()) for r in rows] == [
+        ("no out_norm", "bos", "fixed"),
+        ("out_norm", "bos", "fixed"),
+        ("out_norm", "bos", "new"),
+        ("out_norm", "bos", "new"),
+        ("out_norm", "agreement", "new"),
+        ("out_norm", "agreement", "new"),
     ]
     for row in rows:
-        assert 0.0 < float(row[3]) < 10.0 and 0.0 <= float(row[4]) <= 1.0, row
-    visual_spread = [float(r[6].split("/")[0]) for r in rows]
+        assert 0.0 < float(row[4]) < 10.0 and 0.0 <= float(row[5]) <= 1.0, row
+    visual_spread = [float(r[7].split("/")[0]) for r in rows]
     assert min(visual_spread[1:]) > 3 * visual_spread[0], visual_spread
