@@ -148,7 +148,6 @@ def _bare(cfg: DictConfig, rank: int, ranks: int, steps: int, warmup: int, clock
             torch.cuda.synchronize()
         clock.seconds["optimizer step"] += time.perf_counter() - t
         times.append(time.perf_counter() - start)
-    dist.destroy_process_group()
     return times
 
 

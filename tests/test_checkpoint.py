@@ -274,6 +274,7 @@ FULL_DISK = ENGINE + textwrap.dedent("""
     def rank_main(rank, ckpt, port):
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=port, DS_ACCELERATOR="cpu")
+        from pemt.distributed import leave_distributed
         from pemt.train.checkpoint import Checkpointer
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
         engine = make_engine(width=512)
@@ -285,7 +286,7 @@ FULL_DISK = ENGINE + textwrap.dedent("""
         # one write per line: the ranks share stdout, and print() writes the newline separately
         sys.stdout.write(json.dumps({"rank": rank, "committed": outcomes}) + "\\n")
         sys.stdout.flush()
-        torch.distributed.destroy_process_group()  # left to the exit, gloo aborts half the time
+        leave_distributed()  # left to the exit, gloo aborts a rank about half the time
 
     if __name__ == "__main__":
         mp.start_processes(rank_main, args=(sys.argv[1], sys.argv[3]), nprocs=2, start_method="spawn")

@@ -89,7 +89,7 @@ def test_ranks_that_leave_the_process_group_exit_cleanly(tmp_path: Path) -> None
     script = tmp_path / "leave.py"
     script.write_text(LEAVE)
     done = subprocess.run(
-        [sys.executable, str(script), str(free_port())],
+        [sys.executable, str(script), str(free_port(4))],  # one port per round
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
