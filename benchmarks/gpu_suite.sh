@@ -6,6 +6,7 @@
 #   gpu_step_overhead.md     pemt's step (eager and train.compile) and loop against a bare DDP
 #                            loop (step_overhead.py)
 #   gpu_sparse_attention.md  dense vs block-sparse attention, time and memory, 62-962 tokens
+#   gpu_flex_attention.md    the same, with FlexAttention's kernel for the pattern beside the gathered one
 #   gpu_suite.log            the device, the software, and each part's outcome and duration
 #
 #   benchmarks/gpu_suite.sh                 # on a GPU machine, after `make setup`
@@ -50,10 +51,13 @@ if [[ "$DEVICE" == cuda ]]; then
     part throughput 210 "$PY" benchmarks/model_throughput.py --device cuda --batch 8 --steps 6 \
         --out "$RESULTS/gpu_throughput.md"
     # ZeRO-1/3 are in the throughput table; compiling both models takes a minute of this share.
-    part step_overhead 180 "$PY" benchmarks/step_overhead.py --models tiny mid --variants bare zero2 compiled loop \
+    part step_overhead 150 "$PY" benchmarks/step_overhead.py --models tiny mid --variants bare zero2 compiled loop \
         --steps 15 --warmup 3 --ranks 1 --out "$RESULTS/gpu_step_overhead.md"
     part sparse_attention 60 "$PY" benchmarks/sparse_attention.py --device cuda --precision bf16 --batch 8 \
         --out "$RESULTS/gpu_sparse_attention.md"
+    # Each length compiles the kernel (forward and backward): the paper's 16 tokens per clip fits the share.
+    part flex_attention 60 "$PY" benchmarks/sparse_attention.py --device cuda --precision bf16 --batch 8 --flex \
+        --lengths 16 --out "$RESULTS/gpu_flex_attention.md"
 else
     part throughput 300 "$PY" benchmarks/model_throughput.py --device cpu --batch 2 --steps 1 --stages 2 \
         --out "$RESULTS/cpu_smoke_throughput.md"

@@ -18,7 +18,9 @@ Probe: the frozen model's features of every video (the multimodal transformer's 
 mean visual and audio outputs, concatenated) are computed once per model; a multinomial logistic
 regression (L-BFGS, weight decay) is fit on the features of k videos per class (k = 2, 4, 8; three
 draws each, averaged) and of all training videos, and scored on a fixed held-out set. Random
-initialisations of each shape give the floor. Each pretraining run and each probe is cached in
+initialisations of each shape give the floor; `--supervised` adds the ceiling: each variant trained on the
+labels end to end with the same budget (launch/finetune.py, `task.name=long_av`) and scored on the same
+held-out set. Each pretraining run and each probe is cached in
 `<root>/rows.json`, so an interrupted build continues where it stopped.
 Writes benchmarks/results/sharing_quality.{md,png}.
 """
@@ -74,6 +76,7 @@ VARIANTS = {
 }
 RANDOM_OF = ["none", "layer", "layer+cross", "factorized r64"]  # random initialisations probed as floors
 SHOTS = (2, 4, 8)
+PRETRAINED, RANDOM, SUPERVISED = "pretrained", "random", "supervised"  # the kinds of row
 LOSSES = ("loss_mep_visual", "loss_mep_audio", "loss_pair")  # chance: ln 17 (16 negatives), ln 17, ln 2
 
 
@@ -121,16 +124,39 @@ def pretrain_overrides(args: argparse.Namespace, root: Path, variant: str, seed:
     ]
 
 
-def launch(overrides: list[str]) -> tuple[Path, str, float]:
+def supervised_overrides(args: argparse.Namespace, root: Path, variant: str, seed: int) -> list[str]:
+    """The same model, data and budget trained on the labels end to end (launch/finetune.py from a
+    random initialisation), scored on the probes' held-out set: what the architecture can learn of
+    the task in this budget when it is told the class."""
+    return [
+        *pretrain_overrides(args, root, variant, seed),
+        "task.name=long_av",
+        "eval.seed=1",  # the probes' held-out videos (videos_of(..., seed=1))
+        f"eval.synthetic_videos={args.test_videos}",
+        "eval.batch_size=32",
+    ]
+
+
+def launch(overrides: list[str], entry: str = "pretrain.py") -> tuple[Path, str, float]:
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, str(REPO / "launch" / "pretrain.py"), *overrides], cwd=REPO, capture_output=True, text=True
+        [sys.executable, str(REPO / "launch" / entry), *overrides], cwd=REPO, capture_output=True, text=True
     )
     found = RUN_LINE.search(done.stderr)
     if done.returncode or not found:
         sys.stderr.write(done.stderr[-4000:])
-        raise SystemExit(f"pretraining {' '.join(overrides)} failed (exit {done.returncode})")
+        raise SystemExit(f"{entry} {' '.join(overrides)} failed (exit {done.returncode})")
     return Path(found.group(2)), found.group(3), time.perf_counter() - started
+
+
+def supervised_top1(run_dir: Path) -> float:
+    """Held-out top-1 (%) of a fine-tuning run: its last evaluation (launch/finetune.py's eval.jsonl)."""
+    from pemt.downstream.task import EVAL_LOG
+
+    records = [json.loads(line) for line in (run_dir / EVAL_LOG).read_text().splitlines() if line.strip()]
+    if not records or records[-1].get("test_bad_samples"):
+        raise SystemExit(f"{run_dir / EVAL_LOG}: no clean final evaluation ({records[-1:] or 'empty'})")
+    return float(records[-1]["test_top1"])
 
 
 def final_losses(root: Path, run_id: str) -> dict[str, float]:
@@ -314,6 +340,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="a config override for every variant (repeatable), e.g. loss.contrastive_weight=1.0",
     )
+    parser.add_argument(
+        "--supervised",
+        action="store_true",
+        help="also train each variant on the labels (same budget) and score it on the held-out set: the ceiling",
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 variant, 1 seed, few steps and videos")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
@@ -334,32 +365,50 @@ def main(argv: list[str] | None = None) -> int:
         for r in (json.loads(done_file.read_text()) if done_file.exists() else [])
         if r["settings"] == settings and "spread" in r["probe"]
     ]
-    wanted = [(v, s, False) for v in args.variants for s in args.seeds] + [
-        (v, s, True) for v in RANDOM_OF if v in args.variants for s in args.seeds
-    ]
-    todo = [w for w in wanted if not any((r["variant"], r["seed"], r["random"]) == w for r in rows)]
-    for variant, seed, random_init in tqdm(todo, desc="pretraining runs and probes"):
-        row = {"variant": variant, "seed": seed, "random": random_init, "settings": settings, "pretrain_s": 0.0}
+    wanted = [(v, s, PRETRAINED) for v in args.variants for s in args.seeds]
+    wanted += [(v, s, RANDOM) for v in RANDOM_OF if v in args.variants for s in args.seeds]
+    if args.supervised:
+        wanted += [(v, s, SUPERVISED) for v in args.variants for s in args.seeds]
+    todo = [w for w in wanted if not any(row_key(r) == w for r in rows)]
+    for variant, seed, kind in tqdm(todo, desc="pretraining runs and probes"):
+        row = {"variant": variant, "seed": seed, "random": kind == RANDOM, "settings": settings, "pretrain_s": 0.0}
+        if kind == SUPERVISED:
+            row["supervised"] = True
+            run_dir, row["run_id"], row["pretrain_s"] = launch(
+                supervised_overrides(args, root, variant, seed), "finetune.py"
+            )
+            row["probe"] = {"full": supervised_top1(run_dir)}
+            rows.append(row)
+            save_rows(done_file, settings, rows)
+            continue
         run_dir = None
-        if not random_init:
+        if kind == PRETRAINED:
             run_dir, row["run_id"], row["pretrain_s"] = launch(pretrain_overrides(args, root, variant, seed))
             row["losses"] = final_losses(root, row["run_id"])
         started = time.perf_counter()
         row["probe"] = probe_model(args, root, variant, seed, run_dir)
         row["probe_s"] = time.perf_counter() - started
         rows.append(row)
-        kept = [
-            r for r in (json.loads(done_file.read_text()) if done_file.exists() else []) if r["settings"] != settings
-        ]
-        done_file.write_text(json.dumps(kept + rows, indent=1))
+        save_rows(done_file, settings, rows)
     params = {v: transformer_params(args, v) for v in args.variants}
-    table = render([r for r in rows if (r["variant"], r["seed"], r["random"]) in wanted], args, params)
+    table = render([r for r in rows if row_key(r) in wanted], args, params)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     name = output_name(args)
     (args.out / f"{name}.md").write_text(table)
     plot(rows, args, params, args.out / f"{name}.png")
     return 0
+
+
+def row_key(row: dict) -> tuple[str, int, str]:
+    kind = SUPERVISED if row.get("supervised") else RANDOM if row["random"] else PRETRAINED
+    return row["variant"], row["seed"], kind
+
+
+def save_rows(done_file: Path, settings: dict, rows: list[dict]) -> None:
+    """This table's rows, beside the cached rows of other settings."""
+    kept = [r for r in (json.loads(done_file.read_text()) if done_file.exists() else []) if r["settings"] != settings]
+    done_file.write_text(json.dumps(kept + rows, indent=1))
 
 
 def output_name(args: argparse.Namespace) -> str:
@@ -394,20 +443,23 @@ def render(rows: list[dict], args: argparse.Namespace, params: dict[str, int]) -
         "|---|---:|---:|" + "---:|" * len(columns) + "---:|---:|---:|",
     ]
     none = params.get("none")
-    for random_init in (True, False):
+    names = {RANDOM: "random init, {}", PRETRAINED: "{}", SUPERVISED: "supervised, {} (held-out top-1)"}
+    for kind, name in names.items():
         for variant in args.variants:
-            mine = [r for r in rows if r["variant"] == variant and r["random"] == random_init]
+            mine = [r for r in rows if row_key(r)[::2] == (variant, kind)]
             if not mine:
                 continue
-            name = f"random init, {variant}" if random_init else variant
             ratio = f"{params[variant] / none:.2f}" if none else "-"
-            cells = [_stats([r["probe"][c] for r in mine]) for c in columns]
-            cells.append(f"{statistics.mean(r['probe']['spread']['fused BOS'] for r in mine):.3f}")
+            cells = [_stats([r["probe"][c] for r in mine if c in r["probe"]]) for c in columns]
+            spreads = [r["probe"]["spread"]["fused BOS"] for r in mine if "spread" in r["probe"]]
+            cells.append(f"{statistics.mean(spreads):.3f}" if spreads else "-")
             losses = [r["losses"] for r in mine if r.get("losses")]
             cells.append(" / ".join(f"{statistics.mean(x[k] for x in losses):.2f}" for k in LOSSES) if losses else "-")
             minutes = statistics.mean(r["pretrain_s"] for r in mine) / 60
             lines.append(
-                f"| {name} | {params[variant] / 1e6:.2f}M | {ratio} | " + " | ".join(cells) + f" | {minutes:.1f} |"
+                f"| {name.format(variant)} | {params[variant] / 1e6:.2f}M | {ratio} | "
+                + " | ".join(cells)
+                + f" | {minutes:.1f} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -420,9 +472,9 @@ def plot(rows: list[dict], args: argparse.Namespace, params: dict[str, int], pat
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, column in zip(axes, ("8-shot", "full")):
-        for random_init, marker in ((False, "o"), (True, "x")):
+        for kind, marker in ((PRETRAINED, "o"), (RANDOM, "x"), (SUPERVISED, "^")):
             for variant in args.variants:
-                mine = [r["probe"][column] for r in rows if r["variant"] == variant and r["random"] == random_init]
+                mine = [r["probe"][column] for r in rows if row_key(r)[::2] == (variant, kind) and column in r["probe"]]
                 if mine:
                     ax.errorbar(
                         params[variant] / 1e6,
@@ -430,7 +482,7 @@ def plot(rows: list[dict], args: argparse.Namespace, params: dict[str, int], pat
                         yerr=statistics.stdev(mine) if len(mine) > 1 else 0,
                         marker=marker,
                         capsize=3,
-                        label=f"{'random ' if random_init else ''}{variant}",
+                        label=f"{'' if kind == PRETRAINED else kind + ' '}{variant}",
                     )
         ax.set(xscale="log", xlabel="transformer parameters (M)", ylabel=f"{column} probe top-1 (%)", title=column)
         ax.grid(alpha=0.3)

@@ -41,7 +41,9 @@ def measure(args: argparse.Namespace) -> dict:
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    spec = BlockSparsity(16, 1, 1) if args.kind == "sparse" else None
+    spec = None if args.kind == "dense" else BlockSparsity(16, 1, 1)
+    if args.kind == "flex":  # the attention alone: the layer runs the gathered kernel
+        return measure_flex(args, spec)
     length = CLIPS * args.tokens_per_clip
     n = 2 * length + 2
     bos = (0, length + 1)
@@ -81,6 +83,35 @@ def measure(args: argparse.Namespace) -> dict:
     }
 
 
+def measure_flex(args: argparse.Namespace, spec: Any) -> dict:
+    """FlexAttention with the same pattern: forward + backward time and memory of the attention."""
+    import torch
+
+    from pemt.model.sparse_attention import flex_block_sparse_attention
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    length = CLIPS * args.tokens_per_clip
+    n, bos = 2 * length + 2, [0, length + 1]
+    torch.manual_seed(0)
+    qkv = [torch.randn(args.batch, 12, n, 64, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
+
+    def attention() -> None:
+        flex_block_sparse_attention(*qkv, bos, spec).float().square().mean().backward()
+
+    attention()  # compiles: the first call's time is not the kernel's
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() / 2**20
+    attention_ms = _median_ms(attention, args.repeats, device)
+    return {
+        "kind": "flex",
+        "tokens_per_clip": args.tokens_per_clip,
+        "tokens": n,
+        "attention_ms": attention_ms,
+        "attention_peak_mib": _peak_mib(device) - before,
+    }
+
+
 def _peak_mib(device: Any) -> float:
     """CUDA: the most allocated so far; CPU: the process's peak RSS so far."""
     import torch
@@ -114,7 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--lengths", type=int, nargs="+", default=list(TOKENS_PER_CLIP), help="tokens per clip")
     parser.add_argument("--out", type=Path, default=None, help="table file (default benchmarks/results/...)")
-    parser.add_argument("--kind", choices=["dense", "sparse"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--flex",
+        action="store_true",
+        help="also FlexAttention with the same pattern (CUDA: torch has no FlexAttention backward on CPU)",
+    )
+    parser.add_argument("--kind", choices=["dense", "sparse", "flex"], help=argparse.SUPPRESS)
     parser.add_argument("--tokens-per-clip", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.kind:  # one point, in its own process
@@ -122,8 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from tqdm import tqdm
 
+    if args.flex and args.device != "cuda":
+        parser.error("--flex needs --device cuda: torch has no FlexAttention backward on CPU")
     rows = []
-    points = [(k, kind) for k in args.lengths for kind in ("dense", "sparse")]
+    kinds = ("dense", "sparse", "flex") if args.flex else ("dense", "sparse")
+    points = [(k, kind) for k in args.lengths for kind in kinds]
     for k, kind in tqdm(points, desc="lengths"):
         done = subprocess.run(
             [
@@ -144,9 +183,13 @@ def main(argv: list[str] | None = None) -> int:
             ],
             capture_output=True,
             text=True,
-            check=True,
+            check=kind != "flex",  # a kernel that fails to compile is a row of the table, not the end of it
         )
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        if done.returncode:
+            error = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            rows.append({"kind": kind, "tokens_per_clip": k, "error": error[:160]})
+        else:
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     table = render(rows, args)
     print(table)
     out = args.out or HERE / "results" / f"sparse_attention_{args.device}_{args.precision}.md"
@@ -180,6 +223,27 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
             f"| {s['attention_peak_mib']:.0f} | {d['step_ms']:.0f} | {s['step_ms']:.0f} "
             f"| {s['step_ms'] / d['step_ms']:.2f} | {d['peak_mib']:.0f} | {s['peak_mib']:.0f} |"
         )
+    flex = [r for r in rows if r["kind"] == "flex"]
+    if flex:
+        lines += [
+            "",
+            "FlexAttention with the same pattern (a block mask of 16-token blocks, compiled): the attention alone.",
+            "",
+            "| tokens/clip | attention fwd+bwd ms dense | gathered | flex | flex / dense "
+            "| attention peak MiB dense | gathered | flex |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in flex:
+            d, s = by[(r["tokens_per_clip"], "dense")], by[(r["tokens_per_clip"], "sparse")]
+            if "error" in r:
+                flex_ms, ratio, flex_peak = "failed: " + r["error"].replace("|", "/"), "-", "-"
+            else:
+                flex_ms, ratio = f"{r['attention_ms']:.1f}", f"{r['attention_ms'] / d['attention_ms']:.2f}"
+                flex_peak = f"{r['attention_peak_mib']:.0f}"
+            lines.append(
+                f"| {r['tokens_per_clip']} | {d['attention_ms']:.1f} | {s['attention_ms']:.1f} | {flex_ms} | {ratio} "
+                f"| {d['attention_peak_mib']:.0f} | {s['attention_peak_mib']:.0f} | {flex_peak} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from conftest import REPO
 
@@ -43,6 +47,60 @@ def test_sharing_quality_quick_runs_the_whole_path_and_continues_from_its_cache(
     assert again.returncode == 0, again.stderr[-3000:]
     assert _mlflow_runs(root) == runs, "nothing pretrained again"
     assert (tmp_path / "again" / "sharing_quality_quick.md").read_text() == table
+
+
+def _benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sharing_quality_supervised_ceiling_trains_the_same_model_on_the_probes_data(tmp_path: Path) -> None:
+    """`--supervised` rows: launch/finetune.py's config from the benchmark's overrides validates and
+    trains the pretraining run's model, data and budget, and scores the probes' held-out videos; the
+    row takes the last clean evaluation, refuses one with undecodable samples, and renders with only
+    the held-out column filled."""
+    from pemt.checks import validate
+    from pemt.config import compose_config
+    from pemt.downstream.task import EVAL_LOG, held_out_config
+
+    bench = _benchmark("sharing_quality")
+    args = argparse.Namespace(
+        task="rhythm", steps=300, batch=32, videos=1024, test_videos=256, hidden=256, layers=4, overrides=[]
+    )
+    variant = "factorized r64"
+    supervised = compose_config("finetune", bench.supervised_overrides(args, tmp_path, variant, 2))
+    pretrain = compose_config("pretrain", bench.pretrain_overrides(args, tmp_path, variant, 2))
+    validate(supervised)
+    assert supervised.task.name == "long_av" and supervised.task.init is None
+    for section in ("model", "data", "train"):
+        assert supervised[section] == pretrain[section], section
+    assert supervised.seed == 2
+    held_out = held_out_config(supervised).data.synthetic
+    probes = compose_config("pretrain", bench.data_overrides(args, args.test_videos, 1)).data.synthetic
+    assert (held_out.seed, held_out.videos, held_out.task) == (probes.seed, probes.videos, probes.task)
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    evals = [
+        {"step": 150, "test_top1": 20.0, "test_bad_samples": 0},
+        {"step": 300, "test_top1": 41.5, "test_bad_samples": 0},
+    ]
+    (run_dir / EVAL_LOG).write_text("".join(json.dumps(e) + "\n" for e in evals))
+    assert bench.supervised_top1(run_dir) == 41.5
+    (run_dir / EVAL_LOG).write_text(json.dumps({"step": 300, "test_top1": 41.5, "test_bad_samples": 3}) + "\n")
+    with pytest.raises(SystemExit, match=EVAL_LOG):
+        bench.supervised_top1(run_dir)
+
+    args.variants, args.seeds = [variant], [0, 1]
+    rows = [
+        {"variant": variant, "seed": s, "random": False, "supervised": True, "probe": {"full": top1}, "pretrain_s": 60}
+        for s, top1 in ((0, 40.0), (1, 44.0))
+    ]
+    table = bench.render(rows, args, {variant: 550_000})
+    assert "| supervised, factorized r64 (held-out top-1) | 0.55M | - | 42.0 ± 2.8 | - | - | - | - | - | 1.0 |" in table
 
 
 def test_pair_objective_quick_writes_every_row_and_out_norm_spreads_the_clips(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pemt.config import compose_config
 from pemt.model.factory import build_pretraining_model
-from pemt.model.sparse_attention import BlockSparsity, block_sparse_attention, key_blocks
+from pemt.model.sparse_attention import BlockSparsity, block_sparse_attention, flex_block_sparse_attention, key_blocks
 
 
 def _qkv(n: int, batch: int = 2, heads: int = 3, dim: int = 8) -> list[torch.Tensor]:
@@ -69,6 +69,24 @@ def test_sparse_pattern_equals_masked_dense(global_index: list[int]) -> None:
     mask = _dense_mask(n, global_index, spec, index, valid)
     assert 0.2 < mask.float().mean() < 0.6, "the pattern is really sparse"
     torch.testing.assert_close(sparse, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+@pytest.mark.parametrize(
+    ("n", "global_index", "spec"),
+    [(41, [0, 20], BlockSparsity(4, local_window=1, random_blocks=2)), (62, [0, 31], BlockSparsity(16, 1, 1))],
+)
+def test_flex_attention_computes_the_same_pattern(n: int, global_index: list[int], spec: BlockSparsity) -> None:
+    """The FlexAttention kernel (CUDA's path; forward only on CPU) draws the same random blocks
+    from the same seed and reaches the same keys: its output equals the gathered kernel's."""
+    q, k, v = _qkv(n)
+    assert not spec.covers_all(n - len(global_index))
+    torch.manual_seed(11)
+    gathered = block_sparse_attention(q, k, v, global_index, spec)
+    torch.manual_seed(11)
+    flex = flex_block_sparse_attention(q, k, v, global_index, spec)
+    torch.testing.assert_close(flex, gathered)
+    torch.manual_seed(12)  # another draw reaches other keys
+    assert not torch.allclose(flex_block_sparse_attention(q, k, v, global_index, spec), gathered)
 
 
 def test_random_blocks_are_fresh_each_forward_and_seedable() -> None:

@@ -7,11 +7,13 @@ the trainer's seed fixes them and activation checkpointing replays them), and to
 token; global tokens (each transformer's BOS) attend to all tokens. Keys are gathered per query
 block and multiplied there, so the work (and what torch's FLOP counter sees) grows with
 tokens x keys per block, not tokens squared. When the pattern reaches every pair the layer runs
-dense attention, which it then equals.
+dense attention, which it then equals. `flex_block_sparse_attention` computes the same pattern with
+FlexAttention (a CUDA kernel that reads keys in place; `benchmarks/sparse_attention.py --flex`).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -120,3 +122,53 @@ def attention_pairs(tokens: int, globals_: int, spec: BlockSparsity | None) -> i
     blocks = -(-tokens // size)
     keys = (2 * spec.local_window + 1 + min(spec.random_blocks, blocks)) * size + globals_
     return blocks * size * keys + globals_ * n
+
+
+def reached_blocks(tokens: int, spec: BlockSparsity, device: torch.device) -> torch.Tensor:
+    """(blocks, blocks) bool: which key blocks each query block reaches, drawn as
+    `block_sparse_attention` draws them (same generator calls, so the same seed gives the same pattern)."""
+    blocks = -(-tokens // spec.block_size)
+    index, valid = key_blocks(blocks, spec, device)
+    reach = torch.zeros(blocks, blocks, dtype=torch.bool, device=device)
+    rows = torch.arange(blocks, device=device)[:, None].expand_as(index)
+    reach[rows[valid], index[valid]] = True
+    return reach
+
+
+def flex_block_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, global_index: list[int], spec: BlockSparsity
+) -> torch.Tensor:
+    """The same attention as `block_sparse_attention` through torch's FlexAttention: a block mask at
+    the pattern's block size, so a fused kernel reads the reached keys in place instead of gathering
+    them. Compiled on CUDA; elsewhere torch runs its unfused reference, which has no backward on CPU
+    (torch 2.13), so this is a CUDA kernel that CPU can only check. Block sizes under 128 set the
+    kernel's tiles to match (they must divide the mask's blocks; 16 is the smallest)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    n, device = q.shape[2], q.device
+    is_global = torch.zeros(n, dtype=torch.bool, device=device)
+    is_global[global_index] = True
+    local_index = (~is_global).nonzero().squeeze(1)
+    token_block = torch.full((n,), -1, dtype=torch.long, device=device)  # -1: a global token
+    token_block[local_index] = torch.arange(local_index.numel(), device=device) // spec.block_size
+    reach = reached_blocks(local_index.numel(), spec, device)
+
+    def reaches(batch: torch.Tensor, head: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        query_block, key_block = token_block[query], token_block[key]
+        return (query_block < 0) | (key_block < 0) | reach[query_block.clamp(min=0), key_block.clamp(min=0)]
+
+    size = spec.block_size
+    mask = create_block_mask(reaches, None, None, n, n, device=str(device), BLOCK_SIZE=size)
+    if device.type != "cuda":
+        return flex_attention(q, k, v, block_mask=mask)
+    tile = min(64, size & -size)  # the largest power of two dividing the block, at most 64
+    options = None if size >= 128 else {f"BLOCK_{d}": tile for d in ("M", "N", "M1", "N1", "M2", "N2")}
+    out: torch.Tensor = _compiled_flex_attention()(q, k, v, block_mask=mask, kernel_options=options)
+    return out
+
+
+@functools.cache
+def _compiled_flex_attention():  # type: ignore[no-untyped-def]
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
