@@ -359,12 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.overrides:  # only when given, so rows cached before the option existed still match
         settings["overrides"] = args.overrides
     done_file = root / "rows.json"
-    # rows of these settings (probed before the spread was measured: probed again)
-    rows = [
-        r
-        for r in (json.loads(done_file.read_text()) if done_file.exists() else [])
-        if r["settings"] == settings and "spread" in r["probe"]
-    ]
+    rows = cached_rows(done_file, settings)
     wanted = [(v, s, PRETRAINED) for v in args.variants for s in args.seeds]
     wanted += [(v, s, RANDOM) for v in RANDOM_OF if v in args.variants for s in args.seeds]
     if args.supervised:
@@ -403,6 +398,12 @@ def main(argv: list[str] | None = None) -> int:
 def row_key(row: dict) -> tuple[str, int, str]:
     kind = SUPERVISED if row.get("supervised") else RANDOM if row["random"] else PRETRAINED
     return row["variant"], row["seed"], kind
+
+
+def cached_rows(done_file: Path, settings: dict) -> list[dict]:
+    """The cached rows of these settings (probes from before the spread was measured are probed again)."""
+    cached = json.loads(done_file.read_text()) if done_file.exists() else []
+    return [r for r in cached if r["settings"] == settings and ("spread" in r["probe"] or r.get("supervised"))]
 
 
 def save_rows(done_file: Path, settings: dict, rows: list[dict]) -> None:

@@ -95,10 +95,14 @@ def test_sharing_quality_supervised_ceiling_trains_the_same_model_on_the_probes_
         bench.supervised_top1(run_dir)
 
     args.variants, args.seeds = [variant], [0, 1]
+    settings = {"task": "rhythm", "steps": 300}
     rows = [
-        {"variant": variant, "seed": s, "random": False, "supervised": True, "probe": {"full": top1}, "pretrain_s": 60}
-        for s, top1 in ((0, 40.0), (1, 44.0))
+        {"variant": variant, "seed": seed, "random": False, "supervised": True, "settings": settings}
+        | {"probe": {"full": top1}, "pretrain_s": 60}
+        for seed, top1 in ((0, 40.0), (1, 44.0))
     ]
+    bench.save_rows(tmp_path / "rows.json", settings, [*rows, {**rows[0], "supervised": False, "probe": {"full": 9.0}}])
+    assert bench.cached_rows(tmp_path / "rows.json", settings) == rows, "kept, not run again; the old probe is"
     table = bench.render(rows, args, {variant: 550_000})
     assert "| supervised, factorized r64 (held-out top-1) | 0.55M | - | 42.0 ± 2.8 | - | - | - | - | - | 1.0 |" in table
 
