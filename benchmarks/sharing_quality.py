@@ -373,16 +373,14 @@ def main(argv: list[str] | None = None) -> int:
                 supervised_overrides(args, root, variant, seed), "finetune.py"
             )
             row["probe"] = {"full": supervised_top1(run_dir)}
-            rows.append(row)
-            save_rows(done_file, settings, rows)
-            continue
-        run_dir = None
-        if kind == PRETRAINED:
-            run_dir, row["run_id"], row["pretrain_s"] = launch(pretrain_overrides(args, root, variant, seed))
-            row["losses"] = final_losses(root, row["run_id"])
-        started = time.perf_counter()
-        row["probe"] = probe_model(args, root, variant, seed, run_dir)
-        row["probe_s"] = time.perf_counter() - started
+        else:
+            run_dir = None
+            if kind == PRETRAINED:
+                run_dir, row["run_id"], row["pretrain_s"] = launch(pretrain_overrides(args, root, variant, seed))
+                row["losses"] = final_losses(root, row["run_id"])
+            started = time.perf_counter()
+            row["probe"] = probe_model(args, root, variant, seed, run_dir)
+            row["probe_s"] = time.perf_counter() - started
         rows.append(row)
         save_rows(done_file, settings, rows)
     params = {v: transformer_params(args, v) for v in args.variants}
@@ -395,9 +393,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def row_kind(row: dict) -> str:
+    return SUPERVISED if row.get("supervised") else RANDOM if row["random"] else PRETRAINED
+
+
 def row_key(row: dict) -> tuple[str, int, str]:
-    kind = SUPERVISED if row.get("supervised") else RANDOM if row["random"] else PRETRAINED
-    return row["variant"], row["seed"], kind
+    return row["variant"], row["seed"], row_kind(row)
 
 
 def cached_rows(done_file: Path, settings: dict) -> list[dict]:
@@ -447,7 +448,7 @@ def render(rows: list[dict], args: argparse.Namespace, params: dict[str, int]) -
     names = {RANDOM: "random init, {}", PRETRAINED: "{}", SUPERVISED: "supervised, {} (held-out top-1)"}
     for kind, name in names.items():
         for variant in args.variants:
-            mine = [r for r in rows if row_key(r)[::2] == (variant, kind)]
+            mine = [r for r in rows if r["variant"] == variant and row_kind(r) == kind]
             if not mine:
                 continue
             ratio = f"{params[variant] / none:.2f}" if none else "-"
@@ -475,7 +476,11 @@ def plot(rows: list[dict], args: argparse.Namespace, params: dict[str, int], pat
     for ax, column in zip(axes, ("8-shot", "full")):
         for kind, marker in ((PRETRAINED, "o"), (RANDOM, "x"), (SUPERVISED, "^")):
             for variant in args.variants:
-                mine = [r["probe"][column] for r in rows if row_key(r)[::2] == (variant, kind) and column in r["probe"]]
+                mine = [
+                    r["probe"][column]
+                    for r in rows
+                    if r["variant"] == variant and row_kind(r) == kind and column in r["probe"]
+                ]
                 if mine:
                     ax.errorbar(
                         params[variant] / 1e6,

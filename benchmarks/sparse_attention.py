@@ -39,14 +39,10 @@ def measure(args: argparse.Namespace) -> dict:
     from pemt.model.transformer import TransformerLayer
     from pemt.track.metrics import counting_flops
 
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     spec = None if args.kind == "dense" else BlockSparsity(16, 1, 1)
     if args.kind == "flex":  # the attention alone: the layer runs the gathered kernel
         return measure_flex(args, spec)
-    length = CLIPS * args.tokens_per_clip
-    n = 2 * length + 2
-    bos = (0, length + 1)
+    device, dtype, n, bos = _setting(args)
     torch.manual_seed(0)
     layer = TransformerLayer(768, 12, 3072, 0.0, 1, None, spec).to(device, dtype)
     x = torch.randn(args.batch, n, 768, device=device, dtype=dtype, requires_grad=True)
@@ -89,15 +85,12 @@ def measure_flex(args: argparse.Namespace, spec: Any) -> dict:
 
     from pemt.model.sparse_attention import flex_block_sparse_attention
 
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    length = CLIPS * args.tokens_per_clip
-    n, bos = 2 * length + 2, [0, length + 1]
+    device, dtype, n, bos = _setting(args)
     torch.manual_seed(0)
     qkv = [torch.randn(args.batch, 12, n, 64, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
 
     def attention() -> None:
-        flex_block_sparse_attention(*qkv, bos, spec).float().square().mean().backward()
+        flex_block_sparse_attention(*qkv, list(bos), spec).float().square().mean().backward()
 
     attention()  # compiles: the first call's time is not the kernel's
     torch.cuda.reset_peak_memory_stats()
@@ -110,6 +103,16 @@ def measure_flex(args: argparse.Namespace, spec: Any) -> dict:
         "attention_ms": attention_ms,
         "attention_peak_mib": _peak_mib(device) - before,
     }
+
+
+def _setting(args: argparse.Namespace) -> tuple[Any, Any, int, tuple[int, int]]:
+    """Device, dtype, sequence length and BOS positions of one point:
+    [v_BOS, 30 clips x k visual tokens, a_BOS, 30 clips x k audio tokens]."""
+    import torch
+
+    length = CLIPS * args.tokens_per_clip
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    return torch.device(args.device), dtype, 2 * length + 2, (0, length + 1)
 
 
 def _peak_mib(device: Any) -> float:

@@ -59,6 +59,13 @@ def key_blocks(blocks: int, spec: BlockSparsity, device: torch.device) -> tuple[
     return torch.cat(chosen, 1), torch.cat(valid, 1)
 
 
+def _local_index(n: int, global_index: list[int], device: torch.device) -> torch.Tensor:
+    """Positions of the tokens that are not global, in order: the ones cut into blocks."""
+    is_global = torch.zeros(n, dtype=torch.bool, device=device)
+    is_global[global_index] = True
+    return (~is_global).nonzero().squeeze(1)
+
+
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -73,9 +80,7 @@ def block_sparse_attention(
     unless `dense_when_full` is off."""
     batch, heads, n, dim = q.shape
     device = q.device
-    is_global = torch.zeros(n, dtype=torch.bool, device=device)
-    is_global[global_index] = True
-    local_index = (~is_global).nonzero().squeeze(1)
+    local_index = _local_index(n, global_index, device)
     tokens = local_index.numel()
     if dense_when_full and spec.covers_all(tokens):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
@@ -146,9 +151,7 @@ def flex_block_sparse_attention(
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     n, device = q.shape[2], q.device
-    is_global = torch.zeros(n, dtype=torch.bool, device=device)
-    is_global[global_index] = True
-    local_index = (~is_global).nonzero().squeeze(1)
+    local_index = _local_index(n, global_index, device)
     token_block = torch.full((n,), -1, dtype=torch.long, device=device)  # -1: a global token
     token_block[local_index] = torch.arange(local_index.numel(), device=device) // spec.block_size
     reach = reached_blocks(local_index.numel(), spec, device)
