@@ -5,8 +5,9 @@ DeepSpeed builds each file's state dict (model states, every rank's optimizer sh
 to its checkpoint engine. `CapturingEngine` takes that place: it keeps the state dicts instead of
 writing them, copying every tensor to host memory first when the write is to happen later (the
 training step that follows would change the live tensors). `write_files` then writes them:
-torch.save (hashed on a second thread as it writes), fsync, and a part file per rank
-(`.parts/rankNNNNN.json`) listing what the rank wrote, or why it could not. Errors are recorded,
+torch.save around the page cache (`direct_file`), hashed on a second thread as it writes, fsync,
+and a part file per rank (`.parts/rankNNNNN.json`) listing what the rank wrote, or why it could
+not. Errors are recorded,
 never raised inside DeepSpeed's save, so a rank whose disk is full does not leave the others
 waiting in DeepSpeed's barrier. A background writer runs at a lower CPU priority than training.
 """
@@ -29,6 +30,7 @@ import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
 
 from pemt.integrity import write_atomic
+from pemt.train.direct_file import DirectFile, block_buffer
 
 PARTS = ".parts"
 # Writes at least this large are hashed on a helper thread while they go to the file (both release
@@ -188,6 +190,7 @@ def write_files(job: WriteJob) -> dict[str, Any]:
     written: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()
     helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pemt-checkpoint-hash")
+    buffer = block_buffer()
     try:
         for path, state in job.files:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -195,11 +198,10 @@ def write_files(job: WriteJob) -> dict[str, Any]:
             # optimizer shards, which only that format allows (the legacy one writes ~1.4x faster).
             # Without its per-record CRC32: the manifest's sha256 of the whole file checks it.
             no_crc = config.patch({"save.compute_crc32": False})  # type: ignore[attr-defined]  # added at import
-            with path.open("wb") as handle, no_crc:
+            with DirectFile(path, buffer) as handle, no_crc:
                 writer = _HashingWriter(handle, helper)
                 torch.save(state, cast(IO[bytes], writer))
-                handle.flush()
-                os.fsync(handle.fileno())
+                handle.finish()
             written[str(path.relative_to(job.staging))] = {
                 "bytes": path.stat().st_size,
                 "sha256": writer.digest.hexdigest(),
@@ -211,6 +213,7 @@ def write_files(job: WriteJob) -> dict[str, Any]:
         part = {"rank": job.rank, "error": f"{type(err).__name__}: {err}"}
     finally:
         helper.shutdown()
+        buffer.close()
     job.files = []  # on disk: nothing here holds the state any longer (the host copy keeps its buffers)
     try:
         job.part.parent.mkdir(parents=True, exist_ok=True)
