@@ -16,9 +16,9 @@ from pemt.train.direct_file import BLOCK_BYTES, DirectFile, block_buffer
 PIECES = [1, 4095, 4096, 5000, BLOCK_BYTES - 3, BLOCK_BYTES, 2 * BLOCK_BYTES + 17, 12, 3]
 
 
-def write_pieces(path: Path, buffer: object = None) -> tuple[bytes, DirectFile]:
+def write_pieces(path: Path, buffer: object = None, direct: bool = True) -> tuple[bytes, DirectFile]:
     expected = bytearray()
-    with DirectFile(path, buffer) as handle:  # type: ignore[arg-type]
+    with DirectFile(path, buffer, direct) as handle:  # type: ignore[arg-type]
         for i, size in enumerate(PIECES):
             piece = bytes([i + 1]) * size
             assert handle.write(memoryview(piece)) == size
@@ -27,13 +27,14 @@ def write_pieces(path: Path, buffer: object = None) -> tuple[bytes, DirectFile]:
     return bytes(expected), handle
 
 
-def test_the_file_holds_exactly_what_was_written(tmp_path: Path) -> None:
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "train.checkpoint_direct_io=false"])
+def test_the_file_holds_exactly_what_was_written(tmp_path: Path, direct: bool) -> None:
     buffer = block_buffer()
-    expected, handle = write_pieces(tmp_path / "a.pt", buffer)
-    assert handle.direct, "this machine's disk takes O_DIRECT"
+    expected, handle = write_pieces(tmp_path / "a.pt", buffer, direct)
+    assert handle.direct == direct, "this machine's disk takes O_DIRECT"
     assert (tmp_path / "a.pt").read_bytes() == expected  # padding of the last block cut off
     # the buffer is reused for the next file, which starts clean
-    again, _ = write_pieces(tmp_path / "b.pt", buffer)
+    again, _ = write_pieces(tmp_path / "b.pt", buffer, direct)
     assert (tmp_path / "b.pt").read_bytes() == again
     buffer.close()  # no view of it is left behind
 

@@ -143,13 +143,21 @@ def verify(folder: Path, manifest: dict[str, Any], names: list[str] | None = Non
 
 
 class Checkpointer:
-    def __init__(self, directory: Path, keep_last: int = 3, keep_every: int = 0, asynchronous: bool = False) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        keep_last: int = 3,
+        keep_every: int = 0,
+        asynchronous: bool = False,
+        direct_io: bool = True,
+    ) -> None:
         if keep_last < 1:
             raise ValueError(f"train.keep_last={keep_last}: at least 1 (the checkpoint a resume needs)")
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.asynchronous = asynchronous
+        self.direct_io = direct_io
         self.capture: CapturingEngine | None = None
         self.copy = HostCopy()
         self._writer: threading.Thread | None = None
@@ -259,7 +267,9 @@ class Checkpointer:
         self.capture.copy = self.copy if asynchronous else None
         engine.save_checkpoint(str(self.directory / STAGING), tag=tag, save_latest=False)
         rng = rng_state()
-        job = WriteJob(staging, rank, [*self.capture.take(), (staging / "rng" / f"rank{rank:05d}.pt", rng)])
+        job = WriteJob(
+            staging, rank, [*self.capture.take(), (staging / "rng" / f"rank{rank:05d}.pt", rng)], self.direct_io
+        )
         self._last_bytes = sum(tensor_bytes(s) for _, s in job.files)
         if asynchronous:
             HostCopy.settle()

@@ -40,6 +40,7 @@ EXECUTION_KEYS = (
     "train.keep_last",
     "train.keep_every",
     "train.async_checkpoint",
+    "train.checkpoint_direct_io",
     "train.compile",
     "train.record_samples",
     "train.collective_timeout_min",

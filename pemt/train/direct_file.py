@@ -29,13 +29,14 @@ _DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere every file is written b
 
 class DirectFile:
     """Write-only file of `path`: `write` any bytes, then `finish` (fsynced); closing without
-    `finish` (an error mid-write) leaves a partial file behind that nothing has vouched for."""
+    `finish` (an error mid-write) leaves a partial file behind that nothing has vouched for.
+    `direct=False` writes through the page cache (for filesystems where O_DIRECT is slow)."""
 
-    def __init__(self, path: Path, buffer: mmap.mmap | None = None) -> None:
+    def __init__(self, path: Path, buffer: mmap.mmap | None = None, direct: bool = True) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-        self.direct = bool(_DIRECT)
+        self.direct = direct and bool(_DIRECT)
         try:
-            self._fd = os.open(path, flags | _DIRECT)
+            self._fd = os.open(path, flags | (_DIRECT if self.direct else 0))
         except OSError as err:
             if err.errno != errno.EINVAL or not self.direct:
                 raise

@@ -40,6 +40,7 @@ def check_world(cfg: DictConfig) -> None:
         positive_int(cfg, key)
     one_of(cfg, "precision", ("fp32", "bf16"))
     one_of(cfg, "train.async_checkpoint", (True, False))
+    one_of(cfg, "train.checkpoint_direct_io", (True, False))
 
 
 def check_batch(cfg: DictConfig) -> None:

@@ -140,6 +140,7 @@ class WriteJob:
     staging: Path
     rank: int
     files: list[tuple[Path, Any]] = field(default_factory=list)
+    direct_io: bool = True  # around the page cache (`direct_file`)
 
     @property
     def part(self) -> Path:
@@ -198,7 +199,7 @@ def write_files(job: WriteJob) -> dict[str, Any]:
             # optimizer shards, which only that format allows (the legacy one writes ~1.4x faster).
             # Without its per-record CRC32: the manifest's sha256 of the whole file checks it.
             no_crc = config.patch({"save.compute_crc32": False})  # type: ignore[attr-defined]  # added at import
-            with DirectFile(path, buffer) as handle, no_crc:
+            with DirectFile(path, buffer, job.direct_io) as handle, no_crc:
                 writer = _HashingWriter(handle, helper)
                 torch.save(state, cast(IO[bytes], writer))
                 handle.finish()

@@ -85,6 +85,7 @@ class Trainer:
             keep_last=int(cfg.train.keep_last),
             keep_every=int(cfg.train.keep_every),
             asynchronous=bool(cfg.train.async_checkpoint),
+            direct_io=bool(cfg.train.checkpoint_direct_io),
         )
         self.resume_from = self.checkpointer.select()
         self.elastic = bool(self.resume_from and self.resume_from.manifest["world_size"] != self.info.world_size)
