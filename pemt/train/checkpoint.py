@@ -26,7 +26,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import random
 import shutil
 import threading
 import time
@@ -41,6 +40,7 @@ import torch.distributed as dist
 from pemt.distributed import world
 from pemt.integrity import sha256, write_atomic
 from pemt.train import universal
+from pemt.train.rng import rng_state, set_rng_state
 from pemt.train.snapshot import (
     PARTS,
     CapturingEngine,
@@ -91,20 +91,6 @@ def _gather(obj: Any) -> list[Any]:
 def _all(flag: bool) -> bool:
     """Collective: whether `flag` holds on every rank."""
     return all(_gather(bool(flag)))
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 @dataclass(frozen=True)
