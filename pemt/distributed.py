@@ -39,6 +39,7 @@ class DistInfo:
 # ports (32768-60999), which live connections (gloo's among them) hold at random, so a port
 # picked there can already be taken on a busy host.
 RENDEZVOUS_PORTS = (20000, 32767)
+LEAVE_TOGETHER_S = 60.0  # how long a rank that finished waits for its peers before leaving the group
 
 
 def rendezvous_port(job_id: str) -> int:
@@ -159,14 +160,29 @@ def init_distributed(timeout_min: float = 30.0) -> DistInfo:
     return info
 
 
-def leave_distributed() -> None:
+def leave_distributed(together: bool = False) -> None:
     """Tear the process group down before the interpreter exits. Left to the exit, gloo's
     threads abort the process about half the time ("terminate called without an active
-    exception", SIGABRT) after the work is done, which Slurm records as a failed task."""
+    exception", SIGABRT) after the work is done, which Slurm records as a failed task.
+
+    `together`: every rank ended the run normally, so they meet first (for at most
+    LEAVE_TOGETHER_S) and tear down at once; a rank that tears down while a peer is still
+    in its own teardown can leave that peer waiting on it (pytorch/pytorch#75097). After a
+    failure there may be no peer to meet: each rank leaves on its own."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if together and dist.get_world_size() > 1:
+        try:
+            dist.barrier(async_op=True).wait(timeout=datetime.timedelta(seconds=LEAVE_TOGETHER_S))
+        except RuntimeError as err:
+            # Tearing down would wait on the barrier left pending, i.e. on the peer that did not
+            # come, and so would the exit (gloo cannot abort). Return, so that the job can still
+            # write its result; a job process's exit deadline (pemt.train.exit_deadline) ends it.
+            log.warning("ranks did not meet before leaving the process group (%s): not torn down", err)
+            return
+    dist.destroy_process_group()
 
 
 def all_reduce(values: dict[str, float], device: torch.device, mean: bool = True) -> dict[str, float]:

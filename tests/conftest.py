@@ -52,7 +52,24 @@ def run_launch(
     flags = [o for o in overrides if o.startswith("-")]
     values = [o for o in overrides if not o.startswith("-")]
     cmd = [sys.executable, str(REPO / "launch" / script), *flags, f"paths.root={root}", f"paths.cache={cache}", *values]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    try:
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        # The launcher's own output shows rank 0 only: what every rank last wrote says which one hung.
+        pytest.fail(f"{err}\n--- launcher stderr\n{_text(err.stderr)[-3000:]}\n{_job_logs(root)}", pytrace=False)
+
+
+def _text(output: str | bytes | None) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+
+
+def _job_logs(root: Path, lines: int = 25) -> str:
+    """The last lines of every task's log under `root` (submitit's job folders)."""
+    parts = []
+    for log in sorted(root.rglob(".submitit/*/*_log.*")):
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        parts.append(f"--- {log.relative_to(root)}\n" + "\n".join(tail))
+    return "\n".join(parts) or f"(no job logs under {root})"
 
 
 def run_resume(*args: str) -> subprocess.CompletedProcess:

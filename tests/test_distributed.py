@@ -70,16 +70,17 @@ import os, sys, torch, torch.distributed as dist
 import torch.multiprocessing as mp
 from pemt.distributed import leave_distributed
 
-def rank_main(rank, port):
+def rank_main(rank, port, together):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo")
     for _ in range(3):
         dist.all_reduce(torch.ones(1 << 20))
-    leave_distributed()
+    leave_distributed(together=together)
 
 if __name__ == "__main__":
     for round_ in range(4):  # left to the exit, each round aborts a rank about half the time
-        mp.start_processes(rank_main, args=(int(sys.argv[1]) + round_,), nprocs=2, start_method="spawn")
+        args = (int(sys.argv[1]) + round_, round_ % 2 == 0)  # alone, or after meeting the other rank
+        mp.start_processes(rank_main, args=args, nprocs=2, start_method="spawn")
 """
 
 
@@ -112,7 +113,75 @@ def test_training_leaves_the_process_group_however_it_ends(monkeypatch: pytest.M
             raise SystemExit(0)  # as a requeue ends rank 0
 
     monkeypatch.setattr(trainer, "Trainer", Failing)
-    monkeypatch.setattr(trainer, "leave_distributed", lambda: left.append(True))
+    monkeypatch.setattr(trainer, "leave_distributed", lambda together: left.append(together))
     with pytest.raises(SystemExit):
         trainer.train(None)  # type: ignore[arg-type]
-    assert left == [True]
+    assert left == [False], "after a failure or a requeue each rank leaves on its own"
+    monkeypatch.setattr(Failing, "fit", lambda self: {"step": 1})
+    assert trainer.train(None) == {"step": 1}  # type: ignore[arg-type]
+    assert left == [False, True], "ranks that all ended the run leave together"
+
+
+ABSENT_PEER = """
+import os, sys, time, torch, torch.distributed as dist
+import pemt.distributed
+from pemt.train import exit_deadline
+
+rank = int(sys.argv[2])
+os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+dist.init_process_group("gloo")
+dist.all_reduce(torch.ones(8))
+if rank == 1:  # stuck elsewhere: it never comes to leave
+    time.sleep(600)
+exit_deadline.arm(10.0)  # as train() does in a job
+pemt.distributed.LEAVE_TOGETHER_S = 2.0
+pemt.distributed.leave_distributed(together=True)
+print("result written", flush=True)  # as submitit does once the job function returns
+"""
+
+
+def test_a_rank_whose_peer_never_comes_to_leave_still_ends(tmp_path: Path) -> None:
+    """A gloo group waits on a peer that is alive but elsewhere, in its teardown and at the exit:
+    a finished rank waits for its peers a bounded time, returns (the job's result gets written),
+    and its exit deadline ends the process."""
+    script = tmp_path / "absent.py"
+    script.write_text(ABSENT_PEER)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    port = str(free_port())
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    ranks = [subprocess.Popen([sys.executable, str(script), port, str(r)], cwd=REPO, env=env, **pipes) for r in (0, 1)]
+    try:
+        out, err = ranks[0].communicate(timeout=120)  # without the deadline: the peer's 600 s
+        assert b"ranks did not meet before leaving the process group" in err, err[-3000:]
+        assert out == b"result written\n"
+        assert ranks[0].returncode == 1 and b"Thread" in err, "ended by the deadline, stacks in the log"
+        assert ranks[1].poll() is None, "the peer was there all along"
+    finally:
+        for process in ranks:
+            process.kill()
+            process.communicate()
+
+
+STUCK_AT_EXIT = """
+import threading
+from pemt.train import exit_deadline
+
+def waits_for_a_peer_that_is_gone():
+    threading.Event().wait()
+
+exit_deadline.arm(1.0)
+threading.Thread(target=waits_for_a_peer_that_is_gone).start()  # not a daemon: the exit waits on it
+"""
+
+
+def test_a_job_process_stuck_at_exit_ends_with_its_stacks_in_the_log() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", STUCK_AT_EXIT],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, "past the deadline the process exits, as failed"
+    assert "waits_for_a_peer_that_is_gone" in done.stderr, "the log says where it was stuck"

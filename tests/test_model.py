@@ -20,6 +20,7 @@ from pemt.model.cnn import BatchNorm
 from pemt.model.factorized import Factorization, FactorizedDense
 from pemt.model.factory import build_pretraining_model, check_model
 from pemt.model.params import count_parameters
+from pemt.train.optimizer import build_optimizer
 
 SHARING = ["[]", "[layer]", "[cross]", "[layer,cross]", "[factorized]", "[layer,cross,factorized]"]
 
@@ -250,28 +251,30 @@ def few_pairs() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("sharing", SHARING)
 def test_tiny_model_overfits_a_few_pairs(sharing: str, few_pairs: tuple[torch.Tensor, torch.Tensor]) -> None:
     torch.manual_seed(0)
-    cfg = _cfg(f"model.sharing={sharing}", "loss.mask_ratio=0.25", "loss.sampling=uniform")
+    # Training's own recipe (warmup, cosine decay, gradient clipping): with plain AdamW at a
+    # constant 1e-3, a factorised model's trajectory hung on the machine's rounding (on one
+    # CPU the pair objective stalled at 0.75 accuracy); with the recipe, 3-6 seeds per sharing
+    # mode each reached 0.22-0.48 of the first loss and every pair.
+    recipe = ["train.lr=1e-3", "train.warmup_steps=10", "train.max_steps=200", "train.weight_decay=0.0"]
+    cfg = _cfg(f"model.sharing={sharing}", "loss.mask_ratio=0.25", "loss.sampling=uniform", *recipe)
     model = build_pretraining_model(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer, schedule = build_optimizer(model, cfg.train)
 
     def evaluate() -> dict[str, float]:
         with torch.no_grad():  # the same masks and negatives before and after
             return {k: v.item() for k, v in model(*few_pairs, step_seed=10**6).items()}
 
     before = evaluate()
-    for step in range(200):  # keyed draws: the trajectory owes nothing to global RNG state
+    for step in range(cfg.train.max_steps):  # keyed draws: the trajectory owes nothing to global RNG state
         loss = model(*few_pairs, step_seed=step)["loss"]
         optimizer.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()
+        schedule.step()
     after = evaluate()
     print(f"{sharing}: loss {before['loss']:.3f} -> {after['loss']:.3f}")
-    # Unshared and layer/cross-shared models reach ~0.1-0.45 of the first loss. Factorised ones
-    # learn the pair and audio objectives, but their visual objective can rise at this learning
-    # rate, depending on the run's rounding (likely the thread count that earlier tests in the same
-    # process set): 0.5-0.8 of the first loss seen.
-    limit = 0.85 if "factorized" in sharing else 0.7
-    assert after["loss"] < limit * before["loss"], (before, after)
+    assert after["loss"] < 0.7 * before["loss"], (before, after)
     assert after["pair_accuracy"] == 1.0, after
 
 

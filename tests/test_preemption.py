@@ -3,14 +3,17 @@ submitit's handler only for it; data workers ignore them all."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
+from collections.abc import Iterator
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, IterableDataset
 
-from pemt.train.preemption import StopRequest
+from pemt.train.preemption import StopRequest, shielded_workers
 
 
 def test_signals_are_recorded_not_acted_on() -> None:
@@ -68,29 +71,44 @@ def test_a_site_preemption_signal_is_the_one_that_requeues(monkeypatch: pytest.M
         signal.signal(signal.SIGUSR1, previous)
 
 
-def test_workers_started_shielded_ignore_the_stop_signals() -> None:
-    """Slurm signals every process of a step; data workers must not die of it."""
-    import multiprocessing
+class _Counting(IterableDataset):
+    """0, 1, 2, ... each after `pause_s`, then, from `stall_at` on, a read that never ends."""
 
-    from pemt.train.preemption import shielded
+    def __init__(self, pause_s: float = 0.05, stall_at: int = 10**9) -> None:
+        self.pause_s, self.stall_at = pause_s, stall_at
 
-    context = multiprocessing.get_context("forkserver")
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for i in itertools.count():
+            time.sleep(self.pause_s if i < self.stall_at else 3600)
+            yield torch.tensor(i)
+
+
+def _loader(dataset: IterableDataset) -> DataLoader:
+    return DataLoader(
+        dataset, batch_size=None, num_workers=1, multiprocessing_context="forkserver", persistent_workers=True
+    )
+
+
+def test_data_workers_ignore_the_stop_signals() -> None:
+    """Slurm signals every process of a step; a torch data worker, which installs its own SIGTERM
+    handler as it starts, must not die of it (the training process would fail mid-step)."""
     before = signal.getsignal(signal.SIGTERM)
-    with shielded():
-        ready, go = context.Event(), context.Event()
-        worker = context.Process(target=_wait_for, args=(ready, go))
-        worker.start()
-    assert ready.wait(60)
-    for signum in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
-        os.kill(worker.pid, signum)
-    time.sleep(0.5)
-    assert worker.is_alive(), "the worker ignored them"
-    go.set()
-    worker.join(30)
-    assert worker.exitcode == 0
-    assert signal.getsignal(signal.SIGTERM) is before, "this process handles its signals as before"
+    with shielded_workers(_loader(_Counting())) as batches:
+        assert int(next(batches)) == 0
+        [worker] = batches._workers
+        for signum in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
+            os.kill(worker.pid, signum)
+        time.sleep(0.5)
+        assert worker.is_alive(), "the worker ignored them"
+        assert [int(next(batches)) for _ in range(3)] == [1, 2, 3]
+        assert signal.getsignal(signal.SIGTERM) is before, "this process handles its signals as before"
+    assert not worker.is_alive(), "shut down on leaving"
 
 
-def _wait_for(ready, go) -> None:  # noqa: ANN001 - multiprocessing events
-    ready.set()
-    go.wait(60)
+def test_a_data_worker_busy_past_the_shutdown_is_killed() -> None:
+    """A worker in a read that does not end ignores torch's SIGTERM: it is killed, not left for the
+    exit to wait on."""
+    with shielded_workers(_loader(_Counting(stall_at=2))) as batches:
+        assert [int(next(batches)) for _ in range(2)] == [0, 1]
+        [worker] = batches._workers
+    assert not worker.is_alive()

@@ -8,8 +8,8 @@ signal the job hands over to submitit's own handler, which requeues it from rank
 checkpoint path under hydra-submitit-launcher). After SIGTERM or SIGINT the job exits without
 requeueing itself: the scheduler requeues or ends it, or the user resumes it.
 
-Slurm delivers signals to every process of a job step, data workers included: they are started
-ignoring them (`shielded`), so only the training process decides what a signal means.
+Slurm delivers signals to every process of a job step, data workers included: they ignore them
+(`shielded_workers`), so only the training process decides what a signal means.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,43 @@ def shielded() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A DataLoader's worker_init_fn. A torch data worker installs its own SIGTERM handler as it
+    starts (one that ends it), over the ignore it inherited: this puts the ignore back."""
+    for signum in stop_signals():
+        signal.signal(signum, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def shielded_workers(loader: DataLoader[Any]) -> Iterator[Iterator[Any]]:
+    """`loader`'s iterator, its worker processes deaf to the stop signals. On leaving, the workers
+    are shut down; one still busy after torch's grace (a slow read, a long video) is killed, since
+    the SIGTERM torch ends it with is ignored: no worker is left for the exit to wait on."""
+    if not loader.num_workers:
+        yield iter(loader)
+        return
+    loader.worker_init_fn = ignore_stop_signals
+    with shielded():
+        iterator = iter(loader)
+    try:
+        yield iterator
+    finally:
+        _stop_workers(iterator)
+
+
+def _stop_workers(iterator: Any) -> None:
+    iterator._shutdown_workers()  # noqa: SLF001 - torch's own shutdown, as its finaliser calls it
+    # Still registered: torch skipped its shutdown (the interpreter is exiting) and would report
+    # a killed worker as a failure; the process's exit deadline covers that case.
+    if getattr(iterator, "_worker_pids_set", False):
+        return
+    for worker in getattr(iterator, "_workers", []):
+        if worker.is_alive():
+            log.warning("data worker %d still busy after the loader's shutdown: killed", worker.pid)
+            worker.kill()
+            worker.join(10)
 
 
 class StopRequest:

@@ -26,11 +26,12 @@ from pemt.curriculum import Stage, stage_at, stage_data_config, stages
 from pemt.data.errors import BadSamples
 from pemt.data.loader import build_loader, shard_source
 from pemt.data.shards import transform_warnings
-from pemt.distributed import DistInfo, init_distributed, leave_distributed, tag_log_lines
+from pemt.distributed import DistInfo, init_distributed, leave_distributed, submitit_environment, tag_log_lines
 from pemt.ownership import RunBusy, RunLock, describe
 from pemt.track.context import redact_config
 from pemt.track.metrics import counting_flops
 from pemt.track.tracker import MlflowTracker
+from pemt.train import exit_deadline
 from pemt.train.checkpoint import Checkpointer, CheckpointError
 from pemt.train.compilation import compile_blocks, compiles
 from pemt.train.continuity import check_continuity, manifest_digest
@@ -38,7 +39,7 @@ from pemt.train.engine_config import deepspeed_config
 from pemt.train.guard import StepGuard
 from pemt.train.journal import RunJournal
 from pemt.train.optimizer import build_optimizer
-from pemt.train.preemption import StopRequest, shielded
+from pemt.train.preemption import StopRequest, shielded_workers
 from pemt.train.profiling import StepProfiler, profile_window
 from pemt.train.task import PretrainTask, Task, TaskContext
 from pemt.train.telemetry import Telemetry
@@ -221,24 +222,23 @@ class Trainer:
             (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
             record = (self.run_dir / "samples" / f"rank{info.rank:05d}.jsonl").open("a")
         accum = int(cfg.train.grad_accum_steps)
-        with shielded() if loader.num_workers else contextlib.nullcontext():
-            iterator = iter(loader)  # starts the workers: they ignore the signals this process acts on
-        for batch in iterator:
-            bad.add(batch)
-            self.telemetry.add_batch(batch)
-            if record is not None:
-                record.write(
-                    json.dumps(
-                        {
-                            "step": batch["micro_step"] // accum + 1,
-                            "micro_step": batch["micro_step"],
-                            "keys": batch["key"],
-                        }
+        with shielded_workers(loader) as iterator:  # its workers ignore the signals this process acts on
+            for batch in iterator:
+                bad.add(batch)
+                self.telemetry.add_batch(batch)
+                if record is not None:
+                    record.write(
+                        json.dumps(
+                            {
+                                "step": batch["micro_step"] // accum + 1,
+                                "micro_step": batch["micro_step"],
+                                "keys": batch["key"],
+                            }
+                        )
+                        + "\n"
                     )
-                    + "\n"
-                )
-                record.flush()
-            yield batch
+                    record.flush()
+                yield batch
 
     def _save(self, step: int, samples: int, run_id: str | None, final: bool = False) -> None:
         """Collective. A checkpoint at `step`: in the background, unless `final` (the last one, or
@@ -434,7 +434,14 @@ class Trainer:
 
 
 def train(cfg: DictConfig, task: Task | None = None) -> dict[str, Any]:
+    """Run `cfg` in this job process: train, then leave the process group (a requeue's exit
+    included) with the process bounded in how long it may take to end."""
+    ended = False
     try:
-        return Trainer(cfg, task).fit()
-    finally:  # a requeue's exit included
-        leave_distributed()
+        result = Trainer(cfg, task).fit()
+        ended = True
+        return result
+    finally:
+        if submitit_environment() is not None:  # a job's process: nothing runs in it after this
+            exit_deadline.arm()
+        leave_distributed(together=ended)
