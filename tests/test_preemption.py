@@ -6,13 +6,17 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from conftest import REPO
 from pemt.train.preemption import StopRequest, shielded_workers
 
 
@@ -112,3 +116,37 @@ def test_a_data_worker_busy_past_the_shutdown_is_killed() -> None:
         assert [int(next(batches)) for _ in range(2)] == [0, 1]
         [worker] = batches._workers
     assert not worker.is_alive()
+
+
+LOADER_IN_USE_AT_EXIT = """
+import itertools, sys, time, torch
+from torch.utils.data import DataLoader, IterableDataset
+from pemt.train.preemption import shielded_workers
+
+class Stalls(IterableDataset):
+    def __iter__(self):
+        for i in itertools.count():
+            time.sleep(0.05 if i < 2 else 3600)
+            yield torch.tensor(i)
+
+def batches():
+    loader = DataLoader(
+        Stalls(), batch_size=None, num_workers=1, multiprocessing_context="forkserver", persistent_workers=True
+    )
+    with shielded_workers(loader) as iterator:
+        yield from iterator
+
+if __name__ == "__main__":
+    in_use = batches()
+    print(int(next(in_use)), int(next(in_use)), flush=True)
+    sys.exit(0)  # as a requeue ends a rank: the loader is still referenced
+"""
+
+
+def test_a_loader_still_in_use_at_the_exit_does_not_hold_it(tmp_path: Path) -> None:
+    script = tmp_path / "in_use.py"
+    script.write_text(LOADER_IN_USE_AT_EXIT)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "0 1\n", done.stderr[-3000:]
+    assert "killed" in done.stderr, "the stalled worker was killed, not waited for"

@@ -14,6 +14,7 @@ Slurm delivers signals to every process of a job step, data workers included: th
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import multiprocessing
@@ -21,6 +22,7 @@ import os
 import signal
 import sys
 import time
+import weakref
 from collections.abc import Iterator
 from types import FrameType
 from typing import Any
@@ -82,18 +84,36 @@ def shielded_workers(loader: DataLoader[Any]) -> Iterator[Iterator[Any]]:
     loader.worker_init_fn = ignore_stop_signals
     with shielded():
         iterator = iter(loader)
+    _LIVE.add(iterator)
     try:
         yield iterator
     finally:
+        _LIVE.discard(iterator)
+        _stop_workers(iterator)
+
+
+# Iterators whose workers are running. A loader still in use when the interpreter exits (after
+# an exception, or a requeue's exit) is stopped here: multiprocessing's exit hook would otherwise
+# SIGTERM its workers (ignored) and wait for them. Registered after torch and multiprocessing
+# registered theirs (they are imported above), so it runs before them.
+_LIVE: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_live_workers() -> None:
+    for iterator in list(_LIVE):
         _stop_workers(iterator)
 
 
 def _stop_workers(iterator: Any) -> None:
     iterator._shutdown_workers()  # noqa: SLF001 - torch's own shutdown, as its finaliser calls it
-    # Still registered: torch skipped its shutdown (the interpreter is exiting) and would report
-    # a killed worker as a failure; the process's exit deadline covers that case.
     if getattr(iterator, "_worker_pids_set", False):
-        return
+        # torch skipped its shutdown (the interpreter is exiting): unregister the workers as it
+        # would have, or torch reports the one killed below as a failed worker.
+        from torch._C import _remove_worker_pids
+
+        _remove_worker_pids(id(iterator))
+        iterator._worker_pids_set = False  # noqa: SLF001
     for worker in getattr(iterator, "_workers", []):
         if worker.is_alive():
             log.warning("data worker %d still busy after the loader's shutdown: killed", worker.pid)
