@@ -1,5 +1,5 @@
 """Signals are only recorded; the preemption signal wins over TERM and Ctrl-C; the hand-over calls
-submitit's handler only for it; data workers ignore them all."""
+submitit's handler only for it; data workers ignore them all and end with their training process."""
 
 from __future__ import annotations
 
@@ -118,35 +118,58 @@ def test_a_data_worker_busy_past_the_shutdown_is_killed() -> None:
     assert not worker.is_alive()
 
 
-LOADER_IN_USE_AT_EXIT = """
-import itertools, sys, time, torch
-from torch.utils.data import DataLoader, IterableDataset
+ENDING_WITH_A_LOADER_IN_USE = """
+import os, signal, sys
 from pemt.train.preemption import shielded_workers
-
-class Stalls(IterableDataset):
-    def __iter__(self):
-        for i in itertools.count():
-            time.sleep(0.05 if i < 2 else 3600)
-            yield torch.tensor(i)
+from test_preemption import _Counting, _loader
 
 def batches():
-    loader = DataLoader(
-        Stalls(), batch_size=None, num_workers=1, multiprocessing_context="forkserver", persistent_workers=True
-    )
-    with shielded_workers(loader) as iterator:
+    with shielded_workers(_loader(_Counting(stall_at=2))) as iterator:
+        print(iterator._workers[0].pid, flush=True)
         yield from iterator
 
 if __name__ == "__main__":
     in_use = batches()
-    print(int(next(in_use)), int(next(in_use)), flush=True)
-    sys.exit(0)  # as a requeue ends a rank: the loader is still referenced
+    next(in_use), next(in_use)
+    if sys.argv[1] == "exit":
+        sys.exit(0)  # as a requeue ends a rank: the loader is still referenced
+    os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer or a node's cleanup ends one
 """
 
 
-def test_a_loader_still_in_use_at_the_exit_does_not_hold_it(tmp_path: Path) -> None:
+def _end_with_a_loader_in_use(tmp_path: Path, how: str) -> tuple[subprocess.CompletedProcess, int]:
     script = tmp_path / "in_use.py"
-    script.write_text(LOADER_IN_USE_AT_EXIT)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout == "0 1\n", done.stderr[-3000:]
+    script.write_text(ENDING_WITH_A_LOADER_IN_USE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    # Output to files, not pipes: a worker left running would hold a pipe open past the test.
+    with open(tmp_path / "out", "w+") as out, open(tmp_path / "err", "w+") as err:
+        done = subprocess.run([sys.executable, str(script), how], env=env, stdout=out, stderr=err, timeout=120)
+    done.stdout, done.stderr = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
+    return done, int(done.stdout.split()[0])
+
+
+def _gone(pid: int, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    return False
+
+
+def test_a_loader_still_in_use_at_the_exit_does_not_hold_it(tmp_path: Path) -> None:
+    done, worker = _end_with_a_loader_in_use(tmp_path, "exit")
+    assert done.returncode == 0, done.stderr[-3000:]
     assert "killed" in done.stderr, "the stalled worker was killed, not waited for"
+    assert _gone(worker, within_s=1)
+
+
+def test_data_workers_end_with_a_killed_training_process(tmp_path: Path) -> None:
+    """A forkserver worker's parent is the forkserver, which the worker itself keeps alive: with
+    no watch on the training process, a SIGKILLed rank leaves its workers running for good."""
+    done, worker = _end_with_a_loader_in_use(tmp_path, "kill")
+    assert done.returncode == -signal.SIGKILL
+    assert _gone(worker, within_s=10), f"data worker {worker} outlived its training process"

@@ -9,21 +9,25 @@ checkpoint path under hydra-submitit-launcher). After SIGTERM or SIGINT the job 
 requeueing itself: the scheduler requeues or ends it, or the user resumes it.
 
 Slurm delivers signals to every process of a job step, data workers included: they ignore them
-(`shielded_workers`), so only the training process decides what a signal means.
+(`shielded_workers`), so only the training process decides what a signal means, and they end
+with it, however it ends.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import sys
+import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -67,21 +71,69 @@ def shielded() -> Iterator[None]:
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """A DataLoader's worker_init_fn. A torch data worker installs its own SIGTERM handler as it
-    starts (one that ends it), over the ignore it inherited: this puts the ignore back."""
+    """A torch data worker installs its own SIGTERM handler as it starts (one that ends it), over
+    the ignore it inherited: this puts the ignore back."""
     for signum in stop_signals():
         signal.signal(signum, signal.SIG_IGN)
 
 
+def exit_with(pid: int) -> None:
+    """End this process as soon as process `pid` has ended, however it ended. A forkserver data
+    worker's parent is the forkserver, which a SIGKILLed training process leaves running (its
+    workers hold it open), so torch's watch on the parent never fires: the worker watches the
+    training process itself."""
+    try:
+        handle = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(0)
+    except (AttributeError, OSError):  # no pidfd (not Linux, or a kernel before 5.3): poll
+        handle = None
+
+    def wait() -> None:
+        if handle is not None:
+            select.select([handle], [], [])
+        else:
+            while _alive(pid):
+                time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=wait, name=f"exit-with-{pid}", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSetup:
+    """A DataLoader's worker_init_fn: the worker ignores the stop signals and ends with the
+    training process, then runs the loader's own worker_init_fn, if any."""
+
+    training_pid: int
+    then: Callable[[int], None] | None = None
+
+    def __call__(self, worker_id: int) -> None:
+        ignore_stop_signals()
+        exit_with(self.training_pid)
+        if self.then is not None:
+            self.then(worker_id)
+
+
 @contextlib.contextmanager
 def shielded_workers(loader: DataLoader[Any]) -> Iterator[Iterator[Any]]:
-    """`loader`'s iterator, its worker processes deaf to the stop signals. On leaving, the workers
-    are shut down; one still busy after torch's grace (a slow read, a long video) is killed, since
-    the SIGTERM torch ends it with is ignored: no worker is left for the exit to wait on."""
+    """`loader`'s iterator, its worker processes deaf to the stop signals and ending with this
+    process. On leaving, the workers are shut down; one still busy after torch's grace (a slow
+    read, a long video) is killed, since the SIGTERM torch ends it with is ignored: no worker is
+    left for the exit to wait on."""
     if not loader.num_workers:
         yield iter(loader)
         return
-    loader.worker_init_fn = ignore_stop_signals
+    if not isinstance(loader.worker_init_fn, WorkerSetup):
+        loader.worker_init_fn = WorkerSetup(os.getpid(), loader.worker_init_fn)
     with shielded():
         iterator = iter(loader)
     _LIVE.add(iterator)
