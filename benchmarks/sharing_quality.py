@@ -3,6 +3,8 @@ audio-visual synchrony solves.
 
     python benchmarks/sharing_quality.py                 # the table: ~2 h of 2 cores; continues where it stopped
     python benchmarks/sharing_quality.py --quick         # a smoke run of the whole path (minutes)
+    python benchmarks/sharing_quality.py --rows supervised --variants none --seeds 0 \
+        --videos 8192 --steps 1800 --eval-every 300      # the ceiling alone, with its held-out curve
 
 Data: `data.synthetic.task=rhythm` (`--task`; 32 classes: which of 4 shapes blinks in time with
 which of 8 tones, beside a decoy shape and a decoy tone beating at tempi of their own, over moving
@@ -18,10 +20,11 @@ Probe: the frozen model's features of every video (the multimodal transformer's 
 mean visual and audio outputs, concatenated) are computed once per model; a multinomial logistic
 regression (L-BFGS, weight decay) is fit on the features of k videos per class (k = 2, 4, 8; three
 draws each, averaged) and of all training videos, and scored on a fixed held-out set. Random
-initialisations of each shape give the floor; `--supervised` adds the ceiling: each variant trained on the
-labels end to end with the same budget (launch/finetune.py, `task.name=long_av`) and scored on the same
-held-out set. Each pretraining run and each probe is cached in
-`<root>/rows.json`, so an interrupted build continues where it stopped.
+initialisations of each shape give the floor; `--rows ... supervised` adds the ceiling: each variant
+trained on the labels end to end with the same budget (launch/finetune.py, `task.name=long_av`) and
+scored on the same held-out set (`--eval-every N`: also every N steps, the row's curve). Each
+pretraining run, probe and supervised run is cached in `<root>/rows.json`, so an interrupted build
+continues where it stopped.
 Writes benchmarks/results/sharing_quality.{md,png}.
 """
 
@@ -38,6 +41,22 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from sharing_quality_table import (  # noqa: E402
+    LOSSES,
+    PRETRAINED,
+    RANDOM,
+    SHOTS,
+    SUPERVISED,
+    cached_rows,
+    output_name,
+    plot,
+    render,
+    row_key,
+    save_rows,
+)
+
 RUN_LINE = re.compile(r"pemt: run at step (\d+) in (.+) \(MLflow run (\w+)\)")
 FACTORIZED = "[layer,cross,factorized]"
 # name: overrides (each also pretrained from scratch with the same budget)
@@ -75,9 +94,6 @@ VARIANTS = {
     ],
 }
 RANDOM_OF = ["none", "layer", "layer+cross", "factorized r64"]  # random initialisations probed as floors
-SHOTS = (2, 4, 8)
-PRETRAINED, RANDOM, SUPERVISED = "pretrained", "random", "supervised"  # the kinds of row
-LOSSES = ("loss_mep_visual", "loss_mep_audio", "loss_pair")  # chance: ln 17 (16 negatives), ln 17, ln 2
 
 
 def model_overrides(args: argparse.Namespace) -> list[str]:
@@ -134,6 +150,7 @@ def supervised_overrides(args: argparse.Namespace, root: Path, variant: str, see
         "eval.seed=1",  # the probes' held-out videos (videos_of(..., seed=1))
         f"eval.synthetic_videos={args.test_videos}",
         "eval.batch_size=32",
+        *([f"eval.every={args.eval_every}"] if args.eval_every else []),
     ]
 
 
@@ -149,14 +166,15 @@ def launch(overrides: list[str], entry: str = "pretrain.py") -> tuple[Path, str,
     return Path(found.group(2)), found.group(3), time.perf_counter() - started
 
 
-def supervised_top1(run_dir: Path) -> float:
-    """Held-out top-1 (%) of a fine-tuning run: its last evaluation (launch/finetune.py's eval.jsonl)."""
+def supervised_top1(run_dir: Path) -> dict[int, float]:
+    """Held-out top-1 (%) of a fine-tuning run at each evaluation (launch/finetune.py's eval.jsonl),
+    in step order; the last one is the row's."""
     from pemt.downstream.task import EVAL_LOG
 
     records = [json.loads(line) for line in (run_dir / EVAL_LOG).read_text().splitlines() if line.strip()]
     if not records or records[-1].get("test_bad_samples"):
         raise SystemExit(f"{run_dir / EVAL_LOG}: no clean final evaluation ({records[-1:] or 'empty'})")
-    return float(records[-1]["test_top1"])
+    return {int(r["step"]): float(r["test_top1"]) for r in records if not r.get("test_bad_samples")}
 
 
 def final_losses(root: Path, run_id: str) -> dict[str, float]:
@@ -341,9 +359,15 @@ def main(argv: list[str] | None = None) -> int:
         help="a config override for every variant (repeatable), e.g. loss.contrastive_weight=1.0",
     )
     parser.add_argument(
-        "--supervised",
-        action="store_true",
-        help="also train each variant on the labels (same budget) and score it on the held-out set: the ceiling",
+        "--rows",
+        nargs="+",
+        default=[PRETRAINED, RANDOM],
+        choices=[PRETRAINED, RANDOM, SUPERVISED],
+        help="which rows: pretrained and probed; a random initialisation probed (the floor); trained on the "
+        "labels with the same budget and scored on the held-out set (the ceiling)",
+    )
+    parser.add_argument(
+        "--eval-every", type=int, default=0, help="supervised rows: also score the held-out set every N steps"
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 variant, 1 seed, few steps and videos")
     parser.add_argument("--out", type=Path, default=HERE / "results")
@@ -360,10 +384,9 @@ def main(argv: list[str] | None = None) -> int:
         settings["overrides"] = args.overrides
     done_file = root / "rows.json"
     rows = cached_rows(done_file, settings)
-    wanted = [(v, s, PRETRAINED) for v in args.variants for s in args.seeds]
-    wanted += [(v, s, RANDOM) for v in RANDOM_OF if v in args.variants for s in args.seeds]
-    if args.supervised:
-        wanted += [(v, s, SUPERVISED) for v in args.variants for s in args.seeds]
+    wanted = [(v, s, PRETRAINED) for v in args.variants for s in args.seeds if PRETRAINED in args.rows]
+    wanted += [(v, s, RANDOM) for v in RANDOM_OF if v in args.variants for s in args.seeds if RANDOM in args.rows]
+    wanted += [(v, s, SUPERVISED) for v in args.variants for s in args.seeds if SUPERVISED in args.rows]
     todo = [w for w in wanted if not any(row_key(r) == w for r in rows)]
     for variant, seed, kind in tqdm(todo, desc="pretraining runs and probes"):
         row = {"variant": variant, "seed": seed, "random": kind == RANDOM, "settings": settings, "pretrain_s": 0.0}
@@ -372,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
             run_dir, row["run_id"], row["pretrain_s"] = launch(
                 supervised_overrides(args, root, variant, seed), "finetune.py"
             )
-            row["probe"] = {"full": supervised_top1(run_dir)}
+            row["held_out_by_step"] = supervised_top1(run_dir)
+            row["probe"] = {"full": list(row["held_out_by_step"].values())[-1]}
         else:
             run_dir = None
             if kind == PRETRAINED:
@@ -391,110 +415,6 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{name}.md").write_text(table)
     plot(rows, args, params, args.out / f"{name}.png")
     return 0
-
-
-def row_kind(row: dict) -> str:
-    return SUPERVISED if row.get("supervised") else RANDOM if row["random"] else PRETRAINED
-
-
-def row_key(row: dict) -> tuple[str, int, str]:
-    return row["variant"], row["seed"], row_kind(row)
-
-
-def cached_rows(done_file: Path, settings: dict) -> list[dict]:
-    """The cached rows of these settings (probes from before the spread was measured are probed again)."""
-    cached = json.loads(done_file.read_text()) if done_file.exists() else []
-    return [r for r in cached if r["settings"] == settings and ("spread" in r["probe"] or r.get("supervised"))]
-
-
-def save_rows(done_file: Path, settings: dict, rows: list[dict]) -> None:
-    """This table's rows, beside the cached rows of other settings."""
-    kept = [r for r in (json.loads(done_file.read_text()) if done_file.exists() else []) if r["settings"] != settings]
-    done_file.write_text(json.dumps(kept + rows, indent=1))
-
-
-def output_name(args: argparse.Namespace) -> str:
-    """sharing_quality[_<task>][_<key>-<value> ...][_quick]: the last part of each override's key."""
-    parts = ["sharing_quality", *([args.task] if args.task != "rhythm" else [])]
-    for override in args.overrides:
-        key, _, value = override.partition("=")
-        part = f"{key.rsplit('.', 1)[-1]}-{value}"
-        if part not in parts:  # the visual and the audio CNN's `out_norm` name the file once
-            parts.append(part)
-    return "_".join(parts + (["quick"] if args.quick else []))
-
-
-def _stats(values: list[float]) -> str:
-    if not values:
-        return "-"
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} ± {spread:.1f}"
-
-
-def render(rows: list[dict], args: argparse.Namespace, params: dict[str, int]) -> str:
-    columns = ["full", *(f"{k}-shot" for k in SHOTS)]
-    lines = [
-        f"# Sharing quality on the {args.task} task"
-        + (f", every variant with {', '.join(f'`{o}`' for o in args.overrides)}" if args.overrides else "")
-        + "\n",
-        f"{args.steps} pretraining steps x batch {args.batch}, {args.videos} videos (32 classes), held-out "
-        f"{args.test_videos}; transformers hidden {args.hidden}, {args.layers} layers; seeds "
-        f"{', '.join(map(str, args.seeds))}; probe top-1 % (mean ± sd over seeds; chance 3.1%)\n",
-        "| variant | transformer params | vs none | " + " | ".join(columns) + " | fused BOS spread | final MEP "
-        "visual / audio, pair loss | pretrain min |",
-        "|---|---:|---:|" + "---:|" * len(columns) + "---:|---:|---:|",
-    ]
-    none = params.get("none")
-    names = {RANDOM: "random init, {}", PRETRAINED: "{}", SUPERVISED: "supervised, {} (held-out top-1)"}
-    for kind, name in names.items():
-        for variant in args.variants:
-            mine = [r for r in rows if r["variant"] == variant and row_kind(r) == kind]
-            if not mine:
-                continue
-            ratio = f"{params[variant] / none:.2f}" if none else "-"
-            cells = [_stats([r["probe"][c] for r in mine if c in r["probe"]]) for c in columns]
-            spreads = [r["probe"]["spread"]["fused BOS"] for r in mine if "spread" in r["probe"]]
-            cells.append(f"{statistics.mean(spreads):.3f}" if spreads else "-")
-            losses = [r["losses"] for r in mine if r.get("losses")]
-            cells.append(" / ".join(f"{statistics.mean(x[k] for x in losses):.2f}" for k in LOSSES) if losses else "-")
-            minutes = statistics.mean(r["pretrain_s"] for r in mine) / 60
-            lines.append(
-                f"| {name.format(variant)} | {params[variant] / 1e6:.2f}M | {ratio} | "
-                + " | ".join(cells)
-                + f" | {minutes:.1f} |"
-            )
-    return "\n".join(lines) + "\n"
-
-
-def plot(rows: list[dict], args: argparse.Namespace, params: dict[str, int], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, column in zip(axes, ("8-shot", "full")):
-        for kind, marker in ((PRETRAINED, "o"), (RANDOM, "x"), (SUPERVISED, "^")):
-            for variant in args.variants:
-                mine = [
-                    r["probe"][column]
-                    for r in rows
-                    if r["variant"] == variant and row_kind(r) == kind and column in r["probe"]
-                ]
-                if mine:
-                    ax.errorbar(
-                        params[variant] / 1e6,
-                        statistics.mean(mine),
-                        yerr=statistics.stdev(mine) if len(mine) > 1 else 0,
-                        marker=marker,
-                        capsize=3,
-                        label=f"{'' if kind == PRETRAINED else kind + ' '}{variant}",
-                    )
-        ax.set(xscale="log", xlabel="transformer parameters (M)", ylabel=f"{column} probe top-1 (%)", title=column)
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def _benchmark(name: str):
 
 
 def test_sharing_quality_supervised_ceiling_trains_the_same_model_on_the_probes_data(tmp_path: Path) -> None:
-    """`--supervised` rows: launch/finetune.py's config from the benchmark's overrides validates and
+    """Supervised rows (`--rows supervised`): launch/finetune.py's config from the benchmark's overrides validates and
     trains the pretraining run's model, data and budget, and scores the probes' held-out videos; the
     row takes the last clean evaluation, refuses one with undecodable samples, and renders with only
     the held-out column filled."""
@@ -68,7 +68,15 @@ def test_sharing_quality_supervised_ceiling_trains_the_same_model_on_the_probes_
 
     bench = _benchmark("sharing_quality")
     args = argparse.Namespace(
-        task="rhythm", steps=300, batch=32, videos=1024, test_videos=256, hidden=256, layers=4, overrides=[]
+        task="rhythm",
+        steps=300,
+        batch=32,
+        videos=1024,
+        test_videos=256,
+        hidden=256,
+        layers=4,
+        overrides=[],
+        eval_every=0,
     )
     variant = "factorized r64"
     supervised = compose_config("finetune", bench.supervised_overrides(args, tmp_path, variant, 2))
@@ -89,7 +97,9 @@ def test_sharing_quality_supervised_ceiling_trains_the_same_model_on_the_probes_
         {"step": 300, "test_top1": 41.5, "test_bad_samples": 0},
     ]
     (run_dir / EVAL_LOG).write_text("".join(json.dumps(e) + "\n" for e in evals))
-    assert bench.supervised_top1(run_dir) == 41.5
+    assert bench.supervised_top1(run_dir) == {150: 20.0, 300: 41.5}
+    args.eval_every = 150
+    assert "eval.every=150" in bench.supervised_overrides(args, tmp_path, variant, 2)
     (run_dir / EVAL_LOG).write_text(json.dumps({"step": 300, "test_top1": 41.5, "test_bad_samples": 3}) + "\n")
     with pytest.raises(SystemExit, match=EVAL_LOG):
         bench.supervised_top1(run_dir)
@@ -98,13 +108,14 @@ def test_sharing_quality_supervised_ceiling_trains_the_same_model_on_the_probes_
     settings = {"task": "rhythm", "steps": 300}
     rows = [
         {"variant": variant, "seed": seed, "random": False, "supervised": True, "settings": settings}
-        | {"probe": {"full": top1}, "pretrain_s": 60}
+        | {"probe": {"full": top1}, "pretrain_s": 60, "held_out_by_step": {"150": 20.0, "300": top1}}
         for seed, top1 in ((0, 40.0), (1, 44.0))
     ]
     bench.save_rows(tmp_path / "rows.json", settings, [*rows, {**rows[0], "supervised": False, "probe": {"full": 9.0}}])
     assert bench.cached_rows(tmp_path / "rows.json", settings) == rows, "kept, not run again; the old probe is"
     table = bench.render(rows, args, {variant: 550_000})
     assert "| supervised, factorized r64 (held-out top-1) | 0.55M | - | 42.0 ± 2.8 | - | - | - | - | - | 1.0 |" in table
+    assert "- factorized r64, seed 1: 150: 20.0, 300: 44.0" in table, "the held-out curve, in step order"
 
 
 def test_pair_objective_quick_writes_every_row_and_out_norm_spreads_the_clips(tmp_path: Path) -> None:

@@ -1,0 +1,124 @@
+"""The sharing study's rows (each a pretraining run and its probes, a random initialisation's
+probes, or a supervised run), their cache, and the table and plot they make
+(benchmarks/sharing_quality.py runs them)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+SHOTS = (2, 4, 8)
+PRETRAINED, RANDOM, SUPERVISED = "pretrained", "random", "supervised"  # the kinds of row
+LOSSES = ("loss_mep_visual", "loss_mep_audio", "loss_pair")  # chance: ln 17 (16 negatives), ln 17, ln 2
+
+
+def row_kind(row: dict) -> str:
+    return SUPERVISED if row.get("supervised") else RANDOM if row["random"] else PRETRAINED
+
+
+def row_key(row: dict) -> tuple[str, int, str]:
+    return row["variant"], row["seed"], row_kind(row)
+
+
+def cached_rows(done_file: Path, settings: dict) -> list[dict]:
+    """The cached rows of these settings (probes from before the spread was measured are probed again)."""
+    cached = json.loads(done_file.read_text()) if done_file.exists() else []
+    return [r for r in cached if r["settings"] == settings and ("spread" in r["probe"] or r.get("supervised"))]
+
+
+def save_rows(done_file: Path, settings: dict, rows: list[dict]) -> None:
+    """This table's rows, beside the cached rows of other settings."""
+    kept = [r for r in (json.loads(done_file.read_text()) if done_file.exists() else []) if r["settings"] != settings]
+    done_file.write_text(json.dumps(kept + rows, indent=1))
+
+
+def output_name(args: argparse.Namespace) -> str:
+    """sharing_quality[_<task>][_<key>-<value> ...][_quick]: the last part of each override's key."""
+    parts = ["sharing_quality", *([args.task] if args.task != "rhythm" else [])]
+    for override in args.overrides:
+        key, _, value = override.partition("=")
+        part = f"{key.rsplit('.', 1)[-1]}-{value}"
+        if part not in parts:  # the visual and the audio CNN's `out_norm` name the file once
+            parts.append(part)
+    return "_".join(parts + (["quick"] if args.quick else []))
+
+
+def _stats(values: list[float]) -> str:
+    if not values:
+        return "-"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {spread:.1f}"
+
+
+def render(rows: list[dict], args: argparse.Namespace, params: dict[str, int]) -> str:
+    columns = ["full", *(f"{k}-shot" for k in SHOTS)]
+    lines = [
+        f"# Sharing quality on the {args.task} task"
+        + (f", every variant with {', '.join(f'`{o}`' for o in args.overrides)}" if args.overrides else "")
+        + "\n",
+        f"{args.steps} pretraining steps x batch {args.batch}, {args.videos} videos (32 classes), held-out "
+        f"{args.test_videos}; transformers hidden {args.hidden}, {args.layers} layers; seeds "
+        f"{', '.join(map(str, args.seeds))}; probe top-1 % (mean ± sd over seeds; chance 3.1%)\n",
+        "| variant | transformer params | vs none | " + " | ".join(columns) + " | fused BOS spread | final MEP "
+        "visual / audio, pair loss | pretrain min |",
+        "|---|---:|---:|" + "---:|" * len(columns) + "---:|---:|---:|",
+    ]
+    none = params.get("none")
+    names = {RANDOM: "random init, {}", PRETRAINED: "{}", SUPERVISED: "supervised, {} (held-out top-1)"}
+    for kind, name in names.items():
+        for variant in args.variants:
+            mine = [r for r in rows if r["variant"] == variant and row_kind(r) == kind]
+            if not mine:
+                continue
+            ratio = f"{params[variant] / none:.2f}" if none else "-"
+            cells = [_stats([r["probe"][c] for r in mine if c in r["probe"]]) for c in columns]
+            spreads = [r["probe"]["spread"]["fused BOS"] for r in mine if "spread" in r["probe"]]
+            cells.append(f"{statistics.mean(spreads):.3f}" if spreads else "-")
+            losses = [r["losses"] for r in mine if r.get("losses")]
+            cells.append(" / ".join(f"{statistics.mean(x[k] for x in losses):.2f}" for k in LOSSES) if losses else "-")
+            minutes = statistics.mean(r["pretrain_s"] for r in mine) / 60
+            lines.append(
+                f"| {name.format(variant)} | {params[variant] / 1e6:.2f}M | {ratio} | "
+                + " | ".join(cells)
+                + f" | {minutes:.1f} |"
+            )
+    curves = [r for r in rows if len(r.get("held_out_by_step", {})) > 1 and r["variant"] in args.variants]
+    if curves:
+        lines.append("\nHeld-out top-1 % of the supervised runs at each evaluation (step: top-1):\n")
+    for row in sorted(curves, key=row_key):
+        points = sorted((int(step), top1) for step, top1 in row["held_out_by_step"].items())
+        lines.append(f"- {row['variant']}, seed {row['seed']}: " + ", ".join(f"{s}: {t:.1f}" for s, t in points))
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], args: argparse.Namespace, params: dict[str, int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, column in zip(axes, ("8-shot", "full")):
+        for kind, marker in ((PRETRAINED, "o"), (RANDOM, "x"), (SUPERVISED, "^")):
+            for variant in args.variants:
+                mine = [
+                    r["probe"][column]
+                    for r in rows
+                    if r["variant"] == variant and row_kind(r) == kind and column in r["probe"]
+                ]
+                if mine:
+                    ax.errorbar(
+                        params[variant] / 1e6,
+                        statistics.mean(mine),
+                        yerr=statistics.stdev(mine) if len(mine) > 1 else 0,
+                        marker=marker,
+                        capsize=3,
+                        label=f"{'' if kind == PRETRAINED else kind + ' '}{variant}",
+                    )
+        ax.set(xscale="log", xlabel="transformer parameters (M)", ylabel=f"{column} probe top-1 (%)", title=column)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
