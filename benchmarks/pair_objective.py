@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
     args.task, args.overrides, args.batch, args.videos = "classes", [], 32, 256
-    args.hidden, args.layers = 256, 4
+    args.hidden, args.layers, args.clips = 256, 4, 8
     if args.quick:
         args.steps, args.batch, args.videos, args.hidden, args.layers = 3, 8, 16, 64, 2
     import torch

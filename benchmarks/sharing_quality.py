@@ -93,6 +93,7 @@ VARIANTS = {
         "model.factorized.normalize=unit",
     ],
 }
+FRAMES = 32  # frames per video (4 s at 8 fps), cut into --clips clips
 RANDOM_OF = ["none", "layer", "layer+cross", "factorized r64"]  # random initialisations probed as floors
 
 
@@ -115,8 +116,9 @@ def data_overrides(args: argparse.Namespace, videos: int, seed: int) -> list[str
         "data.synthetic.seconds=4.0",
         f"data.synthetic.videos_per_shard={max(1, videos // 32)}",
         f"data.synthetic.seed={seed}",
-        "data.clips=8",
-        "data.frames_per_clip=4",
+        # The whole 4 s at 8 fps (32 frames), cut into `clips` tokens per modality.
+        f"data.clips={args.clips}",
+        f"data.frames_per_clip={FRAMES // args.clips}",
         "data.fps=8",
     ]
 
@@ -196,7 +198,7 @@ def videos_of(args: argparse.Namespace, root: Path, videos: int, seed: int) -> d
     """Decoded clips and labels of a synthetic set (decoded once, cached as tensors)."""
     import torch
 
-    cache = root / f"decoded-{args.task}-{videos}-{seed}.pt"
+    cache = root / f"decoded-{args.task}-{videos}-{seed}{'' if args.clips == 8 else f'-{args.clips}clips'}.pt"
     if cache.exists():
         return torch.load(cache, weights_only=True)
     from pemt.data.loader import clip_spec, decode_sample
@@ -346,6 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--videos", type=int, default=1024, help="pretraining (and probe training) videos")
     parser.add_argument("--test-videos", type=int, default=256, help="held-out videos (one video < 0.5 point)")
+    parser.add_argument(
+        "--clips",
+        type=int,
+        default=8,
+        choices=[8, 16, 32],
+        help="clips (tokens per modality) per 4 s video: each token pools 4 s / clips of time",
+    )
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -380,8 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     root = args.root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("task", "steps", "batch", "videos", "test_videos", "hidden", "layers")}
-    if args.overrides:  # only when given, so rows cached before the option existed still match
+    # Only when given, so rows cached before these options existed still match.
+    if args.overrides:
         settings["overrides"] = args.overrides
+    if args.clips != 8:
+        settings["clips"] = args.clips
     done_file = root / "rows.json"
     rows = cached_rows(done_file, settings)
     wanted = [(v, s, PRETRAINED) for v in args.variants for s in args.seeds if PRETRAINED in args.rows]

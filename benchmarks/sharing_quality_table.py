@@ -35,8 +35,10 @@ def save_rows(done_file: Path, settings: dict, rows: list[dict]) -> None:
 
 
 def output_name(args: argparse.Namespace) -> str:
-    """sharing_quality[_<task>][_<key>-<value> ...][_quick]: the last part of each override's key."""
+    """sharing_quality[_<task>][_clips-<n>][_<key>-<value> ...][_quick]: the last part of each
+    override's key."""
     parts = ["sharing_quality", *([args.task] if args.task != "rhythm" else [])]
+    parts += [f"clips-{args.clips}"] if args.clips != 8 else []
     for override in args.overrides:
         key, _, value = override.partition("=")
         part = f"{key.rsplit('.', 1)[-1]}-{value}"
@@ -59,7 +61,8 @@ def render(rows: list[dict], args: argparse.Namespace, params: dict[str, int]) -
         + (f", every variant with {', '.join(f'`{o}`' for o in args.overrides)}" if args.overrides else "")
         + "\n",
         f"{args.steps} pretraining steps x batch {args.batch}, {args.videos} videos (32 classes), held-out "
-        f"{args.test_videos}; transformers hidden {args.hidden}, {args.layers} layers; seeds "
+        f"{args.test_videos}; {args.clips} clips (tokens per modality) per video; transformers hidden "
+        f"{args.hidden}, {args.layers} layers; seeds "
         f"{', '.join(map(str, args.seeds))}; probe top-1 % (mean ± sd over seeds; chance 3.1%)\n",
         "| variant | transformer params | vs none | " + " | ".join(columns) + " | fused BOS spread | final MEP "
         "visual / audio, pair loss | pretrain min |",

@@ -77,6 +77,7 @@ def test_sharing_quality_supervised_ceiling_trains_the_same_model_on_the_probes_
         layers=4,
         overrides=[],
         eval_every=0,
+        clips=8,
     )
     variant = "factorized r64"
     supervised = compose_config("finetune", bench.supervised_overrides(args, tmp_path, variant, 2))
