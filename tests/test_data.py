@@ -125,7 +125,7 @@ def test_the_rhythm_task_binds_the_class_pair_by_its_beat_alone() -> None:
     (shape, tone) pairings exactly one keeps time together, and it is the class's."""
     import numpy as np
 
-    from pemt.data.synthetic import _SHAPES, _SYNC_PITCHES, _shape_mask
+    from pemt.data.synthetic import _SHAPES, _SYNC_PITCHES, _shape_mask, draw_rhythm, rhythm_rng
 
     spec = SyntheticSpec(videos=64, classes=32, seconds=4.0, task="rhythm")
     assert len({render(spec, i)[2]["label"] for i in range(64)}) > 20, "labels spread over the 32 classes"
@@ -158,3 +158,12 @@ def test_the_rhythm_task_binds_the_class_pair_by_its_beat_alone() -> None:
         drawn = regions[corner][lit[corner]].mean(0) > 160  # the pixels that light up
         assert (drawn == _shape_mask(meta["shape"], side)).mean() > 0.9, "the pair's shape is the class's"
         assert meta["label"] == _SHAPES.index(meta["shape"]) + len(_SHAPES) * _SYNC_PITCHES.index(pitch)
+        # The draws alone (what benchmarks/rhythm_resolution.py reads) say the class and when it beats.
+        draw = draw_rhythm(rhythm_rng(spec, index), spec.classes)
+        assert (draw.label, draw.tempi[0], list(draw.tempi[1:])) == (
+            meta["label"],
+            meta["tempo_hz"],
+            meta["decoy_tempi_hz"],
+        )
+        frame_times = np.arange(len(frames)) / spec.source_fps
+        assert (draw.lit(0, frame_times) == lit[corner]).mean() > 0.9

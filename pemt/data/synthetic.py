@@ -204,13 +204,26 @@ def render_sync(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarray
     return frames, audio, meta
 
 
-def render_rhythm(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """The `rhythm` task: class = (shape, tone) that beat at one tempo and phase; a decoy shape and a
-    decoy tone beat at tempi of their own, distractors move over noise. As in `sync` only timing
-    binds the pair, but each video repeats it every beat, so the within-modality objectives (what
-    comes next in the rhythm) and the pair objective see it many times a video."""
-    rng = np.random.default_rng([spec.seed, index, 11])
-    label = int(rng.integers(spec.classes))
+@dataclass(frozen=True)
+class RhythmDraw:
+    """What a `rhythm` video is made of: the class's (shape, tone), the decoys, and the tempo (Hz)
+    and phase (of a beat) of the pair, the decoy shape and the decoy tone, in that order."""
+
+    label: int
+    shape: int
+    pitch: int
+    decoy_shape: int
+    decoy_pitch: int
+    tempi: tuple[float, float, float]
+    phases: tuple[float, float, float]
+
+    def lit(self, which: int, t: np.ndarray) -> np.ndarray:
+        """Whether beat `which` (0 the pair, 1 the decoy shape, 2 the decoy tone) is on at times t (s)."""
+        return ((t * self.tempi[which] + self.phases[which]) % 1.0) < 0.5
+
+
+def draw_rhythm(rng: np.random.Generator, classes: int) -> RhythmDraw:
+    label = int(rng.integers(classes))
     shape, pitch = label % len(_SHAPES), label // len(_SHAPES)
     decoy_shape = int(rng.choice([s for s in range(len(_SHAPES)) if s != shape]))
     decoy_pitch = int(rng.choice([p for p in range(len(_SYNC_PITCHES)) if p != pitch]))
@@ -220,16 +233,42 @@ def render_rhythm(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarr
         if min(abs(a - b) for i, a in enumerate(tempi) for b in tempi[i + 1 :]) >= RHYTHM_APART_HZ:
             break
     phases = rng.uniform(0.0, 1.0, size=3)
+    return RhythmDraw(
+        label,
+        shape,
+        pitch,
+        decoy_shape,
+        decoy_pitch,
+        (float(tempi[0]), float(tempi[1]), float(tempi[2])),
+        (float(phases[0]), float(phases[1]), float(phases[2])),
+    )
+
+
+def rhythm_rng(spec: SyntheticSpec, index: int) -> np.random.Generator:
+    """The generator of video `index`: its draw first, then its scene."""
+    return np.random.default_rng([spec.seed, index, 11])
+
+
+def render_rhythm(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The `rhythm` task: class = (shape, tone) that beat at one tempo and phase; a decoy shape and a
+    decoy tone beat at tempi of their own, distractors move over noise. As in `sync` only timing
+    binds the pair, but each video repeats it every beat, so the within-modality objectives (what
+    comes next in the rhythm) and the pair objective see it many times a video."""
+    rng = rhythm_rng(spec, index)
+    draw = draw_rhythm(rng, spec.classes)
 
     def beats(which: int) -> Callable[[np.ndarray], np.ndarray]:
-        return lambda t: ((t * tempi[which] + phases[which]) % 1.0) < 0.5
+        return lambda t: draw.lit(which, t)
 
-    lit, sounding = {shape: beats(0), decoy_shape: beats(1)}, {pitch: beats(0), decoy_pitch: beats(2)}
+    lit = {draw.shape: beats(0), draw.decoy_shape: beats(1)}
+    sounding = {draw.pitch: beats(0), draw.decoy_pitch: beats(2)}
     frames, audio = _scene(spec, rng, lit, sounding)
     meta = {
-        **_meta(spec, index, label, "synthetic-rhythm", shape, pitch, decoy_shape, decoy_pitch),
-        "tempo_hz": float(tempi[0]),
-        "decoy_tempi_hz": [float(tempi[1]), float(tempi[2])],
+        **_meta(
+            spec, index, draw.label, "synthetic-rhythm", draw.shape, draw.pitch, draw.decoy_shape, draw.decoy_pitch
+        ),
+        "tempo_hz": draw.tempi[0],
+        "decoy_tempi_hz": list(draw.tempi[1:]),
     }
     return frames, audio, meta
 
