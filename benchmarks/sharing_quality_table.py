@@ -61,7 +61,7 @@ def render(rows: list[dict], args: argparse.Namespace, params: dict[str, int]) -
         + (f", every variant with {', '.join(f'`{o}`' for o in args.overrides)}" if args.overrides else "")
         + "\n",
         f"{args.steps} pretraining steps x batch {args.batch}, {args.videos} videos (32 classes), held-out "
-        f"{args.test_videos}; {args.clips} clips (tokens per modality) per video; transformers hidden "
+        f"{args.test_videos}; {args.clips} clips per video; transformers hidden "
         f"{args.hidden}, {args.layers} layers; seeds "
         f"{', '.join(map(str, args.seeds))}; probe top-1 % (mean ± sd over seeds; chance 3.1%)\n",
         "| variant | transformer params | vs none | " + " | ".join(columns) + " | fused BOS spread | final MEP "
