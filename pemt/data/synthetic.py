@@ -27,6 +27,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from fractions import Fraction
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -257,11 +258,9 @@ def render_rhythm(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarr
     rng = rhythm_rng(spec, index)
     draw = draw_rhythm(rng, spec.classes)
 
-    def beats(which: int) -> Callable[[np.ndarray], np.ndarray]:
-        return lambda t: draw.lit(which, t)
-
-    lit = {draw.shape: beats(0), draw.decoy_shape: beats(1)}
-    sounding = {draw.pitch: beats(0), draw.decoy_pitch: beats(2)}
+    Beat = Callable[[np.ndarray], np.ndarray]
+    lit: dict[int, Beat] = {draw.shape: partial(draw.lit, 0), draw.decoy_shape: partial(draw.lit, 1)}
+    sounding: dict[int, Beat] = {draw.pitch: partial(draw.lit, 0), draw.decoy_pitch: partial(draw.lit, 2)}
     frames, audio = _scene(spec, rng, lit, sounding)
     meta = {
         **_meta(
