@@ -30,11 +30,11 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-# Test files run side by side (one file per worker: a file's module fixtures, such as the Slurm
-# cluster, start once); a launch waits on processes, the scheduler and servers much of its time.
+# Tests run side by side: a launch waits on processes, the scheduler and servers much of its time.
+# A file marked xdist_group (the Slurm cluster's, fine-tuning's shared run) stays on one worker.
 TEST_WORKERS ?= auto
 test: lint
-	$(PY) -m pytest -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --maxprocesses 4 --dist loadgroup $(PYTEST_ARGS)
 
 clean:
 	rm -rf outputs .cache

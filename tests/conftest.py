@@ -20,6 +20,13 @@ REPO = Path(__file__).resolve().parents[1]
 # DeepSpeed JIT-compiles its communication op once; every test run reuses the project's cache.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Test workers running side by side share the cores, as ranks on one host do: a worker whose
+# torch threads outnumber its share of the cores has them wait on each other at every op.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    import torch
+
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 
 # Small enough for a 2-core machine; 8 shards, one per virtual stream (data.streams=8).
 SMALL_DATA = ["data.synthetic.videos=16", "data.synthetic.videos_per_shard=2", "data.synthetic.seconds=2.0"]

@@ -24,7 +24,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, SMALL_DATA, describe, run_name
 
-pytestmark = pytest.mark.slow
+# One test worker runs them all: the module's cluster listens on fixed ports and starts once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 SCRIPT = REPO / "slurm" / "cluster.sh"
 # Ports of a cluster of the tests' own, so a cluster started by hand keeps running beside it.
 PORTS = {
