@@ -30,11 +30,12 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-# Tests run side by side: a launch waits on processes, the scheduler and servers much of its time.
-# A file marked xdist_group (the Slurm cluster's, fine-tuning's shared run) stays on one worker.
+# Test files run side by side: a launch waits on processes, the scheduler and servers much of its
+# time. One worker runs a whole file, so a module fixture (the Slurm cluster on fixed ports) starts
+# once; files go out in conftest's order, slowest first, so no long file is left to run alone.
 TEST_WORKERS ?= auto
 test: lint
-	$(PY) -m pytest -n $(TEST_WORKERS) --maxprocesses 4 --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 clean:
 	rm -rf outputs .cache

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import wave
+from collections import Counter
 from pathlib import Path
 
 import av
@@ -45,6 +46,16 @@ def single_rank_deepspeed() -> None:
 def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Generated synthetic shards shared by every launch in the session."""
     return tmp_path_factory.mktemp("cache")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with the most end-to-end (`slow`) tests first, each kept whole: test workers take
+    files in this order, and a long file taken last would run alone at the end."""
+    slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
+    first = {}
+    for index, item in enumerate(items):
+        first.setdefault(item.path, index)
+    items.sort(key=lambda item: (-slow[item.path], first[item.path]))
 
 
 def run_pretrain(root: Path, cache: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -18,8 +18,6 @@ from conftest import REPO, describe, make_charades, run_launch, run_name, run_pr
 from pemt.data.adapters import charades, esc50, write_dataset
 from pemt.downstream.evaluate import mean_average_precision, top_k_accuracy
 
-# One test worker runs the file: the pretraining run its tests start from is made once.
-pytestmark = pytest.mark.xdist_group("finetune")
 SHARD_DATA = [
     "data=shards",
     "data.streams=2",

@@ -24,8 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, SMALL_DATA, describe, run_name
 
-# One test worker runs them all: the module's cluster listens on fixed ports and starts once.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+pytestmark = pytest.mark.slow
 SCRIPT = REPO / "slurm" / "cluster.sh"
 # Ports of a cluster of the tests' own, so a cluster started by hand keeps running beside it.
 PORTS = {
