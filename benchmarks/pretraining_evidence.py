@@ -99,11 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         f"data.synthetic.videos={args.videos}",
         f"data.synthetic.classes={args.classes}",
         f"seed={args.seed}",
-        f"eval.synthetic_videos={args.test_videos}",
         "mlflow.system_metrics=false",
     ]
     if args.task != "classes":
         data += [f"data.synthetic.task={args.task}", "data.synthetic.seconds=4.0"]
+    probe_data = [*data, f"eval.synthetic_videos={args.test_videos}"]
     rows = []
     with tqdm(total=len(PRETRAIN_VARIANTS) * 2 + len(RANDOM_VARIANTS), desc="evidence runs") as progress:
         for name, (negatives, sharing, other) in PRETRAIN_VARIANTS.items():
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             probe_dir, probe_id, probe_s = launch(
                 "finetune.py",
                 [
-                    *data,
+                    *probe_data,
                     f"task.init={run_id}",
                     "task.freeze=[backbone]",
                     f"train.max_steps={args.probe_steps}",
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             probe_dir, probe_id, probe_s = launch(
                 "finetune.py",
                 [
-                    *data,
+                    *probe_data,
                     f"model.sharing={sharing}",
                     "task.freeze=[backbone]",
                     f"train.max_steps={args.probe_steps}",
