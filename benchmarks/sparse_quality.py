@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     pretrain_settings = {k: getattr(args, k) for k in ("stage1_steps", "steps", "clips", "tokens_per_clip", "videos")}
     if args.task != "classes":  # runs cached before the switch existed are the classes task's
         pretrain_settings["task"] = args.task
+    root.mkdir(parents=True, exist_ok=True)  # a random row is recorded before any launch makes the folder
     done_file = root / "rows.json"
     done = json.loads(done_file.read_text()) if done_file.exists() else []
     rows = [
