@@ -10,18 +10,23 @@ linear probe (launch/finetune.py, task long_av, backbone frozen) on each and on 
 initialised models of both shapes, scored on a held-out synthetic set. Every run lands in
 MLflow (experiments pemt-pretrain and pemt-finetune under --root, probes tagged with the run
 they start from); a summary run in `pemt-evidence` holds the table and the plot, which are also
-written to benchmarks/results/.
+written to benchmarks/results/ (`--out`). Each finished pretraining run and probe is kept in
+`<root>/evidence_rows.json` with the settings it ran under, so an interrupted build continues where
+it stopped and a rerun with the same settings launches nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from row_cache import cached_rows, save_rows
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -34,6 +39,8 @@ PRETRAIN_VARIANTS = {  # name: (negatives, sharing, other overrides)
     "content+factorised, unit norm": ("content", FACTORISED, ["model.factorized.normalize=unit"]),
 }
 RANDOM_VARIANTS = {"random+factorised": FACTORISED, "random+no sharing": NO_SHARING}
+CACHE_FILE = "evidence_rows.json"
+CACHE_SETTINGS = ("pretrain_steps", "probe_steps", "videos", "classes", "seed", "task", "test_videos")
 RUN_LINE = re.compile(r"pemt: run at step (\d+) in (.+) \(MLflow run (\w+)\)")
 
 
@@ -62,14 +69,34 @@ def transformer_params(sharing: str) -> int:
 
 def probe_accuracy(run_dir: Path, steps: int) -> float:
     """Held-out top-1 of the probe in `run_dir`, which must have run `steps` steps."""
-    import json
-
     last = json.loads((run_dir / "eval.jsonl").read_text().splitlines()[-1])
     if last["step"] != steps:  # step counts do not name a run: a longer probe there is resumed, not rerun
         raise SystemExit(
             f"{run_dir} holds a probe run to step {last['step']}, not {steps}: remove that folder or use another --root"
         )
     return last["test_top1"]
+
+
+class EvidenceRows:
+    """Each variant's finished launches (pretraining, probe), saved as each finishes (`row_cache`): a
+    finished pretraining survives an interrupted probe, and a relaunched finished run, which would
+    resume at once and time nothing, is not relaunched."""
+
+    def __init__(self, path: Path, settings: dict) -> None:
+        self.path, self.settings = path, settings
+        self.rows = {r["variant"]: r for r in cached_rows(path, settings)}
+
+    def get(self, variant: str) -> dict:
+        return self.rows.setdefault(variant, {"variant": variant, "settings": self.settings})
+
+    def put(self, variant: str, **fields: object) -> None:
+        self.get(variant).update(fields)
+        save_rows(self.path, self.settings, list(self.rows.values()))
+
+
+def results_stem(out: Path, name: str, task: str) -> Path:
+    """Where a benchmark's table and plot go: `<out>/<name>` for the classes task, `<name>_<task>` otherwise."""
+    return out / (name if task == "classes" else f"{name}_{task}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         help="data.synthetic.task; rhythm: 4 s videos, 32 classes, 1024 videos, 256 held out unless given",
     )
     parser.add_argument("--test-videos", type=int, default=None, help="held-out videos (default 32; rhythm 256)")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for the table and the plot")
     args = parser.parse_args(argv)
     if args.task == "rhythm":  # the sharing study's data: a class is which shape blinks with which tone
         args.classes = 32
@@ -94,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args.test_videos = args.test_videos or (256 if args.task == "rhythm" else 32)
     from tqdm import tqdm
 
+    args.root = args.root.resolve()
     data = [
         f"paths.root={args.root}",
         f"data.synthetic.videos={args.videos}",
@@ -104,79 +133,82 @@ def main(argv: list[str] | None = None) -> int:
     if args.task != "classes":
         data += [f"data.synthetic.task={args.task}", "data.synthetic.seconds=4.0"]
     probe_data = [*data, f"eval.synthetic_videos={args.test_videos}"]
-    rows = []
-    with tqdm(total=len(PRETRAIN_VARIANTS) * 2 + len(RANDOM_VARIANTS), desc="evidence runs") as progress:
+    rows = EvidenceRows(args.root / CACHE_FILE, {k: vars(args)[k] for k in CACHE_SETTINGS})
+    launches = sum(("pretrain_run" not in rows.get(n)) + ("top1" not in rows.get(n)) for n in PRETRAIN_VARIANTS)
+    launches += sum("top1" not in rows.get(n) for n in RANDOM_VARIANTS)
+    with tqdm(total=launches, desc="evidence runs (pretraining and probes)") as progress:
         for name, (negatives, sharing, other) in PRETRAIN_VARIANTS.items():
-            run_dir, run_id, pretrain_s = launch(
-                "pretrain.py",
-                [
-                    *data,
-                    f"loss.sampling={negatives}",
-                    f"model.sharing={sharing}",
-                    *other,
-                    f"train.max_steps={args.pretrain_steps}",
-                    f"train.checkpoint_every={args.pretrain_steps}",
-                ],
-            )
-            progress.update()
-            probe_dir, probe_id, probe_s = launch(
-                "finetune.py",
-                [
-                    *probe_data,
-                    f"task.init={run_id}",
-                    "task.freeze=[backbone]",
-                    f"train.max_steps={args.probe_steps}",
-                    f"train.checkpoint_every={args.probe_steps}",
-                ],
-            )
-            progress.update()
-            rows.append(
-                {
-                    "variant": name,
-                    "negatives": negatives,
-                    "sharing": sharing,
-                    "transformer_params": transformer_params(sharing),
-                    "pretrain_steps": args.pretrain_steps,
-                    "pretrain_s": pretrain_s,
-                    "probe_s": probe_s,
-                    "top1": probe_accuracy(probe_dir, args.probe_steps),
-                    "pretrain_run": run_id,
-                    "probe_run": probe_id,
-                }
-            )
+            row = rows.get(name)
+            if "pretrain_run" not in row:  # a finished pretraining survives an interrupted probe
+                _, run_id, pretrain_s = launch(
+                    "pretrain.py",
+                    [
+                        *data,
+                        f"loss.sampling={negatives}",
+                        f"model.sharing={sharing}",
+                        *other,
+                        f"train.max_steps={args.pretrain_steps}",
+                        f"train.checkpoint_every={args.pretrain_steps}",
+                    ],
+                )
+                rows.put(
+                    name,
+                    negatives=negatives,
+                    sharing=sharing,
+                    pretrain_steps=args.pretrain_steps,
+                    pretrain_s=pretrain_s,
+                    pretrain_run=run_id,
+                )
+                progress.update()
+            if "top1" not in row:
+                probe_dir, probe_id, probe_s = launch(
+                    "finetune.py",
+                    [
+                        *probe_data,
+                        f"task.init={row['pretrain_run']}",
+                        "task.freeze=[backbone]",
+                        f"train.max_steps={args.probe_steps}",
+                        f"train.checkpoint_every={args.probe_steps}",
+                    ],
+                )
+                rows.put(name, probe_s=probe_s, top1=probe_accuracy(probe_dir, args.probe_steps), probe_run=probe_id)
+                progress.update()
         for name, sharing in RANDOM_VARIANTS.items():
-            probe_dir, probe_id, probe_s = launch(
-                "finetune.py",
-                [
-                    *probe_data,
-                    f"model.sharing={sharing}",
-                    "task.freeze=[backbone]",
-                    f"train.max_steps={args.probe_steps}",
-                    f"train.checkpoint_every={args.probe_steps}",
-                ],
-            )
-            progress.update()
-            rows.append(
-                {
-                    "variant": name,
-                    "negatives": "-",
-                    "sharing": sharing,
-                    "transformer_params": transformer_params(sharing),
-                    "pretrain_steps": 0,
-                    "pretrain_s": 0.0,
-                    "probe_s": probe_s,
-                    "top1": probe_accuracy(probe_dir, args.probe_steps),
-                    "pretrain_run": "-",
-                    "probe_run": probe_id,
-                }
-            )
-    table = render(rows, args)
+            if "top1" not in rows.get(name):
+                probe_dir, probe_id, probe_s = launch(
+                    "finetune.py",
+                    [
+                        *probe_data,
+                        f"model.sharing={sharing}",
+                        "task.freeze=[backbone]",
+                        f"train.max_steps={args.probe_steps}",
+                        f"train.checkpoint_every={args.probe_steps}",
+                    ],
+                )
+                rows.put(
+                    name,
+                    negatives="-",
+                    sharing=sharing,
+                    pretrain_steps=0,
+                    pretrain_s=0.0,
+                    pretrain_run="-",
+                    probe_s=probe_s,
+                    top1=probe_accuracy(probe_dir, args.probe_steps),
+                    probe_run=probe_id,
+                )
+                progress.update()
+    table_rows = [
+        {**rows.get(name), "transformer_params": transformer_params(rows.get(name)["sharing"])}
+        for name in (*PRETRAIN_VARIANTS, *RANDOM_VARIANTS)
+    ]
+    table = render(table_rows, args)
     print(table)
-    name = "pretraining_evidence" + ("" if args.task == "classes" else f"_{args.task}")
-    out = HERE / "results" / f"{name}.md"
+    stem = results_stem(args.out, "pretraining_evidence", args.task)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    out = stem.with_suffix(".md")
     out.write_text(table)
-    plot = plot_results(rows, HERE / "results" / f"{name}.png")
-    record(args, rows, out, plot)
+    plot = plot_results(table_rows, stem.with_suffix(".png"))
+    record(args, table_rows, out, plot)
     print(f"wrote {out} and {plot}")
     return 0
 

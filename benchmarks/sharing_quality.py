@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +41,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from pretraining_evidence import launch  # noqa: E402
+from row_cache import save_rows  # noqa: E402
 from sharing_quality_table import (  # noqa: E402
     LOSSES,
     PRETRAINED,
@@ -54,10 +54,8 @@ from sharing_quality_table import (  # noqa: E402
     plot,
     render,
     row_key,
-    save_rows,
 )
 
-RUN_LINE = re.compile(r"pemt: run at step (\d+) in (.+) \(MLflow run (\w+)\)")
 FACTORIZED = "[layer,cross,factorized]"
 # name: overrides (each also pretrained from scratch with the same budget)
 VARIANTS = {
@@ -154,18 +152,6 @@ def supervised_overrides(args: argparse.Namespace, root: Path, variant: str, see
         "eval.batch_size=32",
         *([f"eval.every={args.eval_every}"] if args.eval_every else []),
     ]
-
-
-def launch(overrides: list[str], entry: str = "pretrain.py") -> tuple[Path, str, float]:
-    started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, str(REPO / "launch" / entry), *overrides], cwd=REPO, capture_output=True, text=True
-    )
-    found = RUN_LINE.search(done.stderr)
-    if done.returncode or not found:
-        sys.stderr.write(done.stderr[-4000:])
-        raise SystemExit(f"{entry} {' '.join(overrides)} failed (exit {done.returncode})")
-    return Path(found.group(2)), found.group(3), time.perf_counter() - started
 
 
 def supervised_top1(run_dir: Path) -> dict[int, float]:
@@ -405,14 +391,16 @@ def main(argv: list[str] | None = None) -> int:
         if kind == SUPERVISED:
             row["supervised"] = True
             run_dir, row["run_id"], row["pretrain_s"] = launch(
-                supervised_overrides(args, root, variant, seed), "finetune.py"
+                "finetune.py", supervised_overrides(args, root, variant, seed)
             )
             row["held_out_by_step"] = supervised_top1(run_dir)
             row["probe"] = {"full": list(row["held_out_by_step"].values())[-1]}
         else:
             run_dir = None
             if kind == PRETRAINED:
-                run_dir, row["run_id"], row["pretrain_s"] = launch(pretrain_overrides(args, root, variant, seed))
+                run_dir, row["run_id"], row["pretrain_s"] = launch(
+                    "pretrain.py", pretrain_overrides(args, root, variant, seed)
+                )
                 row["losses"] = final_losses(root, row["run_id"])
             started = time.perf_counter()
             row["probe"] = probe_model(args, root, variant, seed, run_dir)

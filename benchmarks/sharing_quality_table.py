@@ -5,9 +5,10 @@ probes, or a supervised run), their cache, and the table and plot they make
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
+
+import row_cache
 
 SHOTS = (2, 4, 8)
 PRETRAINED, RANDOM, SUPERVISED = "pretrained", "random", "supervised"  # the kinds of row
@@ -24,14 +25,7 @@ def row_key(row: dict) -> tuple[str, int, str]:
 
 def cached_rows(done_file: Path, settings: dict) -> list[dict]:
     """The cached rows of these settings (probes from before the spread was measured are probed again)."""
-    cached = json.loads(done_file.read_text()) if done_file.exists() else []
-    return [r for r in cached if r["settings"] == settings and ("spread" in r["probe"] or r.get("supervised"))]
-
-
-def save_rows(done_file: Path, settings: dict, rows: list[dict]) -> None:
-    """This table's rows, beside the cached rows of other settings."""
-    kept = [r for r in (json.loads(done_file.read_text()) if done_file.exists() else []) if r["settings"] != settings]
-    done_file.write_text(json.dumps(kept + rows, indent=1))
+    return [r for r in row_cache.cached_rows(done_file, settings) if "spread" in r["probe"] or r.get("supervised")]
 
 
 def output_name(args: argparse.Namespace) -> str:

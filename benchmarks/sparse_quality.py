@@ -28,7 +28,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from pretraining_evidence import HERE, launch, probe_accuracy
+from pretraining_evidence import HERE, launch, probe_accuracy, results_stem
+from row_cache import cached_rows, save_rows
 
 DENSE = "dense"
 RANDOM = "random"  # no pretraining: the probe's floor
@@ -141,14 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     pretrain_settings = {k: getattr(args, k) for k in ("stage1_steps", "steps", "clips", "tokens_per_clip", "videos")}
     if args.task != "classes":  # runs cached before the switch existed are the classes task's
         pretrain_settings["task"] = args.task
-    root.mkdir(parents=True, exist_ok=True)  # a random row is recorded before any launch makes the folder
     done_file = root / "rows.json"
-    done = json.loads(done_file.read_text()) if done_file.exists() else []
-    rows = [
-        r
-        for r in done
-        if r["settings"] == pretrain_settings and r["seed"] in args.seeds and r["variant"] in (RANDOM, *variants)
-    ]
+    done = cached_rows(done_file, pretrain_settings)
+    rows = [r for r in done if r["seed"] in args.seeds and r["variant"] in (RANDOM, *variants)]
     todo = [
         (seed, variant)
         for seed in args.seeds
@@ -184,19 +180,19 @@ def main(argv: list[str] | None = None) -> int:
                 row.update(curves=curves, **{key: final_mean(curves[key]) for key in curves})
                 progress.update()
             rows.append(row)
-            done_file.write_text(json.dumps([r for r in done if r not in rows] + rows))
+            save_rows(done_file, pretrain_settings, [r for r in done if r not in rows] + rows)
         for row in rows:
             for videos in args.probe_videos:
                 if probe_key(args, videos) not in row["probes"]:
                     row["probes"][probe_key(args, videos)] = probe(args, root, row, videos)
                     progress.update()
-                    done_file.write_text(json.dumps([r for r in done if r not in rows] + rows))
+                    save_rows(done_file, pretrain_settings, [r for r in done if r not in rows] + rows)
     for row in rows:
         row["probe_top1"] = {videos: row["probes"][probe_key(args, videos)]["top1"] for videos in args.probe_videos}
     rows.sort(key=lambda r: (r["seed"], [RANDOM, *variants].index(r["variant"])))
     table = render(rows, args, tokens, variants)
     print(table)
-    out = HERE / "results" / ("sparse_quality" + ("" if args.task == "classes" else f"_{args.task}"))
+    out = results_stem(HERE / "results", "sparse_quality", args.task)
     out.with_suffix(".md").write_text(table)
     plot = plot_results(rows, args, variants, out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.md')} and {plot}")

@@ -57,6 +57,58 @@ def _benchmark(name: str):
     return module
 
 
+def test_pretraining_evidence_continues_where_it_stopped_with_the_times_measured_then(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interrupted `pretraining_evidence.py` keeps every finished pretraining run and probe: run
+    again it launches only what is missing (the probe of a pretraining run finished before the
+    interruption starts from that run), and the table shows the times measured when each ran; run a
+    third time it launches nothing; other settings run everything. The launches stand in for
+    launch/pretrain.py and launch/finetune.py, which `sharing_quality.py --quick` drives for real
+    above: this is about what the benchmark does around them."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    bench = _benchmark("pretraining_evidence")
+    launched: list[tuple[str, list[str]]] = []
+    interrupt_at = [3]
+
+    def launch(script: str, overrides: list[str]) -> tuple[Path, str, float]:
+        if len(launched) == interrupt_at[0]:
+            raise SystemExit("interrupted")
+        launched.append((script, overrides))
+        run_dir = tmp_path / "runs" / str(len(launched))
+        run_dir.mkdir(parents=True)
+        (run_dir / "eval.jsonl").write_text(json.dumps({"step": 2, "test_top1": 10.0 + len(launched)}) + "\n")
+        return run_dir, f"run{len(launched)}", float(len(launched))
+
+    monkeypatch.setattr(bench, "launch", launch)
+    argv = ["--root", str(tmp_path / "root"), "--out", str(tmp_path / "out"), "--pretrain-steps", "2"]
+    argv += ["--probe-steps", "2"]
+    with pytest.raises(SystemExit, match="interrupted"):
+        bench.main(argv)
+    assert [script for script, _ in launched] == ["pretrain.py", "finetune.py", "pretrain.py"]
+
+    interrupt_at[0] = -1
+    assert bench.main(argv) == 0
+    again = launched[3:]
+    assert [script for script, _ in again] == [
+        "finetune.py",
+        *["pretrain.py", "finetune.py"] * 2,
+        "finetune.py",
+        "finetune.py",
+    ]
+    assert "task.init=run3" in again[0][1], "the probe starts from the run pretrained before the interruption"
+    table = (tmp_path / "out" / "pretraining_evidence.md").read_text()
+    assert "| content+factorised | 35,712 | 2 | 1 | 2 | 12.0 | -7.0 |" in table, table
+    assert "| uniform+factorised | 35,712 | 2 | 3 | 4 | 14.0 | -5.0 |" in table, table
+    assert "| random+factorised | 35,712 | 0 | 0 | 9 | 19.0 | +0.0 |" in table, table
+
+    assert bench.main(argv) == 0
+    assert len(launched) == 10, "nothing launched again"
+    assert (tmp_path / "out" / "pretraining_evidence.md").read_text() == table
+    assert bench.main([*argv, "--seed", "1"]) == 0
+    assert len(launched) == 20, "other settings run every launch"
+
+
 def test_sharing_quality_supervised_ceiling_trains_the_same_model_on_the_probes_data(tmp_path: Path) -> None:
     """Supervised rows (`--rows supervised`): launch/finetune.py's config from the benchmark's overrides validates and
     trains the pretraining run's model, data and budget, and scores the probes' held-out videos; the
