@@ -58,13 +58,13 @@ if [[ "$DEVICE" == cuda ]]; then
     # Each length compiles the kernel (forward and backward): the paper's 16 tokens per clip fits the share.
     part flex_attention 60 "$PY" benchmarks/sparse_attention.py --device cuda --precision bf16 --batch 8 --flex \
         --lengths 16 --out "$RESULTS/gpu_flex_attention.md"
-else
+else  # the same scripts and precision on the smallest sizes (about 2 min; tests/test_benchmarks.py runs it)
     part throughput 300 "$PY" benchmarks/model_throughput.py --device cpu --batch 2 --steps 1 --stages 2 \
         --out "$RESULTS/cpu_smoke_throughput.md"
-    part step_overhead 300 "$PY" benchmarks/step_overhead.py --models tiny --variants bare zero2 --steps 2 \
+    part step_overhead 300 "$PY" benchmarks/step_overhead.py --models tiny --variants bare zero2 loop --steps 2 \
         --warmup 1 --ranks 2 --out "$RESULTS/cpu_smoke_step_overhead.md"
-    part sparse_attention 120 "$PY" benchmarks/sparse_attention.py --device cpu --batch 1 --repeats 1 \
-        --lengths 1 2 --out "$RESULTS/cpu_smoke_sparse_attention.md"
+    part sparse_attention 120 "$PY" benchmarks/sparse_attention.py --device cpu --precision bf16 --batch 1 \
+        --repeats 1 --lengths 1 2 --out "$RESULTS/cpu_smoke_sparse_attention.md"
 fi
 echo "results in $RESULTS" | tee -a "$LOG"
 exit $failed

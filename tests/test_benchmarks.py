@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -192,3 +193,35 @@ def test_pair_objective_quick_writes_every_row_and_out_norm_spreads_the_clips(tm
         assert 0.0 < float(row[4]) < 10.0 and 0.0 <= float(row[5]) <= 1.0, row
     visual_spread = [float(r[7].split("/")[0]) for r in rows]
     assert min(visual_spread[1:]) > 3 * visual_spread[0], visual_spread
+
+
+def _gpu_suite(results: Path, python: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RESULTS": str(results), "PY": python}
+    command = ["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--device", "cpu"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+
+
+def test_gpu_suite_runs_every_part_on_cpu(tmp_path: Path) -> None:
+    """`gpu_suite.sh --device cpu`, the GPU suite's scripts at their smallest sizes, so the suite is known to
+    run before a GPU is lent: every part exits 0 and writes its table (bf16 attention, the full loop)."""
+    done = _gpu_suite(tmp_path, sys.executable)
+    log = (tmp_path / "cpu_smoke_suite.log").read_text()
+    assert done.returncode == 0, log[-3000:]
+    for part in ("throughput", "step_overhead", "sparse_attention"):
+        assert f"## {part}: exit 0" in log, log[-3000:]
+    throughput = (tmp_path / "cpu_smoke_throughput.md").read_text()
+    for sharing in ("none", "layer", "layer+cross", "layer+cross+factorized"):
+        assert f"| 2 | {sharing} | off |" in throughput, throughput
+    overhead = (tmp_path / "cpu_smoke_step_overhead.md").read_text()
+    for variant in ("(a) bare DDP", "(b) pemt step, ZeRO-2", "(c) pemt loop, ZeRO-2"):
+        assert f"| tiny | {variant} |" in overhead, overhead
+    attention = (tmp_path / "cpu_smoke_sparse_attention.md").read_text()
+    assert "(cpu, bf16)" in attention and "| 1 | 62 |" in attention and "| 2 | 122 |" in attention, attention
+
+
+def test_gpu_suite_records_a_failing_part_runs_the_others_and_exits_non_zero(tmp_path: Path) -> None:
+    done = _gpu_suite(tmp_path, "false")  # every part's interpreter fails at once
+    log = (tmp_path / "cpu_smoke_suite.log").read_text()
+    assert done.returncode != 0
+    for part in ("throughput", "step_overhead", "sparse_attention"):
+        assert f"## {part}: exit 1" in log, log
