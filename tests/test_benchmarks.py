@@ -22,6 +22,7 @@ def _mlflow_runs(root: Path) -> int:
     return len(client.search_runs([client.get_experiment_by_name("pemt-evidence").experiment_id]))
 
 
+@pytest.mark.slow
 def test_sharing_quality_quick_runs_the_whole_path_and_continues_from_its_cache(tmp_path: Path) -> None:
     """`sharing_quality.py --quick`: a pretraining run through launch/pretrain.py (in MLflow), probes
     of it and of a random initialisation of the same shape, the table and the plot; run again, it
@@ -201,6 +202,7 @@ def _gpu_suite(results: Path, python: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
 
 
+@pytest.mark.slow
 def test_gpu_suite_runs_every_part_on_cpu(tmp_path: Path) -> None:
     """`gpu_suite.sh --device cpu`, the GPU suite's scripts at their smallest sizes, so the suite is known to
     run before a GPU is lent: every part exits 0 and writes its table (bf16 attention, the full loop)."""
