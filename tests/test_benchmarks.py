@@ -209,7 +209,7 @@ def test_gpu_suite_runs_every_part_on_cpu(tmp_path: Path) -> None:
     done = _gpu_suite(tmp_path, sys.executable)
     log = (tmp_path / "cpu_smoke_suite.log").read_text()
     assert done.returncode == 0, log[-3000:]
-    for part in ("throughput", "step_overhead", "sparse_attention"):
+    for part in ("throughput", "step_overhead", "sparse_attention", "batchnorm"):
         assert f"## {part}: exit 0" in log, log[-3000:]
     throughput = (tmp_path / "cpu_smoke_throughput.md").read_text()
     for sharing in ("none", "layer", "layer+cross", "layer+cross+factorized"):
@@ -219,11 +219,13 @@ def test_gpu_suite_runs_every_part_on_cpu(tmp_path: Path) -> None:
         assert f"| tiny | {variant} |" in overhead, overhead
     attention = (tmp_path / "cpu_smoke_sparse_attention.md").read_text()
     assert "(cpu, bf16)" in attention and "| 1 | 62 |" in attention and "| 2 | 122 |" in attention, attention
+    batchnorm = (tmp_path / "cpu_smoke_batchnorm.md").read_text()
+    assert "| visual stem | 2x64x8x16x16 |" in batchnorm and "| visual res5 output |" in batchnorm, batchnorm
 
 
 def test_gpu_suite_records_a_failing_part_runs_the_others_and_exits_non_zero(tmp_path: Path) -> None:
     done = _gpu_suite(tmp_path, "false")  # every part's interpreter fails at once
     log = (tmp_path / "cpu_smoke_suite.log").read_text()
     assert done.returncode != 0
-    for part in ("throughput", "step_overhead", "sparse_attention"):
+    for part in ("throughput", "step_overhead", "sparse_attention", "batchnorm"):
         assert f"## {part}: exit 1" in log, log

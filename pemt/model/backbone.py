@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pemt.model.cnn import build_cnn, checkpoint_contexts
+from pemt.model.cnn import build_cnn, checkpoint_contexts, use_fused_batchnorm
 from pemt.model.factorized import Factorization
 from pemt.model.sparse_attention import BlockSparsity
 from pemt.model.transformer import Pruning, SequenceEmbedding, TransformerLayer, TransformerStack
@@ -69,6 +69,7 @@ class AVBackbone(nn.Module):
 
         self.visual_cnn = build_cnn(3, 3, model_cfg.visual_cnn)
         self.audio_cnn = build_cnn(2, 1, model_cfg.audio_cnn)
+        use_fused_batchnorm(self, model_cfg.get("batchnorm", "fused") == "fused")
         self.visual_proj = nn.Sequential(nn.Linear(self.visual_cnn.out_dim, hidden), nn.LayerNorm(hidden))
         self.audio_proj = nn.Sequential(nn.Linear(self.audio_cnn.out_dim, hidden), nn.LayerNorm(hidden))
         self.embeddings = nn.ModuleDict(

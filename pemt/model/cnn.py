@@ -12,12 +12,15 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator, Sequence
+from typing import cast
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from pemt.distributed import world
 from pemt.model.collectives import sum_over_ranks
 
 _recompute = threading.local()
@@ -51,7 +54,14 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
     normalises exactly as one process holding the whole batch would: resuming at another world
     size continues the same computation. fp32 whatever the input: DeepSpeed's bf16 mode casts
     parameters but not running statistics, and fp32 statistics are the accurate choice anyway.
+
+    On CUDA (`fused`, from `model.batchnorm`) torch's fused kernels compute the same statistics
+    (one pass, fp32 accumulation, no fp32 copy of the activation): native batch norm on one rank,
+    SyncBatchNorm's kernels and collectives across ranks. Elsewhere only the explicit ops below
+    work (torch has no CPU SyncBatchNorm, and gloo has no CUDA all-gather into one tensor).
     """
+
+    fused = True
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() not in (4, 5):
@@ -59,6 +69,8 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
+        if self.fused and x.is_cuda:
+            return self.fused_forward(x)
         shape = (1, -1) + (1,) * (x.dim() - 2)
         x32 = x.float()
         if not self.training:
@@ -76,6 +88,29 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
                 self._track(mean, var, n)
         normalised = (x32 - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         return (normalised * self.weight.float().view(shape) + self.bias.float().view(shape)).to(x.dtype)
+
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same normalisation through torch's kernels (CUDA; on one rank CPU too, which the tests
+        compare with the explicit ops). Running statistics move as in `_track`: not again in a
+        checkpointed recomputation."""
+        assert self.running_mean is not None and self.running_var is not None and self.num_batches_tracked is not None
+        weight, bias = self.weight.float(), self.bias.float()  # fp32 parameters: the kernels' mixed mode
+        if not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, False, 0.0, self.eps)
+        recomputing = getattr(_recompute, "active", False)
+        running_mean, running_var = (None, None) if recomputing else (self.running_mean, self.running_var)
+        if not recomputing:
+            self.num_batches_tracked.add_(1)
+        momentum = float(self.momentum) if self.momentum is not None else 0.1
+        ranks = world()[1]
+        if ranks == 1:
+            return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, self.eps)
+        from torch.nn.modules._functions import SyncBatchNorm as sync_batch_norm
+
+        out = sync_batch_norm.apply(  # type: ignore[no-untyped-call]
+            x, weight, bias, running_mean, running_var, self.eps, momentum, dist.group.WORLD, ranks
+        )
+        return cast(torch.Tensor, out)
 
     @torch.no_grad()
     def _track(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
@@ -236,6 +271,13 @@ class ResNet(nn.Module):
             return pooled
         normalised: torch.Tensor = self.out_norm(pooled.reshape(-1, pooled.shape[-1], 1, 1))
         return normalised.view(pooled.shape)
+
+
+def use_fused_batchnorm(model: nn.Module, fused: bool) -> None:
+    """`model.batchnorm`: torch's fused kernels on CUDA (`fused`) or the explicit ops everywhere."""
+    for module in model.modules():
+        if isinstance(module, BatchNorm):
+            module.fused = fused
 
 
 def build_cnn(dims: int, in_channels: int, cfg: DictConfig) -> ResNet:

@@ -79,6 +79,7 @@ def check_model(cfg: DictConfig) -> None:
             f"model.sharing={list(cfg.model.sharing)}: unknown {sorted(unknown)}; use any of layer, cross, factorized"
         )
     one_of(cfg, "model.fusion", ("mid", "early", "late"))
+    one_of(cfg, "model.batchnorm", ("fused", "explicit"))
     if "factorized" in cfg.model.sharing:
         from pemt.model.factorized import Factorization
 

@@ -42,6 +42,7 @@ EXECUTION_KEYS = (
     "train.async_checkpoint",
     "train.checkpoint_direct_io",
     "train.compile",
+    "model.batchnorm",
     "train.record_samples",
     "train.collective_timeout_min",
     "train.max_skipped_steps",
