@@ -57,8 +57,8 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
 
     On CUDA (`fused`, from `model.batchnorm`) torch's fused kernels compute the same statistics
     (one pass, fp32 accumulation, no fp32 copy of the activation): native batch norm on one rank,
-    SyncBatchNorm's kernels and collectives across ranks. Elsewhere only the explicit ops below
-    work (torch has no CPU SyncBatchNorm, and gloo has no CUDA all-gather into one tensor).
+    SyncBatchNorm's kernels and collectives across ranks. On CPU only the explicit ops below work
+    (torch's SyncBatchNorm kernels exist for CUDA only).
     """
 
     fused = True
