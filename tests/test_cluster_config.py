@@ -38,7 +38,7 @@ def test_slurm_cluster_takes_partition_time_shape_and_signal_from_config() -> No
 def test_run_dir_ignores_keys_that_do_not_change_the_science() -> None:
     cfg = compose_config("pretrain", hydra=True)
     excluded = set(cfg.hydra.job.config.override_dirname.exclude_keys)
-    assert {"train.max_steps", "nodes", "gpus_per_node", "cluster"} <= excluded
+    assert {"train.max_steps", "nodes", "gpus_per_node", "cluster", "train.compile", "model.batchnorm"} <= excluded
     assert "train.lr" not in excluded
 
 
