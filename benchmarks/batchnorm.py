@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 def shapes(clips: int, crop: int) -> dict[str, tuple[int, ...]]:
     """avbert_base's visual CNN at 16 frames: the stem halves time and space, the max-pool space,
     each later stage space."""
-    stem, res2, res5 = crop // 2, crop // 4, max(1, crop // 32)
+    stem, res2, res5 = crop // 2, crop // 4, -(-crop // 32)  # strided convolutions round up
     return {
         "visual stem": (clips, 64, 8, stem, stem),
         "visual res2 output": (clips, 256, 8, res2, res2),
