@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures in one command (its parts' time limits sum to 8.5 minutes on one GPU), into
+# The GPU figures in one command (its parts' time limits sum to under 9 minutes on one GPU), into
 # benchmarks/results/gpu_*.md:
 #   gpu_throughput.md        samples/s, MFU and peak memory of avbert_base in bf16 at the paper's
 #                            window for ZeRO-1/2/3 and each sharing mode, activation checkpointing
@@ -8,7 +8,8 @@
 #                            loop (step_overhead.py)
 #   gpu_sparse_attention.md  dense vs block-sparse attention, time and memory, 62-962 tokens
 #   gpu_flex_attention.md    the same, with FlexAttention's kernel for the pattern beside the gathered one
-#   gpu_batchnorm.md         the CNNs' global BatchNorm: explicit ops vs torch's fused kernels (batchnorm.py)
+#   gpu_batchnorm.md         the CNNs' global BatchNorm: explicit ops vs torch's fused kernels, time, memory
+#                            and agreement, on one process and across two (batchnorm.py)
 #   gpu_suite.log            the device, the software, and each part's outcome and duration
 #
 #   benchmarks/gpu_suite.sh                 # on a GPU machine, after `make setup`
@@ -60,7 +61,9 @@ if [[ "$DEVICE" == cuda ]]; then
     # Each length compiles the kernel (forward and backward): the paper's 16 tokens per clip fits the share.
     part flex_attention 60 "$PY" benchmarks/sparse_attention.py --device cuda --precision bf16 --batch 8 --flex \
         --lengths 16 --out "$RESULTS/gpu_flex_attention.md"
-    part batchnorm 30 "$PY" benchmarks/batchnorm.py --device cuda --precision bf16 --out "$RESULTS/gpu_batchnorm.md"
+    # --ranks 2: SyncBatchNorm's kernels across two processes on the one GPU (gloo), against one process.
+    part batchnorm 45 "$PY" benchmarks/batchnorm.py --device cuda --precision bf16 --ranks 2 \
+        --out "$RESULTS/gpu_batchnorm.md"
 else  # the same scripts and precision on the smallest sizes (about 2 min; tests/test_benchmarks.py runs it)
     part throughput 300 "$PY" benchmarks/model_throughput.py --device cpu --batch 2 --steps 1 --stages 2 \
         --out "$RESULTS/cpu_smoke_throughput.md"
@@ -69,7 +72,7 @@ else  # the same scripts and precision on the smallest sizes (about 2 min; tests
     part sparse_attention 120 "$PY" benchmarks/sparse_attention.py --device cpu --precision bf16 --batch 1 \
         --repeats 1 --lengths 1 2 --out "$RESULTS/cpu_smoke_sparse_attention.md"
     part batchnorm 60 "$PY" benchmarks/batchnorm.py --device cpu --precision bf16 --clips 2 --crop 32 --repeats 2 \
-        --out "$RESULTS/cpu_smoke_batchnorm.md"
+        --ranks 2 --out "$RESULTS/cpu_smoke_batchnorm.md"
 fi
 echo "results in $RESULTS" | tee -a "$LOG"
 exit $failed

@@ -221,6 +221,9 @@ def test_gpu_suite_runs_every_part_on_cpu(tmp_path: Path) -> None:
     assert "(cpu, bf16)" in attention and "| 1 | 62 |" in attention and "| 2 | 122 |" in attention, attention
     batchnorm = (tmp_path / "cpu_smoke_batchnorm.md").read_text()
     assert "| visual stem | 2x64x8x16x16 |" in batchnorm and "| visual res5 output |" in batchnorm, batchnorm
+    across_ranks = next(line for line in batchnorm.splitlines() if line.startswith("| explicit |"))
+    differences = [float(cell) for cell in across_ranks.split("|")[2:-1]]
+    assert len(differences) == 5 and max(differences) < 0.05, across_ranks  # bf16: the same batch, split in two
 
 
 def test_gpu_suite_records_a_failing_part_runs_the_others_and_exits_non_zero(tmp_path: Path) -> None:
