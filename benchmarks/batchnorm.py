@@ -180,11 +180,12 @@ def render_ranks(diffs: dict[str, dict[str, float]], args: argparse.Namespace) -
 
 def render(rows: dict[str, dict[str, float]], args: argparse.Namespace) -> str:
     memory = args.device.startswith("cuda")
+    ranks = f" --ranks {args.ranks}" if args.ranks > 1 else ""
     lines = [
         f"# Global-batch BatchNorm: explicit ops vs torch's fused kernels ({args.device}, {args.precision})",
         "",
         f"{datetime.date.today()}; `python benchmarks/batchnorm.py --device {args.device} --precision {args.precision} "
-        f"--clips {args.clips} --crop {args.crop}`. One process; forward + backward in training mode, "
+        f"--clips {args.clips} --crop {args.crop}{ranks}`. One process; forward + backward in training mode, "
         f"median of {args.repeats}. Differences: the largest, relative to the RMS of the explicit output "
         "(or of its input gradient).",
         "",
