@@ -197,10 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                     probe_run=probe_id,
                 )
                 progress.update()
-    table_rows = [
-        {**rows.get(name), "transformer_params": transformer_params(rows.get(name)["sharing"])}
-        for name in (*PRETRAIN_VARIANTS, *RANDOM_VARIANTS)
-    ]
+    ordered = [rows.get(name) for name in (*PRETRAIN_VARIANTS, *RANDOM_VARIANTS)]
+    table_rows = [{**row, "transformer_params": transformer_params(row["sharing"])} for row in ordered]
     table = render(table_rows, args)
     print(table)
     stem = results_stem(args.out, "pretraining_evidence", args.task)

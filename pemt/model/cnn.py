@@ -101,26 +101,28 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
         running_mean, running_var = (None, None) if recomputing else (self.running_mean, self.running_var)
         if not recomputing:
             self.num_batches_tracked.add_(1)
-        momentum = float(self.momentum) if self.momentum is not None else 0.1
         ranks = world()[1]
         if ranks == 1:
-            return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, self.eps)
+            return F.batch_norm(x, running_mean, running_var, weight, bias, True, self._momentum(), self.eps)
         from torch.nn.modules._functions import SyncBatchNorm as sync_batch_norm
 
         out = sync_batch_norm.apply(  # type: ignore[no-untyped-call]
-            x, weight, bias, running_mean, running_var, self.eps, momentum, dist.group.WORLD, ranks
+            x, weight, bias, running_mean, running_var, self.eps, self._momentum(), dist.group.WORLD, ranks
         )
         return cast(torch.Tensor, out)
+
+    def _momentum(self) -> float:
+        """The running statistics' step toward each batch's (torch's default when unset)."""
+        return float(self.momentum) if self.momentum is not None else 0.1
 
     @torch.no_grad()
     def _track(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
         """Fold this batch into the running statistics (no tensors saved for backward: the
         checkpointed recomputation, which skips this, must save what the forward saved)."""
         assert self.running_mean is not None and self.running_var is not None and self.num_batches_tracked is not None
-        momentum = float(self.momentum) if self.momentum is not None else 0.1
         self.num_batches_tracked.add_(1)
-        self.running_mean.lerp_(mean, momentum)
-        self.running_var.lerp_(var * n / (n - 1).clamp_min(1.0), momentum)
+        self.running_mean.lerp_(mean, self._momentum())
+        self.running_var.lerp_(var * n / (n - 1).clamp_min(1.0), self._momentum())
 
 
 def _norm(dims: int) -> type[nn.Module]:
