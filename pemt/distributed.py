@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from pemt.host_memory import keep_freed_host_memory
+
 log = logging.getLogger(__name__)
 
 
@@ -126,7 +128,8 @@ def backend() -> str:
 
 
 def init_distributed(timeout_min: float = 30.0) -> DistInfo:
-    """Join the job's process group through DeepSpeed and size CPU threads per rank.
+    """Join the job's process group through DeepSpeed; on CPU, size threads per rank and keep
+    freed host memory for reuse.
 
     `timeout_min` bounds every collective, the rendezvous included: how long ranks wait for a
     peer that died before they fail too.
@@ -148,6 +151,7 @@ def init_distributed(timeout_min: float = 30.0) -> DistInfo:
         # Ranks on one host share its cores; oversubscribing them slows every rank down.
         cores = len(os.sched_getaffinity(0))
         torch.set_num_threads(max(1, cores // info.local_world_size))
+        keep_freed_host_memory()  # activations live in host memory: reuse it, step after step
     if info.rank == 0 and not torch.cuda.is_available() and not _shm_op_built():
         log.info(
             "building DeepSpeed's CPU communication op: the first run on this machine "
