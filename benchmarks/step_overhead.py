@@ -1,7 +1,7 @@
 """What pemt's training loop costs against a bare PyTorch loop, and where the difference goes.
 
     python benchmarks/step_overhead.py [--models tiny mid] [--steps 20] [--warmup 4] [--ranks 2]
-        [--rounds 3] [--override KEY=VALUE ...]
+        [--rounds 3] [--set KEY=VALUE ...]
 
 Every variant runs the same model, micro-batch, optimizer (AdamW, clipping at 1.0) and world
 size, in fresh processes (gloo on CPU, NCCL on GPUs):
@@ -16,7 +16,7 @@ variant runs N times, interleaved, each round in the other order, since a shared
 drifts; the ratios are taken within a round and the table gives their mean and range, so a goal is
 met only where every round meets it. Prints a table with the ratios (b)/(a) and (c)/(b) (goals:
 <= 1.05 and <= 1.03) and where the time goes in (a) and (b); writes
-benchmarks/results/step_overhead_<device>.md. `--override` passes Hydra overrides to every variant
+benchmarks/results/step_overhead_<device>.md. `--set` passes a config override to every variant
 (a DeepSpeed setting such as `+deepspeed.zero_optimization.overlap_comm=true`, a model size).
 """
 
@@ -246,7 +246,7 @@ def _measure(model: str, variant: str, round_: int, root: Path, args: argparse.N
     port = rendezvous_port(f"{model}-{variant}-{round_}-{os.getpid()}")
     ranks, steps = args.ranks, args.steps
     total = steps + args.warmup + (1 if variant == "loop" else 0)  # the loop's first interval needs a step before it
-    rank_args = (model, variant, round_, str(root), port, ranks, total, args.warmup, args.override)
+    rank_args = (model, variant, round_, str(root), port, ranks, total, args.warmup, args.overrides)
     mp.start_processes(_rank_main, args=rank_args, nprocs=ranks, start_method="spawn")
     per_rank = [json.loads((root / model / f"{variant}.{round_}.rank{r}.json").read_text()) for r in range(ranks)]
     slowest = [max(ts) for ts in zip(*(r["times"] for r in per_rank))][-steps:]
@@ -262,7 +262,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=1, help="runs of every variant, interleaved")
     parser.add_argument("--ranks", type=int, default=2 if not torch.cuda.is_available() else torch.cuda.device_count())
-    parser.add_argument("--override", nargs="*", default=[], help="Hydra overrides for every variant")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every variant (repeatable), e.g. +deepspeed.zero_optimization.overlap_comm=true",
+    )
     parser.add_argument("--out", type=Path, default=None, help="results file (default benchmarks/results/...)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -275,7 +282,7 @@ def main() -> None:
         from pemt.track.store import ensure_experiment
 
         for model in args.models:
-            cfg = _config(model, "bare", root, args.ranks, 1, args.override)
+            cfg = _config(model, "bare", root, args.ranks, 1, args.overrides)
             ensure_synthetic_shards(cfg)
             ensure_experiment(str(cfg.mlflow.tracking_uri), str(cfg.mlflow.experiment))
             rows[model] = {variant: [] for variant in args.variants}
@@ -312,7 +319,7 @@ def _ratio(rounds: list[dict[str, Any]], baseline: list[dict[str, Any]] | None, 
 def _report(rows: dict[str, dict[str, list[dict[str, Any]]]], args: argparse.Namespace, device: str) -> str:
     command = f"python benchmarks/step_overhead.py --models {' '.join(args.models)} --steps {args.steps}"
     command += f" --rounds {args.rounds}" if args.rounds > 1 else ""
-    command += f" --override {' '.join(args.override)}" if args.override else ""
+    command += "".join(f" --set {override}" for override in args.overrides)
     lines = [
         f"# Step overhead ({device}, {args.ranks} ranks, {args.steps} timed steps after {args.warmup})",
         "",

@@ -209,7 +209,7 @@ def test_step_overhead_meets_a_goal_only_where_every_round_meets_it() -> None:
     rows = {
         "tiny": {name: [{"mean_s": s, "phases": {"forward": s / 2}} for s in times] for name, times in rounds.items()}
     }
-    args = argparse.Namespace(models=["tiny"], steps=12, warmup=3, rounds=3, ranks=2, override=[])
+    args = argparse.Namespace(models=["tiny"], steps=12, warmup=3, rounds=3, ranks=2, overrides=[])
     lines = {
         line.split(" | ")[1]: line
         for line in bench._report(rows, args, "cpu").splitlines()
