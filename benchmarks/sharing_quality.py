@@ -41,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from overrides import add_set_option  # noqa: E402
 from pretraining_evidence import launch  # noqa: E402
 from row_cache import save_rows  # noqa: E402
 from sharing_quality_table import (  # noqa: E402
@@ -345,14 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a config override for every variant (repeatable), e.g. loss.contrastive_weight=1.0",
-    )
+    add_set_option(parser, "loss.contrastive_weight=1.0")
     parser.add_argument(
         "--rows",
         nargs="+",

@@ -27,6 +27,7 @@ import datetime
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -42,6 +43,8 @@ from pemt.config import compose_config
 from pemt.distributed import leave_distributed
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from overrides import add_set_option  # noqa: E402
 
 # A model where the transformers are not trivially small: hidden 256, 4 layers, 8 clips.
 MODELS = {
@@ -262,14 +265,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=1, help="runs of every variant, interleaved")
     parser.add_argument("--ranks", type=int, default=2 if not torch.cuda.is_available() else torch.cuda.device_count())
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a config override for every variant (repeatable), e.g. +deepspeed.zero_optimization.overlap_comm=true",
-    )
+    add_set_option(parser, "+deepspeed.zero_optimization.overlap_comm=true")
     parser.add_argument("--out", type=Path, default=None, help="results file (default benchmarks/results/...)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -341,9 +337,10 @@ def _report(rows: dict[str, dict[str, list[dict[str, Any]]]], args: argparse.Nam
                 "compiled": "(b') pemt step, ZeRO-2, compiled",
                 "loop": "(c) pemt loop, ZeRO-2",
             }.get(name, f"(b) pemt step, ZeRO-{name[-1]}")
-            versus_bare = (
-                _ratio(rounds, bare, None if name == "loop" else 1.05) if name != "bare" else ["1.000", "-", "-"]
-            )
+            if name == "bare":
+                versus_bare = ["1.000", "-", "-"]
+            else:  # the 1.05 goal is the step's; the loop's is against the step
+                versus_bare = _ratio(rounds, bare, None if name == "loop" else 1.05)
             versus_step = (
                 _ratio(rounds, step, 1.03 if name == "loop" else None) if name in ("compiled", "loop") else ["-"] * 3
             )
