@@ -46,14 +46,26 @@ def _faults_per_step(setup: str) -> float:
     return float(done.stdout.split()[-1])
 
 
+# glibc's starting thresholds (128 KiB), fixed: its default raises them as it goes, by an amount that
+# depends on the heap's history (3.7k-12k faults per step here), which would make the baseline drift.
+GLIBC_START = """
+import ctypes, ctypes.util
+from pemt.host_memory import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+assert libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024) and libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+"""
+
+
 def test_freed_host_memory_is_reused_instead_of_faulted_in_every_step() -> None:
-    default = _faults_per_step("")
-    kept = _faults_per_step("from pemt.host_memory import keep_freed_host_memory\nassert keep_freed_host_memory()")
-    # glibc's default hands freed activations back and faults them in again: ~10k pages of 4 KiB a step
-    assert default > 4_000, default
-    assert kept < default / 5, (kept, default)
+    returned = _faults_per_step(GLIBC_START)
+    kept = _faults_per_step(
+        GLIBC_START + "from pemt.host_memory import keep_freed_host_memory\nassert keep_freed_host_memory()"
+    )
+    # handed back and faulted in again: the step's activations, thousands of pages of 4 KiB
+    assert returned > 4_000, returned
+    assert kept < returned / 5, (kept, returned)
 
 
 def test_a_cpu_rank_keeps_freed_host_memory_once_it_joins_the_job() -> None:
     joined = _faults_per_step("from pemt.distributed import init_distributed\ninit_distributed()")
-    assert joined < 2000, joined
+    assert joined < 5000, joined  # ~0.3-1.4k; without the setting 15-17k
