@@ -11,18 +11,32 @@ comma := ,
 # DeepSpeed JIT-compiles its ops once per machine; keep them in one project-owned place.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup run lint test clean
+.PHONY: setup run lint test speech docs clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml $(wildcard constraints/*.txt)
 	@command -v g++ >/dev/null || { echo "g++ is needed for DeepSpeed's JIT ops: apt-get install -y g++"; exit 1; }
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[test$(if $(GPU),$(comma)gpu)]' 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[test,docs$(if $(GPU),$(comma)gpu)]' 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	$(PY) -c "import torch, deepspeed, submitit, hydra, webdataset, mlflow, av"
 	touch $@
 
 run: setup
 	$(PY) launch/pretrain.py $(ARGS)
+
+# espeak-ng speaks the digits of tools/make_av_digits.py (Debian's package; the tests need it)
+speech:
+	@command -v espeak-ng >/dev/null || { \
+	  command -v apt-get >/dev/null || { echo "install espeak-ng with your package manager"; exit 1; }; \
+	  echo "installing espeak-ng"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends espeak-ng >/dev/null 2>&1 || { \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends espeak-ng >/dev/null; }; }
+
+# The manual as a site (mkdocs-material) in .cache/site; --strict: a broken link or a page left
+# out of the navigation fails
+docs: setup
+	$(VENV)/bin/mkdocs build --strict --quiet
 
 # Lint, format and strict types on pemt/, before the tests
 lint: setup
@@ -34,7 +48,7 @@ lint: setup
 # time. One worker runs a whole file, so a module fixture (the Slurm cluster on fixed ports) starts
 # once; files go out in conftest's order, slowest first, so no long file is left to run alone.
 TEST_WORKERS ?= auto
-test: lint
+test: lint speech
 	$(PY) -m pytest -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 clean:

@@ -1,61 +1,48 @@
-"""Does sharing (and factorising) the transformers cost what they learn? Measured on a task only
-audio-visual synchrony solves.
+"""Does sharing (and factorising) the transformers cost what they learn?
 
-    python benchmarks/sharing_quality.py                 # the table: ~2 h of 2 cores; continues where it stopped
+    python benchmarks/sharing_quality.py                 # the digits table: ~2.5 h of 2 cores, resumable
     python benchmarks/sharing_quality.py --quick         # a smoke run of the whole path (minutes)
-    python benchmarks/sharing_quality.py --rows supervised --variants none --seeds 0 \
-        --videos 8192 --steps 1800 --eval-every 300      # the ceiling alone, with its held-out curve
+    python benchmarks/sharing_quality.py --rows supervised --variants none --seeds 0 --eval-every 150
+    python benchmarks/sharing_quality.py --task rhythm   # the timing study (results/sharing_quality.md)
 
-Data: `data.synthetic.task=rhythm` (`--task`; 32 classes: which of 4 shapes blinks in time with
-which of 8 tones, beside a decoy shape and a decoy tone beating at tempi of their own, over moving
-distractors and noise: neither modality alone nor the pair without timing gives the class), or
-`sync` (the same classes, shown by two synchronous events instead of a rhythm), or `classes` (the
-easy task, where either modality alone gives the class). `--set KEY=VALUE` applies an override to
-every variant (an objective's weight, the CNNs' `out_norm`). Tasks other than rhythm, and overrides,
-add to the file name (`sharing_quality_<task>_<key>-<value>.md`). Model: the tiny CNNs with
-transformers of hidden 256, 4 layers, 4 heads, FFN 512. Every variant pretrains through
-launch/pretrain.py with the same steps, batch, data and seeds (MLflow experiment `pemt-evidence`).
+Tasks (`--task`):
+- `digits` (the default): spoken and handwritten digits (tools/make_av_digits.py): each second of a
+  video shows a small handwritten digit among clutter while a voice says it over noise and babble;
+  held-out videos use digit images and voices no training video uses. Probe label: the digit shown
+  and spoken most often (10 classes); the table also probes `unspoken` (shown, never spoken: only
+  both modalities tell it). Few-shot probes use 1, 5 and 10 videos per class.
+- `rhythm`, `sync`, `classes`: the generated timing tasks (pemt/data/synthetic.py; 32 classes;
+  2, 4 and 8 shots), which the model cannot learn at this budget (results/sharing_quality*.md).
 
-Probe: the frozen model's features of every video (the multimodal transformer's BOS output and its
-mean visual and audio outputs, concatenated) are computed once per model; a multinomial logistic
-regression (L-BFGS, weight decay) is fit on the features of k videos per class (k = 2, 4, 8; three
-draws each, averaged) and of all training videos, and scored on a fixed held-out set. Random
-initialisations of each shape give the floor; `--rows ... supervised` adds the ceiling: each variant
-trained on the labels end to end with the same budget (launch/finetune.py, `task.name=long_av`) and
-scored on the same held-out set (`--eval-every N`: also every N steps, the row's curve). Each
-pretraining run, probe and supervised run is cached in `<root>/rows.json`, so an interrupted build
-continues where it stopped.
-Writes benchmarks/results/sharing_quality.{md,png}.
+Every variant pretrains through launch/pretrain.py with the same steps, batch, data and seeds, and
+the defaults of configs/pretrain.yaml (MLflow experiment `pemt-evidence`); `--set KEY=VALUE`
+applies an override to every variant and names the results file. Probe: the frozen model's features
+of every video (the multimodal transformer's BOS output and its mean visual and audio outputs)
+feed a multinomial logistic regression fit on k videos per class (three draws, averaged) and on all
+training videos, scored on the held-out set. Random initialisations give the floor; `--rows ...
+supervised` the ceiling: each variant trained on the labels end to end with the same budget
+(launch/finetune.py, `task.name=long_av`), scored on the same held-out set. The gate (digits) is
+printed above the table: ceiling >= 85%, the random floor >= 30 points below it, the unshared
+model pretrained >= 20 points above its floor. Each pretraining run, probe and supervised run is
+kept in `<root>/rows.json`, so an interrupted build continues. Writes
+benchmarks/results/sharing_quality[_<task>][_<key>-<value>].{md,png}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from common import add_set_option, launch, save_rows
+from probes import decoded, features, few_shot, fit_probe, spread
+from sharing_quality_table import PRETRAINED, RANDOM, SUPERVISED, cached_rows, output_name, plot, render, row_key
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-
-from overrides import add_set_option  # noqa: E402
-from pretraining_evidence import launch  # noqa: E402
-from row_cache import save_rows  # noqa: E402
-from sharing_quality_table import (  # noqa: E402
-    LOSSES,
-    PRETRAINED,
-    RANDOM,
-    SHOTS,
-    SUPERVISED,
-    cached_rows,
-    output_name,
-    plot,
-    render,
-    row_key,
-)
 
 FACTORIZED = "[layer,cross,factorized]"
 # name: overrides (each also pretrained from scratch with the same budget)
@@ -92,22 +79,74 @@ VARIANTS = {
         "model.factorized.normalize=unit",
     ],
 }
-FRAMES = 32  # frames per video (4 s at 8 fps), cut into --clips clips
 RANDOM_OF = ["none", "layer", "layer+cross", "factorized r64"]  # random initialisations probed as floors
 
 
+@dataclass(frozen=True)
+class Task:
+    classes: int
+    shots: tuple[int, ...]
+    variants: tuple[str, ...]  # the table's rows by default
+    steps: int
+    batch: int
+    videos: int
+    test_videos: int
+    labels: tuple[str, ...] = ("label",)  # probed, the first is the table's (and the ceiling's) label
+
+
+TASKS = {
+    "digits": Task(
+        classes=10,
+        shots=(1, 5, 10),
+        variants=("none", "layer", "layer+cross", "factorized r64", "factorized r64, uniform negatives"),
+        steps=600,
+        batch=32,
+        videos=2048,
+        test_videos=512,
+        labels=("label", "unspoken"),
+    ),
+    **{
+        name: Task(32, (2, 4, 8), tuple(VARIANTS), steps=300, batch=32, videos=1024, test_videos=256)
+        for name in ("rhythm", "sync", "classes")
+    },
+}
+# The digits study's clips: one token per second of a 6-second video, 2 frames each, 32 x 32
+DIGITS_DATA = ["data.clips=6", "data.frames_per_clip=2", "data.fps=2", "data.crop=32"]
+# ... and CNNs that can read a digit of 10-16 pixels and hear a word in noise: 3 stages of width 16
+# (the tiny model's 2 stages of width 8 do not learn either in this budget)
+DIGITS_CNNS = [
+    "model.visual_cnn.width=16",
+    "model.visual_cnn.layers=[1,1,1]",
+    "model.audio_cnn.width=16",
+    "model.audio_cnn.layers=[1,1,1]",
+    "model.audio_cnn.stem_stride=2",
+]
+SYNTHETIC_FRAMES = 32  # frames per timing-task video (4 s at 8 fps), cut into --clips clips
+
+
 def model_overrides(args: argparse.Namespace) -> list[str]:
-    """The model's size, then the `--set` overrides every variant shares."""
+    """The model's size (the task's CNNs), then the `--set` overrides every variant shares."""
     return [
         f"model.hidden_size={args.hidden}",
         f"model.num_layers={args.layers}",
         "model.num_heads=4",
         f"model.ffn_size={2 * args.hidden}",
+        *(DIGITS_CNNS if args.task == "digits" else []),
         *args.overrides,
     ]
 
 
-def data_overrides(args: argparse.Namespace, videos: int, seed: int) -> list[str]:
+def digits_root(args: argparse.Namespace, root: Path) -> Path:
+    """Where the digit videos of these settings are packed (train/ and held_out/)."""
+    return root / f"digits-{args.videos}-{args.test_videos}"
+
+
+def data_overrides(args: argparse.Namespace, videos: int, seed: int, root: Path | None = None) -> list[str]:
+    """The data of the training set (seed 0) or the held-out one (seed 1)."""
+    if args.task == "digits":
+        assert root is not None, "digit shards live under the benchmark's root"
+        split = "train" if seed == 0 else "held_out"
+        return ["data=shards", f"data.shards={digits_root(args, root) / split}", *DIGITS_DATA, "data.num_workers=1"]
     return [
         f"data.synthetic.task={args.task}",
         "data.synthetic.classes=32",
@@ -117,7 +156,7 @@ def data_overrides(args: argparse.Namespace, videos: int, seed: int) -> list[str
         f"data.synthetic.seed={seed}",
         # The whole 4 s at 8 fps (32 frames), cut into `clips` tokens per modality.
         f"data.clips={args.clips}",
-        f"data.frames_per_clip={FRAMES // args.clips}",
+        f"data.frames_per_clip={SYNTHETIC_FRAMES // args.clips}",
         "data.fps=8",
     ]
 
@@ -129,7 +168,7 @@ def pretrain_overrides(args: argparse.Namespace, root: Path, variant: str, seed:
         "mlflow.system_metrics=false",
         "gpus_per_node=1",
         f"seed={seed}",
-        *data_overrides(args, args.videos, 0),
+        *data_overrides(args, args.videos, 0, root),
         *model_overrides(args),
         *VARIANTS[variant],
         f"train.max_steps={args.steps}",
@@ -145,11 +184,15 @@ def supervised_overrides(args: argparse.Namespace, root: Path, variant: str, see
     """The same model, data and budget trained on the labels end to end (launch/finetune.py from a
     random initialisation), scored on the probes' held-out set: what the architecture can learn of
     the task in this budget when it is told the class."""
+    held_out = (
+        [f"eval.shards={digits_root(args, root) / 'held_out'}"]
+        if args.task == "digits"
+        else ["eval.seed=1", f"eval.synthetic_videos={args.test_videos}"]  # the probes' held-out videos
+    )
     return [
         *pretrain_overrides(args, root, variant, seed),
         "task.name=long_av",
-        "eval.seed=1",  # the probes' held-out videos (videos_of(..., seed=1))
-        f"eval.synthetic_videos={args.test_videos}",
+        *held_out,
         "eval.batch_size=32",
         *([f"eval.every={args.eval_every}"] if args.eval_every else []),
     ]
@@ -167,12 +210,11 @@ def supervised_top1(run_dir: Path) -> dict[int, float]:
 
 
 def final_losses(root: Path, run_id: str) -> dict[str, float]:
-    """The pretraining objectives' last logged values: has the run learned anything?"""
+    """The pretraining objectives' last logged values and representation spreads: has it learned?"""
     from mlflow.tracking import MlflowClient
 
-    tracking_uri = _compose([f"paths.root={root}"]).mlflow.tracking_uri  # where launch/pretrain.py logged it
-    metrics = MlflowClient(tracking_uri).get_run(run_id).data.metrics
-    return {k: metrics[k] for k in LOSSES if k in metrics}
+    metrics = MlflowClient(f"sqlite:///{root}/mlflow.db").get_run(run_id).data.metrics
+    return {k: v for k, v in metrics.items() if k.startswith(("loss_", "spread_", "pair_accuracy"))}
 
 
 def _compose(overrides: list[str]):
@@ -181,103 +223,35 @@ def _compose(overrides: list[str]):
     return compose_config("pretrain", overrides=overrides)
 
 
+def make_data(args: argparse.Namespace, root: Path) -> None:
+    """The digit videos, packed once per setting (the timing tasks are generated by the launches)."""
+    if args.task != "digits":
+        return
+    from pemt.apps.make_av_digits import make_av_digits
+    from pemt.data.digits import DigitsSpec
+
+    spec = DigitsSpec(videos=args.videos)  # the tool's defaults: 6 s, 32 px
+    make_av_digits(digits_root(args, root), spec, args.test_videos)
+
+
 def videos_of(args: argparse.Namespace, root: Path, videos: int, seed: int) -> dict:
-    """Decoded clips and labels of a synthetic set (decoded once, cached as tensors)."""
-    import torch
+    """Decoded clips and labels of the training (seed 0) or held-out (seed 1) set, decoded once."""
+    labels = TASKS[args.task].labels
+    if args.task == "digits":
+        cfg = _compose(data_overrides(args, videos, seed, root))
+        folder = Path(cfg.data.shards)
+    else:
+        from pemt.data.synthetic import ensure_synthetic_shards
 
-    cache = root / f"decoded-{args.task}-{videos}-{seed}{'' if args.clips == 8 else f'-{args.clips}clips'}.pt"
-    if cache.exists():
-        return torch.load(cache, weights_only=True)
-    from pemt.data.loader import clip_spec, decode_sample
-    from pemt.data.shards import read_manifest
-    from pemt.data.stream import shard_samples
-    from pemt.data.synthetic import ensure_synthetic_shards
-
-    cfg = _compose([f"paths.root={root}", *data_overrides(args, videos, seed)])
-    folder = ensure_synthetic_shards(cfg)
-    spec = clip_spec(cfg.data)
-    decoded = [
-        decode_sample(sample, spec, window_seed=None)
-        for entry in read_manifest(folder)
-        for sample, _ in shard_samples(str(folder / entry["name"]), int(entry["samples"]))
-    ]
-    out = {
-        "video": torch.stack([d["video"] for d in decoded]),
-        "audio": torch.stack([d["audio"] for d in decoded]),
-        "label": torch.tensor([d["label"] for d in decoded]),
-    }
-    torch.save(out, cache)
-    return out
-
-
-def _forward(backbone, video, audio):
-    """Clip embeddings of both modalities and the multimodal transformer's output, frozen."""
-    import torch
-
-    from pemt.data.decode import video_to_float
-
-    with torch.no_grad():
-        visual, audio = backbone.embed_clips(video_to_float(video, "cpu", torch.float32), audio)
-        visual_out = backbone.contextualise("visual", visual)[:, 1:]
-        audio_out = backbone.contextualise("audio", audio)[:, 1:]
-        return visual, audio, backbone.fuse(visual_out, audio_out)
-
-
-def features(model, data: dict, batch: int = 64):
-    """The frozen model's features: fused BOS output, mean fused visual and audio outputs."""
-    import torch
-
-    outs = []
-    model.eval()
-    for i in range(0, len(data["label"]), batch):
-        visual, _, fused = _forward(model.backbone, data["video"][i : i + batch], data["audio"][i : i + batch])
-        length = visual.shape[1]
-        outs.append(torch.cat([fused[:, 0], fused[:, 1 : 1 + length].mean(1), fused[:, 2 + length :].mean(1)], 1))
-    return torch.cat(outs)
-
-
-def across(x) -> float:
-    """How much x (videos first) differs between videos: the standard deviation across videos relative
-    to the RMS (near 0: every video looks alike to the objectives and the probe)."""
-    x = x.flatten(1)
-    return float(x.std(0).mean() / x.square().mean().sqrt())
-
-
-def spread(model, data: dict, count: int = 64) -> dict[str, float]:
-    """How much the frozen model's clip embeddings and fused BOS output differ between videos
-    (`across`), and across the clips of one video for the visual embeddings."""
-    model.eval()
-    visual, audio, fused = _forward(model.backbone, data["video"][:count], data["audio"][:count])
-    return {
-        "visual clips": across(visual),
-        "audio clips": across(audio),
-        "visual clips within a video": float(visual.std(1).mean() / visual.square().mean().sqrt()),
-        "fused BOS": across(fused[:, 0]),
-    }
-
-
-def fit_probe(train_x, train_y, test_x, test_y, classes: int, weight_decay: float = 1e-3) -> float:
-    """Top-1 (%) of a multinomial logistic regression on standardised features."""
-    import torch
-
-    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    linear = torch.nn.Linear(train_x.shape[1], classes)
-    optimizer = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(linear(train_x), train_y) + weight_decay * linear.weight.square().sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    with torch.no_grad():
-        return 100.0 * float((linear(test_x).argmax(1) == test_y).float().mean())
+        cfg = _compose([f"paths.root={root}", *data_overrides(args, videos, seed)])
+        folder = ensure_synthetic_shards(cfg)
+    clips = "" if args.clips == 8 or args.task == "digits" else f"-{args.clips}clips"
+    return decoded(folder, cfg.data, root / f"decoded-{args.task}-{videos}-{seed}{clips}.pt", labels)
 
 
 def probe_model(args: argparse.Namespace, root: Path, variant: str, seed: int, run_dir: Path | None) -> dict:
-    """Probe accuracies (full and k-shot) of a pretrained run, or of a random initialisation."""
+    """Probe accuracies (full and k-shot; full for every other label) of a pretrained run, or of a
+    random initialisation."""
     import torch
 
     from pemt.model.factory import build_pretraining_model
@@ -285,7 +259,7 @@ def probe_model(args: argparse.Namespace, root: Path, variant: str, seed: int, r
     if run_dir is None:
         torch.manual_seed(seed)
         model = build_pretraining_model(
-            _compose([*data_overrides(args, args.videos, 0), *model_overrides(args), *VARIANTS[variant]])
+            _compose([*data_overrides(args, args.videos, 0, root), *model_overrides(args), *VARIANTS[variant]])
         )
     else:
         from omegaconf import OmegaConf
@@ -295,57 +269,44 @@ def probe_model(args: argparse.Namespace, root: Path, variant: str, seed: int, r
         weights, saved = consolidated_state(run_dir)
         model = build_pretraining_model(OmegaConf.create(saved["config"]))
         model.load_state_dict(weights, strict=True)
+    task = TASKS[args.task]
     train, test = videos_of(args, root, args.videos, 0), videos_of(args, root, args.test_videos, 1)
     train_x, test_x = features(model, train), features(model, test)
-    train_y, test_y = train["label"], test["label"]
-    result = {"full": fit_probe(train_x, train_y, test_x, test_y, 32), "spread": spread(model, train)}
-    for shots in SHOTS:
-        scores = []
-        for draw in range(3):
-            generator = torch.Generator().manual_seed(1000 * shots + draw)
-            chosen = torch.cat(
-                [
-                    torch.nonzero(train_y == c).squeeze(1)[
-                        torch.randperm(int((train_y == c).sum()), generator=generator)[:shots]
-                    ]
-                    for c in range(32)
-                ]
-            )
-            scores.append(fit_probe(train_x[chosen], train_y[chosen], test_x, test_y, 32))
-        result[f"{shots}-shot"] = statistics.mean(scores)
+    main, *others = task.labels
+    result = {"full": fit_probe(train_x, train[main], test_x, test[main], task.classes), "spread": spread(model, train)}
+    for label in others:
+        result[f"full {label}"] = fit_probe(train_x, train[label], test_x, test[label], task.classes)
+    for shots in task.shots:
+        result[f"{shots}-shot"] = few_shot(train_x, train[main], test_x, test[main], task.classes, shots)
     return result
 
 
-def transformer_params(args: argparse.Namespace, variant: str) -> int:
-    import torch
+def transformer_params(args: argparse.Namespace, root: Path, variant: str) -> int:
+    from pemt.model.factory import describe_counts
 
-    from pemt.model.factory import build_pretraining_model
-    from pemt.model.params import count_parameters
-
-    torch.manual_seed(0)
-    cfg = _compose([*data_overrides(args, args.videos, 0), *model_overrides(args), *VARIANTS[variant]])
-    return count_parameters(build_pretraining_model(cfg))["transformers"]
+    cfg = _compose([*data_overrides(args, args.videos, 0, root), *model_overrides(args), *VARIANTS[variant]])
+    return int(describe_counts(cfg)["transformers"])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=REPO / "outputs" / "sharing_quality")
-    parser.add_argument("--task", choices=["rhythm", "sync", "classes"], default="rhythm", help="data.synthetic.task")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--videos", type=int, default=1024, help="pretraining (and probe training) videos")
-    parser.add_argument("--test-videos", type=int, default=256, help="held-out videos (one video < 0.5 point)")
+    parser.add_argument("--task", choices=list(TASKS), default="digits")
+    parser.add_argument("--steps", type=int, help="pretraining steps (default: the task's)")
+    parser.add_argument("--batch", type=int, help="global batch (default: the task's)")
+    parser.add_argument("--videos", type=int, help="pretraining (and probe training) videos")
+    parser.add_argument("--test-videos", type=int, help="held-out videos")
     parser.add_argument(
         "--clips",
         type=int,
         default=8,
         choices=[8, 16, 32],
-        help="clips (tokens per modality) per 4 s video: each token pools 4 s / clips of time",
+        help="timing tasks: clips (tokens per modality) per 4 s video; each token pools 4 s / clips of time",
     )
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="rows (default: the task's)")
     add_set_option(parser, "loss.contrastive_weight=1.0")
     parser.add_argument(
         "--rows",
@@ -361,8 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 variant, 1 seed, few steps and videos")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
+    task = TASKS[args.task]
+    for key in ("steps", "batch", "videos", "test_videos"):
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(task, key))
+    args.variants = args.variants or list(task.variants)
     if args.quick:
-        args.steps, args.videos, args.test_videos, args.seeds = 4, 64, 64, [0]
+        args.steps, args.videos, args.test_videos, args.seeds = 4, 64, 32 if args.task == "digits" else 64, [0]
         args.hidden, args.layers, args.batch, args.variants = 64, 2, 16, ["factorized r64"]
     from tqdm import tqdm
 
@@ -374,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         settings["overrides"] = args.overrides
     if args.clips != 8:
         settings["clips"] = args.clips
+    make_data(args, root)
     done_file = root / "rows.json"
     rows = cached_rows(done_file, settings)
     wanted = [(v, s, PRETRAINED) for v in args.variants for s in args.seeds if PRETRAINED in args.rows]
@@ -401,13 +368,13 @@ def main(argv: list[str] | None = None) -> int:
             row["probe_s"] = time.perf_counter() - started
         rows.append(row)
         save_rows(done_file, settings, rows)
-    params = {v: transformer_params(args, v) for v in args.variants}
-    table = render([r for r in rows if row_key(r) in wanted], args, params)
+    params = {v: transformer_params(args, root, v) for v in args.variants}
+    table = render([r for r in rows if row_key(r) in wanted], args, params, task)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     name = output_name(args)
     (args.out / f"{name}.md").write_text(table)
-    plot(rows, args, params, args.out / f"{name}.png")
+    plot(rows, args, params, task, args.out / f"{name}.png")
     return 0
 
 

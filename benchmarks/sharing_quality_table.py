@@ -7,12 +7,15 @@ from __future__ import annotations
 import argparse
 import statistics
 from pathlib import Path
+from typing import Any
 
-import row_cache
+import common
 
-SHOTS = (2, 4, 8)
 PRETRAINED, RANDOM, SUPERVISED = "pretrained", "random", "supervised"  # the kinds of row
 LOSSES = ("loss_mep_visual", "loss_mep_audio", "loss_pair")  # chance: ln 17 (16 negatives), ln 17, ln 2
+# The gate before any comparison (digits): the ceiling, the floor's distance below it, and what the
+# unshared model's pretraining must add to its floor, in points of held-out top-1.
+CEILING, FLOOR_BELOW, PRETRAINING_GAIN = 85.0, 30.0, 20.0
 
 
 def row_kind(row: dict) -> str:
@@ -25,7 +28,7 @@ def row_key(row: dict) -> tuple[str, int, str]:
 
 def cached_rows(done_file: Path, settings: dict) -> list[dict]:
     """The cached rows of these settings (probes from before the spread was measured are probed again)."""
-    return [r for r in row_cache.cached_rows(done_file, settings) if "spread" in r["probe"] or r.get("supervised")]
+    return [r for r in common.cached_rows(done_file, settings) if "spread" in r["probe"] or r.get("supervised")]
 
 
 def output_name(args: argparse.Namespace) -> str:
@@ -48,16 +51,49 @@ def _stats(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {spread:.1f}"
 
 
-def render(rows: list[dict], args: argparse.Namespace, params: dict[str, int]) -> str:
-    columns = ["full", *(f"{k}-shot" for k in SHOTS)]
+def _mean(rows: list[dict], column: str) -> float | None:
+    values = [r["probe"][column] for r in rows if column in r["probe"]]
+    return statistics.mean(values) if values else None
+
+
+def gate(rows: list[dict]) -> list[str]:
+    """The gate's lines: the supervised ceiling, the random floor below it, and the unshared model's
+    gain from pretraining (means over seeds, full probe of the main label)."""
+    unshared = [r for r in rows if r["variant"] == "none"]
+    ceiling, floor, pretrained = (
+        _mean([r for r in unshared if row_kind(r) == k], "full") for k in (SUPERVISED, RANDOM, PRETRAINED)
+    )
+    if None in (ceiling, floor, pretrained):
+        return ["The gate needs the rows of `none` pretrained, random and supervised (`--rows ... supervised`).", ""]
+    assert ceiling is not None and floor is not None and pretrained is not None
+
+    def verdict(ok: bool) -> str:
+        return "**met**" if ok else "**not met**"
+
+    return [
+        "The gate (no sharing, full probe, held-out top-1, means over seeds):",
+        "",
+        f"- supervised ceiling {ceiling:.1f}% (target >= {CEILING:.0f}%): {verdict(ceiling >= CEILING)}",
+        f"- random initialisation {floor:.1f}%, {ceiling - floor:.1f} points below the ceiling "
+        f"(target >= {FLOOR_BELOW:.0f}): {verdict(ceiling - floor >= FLOOR_BELOW)}",
+        f"- pretrained {pretrained:.1f}%, {pretrained - floor:+.1f} points over its random initialisation "
+        f"(target >= +{PRETRAINING_GAIN:.0f}): {verdict(pretrained - floor >= PRETRAINING_GAIN)}",
+        "",
+    ]
+
+
+def render(rows: list[dict], args: argparse.Namespace, params: dict[str, int], task: Any) -> str:
+    extra = [f"full {label}" for label in task.labels[1:]]
+    columns = ["full", *(f"{k}-shot" for k in task.shots), *extra]
     lines = [
         f"# Sharing quality on the {args.task} task"
         + (f", every variant with {', '.join(f'`{o}`' for o in args.overrides)}" if args.overrides else "")
         + "\n",
-        f"{args.steps} pretraining steps x batch {args.batch}, {args.videos} videos (32 classes), held-out "
-        f"{args.test_videos}; {args.clips} clips per video; transformers hidden "
-        f"{args.hidden}, {args.layers} layers; seeds "
-        f"{', '.join(map(str, args.seeds))}; probe top-1 % (mean ± sd over seeds; chance 3.1%)\n",
+        f"{args.steps} pretraining steps x batch {args.batch}, {args.videos} videos ({task.classes} classes), held-out "
+        f"{args.test_videos}; transformers hidden {args.hidden}, {args.layers} layers; seeds "
+        f"{', '.join(map(str, args.seeds))}; probe top-1 % (mean ± sd over seeds; chance {100 / task.classes:.1f}%). "
+        f"{common.machine_line()}.\n",
+        *(gate(rows) if args.task == "digits" else []),
         "| variant | transformer params | vs none | " + " | ".join(columns) + " | fused BOS spread | final MEP "
         "visual / audio, pair loss | pretrain min |",
         "|---|---:|---:|" + "---:|" * len(columns) + "---:|---:|---:|",
@@ -74,7 +110,9 @@ def render(rows: list[dict], args: argparse.Namespace, params: dict[str, int]) -
             spreads = [r["probe"]["spread"]["fused BOS"] for r in mine if "spread" in r["probe"]]
             cells.append(f"{statistics.mean(spreads):.3f}" if spreads else "-")
             losses = [r["losses"] for r in mine if r.get("losses")]
-            cells.append(" / ".join(f"{statistics.mean(x[k] for x in losses):.2f}" for k in LOSSES) if losses else "-")
+            cells.append(
+                " / ".join(f"{statistics.mean(x[k] for x in losses if k in x):.2f}" for k in LOSSES) if losses else "-"
+            )
             minutes = statistics.mean(r["pretrain_s"] for r in mine) / 60
             lines.append(
                 f"| {name.format(variant)} | {params[variant] / 1e6:.2f}M | {ratio} | "
@@ -90,14 +128,14 @@ def render(rows: list[dict], args: argparse.Namespace, params: dict[str, int]) -
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], args: argparse.Namespace, params: dict[str, int], path: Path) -> None:
+def plot(rows: list[dict], args: argparse.Namespace, params: dict[str, int], task: Any, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, column in zip(axes, ("8-shot", "full")):
+    for ax, column in zip(axes, (f"{task.shots[-1]}-shot", "full")):
         for kind, marker in ((PRETRAINED, "o"), (RANDOM, "x"), (SUPERVISED, "^")):
             for variant in args.variants:
                 mine = [

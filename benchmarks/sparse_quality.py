@@ -28,8 +28,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from pretraining_evidence import HERE, launch, probe_accuracy, results_stem
-from row_cache import cached_rows, save_rows
+from common import cached_rows, launch, probe_accuracy, results_stem, save_rows
+
+HERE = Path(__file__).resolve().parent
 
 DENSE = "dense"
 RANDOM = "random"  # no pretraining: the probe's floor

@@ -27,7 +27,6 @@ import datetime
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -37,14 +36,13 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
+from common import add_set_option
 from omegaconf import DictConfig, OmegaConf
 
 from pemt.config import compose_config
 from pemt.distributed import leave_distributed
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from overrides import add_set_option  # noqa: E402
 
 # A model where the transformers are not trivially small: hidden 256, 4 layers, 8 clips.
 MODELS = {

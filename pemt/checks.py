@@ -10,6 +10,7 @@ from pemt.cluster.keys import check_cluster
 from pemt.curriculum import stages
 from pemt.data.loader import check_data
 from pemt.model.factory import check_model
+from pemt.train.collapse import check_collapse
 from pemt.train.compilation import check_compile
 from pemt.train.engine_config import check_batch, check_world
 from pemt.train.profiling import check_profile
@@ -25,6 +26,7 @@ def validate(cfg: DictConfig) -> None:
     stages(cfg)  # the curriculum's stages, or the one stage of the plain config
     check_profile(cfg)
     check_compile(cfg)
+    check_collapse(cfg)
     if "task" in cfg:
         from pemt.downstream.task import check_task
 

@@ -17,6 +17,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from pemt.secrets import mask_secret_overrides
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the package
 DEFAULT_RUN_NAME = "default"
 MAX_RUN_NAME_BYTES = 200  # file systems take 255 bytes per name
@@ -31,6 +33,7 @@ def run_name(override_dirname: str) -> str:
     separators in values (task.init=..., data.shards=...) become '_' so the run stays one folder,
     and the name then ends with a hash of the overrides as given, so `/d/a_b` and `/d/a/b` stay two
     runs; a name past what file systems take is cut and ended with a hash of the whole."""
+    override_dirname = mask_secret_overrides(override_dirname)  # a folder name never holds a secret
     name = override_dirname.replace(os.sep, "_") or DEFAULT_RUN_NAME
     if name != (override_dirname or DEFAULT_RUN_NAME):
         name += "-" + hashlib.sha1(override_dirname.encode()).hexdigest()[:8]

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from pemt.host_memory import keep_freed_host_memory
+from pemt.secrets import mask_log_secrets
 
 log = logging.getLogger(__name__)
 
@@ -237,9 +238,12 @@ class _RankTag(logging.Filter):
 
 
 def tag_log_lines(rank: int) -> None:
-    """Every log line this process writes (pemt's, Hydra's, DeepSpeed's) says which rank wrote it."""
+    """Every log line this process writes (pemt's, Hydra's, DeepSpeed's) says which rank wrote it,
+    and shows no credential."""
     tag = _RankTag(rank)
-    for logger in (logging.getLogger(), logging.getLogger("DeepSpeed")):
+    loggers = (logging.getLogger(), logging.getLogger("DeepSpeed"))
+    for logger in loggers:
         for handler in logger.handlers:
             if not any(isinstance(f, _RankTag) for f in handler.filters):
                 handler.addFilter(tag)
+    mask_log_secrets(*loggers)

@@ -18,8 +18,8 @@ import yaml
 from pemt.config import hydra_quoted
 from pemt.ownership import RunLock, describe
 from pemt.rundir import is_run_dir
-from pemt.track.context import redact
-from pemt.train.checkpoint import Checkpointer
+from pemt.secrets import redact
+from pemt.train.checkpoint_files import committed_checkpoints
 from pemt.train.journal import read_journal
 
 ENTRY_POINTS = ("pretrain", "finetune")  # Hydra job names, each the app pemt.apps.<name>
@@ -71,7 +71,7 @@ def run_status(run_dir: Path) -> RunStatus:
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
         raise RunNotFound(f"{run_dir} is not a run dir (no .hydra/overrides.yaml)")
-    committed = Checkpointer(run_dir / "checkpoints").committed()
+    committed = committed_checkpoints(run_dir / "checkpoints")
     last = committed[-1] if committed else None
     journal = read_journal(run_dir)
     last_job = journal[-1] if journal else None

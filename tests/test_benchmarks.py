@@ -24,35 +24,41 @@ def _mlflow_runs(root: Path) -> int:
 
 @pytest.mark.slow
 def test_sharing_quality_quick_runs_the_whole_path_and_continues_from_its_cache(tmp_path: Path) -> None:
-    """`sharing_quality.py --quick`: a pretraining run through launch/pretrain.py (in MLflow), probes
-    of it and of a random initialisation of the same shape, the table and the plot; run again, it
-    pretrains nothing and writes the same table."""
+    """`sharing_quality.py --quick` on the digits task: the digit videos packed once, a pretraining run
+    through launch/pretrain.py (in MLflow), probes of it and of a random initialisation of the same
+    shape, the table (with the gate's lines) and the plot; run again, it pretrains nothing and writes
+    the same table."""
     root, out = tmp_path / "root", tmp_path / "out"
     command = [sys.executable, str(REPO / "benchmarks" / "sharing_quality.py"), "--quick", "--root", str(root)]
     first = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
-    table = (out / "sharing_quality_quick.md").read_text()
+    table = (out / "sharing_quality_digits_quick.md").read_text()
     assert "| random init, factorized r64 |" in table and "| factorized r64 |" in table
-    assert (out / "sharing_quality_quick.png").stat().st_size > 0
+    assert "The gate needs the rows of `none`" in table, "the gate is named even where it cannot be judged"
+    assert (out / "sharing_quality_digits_quick.png").stat().st_size > 0
     rows = json.loads((root / "rows.json").read_text())
     assert sorted(r["random"] for r in rows) == [False, True]
     for row in rows:
         probe = row["probe"]
-        assert all(0.0 <= probe[k] <= 100.0 for k in ("full", "2-shot", "4-shot", "8-shot"))
+        assert all(0.0 <= probe[k] <= 100.0 for k in ("full", "1-shot", "5-shot", "10-shot", "full unspoken"))
         assert all(0.0 < v < 2.0 for v in probe["spread"].values()), probe["spread"]
     pretrained = next(r for r in rows if not r["random"])
-    assert set(pretrained["losses"]) == {"loss_mep_visual", "loss_mep_audio", "loss_pair"}
+    assert {"loss_mep_visual", "loss_mep_audio", "loss_pair", "spread_fused"} <= set(pretrained["losses"])
     assert _mlflow_runs(root) >= 1
     runs = _mlflow_runs(root)
 
     again = subprocess.run([*command, "--out", str(tmp_path / "again")], capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert _mlflow_runs(root) == runs, "nothing pretrained again"
-    assert (tmp_path / "again" / "sharing_quality_quick.md").read_text() == table
+    assert (tmp_path / "again" / "sharing_quality_digits_quick.md").read_text() == table
 
 
 def _benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    """A benchmark script (`name`, or `studies/name`) as a module; the benchmarks' folder on the path,
+    as when it runs (it imports the shared helpers)."""
+    if str(REPO / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(Path(name).name, REPO / "benchmarks" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -68,8 +74,7 @@ def test_pretraining_evidence_continues_where_it_stopped_with_the_times_measured
     third time it launches nothing; other settings run everything. The launches stand in for
     launch/pretrain.py and launch/finetune.py, which `sharing_quality.py --quick` drives for real
     above: this is about what the benchmark does around them."""
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    bench = _benchmark("pretraining_evidence")
+    bench = _benchmark("studies/pretraining_evidence")
     launched: list[tuple[str, list[str]]] = []
     interrupt_at = [3]
 
@@ -144,6 +149,12 @@ def test_sharing_quality_supervised_ceiling_trains_the_same_model_on_the_probes_
     held_out = held_out_config(supervised).data.synthetic
     probes = compose_config("pretrain", bench.data_overrides(args, args.test_videos, 1)).data.synthetic
     assert (held_out.seed, held_out.videos, held_out.task) == (probes.seed, probes.videos, probes.task)
+    # digits: the ceiling trains on the probes' training shards and is scored on their held-out ones
+    digits = argparse.Namespace(**{**vars(args), "task": "digits"})
+    trained = compose_config("finetune", bench.supervised_overrides(digits, tmp_path, variant, 2))
+    assert trained.data.shards == str(bench.digits_root(digits, tmp_path) / "train")
+    assert trained.eval.shards == str(bench.digits_root(digits, tmp_path) / "held_out")
+    assert trained.model.audio_cnn.stem_stride == 2, "the digits study's CNNs"
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -168,7 +179,7 @@ def test_sharing_quality_supervised_ceiling_trains_the_same_model_on_the_probes_
     ]
     bench.save_rows(tmp_path / "rows.json", settings, [*rows, {**rows[0], "supervised": False, "probe": {"full": 9.0}}])
     assert bench.cached_rows(tmp_path / "rows.json", settings) == rows, "kept, not run again; the old probe is"
-    table = bench.render(rows, args, {variant: 550_000})
+    table = bench.render(rows, args, {variant: 550_000}, bench.TASKS["rhythm"])
     assert "| supervised, factorized r64 (held-out top-1) | 0.55M | - | 42.0 ± 2.8 | - | - | - | - | - | 1.0 |" in table
     assert "- factorized r64, seed 1: 150: 20.0, 300: 44.0" in table, "the held-out curve, in step order"
 
@@ -177,7 +188,8 @@ def test_pair_objective_quick_writes_every_row_and_out_norm_spreads_the_clips(tm
     """`pair_objective.py --quick`: every row trains and lands in the table, and the rows with
     `out_norm` show clip embeddings that differ between videos far more than the row without."""
     out = tmp_path / "out"
-    command = [sys.executable, str(REPO / "benchmarks" / "pair_objective.py"), "--quick", "--root", str(tmp_path)]
+    command = [sys.executable, str(REPO / "benchmarks" / "studies" / "pair_objective.py"), "--quick"]
+    command += ["--root", str(tmp_path)]
     done = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     table = [line for line in (out / "pair_objective_quick.md").read_text().splitlines() if line.startswith("|")]
@@ -258,3 +270,21 @@ def test_gpu_suite_records_a_failing_part_runs_the_others_and_exits_non_zero(tmp
     assert done.returncode != 0
     for part in ("throughput", "step_overhead", "sparse_attention", "batchnorm"):
         assert f"## {part}: exit 1" in log, log
+
+
+def test_converging_holds_a_test_run_to_the_seeds_spread_of_the_control() -> None:
+    """`converging.py`: each test run's largest deviation from the control, per objective, against the
+    largest difference between control seeds; a run outside it is flagged."""
+    bench = _benchmark("converging")
+    args = argparse.Namespace(steps=30, log_every=10, batch=16, seeds=[0, 1], tests=["ZeRO-1", "compiled"])
+
+    def curve(offset: float) -> dict[str, dict[int, float]]:
+        return {key: {10: 3.0 + offset, 20: 2.5 + offset, 30: 2.0 + offset} for key in bench.CURVES}
+
+    loaded = {("control", 0): curve(0.0), ("control", 1): curve(0.05), ("ZeRO-1", 0): curve(1e-6)}
+    loaded[("compiled", 0)] = curve(0.2)
+    table = bench.render(args, loaded, {key: 60.0 for key in loaded})
+    lines = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
+    assert "| 0.0500 |" in lines["| seeds' spread (control)"]
+    assert lines["| ZeRO-1"].endswith("| yes | 1.0 |") and "| 0.0000 |" in lines["| ZeRO-1"]
+    assert lines["| compiled"].endswith("| **no** | 1.0 |") and "| 0.2000 |" in lines["| compiled"]

@@ -42,6 +42,17 @@ def test_run_dir_ignores_keys_that_do_not_change_the_science() -> None:
     assert "train.lr" not in excluded
 
 
+def test_a_key_that_continues_a_run_may_also_change_on_resume() -> None:
+    """Keys left out of the run dir's name (the same command continues the run) are the ones a
+    resume accepts changed: the two lists cannot drift apart."""
+    from pemt.train.continuity import EXECUTION_KEYS, _under
+
+    cfg = compose_config("pretrain", hydra=True)
+    excluded = list(cfg.hydra.job.config.override_dirname.exclude_keys)
+    assert [key for key in excluded if not _under(key, EXECUTION_KEYS)] == []
+    assert {"train.stop_on_collapse", "train.collapse.patience"} <= set(excluded)
+
+
 def test_no_cluster_setting_changes_the_run_dir() -> None:
     """Moving a run to another partition, time limit or requeue policy continues the same run."""
     from omegaconf import OmegaConf

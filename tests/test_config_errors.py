@@ -55,6 +55,22 @@ def test_unreachable_tracking_server_fails_before_any_job(tmp_path: Path, data_c
     assert not list(tmp_path.rglob(".submitit"))
 
 
+@pytest.mark.parametrize("refusal", ["bad key", "server down", "sweep"])
+def test_a_refused_launch_never_echoes_a_secret(tmp_path: Path, data_cache: Path, refusal: str) -> None:
+    """The terminal (and so a detached launch's launch.log) shows what was refused, with the
+    credentials of a tracking URI and the value of any key named like a secret masked."""
+    secrets = ["mlflow.tracking_uri=http://alice:PASSWORD123@127.0.0.1:9/", "+extra.api_token=TOKEN456"]
+    cause = {"bad key": ["data.clips=0"], "server down": [], "sweep": ["-m", "seed=1,2", "data.clips=0"]}[refusal]
+    result = run_pretrain(tmp_path, data_cache, *cause, *secrets, timeout=120)
+    shown = result.stdout + result.stderr
+    assert result.returncode != 0, describe(result)
+    assert "PASSWORD123" not in shown and "TOKEN456" not in shown, shown[-3000:]
+    assert ("in sweep point" in shown) == (refusal != "server down"), shown[-3000:]
+    assert "extra.api_token=***" in shown or refusal == "server down", shown[-3000:]
+    assert "127.0.0.1" in shown, "what was refused is still named"
+    _assert_nothing_started(tmp_path)
+
+
 def test_preflight_prints_the_plan_and_submits_nothing(tmp_path: Path, data_cache: Path) -> None:
     result = run_pretrain(
         tmp_path, data_cache, "preflight=true", "train.grad_accum_steps=2", "train.global_batch_size=16", timeout=120

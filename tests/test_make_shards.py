@@ -72,11 +72,27 @@ def test_interrupted_run_finishes_without_duplicates(videos: Path, tmp_path: Pat
     assert not list(out.glob(".*.partial"))
 
 
-def test_csv_list_with_labels(videos: Path, tmp_path: Path) -> None:
+def test_list_labels_and_other_columns_reach_the_samples(videos: Path, tmp_path: Path) -> None:
+    import webdataset as wds
+
     listing = tmp_path / "list.csv"
-    listing.write_text(f"path,label\n{videos}/a/clip0.mp4,3\n{videos}/b/clip5.mp4,1\n")
+    listing.write_text(f"path,label,speaker\n{videos}/a/clip0.mp4,3,ann\n{videos}/b/clip5.mp4,0,bob\n")
     manifest = make_shards(listing, tmp_path / "out", max_mb=100, progress=False)
     assert manifest["samples"] == 2 and len(manifest["shards"]) == 1
+    jsonl = tmp_path / "list.jsonl"
+    jsonl.write_text(json.dumps({"path": f"{videos}/a/clip0.mp4", "label": 0, "shown": [0, 4, 0]}) + "\n")
+    make_shards(jsonl, tmp_path / "out_jsonl", max_samples=4, progress=False)
+    metas = [
+        json.loads(sample["json"])
+        for out in ("out", "out_jsonl")
+        for sample in wds.WebDataset(str(tmp_path / out / "shard-000000.tar"), shardshuffle=False)
+    ]
+    # class 0 is kept as a label (not taken for "no label"); other columns ride along as given
+    assert [(m["label"], m.get("speaker"), m.get("shown")) for m in metas] == [
+        (3, "ann", None),
+        (0, "bob", None),
+        (0, None, [0, 4, 0]),
+    ]
 
 
 def test_separate_flac_is_packed_and_decoded(tmp_path: Path) -> None:

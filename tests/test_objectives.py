@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from conftest import free_port
 from pemt.model.collectives import gather_rows
 from pemt.model.objectives import (
+    excluded_from_negatives,
     generator,
     masked_embedding_loss,
     negative_probabilities,
@@ -29,10 +30,15 @@ def _pool() -> tuple[torch.Tensor, torch.Tensor]:
     return anchor, pool
 
 
+def _only_self(pool: torch.Tensor) -> torch.Tensor:
+    """Pool entry 0 (the positive) left out of the negatives of the one anchor."""
+    return torch.arange(len(pool))[None, :] == 0
+
+
 @pytest.mark.parametrize("strategy", ["content", "uniform"])
 def test_drawn_frequencies_match_the_target_distribution(strategy: str) -> None:
     anchor, pool = _pool()
-    exclude = torch.tensor([0])
+    exclude = excluded_from_negatives(torch.tensor([0]), len(pool), clips=len(pool), exclude="self", nearby=0)
     target = negative_probabilities(anchor, pool, exclude, strategy, temperature=0.5)[0]
     draws = 40_000
     torch.manual_seed(1)
@@ -48,7 +54,7 @@ def test_drawn_frequencies_match_the_target_distribution(strategy: str) -> None:
 def test_content_aware_draws_similar_instances_more_often() -> None:
     anchor, pool = _pool()
     torch.manual_seed(2)
-    drawn = sample_negatives(anchor, pool, torch.tensor([0]), 20_000, "content", temperature=0.5)[0]
+    drawn = sample_negatives(anchor, pool, _only_self(pool), 20_000, "content", temperature=0.5)[0]
     counts = torch.bincount(drawn, minlength=len(pool))[1:]
     assert all(a > b for a, b in zip(counts[:-1], counts[1:])), counts
 
@@ -63,9 +69,34 @@ def test_masked_embedding_loss_prefers_the_right_prediction() -> None:
     torch.manual_seed(0)
     targets = torch.randn(2, 6, 16)
     mask = random_mask(2, 6, 0.5, torch.device("cpu"))
-    right = masked_embedding_loss(targets, targets, mask, 8, "content", 0.1, 0.1)
-    wrong = masked_embedding_loss(torch.randn(2, 6, 16), targets, mask, 8, "content", 0.1, 0.1)
+    right, _ = masked_embedding_loss(targets, targets, mask, 8, "content", 0.1, 0.1)
+    wrong, _ = masked_embedding_loss(torch.randn(2, 6, 16), targets, mask, 8, "content", 0.1, 0.1)
     assert right < wrong
+
+
+def test_excluded_negatives_are_never_drawn_and_the_same_video_share_is_reported() -> None:
+    # 4 videos of 5 clips; each video's clips are near copies of one another (one look per video),
+    # the case where content-aware sampling draws mostly from the positive's own video.
+    torch.manual_seed(0)
+    looks = torch.randn(4, 1, 32)
+    targets = looks + 0.05 * torch.randn(4, 5, 32)
+    mask = torch.zeros(4, 5, dtype=torch.bool)
+    mask[:, 2] = True
+    positives = torch.arange(4) * 5 + 2
+    shares = {}
+    for exclude in ("self", "nearby", "video"):
+        excluded = excluded_from_negatives(positives, 20, clips=5, exclude=exclude, nearby=1)
+        same = (torch.arange(20)[None, :] // 5) == (positives[:, None] // 5)
+        allowed_same = {"self": 4, "nearby": 2, "video": 0}[exclude]  # own-video clips left to draw
+        assert int((same & ~excluded).sum(1).unique()) == allowed_same
+        pool = targets.flatten(0, 1)
+        drawn = sample_negatives(pool[positives], pool, excluded, 64, "content", 0.1)
+        assert not excluded.gather(1, drawn).any(), f"{exclude}: an excluded entry was drawn"
+        _, shares[exclude] = masked_embedding_loss(targets, targets, mask, 64, "content", 0.1, 0.1, exclude=exclude)
+    assert shares["self"] > 0.9, "alike clips of one video are the likeliest content-aware draws"
+    assert shares["video"] == 0
+    with pytest.raises(ValueError, match="loss.exclude_negatives='clip'"):
+        excluded_from_negatives(positives, 20, clips=5, exclude="clip", nearby=1)
 
 
 def _gather_worker(rank: int, port: int, results: dict) -> None:
@@ -144,7 +175,7 @@ def test_keyed_draws_do_not_depend_on_global_rng() -> None:
     draws = []
     for seed in (1, 2):
         torch.manual_seed(seed)
-        draws.append(sample_negatives(anchor, pool, torch.tensor([0]), 50, "content", 0.5, [generator(7, 0)]))
+        draws.append(sample_negatives(anchor, pool, _only_self(pool), 50, "content", 0.5, [generator(7, 0)]))
     assert torch.equal(draws[0], draws[1])
 
 

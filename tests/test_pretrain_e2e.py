@@ -19,6 +19,11 @@ EXPECTED_METRICS = {
     "loss_mep_audio",
     "loss_pair",
     "pair_accuracy",
+    "spread_visual",  # representation health: what the collapse watch reads
+    "spread_audio",
+    "spread_fused",
+    "mep_same_video_visual",
+    "grad_norm",
     "lr",
     "samples_per_s",
     "step_time_s",

@@ -168,12 +168,15 @@ def test_a_longer_run_says_how_its_schedule_stretches(caplog: pytest.LogCaptureF
 
 def test_credentials_never_reach_a_config_an_override_file_or_a_log() -> None:
     from pemt.cluster.launcher import _normalised
-    from pemt.track.context import redact, redact_config
+    from pemt.secrets import redact, redact_config
 
     environ_before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
     try:
         [overrides] = _normalised([["mlflow.tracking_uri=https://alice:s3cr%3At@track.example:5000", "seed=1"]])
-        assert overrides == ["mlflow.tracking_uri=https://track.example:5000", "seed=1"]
+        assert overrides == ["mlflow.tracking_uri='https://track.example:5000'", "seed=1"]
+        # as a sweep hands them over: Hydra escapes the colons
+        [swept] = _normalised([[r"mlflow.tracking_uri=https\://alice\:s3cr%3At@track.example\:5000"]])
+        assert swept == ["mlflow.tracking_uri='https://track.example:5000'"]
         assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice" and os.environ["MLFLOW_TRACKING_PASSWORD"] == "s3cr:t"
         with pytest.raises(ConfigError, match="other credentials"):
             _normalised([["mlflow.tracking_uri=https://bob:x@track.example:5000"]])
@@ -181,6 +184,10 @@ def test_credentials_never_reach_a_config_an_override_file_or_a_log() -> None:
         for key, value in environ_before.items():
             os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
     assert redact("see https://u:p@h/x?token=abc&n=1") == "see https://***@h/x?token=***&n=1"
+    assert redact(r"uri=http\://u\:p@h\:1 db.password=x AWS_SESSION_TOKEN=y") == (
+        r"uri=http\://***@h\:1 db.password=*** AWS_SESSION_TOKEN=***"
+    )
+    assert redact('{"secret_key": "k", "tokens_per_clip": 4}') == '{"secret_key": "***", "tokens_per_clip": 4}'
     assert redact_config({"a": ["http://u:p@h"], "b": 3}) == {"a": ["http://***@h"], "b": 3}
     [one] = _normalised([["run_dir=relative/run"]])
     assert one == [f"run_dir='{Path('relative/run').resolve()}'"]

@@ -374,3 +374,82 @@ def _node_state(env: dict[str, str], node: str) -> str:
     return subprocess.run(
         ["sinfo", "-h", "-n", node, "-o", "%T"], env=env, capture_output=True, text=True
     ).stdout.strip()
+
+
+def _videos(folder: Path, count: int) -> list[str]:
+    """Short generated videos (and one that is not a video); the keys make_shards gives them."""
+    from pemt.data.synthetic import SyntheticSpec, encode_mp4, render
+
+    folder.mkdir(parents=True)
+    spec = SyntheticSpec(videos=count, seconds=1.0, size=32)
+    for index in range(count):
+        frames, audio, _ = render(spec, index)
+        (folder / f"v{index:02d}.mp4").write_bytes(encode_mp4(frames, audio, spec.source_fps, spec.sample_rate))
+    (folder / "broken.mp4").write_bytes(b"not a video")
+    return [f"v{index:02d}" for index in range(count)]
+
+
+def _packed(out: Path) -> dict[str, dict[str, bytes]]:
+    """Every sample of a shard folder: key -> members, read through its manifest."""
+    import webdataset as wds
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    samples = {}
+    for entry in manifest["shards"]:
+        for sample in wds.WebDataset(str(out / entry["name"]), shardshuffle=False):
+            assert sample["__key__"] not in samples, f"{sample['__key__']} packed twice"
+            samples[sample["__key__"]] = {k: v for k, v in sample.items() if not k.startswith("__")}
+    return samples
+
+
+def test_make_shards_as_a_job_array_survives_a_dead_node_and_packs_what_one_machine_packs(
+    slurm: dict[str, str], tmp_path: Path
+) -> None:
+    keys = _videos(tmp_path / "videos", 24)
+    out = tmp_path / "array"
+    command = [sys.executable, "tools/make_shards.py", str(tmp_path / "videos"), str(out), "--samples", "2"]
+    array = [*command, "--slurm", "6", "--cpus-per-task", "1", "--time-min", "10"]
+    first = subprocess.Popen(array, cwd=REPO, env=slurm, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # The node of the first slice to start dies as it starts (a task takes seconds to start
+        # Python and read its inputs): that slice is left unfinished.
+        deadline, running = time.time() + 300, []
+        while not running and time.time() < deadline and first.poll() is None:
+            queue = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%N"], env=slurm, capture_output=True)
+            running = queue.stdout.decode().split()
+        assert running, first.communicate()[0][-3000:]
+        killed = subprocess.run([str(SCRIPT), "kill-node", running[0]], env=slurm, capture_output=True, text=True)
+        assert killed.returncode == 0, killed.stderr
+        output, _ = first.communicate(timeout=400)
+        [array_job] = {json.loads(line)["job_id"].split("_")[0] for line in (out / "array_jobs.jsonl").open()}
+        states = {r["state"] for r in _sacct(slurm, array_job)}
+        # Slurm requeues a task whose node died (it then finishes elsewhere), or the task fails and
+        # the command says how to finish; either way a slice was cut short
+        assert first.returncode in (0, 1) and states & {"NODE_FAIL", "REQUEUED", "FAILED"}, (states, output[-3000:])
+        if first.returncode:
+            assert "run the same command again" in output, output[-3000:]
+            status = subprocess.run(
+                [sys.executable, "tools/make_shards.py", "--status", str(out)], cwd=REPO, capture_output=True, text=True
+            )
+            assert status.returncode == 0 and "unfinished" in status.stdout, status.stdout + status.stderr
+            again = subprocess.run(array, cwd=REPO, env=slurm, capture_output=True, text=True, timeout=400)
+            assert again.returncode == 0, describe(again)
+    finally:
+        if first.poll() is None:
+            first.kill()
+        subprocess.run([str(SCRIPT), "start"], env=slurm, capture_output=True, timeout=300)
+    packed = _packed(out)
+    assert sorted(packed) == keys, "every readable video exactly once"
+    [skipped] = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert skipped["path"].endswith("broken.mp4")
+    # the same shards as one machine packs: the same samples in the same shards, the same bytes
+    one = tmp_path / "one"
+    packed_here = subprocess.run([*command[:3], str(one), *command[4:]], cwd=REPO, capture_output=True, text=True)
+    # (stored as they are: x264 is not bit-reproducible here, so transcoded bytes can differ run to run)
+    assert packed_here.returncode == 0, describe(packed_here)
+    assert _packed(one) == packed
+
+    def layout(folder: Path) -> list[tuple[str, int]]:
+        return [(e["name"], e["samples"]) for e in json.loads((folder / "manifest.json").read_text())["shards"]]
+
+    assert layout(out) == layout(one)

@@ -13,8 +13,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from mlflow.tracking import MlflowClient
-
 from pemt.track.compare import DEFAULT_METRICS, collect, format_table, plot, summary
 from pemt.track.tracker import TRACKING_URI_FILE
 
@@ -39,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give a sweep dir or --experiment, not both")
     uri = args.tracking_uri or _store_of(args.sweep_dir) or f"sqlite:///{Path('outputs').resolve()}/mlflow.db"
     try:
+        from mlflow.tracking import MlflowClient
+
         runs = collect(MlflowClient(uri), args.experiment, args.sweep_dir, tuple(args.metrics))
     except LookupError as err:
         print(f"compare: {err}", file=sys.stderr)

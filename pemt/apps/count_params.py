@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-
-from pemt.config import compose_config
-from pemt.model.factory import describe_counts
 
 
 def main(argv: list[str] | None = None) -> dict[str, int]:
@@ -21,6 +17,10 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=avbert_base")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
+    # imported here, not at the top: --help answers without loading torch
+    from pemt.config import compose_config
+    from pemt.model.factory import describe_counts
+
     cfg = compose_config("pretrain", overrides=args.overrides)
     rows = describe_counts(cfg)  # on the meta device: nothing allocated
     if args.json:
@@ -32,10 +32,6 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
             rule = "-" * (width + 26) + "\n" if name in ("transformers", "total") else ""
             print(f"{rule}{name:<{width}}  {value:>13,}  {value / 1e6:>9.2f}")
     return rows
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
 
 
 def cli() -> int:

@@ -13,14 +13,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from pemt.train.export import export_run
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    # imported here, not at the top: --help answers without loading torch
+    from pemt.train.export import export_run
+
     try:
         weights, config = export_run(args.run_dir, args.out)
     except FileNotFoundError as err:

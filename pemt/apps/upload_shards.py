@@ -14,7 +14,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from pemt.data.shards import upload_shards
 from pemt.data.storage import check_location, is_remote
 
 
@@ -23,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folder", type=Path, help="a shard folder with its manifest.json")
     parser.add_argument("location", help="s3://bucket/prefix or http(s)://host/prefix")
     args = parser.parse_args(argv)
+    # imported here, not at the top: --help answers without loading torch
+    from pemt.data.shards import upload_shards
+
     if not is_remote(args.location):
         parser.error(f"{args.location}: not an s3:// or http(s):// location (copy local folders with cp)")
     try:

@@ -20,11 +20,11 @@ from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
-from pemt.checks import validate
 from pemt.cluster import preflight
 from pemt.cluster.relay import LogRelay
 from pemt.config import ConfigError, hydra_quoted, hydra_unquoted
-from pemt.track.context import move_credentials_to_env, redact
+from pemt.secrets import mask_log_secrets, redact
+from pemt.track.context import move_credentials_to_env
 from pemt.track.store import TrackingError
 
 # hydra-submitit-launcher submits a sweep as one job array with one set of resources.
@@ -32,6 +32,10 @@ _SAME_FOR_WHOLE_SWEEP = ("nodes", "gpus_per_node", "cluster")
 
 
 def _compose_points(launcher: Any, job_overrides: Sequence[Sequence[str]]) -> list[DictConfig]:
+    # every component's checks: they import the model and data code (torch), which a launch needs
+    # and `--help` does not
+    from pemt.checks import validate
+
     loader = launcher.hydra_context.config_loader
     configs = []
     for overrides in job_overrides:
@@ -45,7 +49,7 @@ def _compose_points(launcher: Any, job_overrides: Sequence[Sequence[str]]) -> li
                 )
         except ConfigError as err:
             point = " ".join(overrides) or "(no overrides)"
-            raise ConfigError(f"{err}\n  in sweep point: {point}") from None
+            raise ConfigError(f"{err}\n  in sweep point: {redact(point)}") from None
         configs.append(cfg)
     return configs
 
@@ -61,10 +65,11 @@ def _normalised(job_overrides: Sequence[Sequence[str]]) -> list[list[str]]:
         for override in overrides:
             key, sep, value = override.partition("=")
             if key.lstrip("+~") == "mlflow.tracking_uri" and sep:
-                try:
-                    override = f"{key}={move_credentials_to_env(value, os.environ)}"
+                try:  # the value as Hydra reads it: a sweep's overrides come with `:` escaped
+                    uri = move_credentials_to_env(str(_parsed_value(override)), os.environ)
                 except ValueError as err:
                     raise ConfigError(str(err)) from None
+                override = f"{key}={hydra_quoted(uri)}"
             elif key.lstrip("+~") == "run_dir" and sep:
                 if len(job_overrides) > 1:
                     raise ConfigError(
@@ -75,6 +80,12 @@ def _normalised(job_overrides: Sequence[Sequence[str]]) -> list[list[str]]:
             point.append(override)
         cleaned.append(point)
     return cleaned
+
+
+def _parsed_value(override: str) -> Any:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_override(override).value()
 
 
 def _check_sweep_resources(configs: list[DictConfig]) -> None:
@@ -130,11 +141,11 @@ def _check_and_plan(
             plans.append(preflight.check(cfg))
         except ConfigError as err:
             point = " ".join(overrides) or "(no overrides)"
-            raise ConfigError(f"{err}\n  in sweep point: {point}") from None
+            raise ConfigError(f"{err}\n  in sweep point: {redact(point)}") from None
     if scheduler_check is not None:  # after pemt's own checks, whose messages name the key at fault
         scheduler_check(configs)
     for index, (plan, overrides) in enumerate(zip(plans, job_overrides)):
-        header = f" {index + 1}/{len(configs)}: {' '.join(overrides)}" if len(configs) > 1 else ""
+        header = f" {index + 1}/{len(configs)}: {redact(' '.join(overrides))}" if len(configs) > 1 else ""
         print(f"pemt: plan{header}\n{plan.describe()}", file=sys.stderr)
     if configs[0].preflight:
         print("pemt: preflight passed; nothing submitted (drop preflight=true to launch)", file=sys.stderr)
@@ -189,6 +200,7 @@ class _PreparedLaunch:
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit
 
+        mask_log_secrets()  # Hydra's and submitit's log lines name each point's overrides
         try:
             job_overrides = _normalised(job_overrides)
             configs = _compose_points(self, job_overrides)
@@ -198,7 +210,7 @@ class _PreparedLaunch:
             prepare(configs)
         except (ConfigError, TrackingError) as err:
             # A user error, not a crash: the message alone, no traceback, nothing submitted.
-            print(f"pemt: cannot launch: {err}", file=sys.stderr)
+            print(f"pemt: cannot launch: {redact(str(err))}", file=sys.stderr)
             raise SystemExit(2) from None
         parent = self._start_sweep_run(configs, job_overrides)
         if parent:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from pemt.config import ConfigError, micro_batch_size
 from pemt.data.shards import transform_warnings
 from pemt.ownership import RunLock, describe
-from pemt.track.context import redact
+from pemt.secrets import redact
 
 # Bytes a checkpoint holds per parameter: fp32 weights (or bf16 + fp32 master copy) plus
 # Adam's two fp32 moments, as DeepSpeed writes them.
@@ -81,7 +81,7 @@ def _shard_count(cfg: DictConfig) -> int:
     from pemt.data.shards import check_readable
 
     try:
-        return len(check_readable(str(cfg.data.shards)))
+        return len(check_readable(str(cfg.data.shards), str(cfg.paths.cache)))
     except (OSError, ValueError) as err:
         raise ConfigError(f"data.shards={cfg.data.shards}: {err}") from None
 
@@ -156,7 +156,7 @@ def _check_finetune(cfg: DictConfig) -> str | None:
 
     if cfg.eval.shards:
         try:
-            check_readable(str(cfg.eval.shards))
+            check_readable(str(cfg.eval.shards), str(cfg.paths.cache))
         except (OSError, ValueError) as err:
             raise ConfigError(f"eval.shards={cfg.eval.shards}: {err}") from None
     init = str(cfg.task.init or "")

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from pemt.secrets import redact
+
 PIPE_CHUNK = 4096  # a pipe that select() calls writable takes at least this much without blocking
 
 
@@ -61,6 +63,7 @@ class LogRelay(threading.Thread):
             self._offsets[path] = offset + len(chunk)
 
     def _write(self, text: str) -> None:
+        text = redact(text)  # what a job printed outside its logging, too, shows no credential
         try:
             fd = self.out.fileno()
         except (AttributeError, OSError, ValueError):  # not a file (a test's buffer): write as usual

@@ -39,15 +39,21 @@ SKIPPED = "skipped.jsonl"
 PLAN = "plan.json"
 
 
+# Columns of a list file that say where a video is and what its class is; any other column is
+# carried into the sample's metadata as it is.
+LISTED = ("path", "id", "label", "labels")
+
+
 @dataclass(frozen=True)
 class VideoInput:
     path: str
     key: str
     label: int = -1
     labels: tuple[int, ...] = ()  # multi-label: every class of the video
+    extra: tuple[tuple[str, Any], ...] = ()  # other fields of its list entry, kept in its metadata
 
     def metadata(self) -> dict[str, Any]:
-        meta: dict[str, Any] = {"id": self.key, "label": self.label, "source": self.path}
+        meta: dict[str, Any] = {**dict(self.extra), "id": self.key, "label": self.label, "source": self.path}
         if self.labels:
             meta["labels"] = list(self.labels)
         return meta
@@ -70,9 +76,10 @@ def read_inputs(source: Path) -> list[VideoInput]:
         if "path" not in row:
             raise ValueError(f"{source}: entry {number} has no 'path' ({row})")
         path = Path(row["path"]) if Path(row["path"]).is_absolute() else source.parent / row["path"]
-        inputs.append(
-            VideoInput(str(path), str(row.get("id") or sample_key(Path(row["path"]))), int(row.get("label", -1) or -1))
-        )
+        extra = tuple(sorted((k, v) for k, v in row.items() if k not in LISTED))
+        key = str(row.get("id") or sample_key(Path(row["path"])))
+        label = row.get("label")  # class 0 is a label: only a missing or empty one is none
+        inputs.append(VideoInput(str(path), key, -1 if label in (None, "") else int(label), extra=extra))
     return inputs
 
 
@@ -91,7 +98,11 @@ def unique_keys(inputs: list[VideoInput]) -> list[VideoInput]:
         item
         if seen[item.key] == 1
         else VideoInput(
-            item.path, f"{item.key}-{hashlib.sha1(item.path.encode()).hexdigest()[:10]}", item.label, item.labels
+            item.path,
+            f"{item.key}-{hashlib.sha1(item.path.encode()).hexdigest()[:10]}",
+            item.label,
+            item.labels,
+            item.extra,
         )
         for item in inputs
     ]
@@ -218,13 +229,14 @@ def make_shards(
     )
 
 
-def _check_plan(out_dir: Path, plan: dict[str, Any], restart: bool) -> None:
+def check_plan(out_dir: Path, plan: dict[str, Any], restart: bool) -> None:
     """Refuse to finish a folder begun with other inputs, shard size or transform (or, with
     `restart`, start it afresh): shards of two groupings must never mix."""
     recorded = out_dir / PLAN
-    begun = (out_dir / PROGRESS).exists() or any(out_dir.glob("shard-*.tar"))
+    begun = any(out_dir.glob("progress*.jsonl")) or any(out_dir.glob("shard-*.tar"))
     if restart:
-        for path in [*out_dir.glob("shard-*.tar"), out_dir / PROGRESS, out_dir / SKIPPED, out_dir / MANIFEST]:
+        written = [*out_dir.glob("shard-*.tar"), *out_dir.glob("progress*.jsonl")]
+        for path in [*written, out_dir / SKIPPED, out_dir / MANIFEST]:
             path.unlink(missing_ok=True)
     elif begun and recorded.exists():
         before = json.loads(recorded.read_text())
@@ -242,52 +254,76 @@ def _check_plan(out_dir: Path, plan: dict[str, Any], restart: bool) -> None:
     recorded.write_text(json.dumps(plan, indent=1))
 
 
-def write_inputs(
+@dataclass(frozen=True)
+class PackPlan:
+    """How inputs become shards: the groups (shard i holds groups[i]), and what the folder records
+    about them (`plan.json`), so a run with other inputs, shard size or transform refuses."""
+
+    groups: list[list[VideoInput]]
+    record: dict[str, Any]
+
+
+def plan_inputs(
     inputs: list[VideoInput],
-    out_dir: Path,
     max_samples: int | None = None,
     max_mb: float | None = None,
-    processes: int = 2,
-    progress: bool = True,
-    extra: dict[str, Any] | None = None,
     recode: Transcode | None = None,
     keep_original: bool = False,
-    restart: bool = False,
-) -> dict[str, Any]:
-    """Write (or finish writing) shards of `inputs` into `out_dir`; `extra` goes into the manifest.
-    `--mb` groups by the source files' sizes (a transcoded shard is smaller)."""
+) -> PackPlan:
+    """The shards `inputs` make, in input order: the same inputs always give the same shards."""
     if not max_samples and not max_mb:
         raise ValueError("give a shard size: samples per shard or megabytes per shard")
     inputs = unique_keys(inputs)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    listing = hashlib.sha256(json.dumps([[i.path, i.key, i.label, list(i.labels)] for i in inputs]).encode())
-    _check_plan(
-        out_dir,
-        {
-            "inputs": listing.hexdigest(),
-            "samples_per_shard": max_samples,
-            "mb_per_shard": max_mb,
-            "transcode": recode.describe() if recode else None,
-            "keep_original": keep_original if recode else None,
-        },
-        restart,
-    )
-    groups = plan_shards(inputs, max_samples, int(max_mb * 2**20) if max_mb else None)
-    done = _recorded(out_dir / PROGRESS)
-    for stale in out_dir.glob(".shard-*.partial"):  # left by an interrupted run
-        stale.unlink()
-    todo = [i for i in range(len(groups)) if i not in done]
-    with ProcessPoolExecutor(max_workers=processes) as pool, (out_dir / PROGRESS).open("a") as log:
-        futures = {pool.submit(write_shard, i, groups[i], str(out_dir), recode, keep_original): i for i in todo}
+    described = [[i.path, i.key, i.label, list(i.labels), *([dict(i.extra)] if i.extra else [])] for i in inputs]
+    listing = hashlib.sha256(json.dumps(described).encode())
+    record = {
+        "inputs": listing.hexdigest(),
+        "samples_per_shard": max_samples,
+        "mb_per_shard": max_mb,
+        "transcode": recode.describe() if recode else None,
+        "keep_original": keep_original if recode else None,
+    }
+    return PackPlan(plan_shards(inputs, max_samples, int(max_mb * 2**20) if max_mb else None), record)
+
+
+def write_slice(
+    plan: PackPlan,
+    out_dir: Path,
+    indices: list[int],
+    progress_file: Path,
+    processes: int = 2,
+    progress: bool = True,
+    recode: Transcode | None = None,
+    keep_original: bool = False,
+) -> int:
+    """Write the shards `indices` of `plan` not recorded yet (in any progress file of the folder),
+    recording each in `progress_file` as it is renamed into place; returns how many were written.
+    Several writers (array tasks) may work in one folder on disjoint indices."""
+    done = finished_shards(out_dir)
+    for index in indices:  # left by an interrupted writer of these shards
+        (out_dir / f".shard-{index:06d}.tar.partial").unlink(missing_ok=True)
+    todo = [i for i in indices if i not in done]
+    with ProcessPoolExecutor(max_workers=processes) as pool, progress_file.open("a") as log:
+        if log.tell() and progress_file.read_bytes()[-1:] != b"\n":
+            log.write("\n")  # the line an interruption cut stays a line of its own
+        futures = {pool.submit(write_shard, i, plan.groups[i], str(out_dir), recode, keep_original): i for i in todo}
         for future in tqdm(
             as_completed(futures), total=len(futures), desc=f"shards {out_dir.name}", disable=not progress
         ):
             entry, skipped = future.result()
-            index = futures[future]
-            record = {"index": index, "shard": entry, "skipped": skipped}
-            log.write(json.dumps(record) + "\n")
+            log.write(json.dumps({"index": futures[future], "shard": entry, "skipped": skipped}) + "\n")
             log.flush()
-            done[index] = record
+    return len(todo)
+
+
+def merge_manifest(
+    plan: PackPlan, out_dir: Path, extra: dict[str, Any] | None = None, recode: Transcode | None = None
+) -> dict[str, Any] | None:
+    """The manifest of a folder whose every shard is recorded (written now, with skipped.jsonl);
+    None while some are not."""
+    done = finished_shards(out_dir)
+    if any(i not in done for i in range(len(plan.groups))):
+        return None
     shards = [done[i]["shard"] for i in sorted(done) if done[i]["shard"]]
     skipped = [s for i in sorted(done) for s in done[i]["skipped"]]
     (out_dir / SKIPPED).write_text("".join(json.dumps(s) + "\n" for s in skipped))
@@ -302,17 +338,41 @@ def write_inputs(
     return manifest
 
 
-def _recorded(progress_file: Path) -> dict[int, dict[str, Any]]:
-    """Shards finished by earlier runs whose files are still there."""
-    if not progress_file.exists():
-        return {}
+def write_inputs(
+    inputs: list[VideoInput],
+    out_dir: Path,
+    max_samples: int | None = None,
+    max_mb: float | None = None,
+    processes: int = 2,
+    progress: bool = True,
+    extra: dict[str, Any] | None = None,
+    recode: Transcode | None = None,
+    keep_original: bool = False,
+    restart: bool = False,
+) -> dict[str, Any]:
+    """Write (or finish writing) shards of `inputs` into `out_dir`; `extra` goes into the manifest.
+    `--mb` groups by the source files' sizes (a transcoded shard is smaller)."""
+    plan = plan_inputs(inputs, max_samples, max_mb, recode, keep_original)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_plan(out_dir, plan.record, restart)
+    every = list(range(len(plan.groups)))
+    write_slice(plan, out_dir, every, out_dir / PROGRESS, processes, progress, recode, keep_original)
+    manifest = merge_manifest(plan, out_dir, extra, recode)
+    assert manifest is not None, "every shard was written"
+    return manifest
+
+
+def finished_shards(out_dir: Path) -> dict[int, dict[str, Any]]:
+    """Shards finished by earlier runs (one machine's `progress.jsonl`, or an array task's
+    `progress-task-NNNN.jsonl`) whose files are still there."""
     done = {}
-    for line in progress_file.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line cut by the interruption
-            continue
-        shard = record["shard"]
-        if shard is None or (progress_file.parent / shard["name"]).exists():
-            done[record["index"]] = record
+    for progress_file in sorted(out_dir.glob("progress*.jsonl")):
+        for line in progress_file.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut by the interruption
+                continue
+            shard = record["shard"]
+            if shard is None or (out_dir / shard["name"]).exists():
+                done[record["index"]] = record
     return done

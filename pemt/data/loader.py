@@ -70,13 +70,17 @@ def decode_sample(sample: dict[str, Any], spec: ClipSpec, window_seed: str | Non
         if member_size(sample["json"]) > MAX_METADATA_BYTES:
             raise DecodeError(f"json metadata of {member_size(sample['json'])} bytes (at most {MAX_METADATA_BYTES})")
         meta = parse_metadata(member_bytes(sample["json"]))
+    # video2dataset records the samples it could not fetch or decode with a status of their own
+    if str(meta.get("status", "success")) != "success":
+        raise DecodeError(f"video2dataset status {meta['status']!r}: {str(meta.get('error_message', ''))[:200]}")
+    caption = member_bytes(sample["txt"]).decode(errors="replace") if "txt" in sample else None
     # The random window and crop depend on the slot alone: the same on any rank or worker.
     rng = random.Random(window_seed) if window_seed is not None else None
     with contextlib.ExitStack() as opened:
         video = opened.enter_context(member_source(sample["mp4"])) if "mp4" in sample else None
         audio = opened.enter_context(member_source(sound)) if sound is not None else None
         clips = decode_clips(video, spec, rng, audio_data=audio)
-    return {"key": sample["__key__"], "label": meta["label"], "labels": meta["labels"], **clips}
+    return {"key": sample["__key__"], "label": meta["label"], "labels": meta["labels"], "caption": caption, **clips}
 
 
 class StreamDataset(IterableDataset[dict[str, Any]]):
@@ -171,6 +175,7 @@ def _collate(
     if samples:
         batch["label"] = torch.tensor([s["label"] for s in samples])
         batch["labels"] = [s["labels"] for s in samples]  # every label of each sample (multi-label)
+        batch["caption"] = [s["caption"] for s in samples]  # a video2dataset caption (.txt), or None
         batch["video"] = torch.stack([s["video"] for s in samples])  # uint8: video_to_float on the device
         batch["audio"] = torch.stack([s["audio"] for s in samples])
     return batch
@@ -198,11 +203,13 @@ def build_loader(
     seed: int,
     start_micro_step: int = 0,
     check: Callable[[dict[str, Any]], None] | None = None,
+    cache_dir: str | None = None,
 ) -> DataLoader[dict[str, Any]]:
     """This rank's endless loader, resuming at `start_micro_step`. `check` (picklable: it runs in
-    the workers) raises DecodeError for a decoded sample the task cannot use (a label out of range)."""
+    the workers) raises DecodeError for a decoded sample the task cannot use (a label out of range).
+    `cache_dir`: where a shard set without manifest.json keeps the one built for it."""
     plan = plan_from_manifest(
-        shards, int(data_cfg.streams), seed, int(data_cfg.shuffle_buffer), retry_from_config(data_cfg)
+        shards, int(data_cfg.streams), seed, int(data_cfg.shuffle_buffer), retry_from_config(data_cfg), cache_dir
     )
     streams, per_stream = stream_layout(plan.streams, rank, world_size, micro_batch)
     # local members are read from the page cache: nothing to fetch ahead, no work per batch

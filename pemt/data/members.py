@@ -23,8 +23,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from webdataset.tariterators import group_by_keys
-
 from pemt.data.remote_file import ByteRange, open_remote, read_ahead
 from pemt.data.storage import Retry, StorageError, Unreachable, is_remote, object_size, read_bytes
 
@@ -38,6 +36,14 @@ INLINE_MEMBER = 1 << 12
 INDEX_SUFFIX = ".index.json"
 # Bytes of whole members read ahead for one batch: two batches' worth stay within the block cache
 READ_AHEAD_BYTES = 12 << 20
+
+
+def _samples(members: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Members grouped into samples by webdataset's own rule (imported here: it imports torch,
+    which the commands that only pack or look at shards do not need)."""
+    from webdataset.tariterators import group_by_keys
+
+    yield from group_by_keys(iter(members))
 
 
 @dataclass(frozen=True)
@@ -182,7 +188,7 @@ def indexed_samples(url: str, retry: Retry | None = None, size: int | None = Non
         size = object_size(url, retry) if size is None else size
         listed = _indexed_remotely(url, size, retry)
         if listed is not None:
-            yield from group_by_keys(iter(listed))
+            yield from _samples(listed)
             return
         if not measured:  # the manifest's word; the header walk ends where the tar really does
             size = object_size(url, retry)
@@ -207,7 +213,7 @@ def indexed_samples(url: str, retry: Retry | None = None, size: int | None = Non
     last = members[-1]["data"] if members else None
     if failure is None and isinstance(last, Member) and last.offset + last.size > size:
         failure = tarfile.ReadError(f"unexpected end of data in {members[-1]['fname']}")
-    samples = list(group_by_keys(iter(members)))
+    samples = list(_samples(members))
     if failure is not None:
         # the last sample holds the member the tar was cut in: it is not whole
         samples = samples[:-1]

@@ -13,8 +13,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import webdataset as wds
-
 from pemt.data.members import INDEX_SUFFIX, shard_index
 from pemt.data.storage import NotFound, Retry, StorageError, is_remote, join, object_size, read_bytes, upload
 from pemt.integrity import sha256
@@ -33,6 +31,8 @@ def write_shards(
     """Write samples into tar shards under `out_dir` and a manifest describing them."""
     out_dir.mkdir(parents=True, exist_ok=True)
     counts: dict[str, int] = {}
+    import webdataset as wds  # (imports torch: only where shards are written)
+
     with wds.ShardWriter(str(out_dir / "shard-%06d.tar"), maxcount=samples_per_shard, verbose=0) as writer:
         for sample in samples:
             writer.write(sample)
@@ -110,13 +110,16 @@ def read_manifest(folder: str | Path, retry: Retry | None = None) -> list[dict[s
 PREFLIGHT_RETRY = Retry(attempts=2, backoff_s=1.0, timeout_s=20.0)
 
 
-def check_readable(folder: str | Path) -> list[dict[str, Any]]:
-    """The manifest's entries, once the first shard is shown readable where it lies (for a remote
-    folder: reachable, allowed, served by byte range). Raises OSError or ValueError naming the URL."""
-    entries = read_manifest(folder, PREFLIGHT_RETRY)
-    if is_remote(folder):
-        object_size(join(folder, entries[0]["name"]), PREFLIGHT_RETRY)
-    return entries
+def check_readable(source: str, cache_dir: str | None = None) -> list[dict[str, Any]]:
+    """The manifest's entries (built and kept if the shard set has none: pemt.data.shard_sets),
+    once the first shard is shown readable where it lies (for a remote one: reachable, allowed,
+    served by byte range). Raises OSError or ValueError naming the URL."""
+    from pemt.data.shard_sets import load_manifest
+
+    manifest = load_manifest(source, cache_dir, PREFLIGHT_RETRY, progress=True)
+    if is_remote(manifest.locations[0]):
+        object_size(manifest.locations[0], PREFLIGHT_RETRY)
+    return manifest.entries
 
 
 def upload_shards(folder: Path, location: str, progress: bool = True) -> int:
@@ -125,18 +128,34 @@ def upload_shards(folder: Path, location: str, progress: bool = True) -> int:
     whose shards are not all there. Where no manifest is there yet (an interrupted upload), a file
     already there with its size is kept; a prefix whose manifest is another folder's is refused
     (shards of two sets must never mix). Returns the files sent."""
-    from tqdm import tqdm
-
     entries = read_manifest(folder)
-    local = (Path(folder) / MANIFEST).read_bytes()
+    if _remote_manifest(folder, location) == (Path(folder) / MANIFEST).read_bytes():
+        return 0
+    sent = upload_shard_files(folder, entries, location, progress)
+    upload(Path(folder) / MANIFEST, join(location, MANIFEST))
+    return sent + 1
+
+
+def _remote_manifest(folder: Path, location: str) -> bytes | None:
+    """The manifest already at `location` (None: none yet); refused if it is another folder's."""
     try:
         remote = read_bytes(join(location, MANIFEST))
     except NotFound:
-        remote = None  # nothing uploaded yet, or interrupted before the manifest
-    if remote == local:
-        return 0
-    if remote is not None:
+        return None  # nothing uploaded yet, or interrupted before the manifest
+    local = Path(folder) / MANIFEST
+    if not local.exists() or remote != local.read_bytes():
         raise ValueError(f"{join(location, MANIFEST)} describes other shards than {folder}: upload to a new prefix")
+    return remote
+
+
+def upload_shard_files(folder: Path, entries: list[dict[str, Any]], location: str, progress: bool = False) -> int:
+    """Copy these shards of a local folder and their indexes to `location` (no manifest: the
+    folder's is uploaded last, once every shard is there); a file already there with its size is
+    kept. Returns the files sent."""
+    from tqdm import tqdm
+
+    if (Path(folder) / MANIFEST).exists():
+        _remote_manifest(folder, location)  # refuses a prefix that holds another set
     sent = 0
     with tempfile.TemporaryDirectory(prefix="pemt-upload-") as scratch:
         for entry in tqdm(entries, desc=f"upload to {location}", unit="shard", disable=not progress):
@@ -152,5 +171,9 @@ def upload_shards(folder: Path, location: str, progress: bool = True) -> int:
                     pass
                 upload(path, target)
                 sent += 1
-        upload(Path(folder) / MANIFEST, join(location, MANIFEST))
-    return sent + 1
+    return sent
+
+
+def upload_manifest(folder: Path, location: str) -> None:
+    """The folder's manifest to `location`, after its shards (array tasks uploaded theirs)."""
+    upload(Path(folder) / MANIFEST, join(location, MANIFEST))

@@ -20,8 +20,8 @@ from typing import Any
 import webdataset as wds
 
 from pemt.data.members import can_index, indexed_samples
-from pemt.data.shards import read_manifest
-from pemt.data.storage import Retry, StorageError, is_remote, join
+from pemt.data.shard_sets import load_manifest
+from pemt.data.storage import Retry, StorageError, is_remote
 
 
 @dataclass(frozen=True)
@@ -73,12 +73,19 @@ class StreamPlan:
 
 
 def plan_from_manifest(
-    folder: str, streams: int, seed: int, shuffle_buffer: int, retry: Retry | None = None
+    source: str,
+    streams: int,
+    seed: int,
+    shuffle_buffer: int,
+    retry: Retry | None = None,
+    cache_dir: str | None = None,
 ) -> StreamPlan:
-    """Sample counts come from the folder's manifest; they fix every slot's place."""
-    entries = read_manifest(folder, retry)
+    """Sample counts come from the shard set's manifest (pemt.data.shard_sets); they fix every
+    slot's place."""
+    manifest = load_manifest(source, cache_dir, retry)
+    entries = manifest.entries
     return StreamPlan(
-        tuple(join(folder, e["name"]) for e in entries),
+        manifest.locations,
         tuple(e["samples"] for e in entries),
         streams,
         seed,

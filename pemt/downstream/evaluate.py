@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 from pemt.data.decode import ClipSpec, DecodeError, mel_frames, video_to_float
 from pemt.data.loader import decode_sample
-from pemt.data.shards import read_manifest
-from pemt.data.storage import Retry, join
+from pemt.data.shard_sets import load_manifest, location
+from pemt.data.storage import Retry
 from pemt.data.stream import shard_samples
 
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -38,7 +38,7 @@ def _my_slots(
     slots, empty) is rank i mod W's: (shard, raw sample or None, why there is none)."""
     index = 0
     for entry in entries:
-        url = join(folder, entry["name"])
+        url = location(folder, entry["name"])
         for sample, error in shard_samples(url, int(entry["samples"]), retry, entry.get("bytes")):
             if max_samples is not None and index >= max_samples:
                 return
@@ -61,13 +61,14 @@ def predict(
     batch_size: int,
     max_samples: int | None = None,
     retry: Retry | None = None,
+    cache_dir: str | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Collective. Every sample's key, labels and scores, and every failure, from all ranks.
 
     Batches are decoded as they are scored (a rank holds one batch, not its share of the set);
     every rank runs the same number of rounds, known from the manifest."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    entries = read_manifest(folder, retry)  # once: a remote manifest is a request
+    entries = load_manifest(folder, cache_dir, retry).entries  # once: a remote manifest is a request
     rounds = math.ceil(math.ceil(_slot_count(entries, max_samples) / world) / batch_size)
     slots = _my_slots(folder, entries, rank, world, max_samples, retry)
     results, errors = [], []

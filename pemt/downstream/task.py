@@ -18,8 +18,8 @@ from pemt.config import ConfigError, detached, one_of, plain, positive_int
 from pemt.curriculum import largest, stages
 from pemt.data.decode import DecodeError, video_to_float
 from pemt.data.loader import clip_spec
-from pemt.data.shards import MANIFEST, manifest_json
-from pemt.data.storage import join, retry_from_config
+from pemt.data.shard_sets import load_manifest
+from pemt.data.storage import retry_from_config
 from pemt.downstream.evaluate import metrics, multi_hot, predict
 from pemt.downstream.models import Classifier
 from pemt.downstream.pretrained import Pretrained
@@ -54,10 +54,13 @@ def label_space(cfg: DictConfig) -> tuple[int, bool]:
         return int(cfg.task.classes), multi_label
     if cfg.data.name == "synthetic":
         return int(cfg.data.synthetic.classes), multi_label
-    manifest = manifest_json(cfg.data.shards)
+    try:
+        manifest = load_manifest(str(cfg.data.shards), str(cfg.paths.cache)).data
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"data.shards={cfg.data.shards}: {err}") from None
     if "classes" not in manifest:
         raise ConfigError(
-            f"task.classes is not set and {join(cfg.data.shards, MANIFEST)} names no classes "
+            f"task.classes is not set and the manifest of data.shards={cfg.data.shards} names no classes "
             "(tools/make_downstream.py writes them): set task.classes"
         )
     return len(manifest["classes"]), bool(manifest.get("multi_label", multi_label))
@@ -172,6 +175,7 @@ class FinetuneTask(Task):
                     int(cfg.eval.batch_size),
                     cfg.eval.max_samples,
                     retry_from_config(cfg.data),
+                    str(cfg.paths.cache),
                 )
         finally:
             engine.train()

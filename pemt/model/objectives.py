@@ -55,10 +55,34 @@ def random_mask(
     return noise.to(device).argsort(dim=1) < count
 
 
-def negative_probabilities(
-    anchors: torch.Tensor, pool: torch.Tensor, exclude: torch.Tensor, strategy: str, temperature: float
+EXCLUSIONS = ("self", "nearby", "video")
+
+
+def excluded_from_negatives(
+    positive: torch.Tensor, pool_size: int, clips: int, exclude: str, nearby: int
 ) -> torch.Tensor:
-    """(N, P) sampling distribution over the pool for each anchor, its own positive excluded.
+    """(N, P) bool: which pool entries may not be drawn as negatives of each positive.
+
+    The pool holds `clips` consecutive embeddings per video. `self`: only the positive itself;
+    `nearby`: also the clips of its video within `nearby` positions of it; `video`: every clip of
+    its video (in a video whose clips look alike, they are the likeliest content-aware draws and
+    cannot be told from the positive)."""
+    if exclude not in EXCLUSIONS:
+        raise ValueError(f"loss.exclude_negatives={exclude!r}: choose one of {', '.join(EXCLUSIONS)}")
+    entries = torch.arange(pool_size, device=positive.device)
+    if exclude == "self":
+        return entries[None, :] == positive[:, None]
+    same_video = (entries[None, :] // clips) == (positive[:, None] // clips)
+    if exclude == "video":
+        return same_video
+    return same_video & ((entries[None, :] - positive[:, None]).abs() <= nearby)
+
+
+def negative_probabilities(
+    anchors: torch.Tensor, pool: torch.Tensor, excluded: torch.Tensor, strategy: str, temperature: float
+) -> torch.Tensor:
+    """(N, P) sampling distribution over the pool for each anchor, the `excluded` entries ((N, P)
+    bool; at least the anchor's own positive) left out.
 
     `content`: proportional to exp(cosine similarity / temperature), so negatives that look
     like the positive are drawn more often; `uniform`: every other pool entry alike.
@@ -70,13 +94,12 @@ def negative_probabilities(
         scores = uniform
     else:
         raise ValueError(f"loss.sampling={strategy!r}: choose content or uniform")
-    rows = torch.arange(len(anchors), device=pool.device)
-    scores[rows, exclude] = float("-inf")
+    scores = scores.masked_fill(excluded, float("-inf"))
     probs = scores.softmax(dim=-1)
     if strategy == "content":
         # Non-finite embeddings (a diverging step) make no distribution: draw uniformly there, so
         # the step reaches its non-finite loss and is skipped instead of failing in the sampler.
-        uniform[rows, exclude] = float("-inf")
+        uniform = uniform.masked_fill(excluded, float("-inf"))
         probs = torch.where(torch.isfinite(probs).all(-1, keepdim=True), probs, uniform.softmax(dim=-1))
     return probs
 
@@ -84,7 +107,7 @@ def negative_probabilities(
 def sample_negatives(
     anchors: torch.Tensor,
     pool: torch.Tensor,
-    exclude: torch.Tensor,
+    excluded: torch.Tensor,
     count: int,
     strategy: str,
     temperature: float,
@@ -93,7 +116,7 @@ def sample_negatives(
     """(N, count) pool indices drawn with replacement from `negative_probabilities`; with
     `generators`, anchor i draws from generators[i]."""
     with torch.no_grad():
-        probs = negative_probabilities(anchors, pool, exclude, strategy, temperature)
+        probs = negative_probabilities(anchors, pool, excluded, strategy, temperature)
         if generators is None:
             return torch.multinomial(probs, count, replacement=True)
         rows = probs.float().cpu()
@@ -112,22 +135,30 @@ def masked_embedding_loss(
     sampling_temperature: float,
     temperature: float,
     draw_key: tuple[int, ...] | None = None,
-) -> torch.Tensor:
+    exclude: str = "self",
+    nearby: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """InfoNCE of each masked position's prediction against its own CNN embedding (positive) and
-    `negatives` CNN embeddings drawn from the global batch (gathered over ranks, differentiably).
+    `negatives` CNN embeddings drawn from the global batch (gathered over ranks, differentiably),
+    leaving out what `exclude` names (`excluded_from_negatives`); and the share of the drawn
+    negatives that came from the positive's own video.
 
     predicted, targets: (B, T, D); mask: (B, T) bool. With `draw_key`, the negatives of the
     position at global row r come from generator(*draw_key, r): the same at any world size.
     """
+    clips = targets.shape[1]
     pool, offset = gather_rows(targets.flatten(0, 1))
     positions = mask.flatten().nonzero().squeeze(1)
+    if not len(positions):  # nothing masked here (fused MEP of a micro-batch of mismatched samples)
+        nothing = predicted.sum() * 0.0
+        return nothing, nothing.detach()
     query = F.normalize(predicted.flatten(0, 1)[positions].float(), dim=-1)
     positive_index = positions + offset
     generators = None if draw_key is None else [generator(*draw_key, int(r)) for r in positive_index]
     drawn = sample_negatives(
         pool[positive_index].detach(),
         pool.detach(),
-        positive_index,
+        excluded_from_negatives(positive_index, len(pool), clips, exclude, nearby),
         negatives,
         strategy,
         sampling_temperature,
@@ -137,4 +168,6 @@ def masked_embedding_loss(
     positive = (query * keys[positive_index]).sum(-1, keepdim=True)
     negative = torch.einsum("nd,nkd->nk", query, keys[drawn])
     logits = torch.cat([positive, negative], dim=1) / temperature
-    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+    loss = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+    same_video = (drawn // clips == positive_index[:, None] // clips).float().mean()
+    return loss, same_video

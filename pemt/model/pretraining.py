@@ -38,7 +38,11 @@ class AVPretrainingModel(nn.Module):
         self.backbone = AVBackbone(model_cfg, max_clips or data_cfg.clips, max_tokens_per_clip)
         self.fusion = self.backbone.fusion
         self.mask_tokens = nn.Parameter(torch.randn(len(MODALITIES), hidden) * 0.02)
-        self.mep_heads = nn.ModuleDict({m: nn.Linear(hidden, hidden) for m in MODALITIES})
+        # MEP on the multimodal transformer's outputs too (mid fusion: the only place a masked clip
+        # can be told from the other modality at the same time)
+        self.mep_fused = bool(loss_cfg.get("mep_fused", False)) and self.fusion == "mid"
+        targets = [*MODALITIES, *(f"fused_{m}" for m in MODALITIES if self.mep_fused)]
+        self.mep_heads = nn.ModuleDict({t: nn.Linear(hidden, hidden) for t in targets})
         self.pair_kind = str(loss_cfg.get("pair_head", "bos"))
         if self.pair_kind == "agreement":
             self.pair_head: nn.Module = PairAgreement(hidden)
@@ -79,6 +83,8 @@ class AVPretrainingModel(nn.Module):
         if self.fusion == "late":
             return outputs, visual_out[:, 0], paired[:, 0]
         fused = backbone.fuse(visual_out[:, 1:], paired[:, 1:])
+        if self.mep_fused:
+            outputs.update(fused_visual=fused[:, 1 : 1 + length], fused_audio=fused[:, 2 + length :])
         return outputs, fused[:, 0], fused[:, 1 + length]
 
     def _pair_logits(self, visual_bos: torch.Tensor, audio_bos: torch.Tensor) -> torch.Tensor:
@@ -107,17 +113,26 @@ class AVPretrainingModel(nn.Module):
         outputs, visual_bos, audio_bos = self._contextual(masked["visual"][0], masked["audio"][0], mismatched, first)
 
         losses: dict[str, torch.Tensor] = {}
+        same_video: dict[str, torch.Tensor] = {}
         if cfg.mep_weight:
-            for i, m in enumerate(MODALITIES):
-                losses[f"loss_mep_{m}"] = masked_embedding_loss(
-                    self.mep_heads[m](outputs[m]),
+            # The fused outputs of a mismatched sample hold another video's sound: only matched
+            # samples' masked positions are predicted there.
+            mep_targets = [(m, m, masked[m][1]) for m in MODALITIES]
+            mep_targets += [
+                (f"fused_{m}", m, masked[m][1] & ~mismatched[:, None]) for m in MODALITIES if self.mep_fused
+            ]
+            for i, (target, m, mask) in enumerate(mep_targets):
+                losses[f"loss_mep_{target}"], same_video[target] = masked_embedding_loss(
+                    self.mep_heads[target](outputs[target]),
                     embeddings[m],
-                    masked[m][1],
+                    mask,
                     int(cfg.negatives),
                     str(cfg.sampling),
                     float(cfg.sampling_temperature),
                     float(cfg.temperature),
                     draw_key=(step_seed, 1, i),
+                    exclude=str(cfg.get("exclude_negatives", "self")),
+                    nearby=int(cfg.get("nearby_clips", 1)),
                 )
         pair, pair_accuracy = pair_loss(self._pair_logits(visual_bos, audio_bos), mismatched)
         losses["loss_pair"] = pair
@@ -125,13 +140,33 @@ class AVPretrainingModel(nn.Module):
             losses["loss_contrastive"] = info_nce(
                 outputs["visual"].mean(1), outputs["audio"].mean(1), float(cfg.temperature)
             )
-        mep = cast(torch.Tensor, sum(losses[f"loss_mep_{m}"] for m in MODALITIES if cfg.mep_weight))
+        mep = cast(torch.Tensor, sum(v for k, v in losses.items() if k.startswith("loss_mep_")))
         total: torch.Tensor = (
             float(cfg.mep_weight) * mep
             + float(cfg.pair_weight) * pair
             + float(cfg.contrastive_weight) * losses.get("loss_contrastive", 0.0)
         )
-        return {"loss": total, **{k: v.detach() for k, v in losses.items()}, "pair_accuracy": pair_accuracy.detach()}
+        fused = torch.cat([visual_bos, audio_bos], -1) if self.pair_kind == "agreement" else visual_bos
+        health = {
+            "pair_accuracy": pair_accuracy.detach(),
+            # How much each representation differs between the videos of the global batch: near 0,
+            # every video looks alike to what reads it (the collapse `pemt.train.collapse` watches).
+            "spread_visual": batch_spread(embeddings["visual"]),
+            "spread_audio": batch_spread(embeddings["audio"]),
+            "spread_fused": batch_spread(fused),
+            **{f"mep_same_video_{m}": share for m, share in same_video.items()},
+        }
+        return {"loss": total, **{k: v.detach() for k, v in losses.items()}, **health}
+
+
+def batch_spread(x: torch.Tensor) -> torch.Tensor:
+    """The standard deviation across the global batch's samples (x: samples first), averaged over
+    features, relative to the RMS: 0 when every sample gives the same output."""
+    with torch.no_grad():
+        rows, _ = gather_rows(x.detach().flatten(1).float())
+        if len(rows) < 2:
+            return torch.zeros((), device=x.device)
+        return rows.std(0).mean() / rows.square().mean().sqrt().clamp_min(1e-12)
 
 
 class PairAgreement(nn.Module):

@@ -1,39 +1,18 @@
-"""What a run records about where it came from, and what it must never record: credentials.
-
-A tracking URI may carry a user and password (`https://user:secret@host`); it is redacted
-wherever pemt writes or logs it (params, the run dir, checkpoints, messages). MLflow itself reads
-credentials from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, which is where they belong.
-"""
+"""What a run records about where it came from (`context_tags`), and where a tracking URI's
+credentials go instead of any file: MLflow's MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD
+(`move_credentials_to_env`). Masking them in what is written is `pemt.secrets`."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Any
 
 import pemt
-
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
-_SECRET_QUERY = re.compile(r"(?i)([?&](?:token|password|secret|key|signature|x-amz-signature)=)[^&\s]+")
+from pemt.secrets import redact
 
 
-def redact(text: str) -> str:
-    """`text` with the user:password of any URL in it, and secret query values, replaced by ***."""
-    text = _USERINFO.sub(lambda m: f"{m.group('scheme')}***@", str(text))
-    return _SECRET_QUERY.sub(r"\1***", text)
-
-
-def redact_config(tree: Any) -> Any:
-    """A resolved config (nested dicts and lists) with every string redacted."""
-    if isinstance(tree, dict):
-        return {key: redact_config(value) for key, value in tree.items()}
-    if isinstance(tree, list):
-        return [redact_config(value) for value in tree]
-    return redact(tree) if isinstance(tree, str) else tree
-
-
+# (a scheme's colon may come escaped, as Hydra writes overrides: `http\://user\:pw@host`)
 def _git_commit(folder: Path) -> str | None:
     try:
         out = subprocess.run(

@@ -73,7 +73,7 @@ def mark_delivered(run_dir: Path, seq: int) -> None:
 
 
 def deliver(client: Any, run_id: str, records: list[dict[str, Any]]) -> None:
-    """Send metric records (and files, and a final status, if among them) to MLflow."""
+    """Send metric records (and tags, files and a final status, if among them) to MLflow."""
     from mlflow.entities import Metric
 
     metrics = [
@@ -85,6 +85,8 @@ def deliver(client: Any, run_id: str, records: list[dict[str, Any]]) -> None:
     for start in range(0, len(metrics), MLFLOW_BATCH):
         client.log_batch(run_id, metrics=metrics[start : start + MLFLOW_BATCH])
     for record in records:
+        for key, value in record.get("tags", {}).items():
+            client.set_tag(run_id, key, value)
         for path in record.get("artifacts", []):
             if Path(path).exists():
                 client.log_artifact(run_id, path, record["artifact_path"])

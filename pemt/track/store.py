@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pemt.track.context import redact
+from pemt.secrets import redact
 
 
 class TrackingError(RuntimeError):

@@ -20,7 +20,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pemt.config import plain
-from pemt.track.context import context_tags, redact, redact_config
+from pemt.secrets import redact, redact_config
+from pemt.track.context import context_tags
 from pemt.track.outbox import Outbox, deliver
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,12 @@ class MlflowTracker:
         if self._outbox is None or (step <= self.logged_until and not replayed):
             return
         self._outbox.put({"step": int(step), "time": time.time(), "metrics": {k: float(v) for k, v in metrics.items()}})
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Queue tags for the run (delivered in order with its metrics)."""
+        if self._outbox is None or not tags:
+            return
+        self._outbox.put({"time": time.time(), "tags": {k: str(v)[:5000] for k, v in tags.items()}})
 
     def log_artifacts(self, paths: list[Path], artifact_path: str) -> None:
         """Queue files to be copied into the run's artifacts under `artifact_path`."""

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from pemt.distributed import world
 from pemt.integrity import sha256, write_atomic
 from pemt.train import universal
+from pemt.train.checkpoint_files import INCOMPLETE, LATEST, MANIFEST, STAGING, Committed, committed_checkpoints
 from pemt.train.rng import rng_state, set_rng_state
 from pemt.train.snapshot import (
     PARTS,
@@ -55,10 +56,6 @@ from pemt.train.universal import glob_safe
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "pemt_manifest.json"
-LATEST = "latest"
-STAGING = ".staging"
-INCOMPLETE = ".incomplete"
 UNIVERSAL = universal.UNIVERSAL
 # Host memory an asynchronous save may take: its copy must fit in this share of what is free.
 HOST_COPY_SHARE = 0.5
@@ -91,17 +88,6 @@ def _gather(obj: Any) -> list[Any]:
 def _all(flag: bool) -> bool:
     """Collective: whether `flag` holds on every rank."""
     return all(_gather(bool(flag)))
-
-
-@dataclass(frozen=True)
-class Committed:
-    tag: str
-    path: Path
-    manifest: dict[str, Any]
-
-    @property
-    def step(self) -> int:
-        return int(self.manifest["step"])
 
 
 @dataclass
@@ -155,14 +141,7 @@ class Checkpointer:
     # -- finding -------------------------------------------------------------------------
     def committed(self) -> list[Committed]:
         """Complete checkpoints (those with a manifest), oldest first."""
-        found = []
-        for manifest in self.directory.glob(f"step_*/{MANIFEST}"):
-            try:
-                data = json.loads(manifest.read_text())
-            except ValueError:
-                continue
-            found.append(Committed(manifest.parent.name, manifest.parent, data))
-        return sorted(found, key=lambda c: c.step)
+        return committed_checkpoints(self.directory)
 
     def _set_aside(self, path: Path, why: str) -> Path:
         # one name per move: the same step can be set aside twice in a second (a job that dies

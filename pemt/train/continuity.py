@@ -11,7 +11,6 @@ by how much the learning rate moves at the step the run resumes from.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,8 @@ EXECUTION_KEYS = (
     "train.collective_timeout_min",
     "train.max_skipped_steps",
     "train.allow_config_change",
+    "train.stop_on_collapse",
+    "train.collapse",
     "data.num_workers",
     "data.decode_threads",
     "data.remote",
@@ -61,17 +62,15 @@ def _under(key: str, prefixes: Any) -> bool:
     return any(key == p or key.startswith(f"{p}.") for p in prefixes)
 
 
-def manifest_digest(folder: str | Path) -> str | None:
-    """sha256 of a shard folder's manifest: it fixes every sample's place in the order."""
-    from pemt.data.shards import MANIFEST
-    from pemt.data.storage import StorageError, is_remote, join, read_bytes
+def manifest_digest(source: str | Path, cache_dir: str | None = None) -> str | None:
+    """The digest of a shard set's manifest (of manifest.json's bytes where there is one): it fixes
+    every sample's place in the order."""
+    from pemt.data.shard_sets import load_manifest
+    from pemt.data.storage import StorageError
 
-    path = join(folder, MANIFEST)
-    if not is_remote(folder) and not Path(path).is_file():
-        return None
     try:
-        return hashlib.sha256(read_bytes(path)).hexdigest()
-    except StorageError:  # unreachable now: the loader will say so, with the reason
+        return load_manifest(str(source), cache_dir).digest
+    except (OSError, ValueError, StorageError):  # unreadable now: the loader will say so, with the reason
         return None
 
 

@@ -1,4 +1,4 @@
-"""AdamW with linear warmup and cosine decay.
+"""AdamW (optionally its AMSGrad variant, as the paper trains) with linear warmup and cosine decay.
 
 A torch optimizer is handed to DeepSpeed rather than named in its JSON: naming one makes
 DeepSpeed JIT-compile its fused kernel, which a CPU run does not need.
@@ -27,6 +27,7 @@ def build_optimizer(
         lr=float(train_cfg.lr),
         betas=(0.9, 0.98),
         eps=1e-6,
+        amsgrad=bool(train_cfg.get("amsgrad", False)),
     )
     warmup, total = int(train_cfg.warmup_steps), int(train_cfg.max_steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total))

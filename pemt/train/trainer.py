@@ -28,11 +28,13 @@ from pemt.data.loader import build_loader, shard_source
 from pemt.data.shards import transform_warnings
 from pemt.distributed import DistInfo, init_distributed, leave_distributed, submitit_environment, tag_log_lines
 from pemt.ownership import RunBusy, RunLock, describe
-from pemt.track.context import redact_config
+from pemt.secrets import redact_config
 from pemt.track.metrics import counting_flops
 from pemt.track.tracker import MlflowTracker
 from pemt.train import exit_deadline
 from pemt.train.checkpoint import Checkpointer, CheckpointError
+from pemt.train.collapse import TAG as COLLAPSE_TAG
+from pemt.train.collapse import CollapseError, CollapseLimits, CollapseWatch
 from pemt.train.compilation import compile_blocks, compiles
 from pemt.train.continuity import check_continuity, manifest_digest
 from pemt.train.engine_config import deepspeed_config
@@ -109,6 +111,7 @@ class Trainer:
         self.tracker = MlflowTracker(cfg, self.run_dir, enabled=self.info.is_main)
         self.telemetry = Telemetry(cfg, self.engine.device, self.dtype, self.info.world_size)
         self.guard = StepGuard(self.engine.module, int(cfg.train.max_skipped_steps), self.engine.device)
+        self.collapse = CollapseWatch(CollapseLimits.from_config(cfg.train), int(cfg.train.warmup_steps))
         self.journal = RunJournal(self.run_dir, enabled=self.info.is_main)
         self.profiler = StepProfiler(profile_window(cfg), self.run_dir / "profile", self.info.rank, self.engine.device)
         if self.info.is_main:
@@ -159,21 +162,30 @@ class Trainer:
     def _data_manifest(self) -> str | None:
         """The shards' manifest digest, read once a job: a remote one is a request, and a save on
         the preemption signal must not wait on the store."""
-        return manifest_digest(shard_source(self.cfg))
+        return manifest_digest(shard_source(self.cfg), str(self.cfg.paths.cache))
 
     def _resolved(self) -> dict[str, Any]:
         resolved: dict[str, Any] = redact_config(plain(self.cfg))
         return resolved
 
-    def _log(self, step: int, samples: int, progress: tqdm[Any], bad: BadSamples) -> None:
+    def _log(self, step: int, samples: int, progress: tqdm[Any], bad: BadSamples) -> str | None:
+        """Collective. Report this log step; the collapse message if the run was just found
+        collapsed (every rank finds it alike: it reads metrics reduced over ranks)."""
         metrics, totals = self.telemetry.report(
             samples, self.engine.get_lr()[0], self.engine.get_global_grad_norm(), bad.errors, bad.slots
         )
         metrics["skipped_steps"] = self.guard.skipped
+        collapsed = self.collapse.observe(step, metrics)
+        if collapsed:
+            metrics["collapsed"] = 1.0
+            if self.info.is_main:
+                log.warning("%s", collapsed)
+            self.tracker.set_tags({COLLAPSE_TAG: collapsed})
         self.tracker.log_metrics(metrics, step)
         if "loss" in metrics:
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
         bad.check(totals["bad_samples"], totals["slots"])  # every rank sees the same totals
+        return collapsed
 
     def _micro_step(self, batch: dict[str, Any], count_flops: bool) -> dict[str, torch.Tensor]:
         """Forward, backward and (at the accumulation boundary) the optimizer step."""
@@ -216,6 +228,7 @@ class Trainer:
             seed=cfg.seed,
             start_micro_step=start_micro,
             check=self.task.sample_check(),
+            cache_dir=str(cfg.paths.cache),
         )
         record = None
         if cfg.train.record_samples:
@@ -379,8 +392,16 @@ class Trainer:
                 samples += int(cfg.train.global_batch_size)
                 self.telemetry.meter.add(int(cfg.train.global_batch_size), waited_for_data)
                 progress.update(1)
+                collapsed = None
                 if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                    self._log(step, samples, progress, bad)
+                    collapsed = self._log(step, samples, progress, bad)
+                if collapsed and cfg.train.stop_on_collapse:
+                    self._save(step, samples, run_id, final=True)
+                    raise CollapseError(
+                        f"{collapsed}. Stopped (train.stop_on_collapse=true): the checkpoint at step {step} is kept; "
+                        "change what the message suggests and start a new run, or resume this one with "
+                        "train.allow_config_change=[...]"
+                    )
                 if step == cfg.train.max_steps or (eval_every and step % eval_every == 0):
                     evaluated = self.task.evaluate(self.context, step)
                     if evaluated:

@@ -24,9 +24,21 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+RESULTS = HERE.parent / "results"
+REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE.parent))  # the benchmarks' shared helpers (common, probes), never another benchmark
 
-import sharing_quality as sq  # noqa: E402  (the model, data and decoding of the sharing study)
+from probes import across, decoded  # noqa: E402
+
+# The sharing study's model and the easy `classes` task (either modality's class decides the pair)
+DATA = [
+    "data.synthetic.task=classes",
+    "data.synthetic.classes=32",
+    "data.synthetic.seconds=4.0",
+    "data.clips=8",
+    "data.frames_per_clip=4",
+    "data.fps=8",
+]
 
 OUT_NORM = ["model.visual_cnn.out_norm=true", "model.audio_cnn.out_norm=true"]
 AGREEMENT = [*OUT_NORM, "loss.pair_head=agreement"]
@@ -50,10 +62,10 @@ def spreads(model, video, audio) -> dict[str, float]:
         visual_out = backbone.contextualise("visual", visual)
         fused = backbone.fuse(visual_out[:, 1:], backbone.contextualise("audio", sound)[:, 1:])
     return {
-        "visual clips": sq.across(visual),
-        "audio clips": sq.across(sound),
-        "visual tokens": sq.across(visual_out[:, 1:]),
-        "fused BOS": sq.across(fused[:, 0]),
+        "visual clips": across(visual),
+        "audio clips": across(sound),
+        "visual tokens": across(visual_out[:, 1:]),
+        "fused BOS": across(fused[:, 0]),
     }
 
 
@@ -67,8 +79,12 @@ def train_row(args: argparse.Namespace, data: dict, overrides: list[str], batche
     cfg = compose_config(
         "pretrain",
         [
-            *sq.data_overrides(args, args.videos, 0),
-            *sq.model_overrides(args),
+            *DATA,
+            f"data.synthetic.videos={args.videos}",
+            f"model.hidden_size={args.hidden}",
+            f"model.num_layers={args.layers}",
+            "model.num_heads=4",
+            f"model.ffn_size={2 * args.hidden}",
             "model.sharing=[]",
             "loss.mep_weight=0",
             *overrides,
@@ -103,21 +119,24 @@ def train_row(args: argparse.Namespace, data: dict, overrides: list[str], batche
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, default=sq.REPO / "outputs" / "sharing_quality")
+    parser.add_argument("--root", type=Path, default=REPO / "outputs" / "sharing_quality")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny model, 3 steps")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    args.task, args.overrides, args.batch, args.videos = "classes", [], 32, 256
-    args.hidden, args.layers, args.clips = 256, 4, 8
+    args.batch, args.videos, args.hidden, args.layers = 32, 256, 256, 4
     if args.quick:
         args.steps, args.batch, args.videos, args.hidden, args.layers = 3, 8, 16, 64, 2
     import torch
     from tqdm import tqdm
 
+    from pemt.config import compose_config
     from pemt.data.decode import video_to_float
+    from pemt.data.synthetic import ensure_synthetic_shards
 
-    data = sq.videos_of(args, args.root.resolve(), args.videos, 0)
+    root = args.root.resolve()
+    cfg = compose_config("pretrain", [f"paths.root={root}", *DATA, f"data.synthetic.videos={args.videos}"])
+    data = decoded(ensure_synthetic_shards(cfg), cfg.data, root / f"decoded-classes-{args.videos}-0.pt")
     data["video"] = video_to_float(data["video"], "cpu", torch.float32)
     lines = [
         "# The correct-pair objective alone: memorising a fixed batch vs learning from new ones\n",

@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from row_cache import cached_rows, save_rows
-
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+RESULTS = HERE.parent / "results"
+REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE.parent))  # the benchmarks' shared helpers (common, probes), never another benchmark
+
+from common import cached_rows, launch, probe_accuracy, results_stem, save_rows  # noqa: E402
+
 FACTORISED, NO_SHARING = "[layer,cross,factorized]", "[]"
 PRETRAIN_VARIANTS = {  # name: (negatives, sharing, other overrides)
     "content+factorised": ("content", FACTORISED, []),
@@ -41,21 +41,6 @@ PRETRAIN_VARIANTS = {  # name: (negatives, sharing, other overrides)
 RANDOM_VARIANTS = {"random+factorised": FACTORISED, "random+no sharing": NO_SHARING}
 CACHE_FILE = "evidence_rows.json"
 CACHE_SETTINGS = ("pretrain_steps", "probe_steps", "videos", "classes", "seed", "task", "test_videos")
-RUN_LINE = re.compile(r"pemt: run at step (\d+) in (.+) \(MLflow run (\w+)\)")
-
-
-def launch(script: str, overrides: list[str]) -> tuple[Path, str, float]:
-    """Run one launch script; its run dir, MLflow run id and wall time."""
-    started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, str(REPO / "launch" / script), *overrides], cwd=REPO, capture_output=True, text=True
-    )
-    seconds = time.perf_counter() - started
-    found = RUN_LINE.search(done.stderr)
-    if done.returncode or not found:
-        sys.stderr.write(done.stderr[-4000:])
-        raise SystemExit(f"{script} {' '.join(overrides)} failed (exit {done.returncode})")
-    return Path(found.group(2)), found.group(3), seconds
 
 
 def transformer_params(sharing: str) -> int:
@@ -67,18 +52,8 @@ def transformer_params(sharing: str) -> int:
     return count_parameters(build_pretraining_model(cfg))["transformers"]
 
 
-def probe_accuracy(run_dir: Path, steps: int) -> float:
-    """Held-out top-1 of the probe in `run_dir`, which must have run `steps` steps."""
-    last = json.loads((run_dir / "eval.jsonl").read_text().splitlines()[-1])
-    if last["step"] != steps:  # step counts do not name a run: a longer probe there is resumed, not rerun
-        raise SystemExit(
-            f"{run_dir} holds a probe run to step {last['step']}, not {steps}: remove that folder or use another --root"
-        )
-    return last["test_top1"]
-
-
 class EvidenceRows:
-    """Each variant's finished launches (pretraining, probe), saved as each finishes (`row_cache`): a
+    """Each variant's finished launches (pretraining, probe), saved as each finishes (`common.save_rows`): a
     finished pretraining survives an interrupted probe, and a relaunched finished run, which would
     resume at once and time nothing, is not relaunched."""
 
@@ -92,11 +67,6 @@ class EvidenceRows:
     def put(self, variant: str, **fields: object) -> None:
         self.get(variant).update(fields)
         save_rows(self.path, self.settings, list(self.rows.values()))
-
-
-def results_stem(out: Path, name: str, task: str) -> Path:
-    """Where a benchmark's table and plot go: `<out>/<name>` for the classes task, `<name>_<task>` otherwise."""
-    return out / (name if task == "classes" else f"{name}_{task}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         help="data.synthetic.task; rhythm: 4 s videos, 32 classes, 1024 videos, 256 held out unless given",
     )
     parser.add_argument("--test-videos", type=int, default=None, help="held-out videos (default 32; rhythm 256)")
-    parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for the table and the plot")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the table and the plot")
     args = parser.parse_args(argv)
     if args.task == "rhythm":  # the sharing study's data: a class is which shape blinks with which tone
         args.classes = 32

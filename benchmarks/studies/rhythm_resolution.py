@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+RESULTS = HERE.parent / "results"
 SECONDS, FPS, AUDIO_RATE = 4.0, 8, 1600  # the study's window; audio sampled finely enough for on-fractions
 CLIPS = (8, 16, 32)
 NOISE = (0.0, 0.1, 0.2)
@@ -65,7 +66,7 @@ def observe(videos: int, clips: int, noise: float, seed: int = 0) -> tuple[np.nd
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--videos", type=int, default=3000)
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     from tqdm import tqdm
 

@@ -24,7 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))  # the loopback servers the tests use
+RESULTS = HERE.parent / "results"
+REPO = HERE.parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the loopback servers the tests use
 
 from servers import S3Server, s3_environment  # noqa: E402
 
@@ -83,7 +85,7 @@ def main() -> None:
     offsets = [draw.randrange(0, (32 << 20) - size) for _ in range(args.requests)]
     # the file server in a process of its own, so that process_time() here is the client's alone
     http = subprocess.Popen(
-        [sys.executable, "-c", SERVE, str(HERE.parent / "tests"), str(work), str(port)],
+        [sys.executable, "-c", SERVE, str(REPO / "tests"), str(work), str(port)],
         stdout=subprocess.DEVNULL,
     )
     _wait_for(port)
@@ -148,7 +150,7 @@ def main() -> None:
     )
     table = "\n".join(lines)
     print(f"{setting}\n\n{table}")
-    (HERE / "results" / "remote_clients.md").write_text(f"# Remote shard clients\n\n{setting}\n\n{table}\n")
+    (RESULTS / "remote_clients.md").write_text(f"# Remote shard clients\n\n{setting}\n\n{table}\n")
 
 
 if __name__ == "__main__":
