@@ -121,6 +121,7 @@ DIGITS_CNNS = [
     "model.audio_cnn.layers=[1,1,1]",
     "model.audio_cnn.stem_stride=2",
 ]
+SAMPLES_PER_SHARD = 32  # digit videos per shard; the timing tasks write videos // 32 per shard
 SYNTHETIC_FRAMES = 32  # frames per timing-task video (4 s at 8 fps), cut into --clips clips
 
 
@@ -152,7 +153,7 @@ def data_overrides(args: argparse.Namespace, videos: int, seed: int, root: Path 
         "data.synthetic.classes=32",
         f"data.synthetic.videos={videos}",
         "data.synthetic.seconds=4.0",
-        f"data.synthetic.videos_per_shard={max(1, videos // 32)}",
+        f"data.synthetic.videos_per_shard={max(1, videos // SAMPLES_PER_SHARD)}",
         f"data.synthetic.seed={seed}",
         # The whole 4 s at 8 fps (32 frames), cut into `clips` tokens per modality.
         f"data.clips={args.clips}",
@@ -176,8 +177,13 @@ def pretrain_overrides(args: argparse.Namespace, root: Path, variant: str, seed:
         f"train.log_every={max(1, args.steps // 20)}",
         f"train.global_batch_size={args.batch}",
         f"train.warmup_steps={max(1, args.steps // 20)}",
-        "data.streams=8",
+        f"data.streams={streams(args)}",
     ]
+
+
+def streams(args: argparse.Namespace) -> int:
+    """Streams per run: 8, or one per shard where there are fewer (the quick run's 64 videos)."""
+    return max(1, min(8, args.videos // SAMPLES_PER_SHARD))
 
 
 def supervised_overrides(args: argparse.Namespace, root: Path, variant: str, seed: int) -> list[str]:
@@ -231,7 +237,7 @@ def make_data(args: argparse.Namespace, root: Path) -> None:
     from pemt.data.digits import DigitsSpec
 
     spec = DigitsSpec(videos=args.videos)  # the tool's defaults: 6 s, 32 px
-    make_av_digits(digits_root(args, root), spec, args.test_videos)
+    make_av_digits(digits_root(args, root), spec, args.test_videos, samples_per_shard=SAMPLES_PER_SHARD)
 
 
 def videos_of(args: argparse.Namespace, root: Path, videos: int, seed: int) -> dict:

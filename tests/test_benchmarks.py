@@ -61,6 +61,8 @@ def _benchmark(name: str):
     spec = importlib.util.spec_from_file_location(Path(name).name, REPO / "benchmarks" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    # registered first, as an import would: dataclasses look their module up while the class is made
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 

@@ -90,7 +90,7 @@ def test_a_collapsing_run_is_warned_about_tagged_and_stopped_with_its_checkpoint
     step = int(line.split("representation collapse at step ")[1].split(":")[0])
     assert step < 40 and "train.lr" in line
     assert "Stopped (train.stop_on_collapse=true)" in result.stderr, describe(result)
-    run_dir = tmp_path / "pemt-pretrain" / run_name(*FORCED_COLLAPSE)
+    run_dir = tmp_path / "pemt-pretrain" / run_name(*FORCED_COLLAPSE, "train.warmup_steps=4")
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{step:08d}", "its checkpoint is kept"
     tags, status = _tags_and_status(tmp_path)
     assert tags["pemt.collapse"].startswith(f"representation collapse at step {step}") and status == "FAILED"

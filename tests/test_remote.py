@@ -221,7 +221,8 @@ def test_unreachable_or_wrong_locations_fail_preflight_naming_the_url(
         check_readable(dead)
     with pytest.raises(OSError, match="s3://no-such-bucket/x/manifest.json: NoSuchBucket"):
         check_readable("s3://no-such-bucket/x")
-    with pytest.raises(OSError, match=f"{http[1].url}/nothing/manifest.json: not found"):
+    # no manifest where an HTTP folder cannot be listed either: what to give instead
+    with pytest.raises(OSError, match=f"{http[1].url}/nothing/manifest.json is missing, and an HTTP folder cannot"):
         check_readable(f"{http[1].url}/nothing")
     with pytest.raises(ValueError, match="must not carry credentials"):
         check_location("https://user:secret@host/shards", "data.shards")

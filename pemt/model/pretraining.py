@@ -137,9 +137,13 @@ class AVPretrainingModel(nn.Module):
         pair, pair_accuracy = pair_loss(self._pair_logits(visual_bos, audio_bos), mismatched)
         losses["loss_pair"] = pair
         if cfg.contrastive_weight:
-            losses["loss_contrastive"] = info_nce(
-                outputs["visual"].mean(1), outputs["audio"].mean(1), float(cfg.temperature)
-            )
+            if str(cfg.get("contrastive_level", "video")) == "clip":
+                # each visual clip embedding against the audio clip of the same second, the global
+                # batch's other clips the negatives
+                visual_clips, audio_clips = (gather_rows(embeddings[m].flatten(0, 1))[0] for m in MODALITIES)
+            else:  # each video's pooled outputs against the global batch's other videos
+                visual_clips, audio_clips = (gather_rows(outputs[m].mean(1))[0] for m in MODALITIES)
+            losses["loss_contrastive"] = info_nce(visual_clips, audio_clips, float(cfg.temperature))
         mep = cast(torch.Tensor, sum(v for k, v in losses.items() if k.startswith("loss_mep_")))
         total: torch.Tensor = (
             float(cfg.mep_weight) * mep
