@@ -41,10 +41,11 @@ DATA = [
 ]
 
 OUT_NORM = ["model.visual_cnn.out_norm=true", "model.audio_cnn.out_norm=true"]
+NO_OUT_NORM = ["model.visual_cnn.out_norm=false", "model.audio_cnn.out_norm=false"]
 AGREEMENT = [*OUT_NORM, "loss.pair_head=agreement"]
 # (CNN features, pair head, overrides, batches, lr)
 ROWS = [
-    ("no out_norm", "bos", [], "fixed", 1e-3),
+    ("no out_norm", "bos", NO_OUT_NORM, "fixed", 1e-3),
     ("out_norm", "bos", OUT_NORM, "fixed", 1e-3),
     ("out_norm", "bos", OUT_NORM, "new", 1e-4),
     ("out_norm", "bos", OUT_NORM, "new", 1e-3),
