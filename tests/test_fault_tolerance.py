@@ -183,6 +183,8 @@ def test_resume_at_another_world_size(tmp_path: Path, data_cache: Path, before: 
     run_dir = root / "pemt-pretrain" / run_name(sampling)
     log = (run_dir / "pretrain.log").read_text()
     assert f"resumed at world size {after} from a checkpoint written at {before}" in log
+    # AMSGrad (the default) loses its running maximum in the universal format: restarted, and said
+    assert "AMSGrad's running maximum" in log
     assert (run_dir / "checkpoints" / ".universal" / "step_00000004" / ".complete").exists()
     # The data stream goes on without repeats or gaps: every step saw what it would have.
     assert keys_by_step(run_dir) == keys_by_step(tmp_path / "reference" / "pemt-pretrain" / run_name(sampling))

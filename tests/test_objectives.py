@@ -167,7 +167,11 @@ def test_a_step_on_two_ranks_equals_one_process() -> None:
     loss, grads = results[0]
     assert abs(loss - single_loss) < 1e-5, (loss, single_loss)
     worst = max((a - b).abs().max().item() for a, b in zip(grads, single_grads))
-    assert worst < 1e-5, worst
+    # Relative to the largest gradient: the CNNs' global BatchNorm of the pooled features (out_norm)
+    # divides by their small spread, which amplifies float32 summation-order differences to ~3e-5
+    # of it (measured); a rank's missing contribution would be of the gradients' own size.
+    scale = max(g.abs().max().item() for g in single_grads)
+    assert worst < 1e-4 * scale, (worst, scale)
 
 
 def test_keyed_draws_do_not_depend_on_global_rng() -> None:

@@ -378,6 +378,12 @@ class Checkpointer:
                 folder = self._universal(checkpoint)
                 with glob_safe(folder.parent) as directory:
                     path, _ = engine.load_checkpoint(str(directory), tag=folder.name)
+                if path is not None and universal.complete_amsgrad_state(engine.optimizer):
+                    log.warning(
+                        "train.amsgrad: the universal checkpoint does not keep AMSGrad's running maximum of "
+                        "the second moment; it restarts from the second moment at step %d",
+                        checkpoint.step,
+                    )
             else:
                 with glob_safe(self.directory) as directory:
                     path, _ = engine.load_checkpoint(str(directory), tag=checkpoint.tag)

@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -83,3 +84,22 @@ def glob_safe(path: Path) -> Iterator[Path]:
         link = Path(folder) / path.name.translate(str.maketrans("[]*?", "____"))
         link.symlink_to(Path(path).resolve(), target_is_directory=True)
         yield link
+
+
+def complete_amsgrad_state(optimizer: Any) -> int:
+    """Give AMSGrad's running maximum of the second moment back to every parameter a universal
+    load left without one; returns how many. DeepSpeed's conversion keeps only `exp_avg` and
+    `exp_avg_sq`, and torch's AdamW then fails on the first step (KeyError 'max_exp_avg_sq').
+    The maximum restarts from the second moment itself: never below it, as AMSGrad requires, but
+    without the larger values it held before the resume."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's ZeRO wraps the torch optimizer
+    filled = 0
+    for group in getattr(inner, "param_groups", []):
+        if not group.get("amsgrad"):
+            continue
+        for param in group["params"]:
+            state = inner.state.get(param)
+            if state and "exp_avg_sq" in state and "max_exp_avg_sq" not in state:
+                state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
+                filled += 1
+    return filled
