@@ -65,6 +65,23 @@ def test_the_agreement_pair_head_trains_the_transformers_through_both_bos(fusion
         check_model(_cfg("loss.pair_head=dot"))
 
 
+@pytest.mark.parametrize("level", ["video", "clip"])
+def test_the_audio_visual_infonce_trains_both_cnns_at_either_level(level: str) -> None:
+    """loss.contrastive_level: pooled outputs per video, or each second's clip embeddings; either
+    way both CNNs get gradient from it alone, and a level that does not exist is refused."""
+    alone = ["loss.mep_weight=0", "loss.pair_weight=0", "loss.contrastive_weight=1"]
+    cfg = _cfg(*alone, f"loss.contrastive_level={level}")
+    model = build_pretraining_model(cfg)
+    video, audio = _batch(cfg)
+    out = model(video, audio)
+    out["loss"].backward()
+    for cnn in ("visual_cnn", "audio_cnn"):
+        grads = [p.grad for n, p in model.named_parameters() if n.startswith(f"backbone.{cnn}.")]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), cnn
+    with pytest.raises(ConfigError, match="loss.contrastive_level='second'"):
+        check_model(_cfg("loss.contrastive_level=second"))
+
+
 def test_at_initialisation_the_transformers_input_is_mostly_content() -> None:
     """Positions, cells and token types start small beside the clip embeddings they are added to
     (BERT's N(0, 0.02)): the multimodal input after its LayerNorm still points where the content
