@@ -145,8 +145,10 @@ def test_sharing_quality_supervised_ceiling_trains_the_same_model_on_the_probes_
     pretrain = compose_config("pretrain", bench.pretrain_overrides(args, tmp_path, variant, 2))
     validate(supervised)
     assert supervised.task.name == "long_av" and supervised.task.init is None
-    for section in ("model", "data", "train"):
+    for section in ("model", "data"):
         assert supervised[section] == pretrain[section], section
+    # the same training but its learning rate: the supervised ceiling's own (it was measured at 1e-3)
+    assert {**supervised.train, "lr": None} == {**pretrain.train, "lr": None} and supervised.train.lr == 1e-3
     assert supervised.seed == 2
     held_out = held_out_config(supervised).data.synthetic
     probes = compose_config("pretrain", bench.data_overrides(args, args.test_videos, 1)).data.synthetic
