@@ -22,7 +22,8 @@ from pemt.data.errors import BadSamples
 from pemt.data.loader import build_loader
 from pemt.data.members import INDEX_SUFFIX, indexed_samples, member_bytes, shard_index
 from pemt.data.remote_file import forget_reads, open_remote, read_ahead, reads_in_flight
-from pemt.data.shards import check_readable, read_manifest, upload_shards
+from pemt.data.shard_sets import check_readable
+from pemt.data.shards import read_manifest, upload_shards
 from pemt.data.storage import Retry, StorageError, check_location, read_bytes, retries_so_far
 from pemt.data.stream import plan_from_manifest, stream_slots
 from pemt.data.synthetic import SyntheticSpec, generate

@@ -78,7 +78,7 @@ def _shard_count(cfg: DictConfig) -> int:
     if cfg.data.name == "synthetic":
         spec = cfg.data.synthetic
         return math.ceil(int(spec.videos) / int(spec.videos_per_shard))
-    from pemt.data.shards import check_readable
+    from pemt.data.shard_sets import check_readable
 
     try:
         return len(check_readable(str(cfg.data.shards), str(cfg.paths.cache)))
@@ -151,7 +151,7 @@ def _check_partition(cfg: DictConfig) -> str | None:
 
 def _check_finetune(cfg: DictConfig) -> str | None:
     """Fine-tuning: the held-out shards are readable and the pretrained weights exist."""
-    from pemt.data.shards import check_readable
+    from pemt.data.shard_sets import check_readable
     from pemt.downstream.pretrained import is_mlflow_run_id
 
     if cfg.eval.shards:

@@ -240,3 +240,17 @@ def load_manifest(
     if not entries:
         raise FileNotFoundError(f"{source}: the manifest lists no shards")
     return Manifest(data, tuple(location(source, e["name"]) for e in entries), digest)
+
+
+# A launch checks remote shards quickly: a server that is down fails it in seconds, not minutes
+PREFLIGHT_RETRY = Retry(attempts=2, backoff_s=1.0, timeout_s=20.0)
+
+
+def check_readable(source: str, cache_dir: str | None = None) -> list[dict[str, Any]]:
+    """The manifest's entries (built and kept if the shard set has none),
+    once the first shard is shown readable where it lies (for a remote one: reachable, allowed,
+    served by byte range). Raises OSError or ValueError naming the URL."""
+    manifest = load_manifest(source, cache_dir, PREFLIGHT_RETRY, progress=True)
+    if is_remote(manifest.locations[0]):
+        object_size(manifest.locations[0], PREFLIGHT_RETRY)
+    return manifest.entries

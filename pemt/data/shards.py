@@ -106,22 +106,6 @@ def read_manifest(folder: str | Path, retry: Retry | None = None) -> list[dict[s
     return entries
 
 
-# A launch checks remote shards quickly: a server that is down fails it in seconds, not minutes
-PREFLIGHT_RETRY = Retry(attempts=2, backoff_s=1.0, timeout_s=20.0)
-
-
-def check_readable(source: str, cache_dir: str | None = None) -> list[dict[str, Any]]:
-    """The manifest's entries (built and kept if the shard set has none: pemt.data.shard_sets),
-    once the first shard is shown readable where it lies (for a remote one: reachable, allowed,
-    served by byte range). Raises OSError or ValueError naming the URL."""
-    from pemt.data.shard_sets import load_manifest
-
-    manifest = load_manifest(source, cache_dir, PREFLIGHT_RETRY, progress=True)
-    if is_remote(manifest.locations[0]):
-        object_size(manifest.locations[0], PREFLIGHT_RETRY)
-    return manifest.entries
-
-
 def upload_shards(folder: Path, location: str, progress: bool = True) -> int:
     """Copy a local shard folder to a remote prefix: every shard and its index (read by one request
     instead of a request per member header), then the manifest, so a reader never finds a manifest
