@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from pemt.model.backbone import AVBackbone
-from pemt.model.collectives import gather_rows, global_rows
+from pemt.model.collectives import gather_rows, global_rows, sum_over_ranks
 from pemt.model.objectives import generator, info_nce, masked_embedding_loss, mismatch_mask, pair_loss, random_mask
 
 MODALITIES = ("visual", "audio")
@@ -155,22 +155,39 @@ class AVPretrainingModel(nn.Module):
             "pair_accuracy": pair_accuracy.detach(),
             # How much each representation differs between the videos of the global batch: near 0,
             # every video looks alike to what reads it (the collapse `pemt.train.collapse` watches).
-            "spread_visual": batch_spread(embeddings["visual"]),
-            "spread_audio": batch_spread(embeddings["audio"]),
-            "spread_fused": batch_spread(fused),
+            **dict(
+                zip(
+                    ("spread_visual", "spread_audio", "spread_fused"),
+                    batch_spreads([embeddings["visual"], embeddings["audio"], fused]),
+                )
+            ),
             **{f"mep_same_video_{m}": share for m, share in same_video.items()},
         }
         return {"loss": total, **{k: v.detach() for k, v in losses.items()}, **health}
 
 
-def batch_spread(x: torch.Tensor) -> torch.Tensor:
-    """The standard deviation across the global batch's samples (x: samples first), averaged over
-    features, relative to the RMS: 0 when every sample gives the same output."""
+def batch_spreads(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor's standard deviation across the global batch's samples (samples first),
+    averaged over features, relative to the RMS: 0 when every sample gives the same output. One
+    all-reduce of per-feature sums for all of them, not a gather of the rows: it runs every step."""
     with torch.no_grad():
-        rows, _ = gather_rows(x.detach().flatten(1).float())
-        if len(rows) < 2:
-            return torch.zeros((), device=x.device)
-        return rows.std(0).mean() / rows.square().mean().sqrt().clamp_min(1e-12)
+        flat = [x.detach().flatten(1).float() for x in tensors]
+        local = torch.cat([torch.cat([f.sum(0), f.square().sum(0), f.new_tensor([len(f)])]) for f in flat])
+        totals, spreads, offset = sum_over_ranks(local), [], 0
+        for f in flat:
+            width = f.shape[1]
+            total, squares, n = (
+                totals[offset : offset + width],
+                totals[offset + width : offset + 2 * width],
+                totals[offset + 2 * width],
+            )
+            offset += 2 * width + 1
+            if n < 2:
+                spreads.append(torch.zeros((), device=f.device))
+                continue
+            variance = ((squares - total.square() / n) / (n - 1)).clamp_min(0.0)  # unbiased, as Tensor.std
+            spreads.append(variance.sqrt().mean() / (squares.sum() / (n * width)).sqrt().clamp_min(1e-12))
+        return spreads
 
 
 class PairAgreement(nn.Module):
