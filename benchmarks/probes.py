@@ -4,18 +4,23 @@ k-shot) scored on a held-out set."""
 
 from __future__ import annotations
 
+import os
 import statistics
 from pathlib import Path
 from typing import Any
 
 import torch
 
+CLIP_PROBE_TRAIN = 6144  # training clips a per-clip probe is fit on (1024 six-second videos)
+
 
 def decoded(folder: Path, data_cfg: Any, cache: Path, labels: tuple[str, ...] = ("label",)) -> dict[str, Any]:
     """Every sample of a shard folder, decoded as evaluation decodes it (centred window and crop),
     with the metadata fields `labels` as tensors; kept in `cache` (a .pt file) once decoded."""
     if cache.exists():
-        return dict(torch.load(cache, weights_only=True))
+        kept = dict(torch.load(cache, weights_only=True))
+        if all(name in kept for name in labels):
+            return kept  # else decoded again, with the labels it lacks
     import json
 
     from tqdm import tqdm
@@ -39,7 +44,9 @@ def decoded(folder: Path, data_cfg: Any, cache: Path, labels: tuple[str, ...] = 
     out = {"video": torch.stack(videos), "audio": torch.stack(sounds)}
     out.update({name: torch.tensor(values) for name, values in fields.items()})
     cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(out, cache)
+    staging = cache.with_suffix(f".partial-{os.getpid()}")  # whole or not at all, whoever else decodes it
+    torch.save(out, staging)
+    staging.rename(cache)
     return out
 
 
@@ -52,6 +59,37 @@ def forward(backbone: Any, video: torch.Tensor, audio: torch.Tensor) -> tuple[to
         visual_out = backbone.contextualise("visual", visual)[:, 1:]
         audio_out = backbone.contextualise("audio", sound)[:, 1:]
         return visual, sound, backbone.fuse(visual_out, audio_out)
+
+
+def clip_embeddings(model: Any, data: dict[str, Any], batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen CNNs' embedding of every clip: visual and audio, each (videos, clips, hidden)."""
+    from pemt.data.decode import video_to_float
+
+    visual, audio = [], []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(data["video"]), batch):
+            v, a = model.backbone.embed_clips(
+                video_to_float(data["video"][i : i + batch], "cpu", torch.float32), data["audio"][i : i + batch]
+            )
+            visual.append(v)
+            audio.append(a)
+    return torch.cat(visual), torch.cat(audio)
+
+
+def clip_probe(
+    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, classes: int
+) -> float:
+    """Top-1 (%) of a probe of each clip's own label ((videos, clips)) from its own features
+    ((videos, clips, D)): does the model tell what happens in each second? At most CLIP_PROBE_TRAIN
+    training clips."""
+    return fit_probe(
+        train_x.flatten(0, 1)[:CLIP_PROBE_TRAIN],
+        train_y.flatten()[:CLIP_PROBE_TRAIN],
+        test_x.flatten(0, 1),
+        test_y.flatten(),
+        classes,
+    )
 
 
 def features(model: Any, data: dict[str, Any], batch: int = 64) -> torch.Tensor:

@@ -38,8 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import add_set_option, launch, save_rows
-from probes import decoded, features, few_shot, fit_probe, spread
+from probes import clip_embeddings, clip_probe, decoded, features, few_shot, fit_probe, spread
 from sharing_quality_table import PRETRAINED, RANDOM, SUPERVISED, cached_rows, output_name, plot, render, row_key
+
+from pemt.data.digits import DigitsSpec
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -92,6 +94,8 @@ class Task:
     videos: int
     test_videos: int
     labels: tuple[str, ...] = ("label",)  # probed, the first is the table's (and the ceiling's) label
+    # per clip: (modality, label) probed from each clip's CNN embedding ("seconds <modality>")
+    clip_labels: tuple[tuple[str, str], ...] = ()
 
 
 TASKS = {
@@ -104,6 +108,7 @@ TASKS = {
         videos=2048,
         test_videos=512,
         labels=("label", "unspoken"),
+        clip_labels=(("visual", "shown"), ("audio", "spoken")),
     ),
     **{
         name: Task(32, (2, 4, 8), tuple(VARIANTS), steps=300, batch=32, videos=1024, test_videos=256)
@@ -137,9 +142,16 @@ def model_overrides(args: argparse.Namespace) -> list[str]:
     ]
 
 
+def digits_spec(args: argparse.Namespace) -> DigitsSpec:
+    """The digit videos' settings: the tool's defaults (6 s, 32 px, a new background and voice
+    every second)."""
+    return DigitsSpec(videos=args.videos)
+
+
 def digits_root(args: argparse.Namespace, root: Path) -> Path:
-    """Where the digit videos of these settings are packed (train/ and held_out/)."""
-    return root / f"digits-{args.videos}-{args.test_videos}"
+    """Where the digit videos of these settings are packed (train/ and held_out/): named by their
+    settings' digest, so a changed generator never reuses videos made by another."""
+    return root / f"digits-{args.videos}-{args.test_videos}-{digits_spec(args).digest()}"
 
 
 def data_overrides(args: argparse.Namespace, videos: int, seed: int, root: Path | None = None) -> list[str]:
@@ -237,24 +249,24 @@ def make_data(args: argparse.Namespace, root: Path) -> None:
     if args.task != "digits":
         return
     from pemt.apps.make_av_digits import make_av_digits
-    from pemt.data.digits import DigitsSpec
 
-    spec = DigitsSpec(videos=args.videos)  # the tool's defaults: 6 s, 32 px
-    make_av_digits(digits_root(args, root), spec, args.test_videos, samples_per_shard=SAMPLES_PER_SHARD)
+    make_av_digits(digits_root(args, root), digits_spec(args), args.test_videos, samples_per_shard=SAMPLES_PER_SHARD)
 
 
 def videos_of(args: argparse.Namespace, root: Path, videos: int, seed: int) -> dict:
     """Decoded clips and labels of the training (seed 0) or held-out (seed 1) set, decoded once."""
-    labels = TASKS[args.task].labels
+    task = TASKS[args.task]
+    labels = (*task.labels, *(label for _, label in task.clip_labels))
     if args.task == "digits":
         cfg = _compose(data_overrides(args, videos, seed, root))
         folder = Path(cfg.data.shards)
-    else:
+        cache = digits_root(args, root) / f"decoded-{videos}-{seed}.pt"
+        return decoded(folder, cfg.data, cache, labels)
         from pemt.data.synthetic import ensure_synthetic_shards
 
         cfg = _compose([f"paths.root={root}", *data_overrides(args, videos, seed)])
         folder = ensure_synthetic_shards(cfg)
-    clips = "" if args.clips == 8 or args.task == "digits" else f"-{args.clips}clips"
+    clips = "" if args.clips == 8 else f"-{args.clips}clips"
     return decoded(folder, cfg.data, root / f"decoded-{args.task}-{videos}-{seed}{clips}.pt", labels)
 
 
@@ -287,6 +299,12 @@ def probe_model(args: argparse.Namespace, root: Path, variant: str, seed: int, r
         result[f"full {label}"] = fit_probe(train_x, train[label], test_x, test[label], task.classes)
     for shots in task.shots:
         result[f"{shots}-shot"] = few_shot(train_x, train[main], test_x, test[main], task.classes, shots)
+    if task.clip_labels:
+        train_clips, test_clips = clip_embeddings(model, train), clip_embeddings(model, test)
+        for index, (modality, label) in enumerate(task.clip_labels):
+            result[f"seconds {modality}"] = clip_probe(
+                train_clips[index], train[label], test_clips[index], test[label], task.classes
+            )
     return result
 
 
@@ -349,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         settings["overrides"] = args.overrides
     if args.clips != 8:
         settings["clips"] = args.clips
+    if args.task == "digits":  # rows of videos made by another generator are not reused
+        settings["data"] = digits_spec(args).digest()
     make_data(args, root)
     done_file = root / "rows.json"
     rows = cached_rows(done_file, settings)

@@ -83,7 +83,7 @@ def gate(rows: list[dict]) -> list[str]:
 
 
 def render(rows: list[dict], args: argparse.Namespace, params: dict[str, int], task: Any) -> str:
-    extra = [f"full {label}" for label in task.labels[1:]]
+    extra = [f"full {label}" for label in task.labels[1:]] + [f"seconds {m}" for m, _ in task.clip_labels]
     columns = ["full", *(f"{k}-shot" for k in task.shots), *extra]
     lines = [
         f"# Sharing quality on the {args.task} task"
@@ -91,8 +91,14 @@ def render(rows: list[dict], args: argparse.Namespace, params: dict[str, int], t
         + "\n",
         f"{args.steps} pretraining steps x batch {args.batch}, {args.videos} videos ({task.classes} classes), held-out "
         f"{args.test_videos}; transformers hidden {args.hidden}, {args.layers} layers; seeds "
-        f"{', '.join(map(str, args.seeds))}; probe top-1 % (mean ± sd over seeds; chance {100 / task.classes:.1f}%). "
-        f"{common.machine_line()}.\n",
+        f"{', '.join(map(str, args.seeds))}; probe top-1 % (mean ± sd over seeds; chance {100 / task.classes:.1f}%)"
+        + (
+            "; `seconds visual` / `seconds audio`: each second's digit shown / spoken, probed from that "
+            "second's clip embedding (does the CNN read / hear digits?). "
+            if task.clip_labels
+            else ". "
+        )
+        + f"{common.machine_line()}.\n",
         *(gate(rows) if args.task == "digits" else []),
         "| variant | transformer params | vs none | " + " | ".join(columns) + " | fused BOS spread | final MEP "
         "visual / audio, pair loss | pretrain min |",

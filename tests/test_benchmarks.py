@@ -42,6 +42,9 @@ def test_sharing_quality_quick_runs_the_whole_path_and_continues_from_its_cache(
         probe = row["probe"]
         assert all(0.0 <= probe[k] <= 100.0 for k in ("full", "1-shot", "5-shot", "10-shot", "full unspoken"))
         assert all(0.0 < v < 2.0 for v in probe["spread"].values()), probe["spread"]
+    from pemt.data.digits import DigitsSpec
+
+    assert {r["settings"]["data"] for r in rows} == {DigitsSpec(videos=64).digest()}, "rows name their videos"
     pretrained = next(r for r in rows if not r["random"])
     assert {"loss_mep_visual", "loss_mep_audio", "loss_pair", "spread_fused"} <= set(pretrained["losses"])
     assert _mlflow_runs(root) >= 1
@@ -65,6 +68,19 @@ def _benchmark(name: str):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def test_sharing_quality_never_takes_the_videos_of_another_digits_generator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A changed generator makes other videos from the same settings: they go to another folder (and
+    their rows are keyed by it), so a table never mixes the two."""
+    bench = _benchmark("sharing_quality")
+    args = argparse.Namespace(task="digits", videos=64, test_videos=32)
+    before = bench.digits_root(args, tmp_path)
+    assert before.name.startswith("digits-64-32-")
+    monkeypatch.setattr("pemt.data.digits.GENERATOR_VERSION", 99)
+    assert bench.digits_root(args, tmp_path) != before
 
 
 def test_pretraining_evidence_continues_where_it_stopped_with_the_times_measured_then(

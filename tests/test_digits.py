@@ -18,6 +18,8 @@ from pemt.data.digits import (
     digit_images,
     draw_video,
     images_of,
+    render_frames,
+    video_rng,
     voice_variants,
     voices_of,
 )
@@ -47,7 +49,24 @@ def test_a_video_shows_and_says_its_majority_most_often_and_shows_one_digit_it_n
         assert video.unspoken in shown and video.unspoken not in spoken
         # every other second shows what it says, so matched audio and video agree but for one second
         assert sum(a != b for a, b in zip(video.shown, video.spoken)) == 1
-        assert video.voice.split("+")[1] in voices_of("train")
+        assert all(voice.split("+")[1] in voices_of("train") for voice in video.voices)
+
+
+def test_the_background_and_voice_change_every_second_unless_asked_to_stay_through_the_video() -> None:
+    """With a new background and voice each second, only the digits tie a video's seconds together
+    (with one per video, pretraining learned those instead of the digits)."""
+    for nuisance, changes in (("second", True), ("video", False)):
+        spec = DigitsSpec(seconds=6, nuisance=nuisance)
+        rng = video_rng(spec, 0)
+        video = draw_video(spec, rng)
+        frames = render_frames(spec, video, rng).astype(np.float32)
+        # the background's colour: each second's median pixel (most pixels are background)
+        colours = np.stack([np.median(frames[s * spec.fps : (s + 1) * spec.fps].reshape(-1, 3), 0) for s in range(6)])
+        step = np.abs(np.diff(colours, axis=0)).mean(1)
+        assert (step.mean() > 8) if changes else (step.max() < 5), (nuisance, step)
+        assert (len(set(video.voices)) > 2) == changes, video.voices
+    with pytest.raises(ValueError, match="nuisance='hour'"):
+        DigitsSpec(nuisance="hour")
 
 
 def test_a_missing_espeak_is_named_with_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -92,7 +111,7 @@ def test_make_av_digits_packs_real_videos_the_loader_reads(digits: Path) -> None
             assert clips["audio"].shape[:2] == (6, 1) and torch.isfinite(clips["audio"]).all()
             assert clips["label"] == meta["majority"] and meta["unspoken"] in meta["shown"]
             assert clips["video"].float().std() > 10, "frames with content"
-            voices.setdefault(split, set()).add(meta["voice"].split("+")[1])
+            voices.setdefault(split, set()).update(voice.split("+")[1] for voice in meta["voices"])
     assert not voices["train"] & voices["held_out"]
     assert not (digits / "videos").exists(), "the mp4 files are removed once packed"
 
@@ -106,6 +125,18 @@ def test_make_av_digits_keeps_a_finished_set_and_refuses_other_settings(digits: 
     with pytest.raises(SystemExit) as refused:
         main([str(digits), "--videos", "8", "--held-out", "4", "--seconds", "6", "--size", "32"])
     assert refused.value.code == 2
+    # the same settings, made by an older generator (other videos): refused too, not reused
+    done = digits / "digits.json"
+    recorded = done.read_text()
+    try:
+        done.write_text(
+            json.dumps({**json.loads(recorded), "specs": {**json.loads(recorded)["specs"], "generator": 1}})
+        )
+        with pytest.raises(SystemExit) as refused:
+            main([str(digits), *SMALL_SET])
+        assert refused.value.code == 2
+    finally:
+        done.write_text(recorded)
 
 
 def test_an_interrupted_make_av_digits_keeps_the_videos_it_wrote(tmp_path: Path) -> None:

@@ -162,8 +162,14 @@ def test_a_longer_run_says_how_its_schedule_stretches(caplog: pytest.LogCaptureF
     cfg, config = _config(train__max_steps=20)
     with caplog.at_level(logging.WARNING):
         check_continuity(SAVED, cfg, config, "abc", 6)
-    assert "train.max_steps 10 -> 20: the cosine schedule now decays over 18 steps instead of 8" in caplog.text
+    assert "train.max_steps 10 -> 20: the cosine schedule's decay is now 18 steps instead of 8 steps" in caplog.text
     assert "at step 6 the learning rate goes from 0.0005 to 0.000883" in caplog.text
+    caplog.clear()
+    cfg, config = _config(train__max_steps=20, train__warmup_steps=30)  # a warm-up past the run's end
+    saved = {**SAVED, "config": {**SAVED["config"], "train": {**SAVED["config"]["train"], "warmup_steps": 30}}}
+    with caplog.at_level(logging.WARNING):
+        check_continuity(saved, cfg, config, "abc", 6)
+    assert "decay is now none (train.warmup_steps=30 outlasts it) instead of none" in caplog.text
 
 
 def test_credentials_never_reach_a_config_an_override_file_or_a_log() -> None:

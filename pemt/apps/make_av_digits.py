@@ -9,7 +9,9 @@ held-out shard folders by make_shards.
 Each second shows a handwritten digit (scikit-learn's bundled digits, small, moving, among
 clutter) while a voice (espeak-ng) says the same digit over noise and babble; see
 pemt/data/digits.py for what a video holds and its labels (`label` is the digit shown and
-spoken most often; each sample's metadata also holds `unspoken`, `shown`, `spoken`, `voice`).
+spoken most often; each sample's metadata also holds `unspoken`, `shown`, `spoken`, `voices`).
+The background and the voice change every second (`--nuisance second`), or stay through a video
+(`--nuisance video`).
 Held-out videos use digit images and voices no training video uses. Videos are written to
 OUT/videos/<split>/ first (kept when an interrupted run is started again), then packed into
 OUT/train and OUT/held_out; the videos folder is removed once both are packed unless
@@ -29,7 +31,16 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pemt.data.digits import WORDS, DigitsSpec, MissingSpeech, check_espeak, make_video, video_metadata
+from pemt.data.digits import (
+    GENERATOR_VERSION,
+    NUISANCES,
+    WORDS,
+    DigitsSpec,
+    MissingSpeech,
+    check_espeak,
+    make_video,
+    video_metadata,
+)
 from pemt.data.ingest import read_inputs, write_inputs
 
 DONE = "digits.json"  # written last: what the folder holds, once both splits are packed
@@ -84,12 +95,18 @@ def make_av_digits(
     """Write (or finish writing) OUT/train and OUT/held_out; returns what OUT/digits.json records."""
     check_espeak()
     done = out / DONE
-    described = {"train": {**asdict(spec), "split": "train"}, "held_out": {**asdict(spec), "split": "held_out"}}
-    described["held_out"]["videos"] = held_out
+    described: dict[str, Any] = {
+        "train": {**asdict(spec), "split": "train"},
+        "held_out": {**asdict(spec), "split": "held_out", "videos": held_out},
+        "generator": GENERATOR_VERSION,
+    }
     if done.exists():
         recorded = json.loads(done.read_text())
         if recorded["specs"] != json.loads(json.dumps(described)):
-            raise ValueError(f"{out} holds digit videos made with other settings ({done}); choose another folder")
+            raise ValueError(
+                f"{out} holds digit videos made with other settings or by another version of the generator "
+                f"({done}); choose another folder"
+            )
         return dict(recorded)
     videos = out / "videos"
     for split, count in (("train", spec.videos), ("held_out", held_out)):
@@ -111,14 +128,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--held-out", type=int, default=256, help="held-out videos")
     parser.add_argument("--seconds", type=int, default=6, help="seconds per video: one digit a second")
     parser.add_argument("--size", type=int, default=32, help="frame side in pixels")
+    parser.add_argument("--repeats", type=int, default=3, help="seconds that show and say the majority digit")
     parser.add_argument("--fps", type=int, default=8)
+    parser.add_argument(
+        "--nuisance",
+        choices=NUISANCES,
+        default="second",
+        help="a new background and voice every second (the default: only the digits tie a video's seconds "
+        "together), or one per video (pretraining then learns them instead of the digits)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples-per-shard", type=int, default=32)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--keep-videos", action="store_true", help="keep OUT/videos/ (the mp4 files and their lists)")
     args = parser.parse_args(argv)
     try:
-        spec = DigitsSpec(videos=args.videos, seed=args.seed, seconds=args.seconds, fps=args.fps, size=args.size)
+        spec = DigitsSpec(
+            videos=args.videos,
+            seed=args.seed,
+            seconds=args.seconds,
+            fps=args.fps,
+            size=args.size,
+            repeats=args.repeats,
+            nuisance=args.nuisance,
+        )
         record = make_av_digits(args.out, spec, args.held_out, args.samples_per_shard, args.processes, args.keep_videos)
     except (ValueError, MissingSpeech) as err:
         parser.exit(2, f"make_av_digits: {err}\n")

@@ -3,8 +3,13 @@ content (which digit), not timing.
 
 Each second of a video shows one handwritten digit (scikit-learn's bundled 8x8 digits, drawn
 small, moving, at a random place and scale among stroke-like clutter on a noisy background) while
-the same digit is spoken (espeak-ng, a voice per video, speed and pitch varied) at a random offset
-inside the second, over noise and the babble of other voices saying other words. One digit (the
+the same digit is spoken (espeak-ng, voice, speed and pitch varied) at a random offset inside the
+second, over noise and the babble of other voices saying other words. With `nuisance="second"` (the
+default) the background and the voice change every second: nothing but the digits is shared by a
+video's seconds, so an objective that predicts one second from the others, or tells a video's
+sound from another's, can only succeed by reading and hearing digits. With `nuisance="video"` they
+stay fixed through a video, and pretraining learns them instead of the digits
+(benchmarks/results/sharing_quality_digits.md). One digit (the
 `majority`) is shown and spoken in `repeats` of the seconds, the others once each; in one other
 second the picture shows a digit that is never spoken while the voice says another:
 
@@ -40,6 +45,10 @@ BABBLE_WORDS = (
 # English accents espeak-ng ships; each combines with every voice variant.
 ACCENTS = ("en", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan", "en-gb-x-gbcwmd")
 SPLITS = ("train", "held_out")
+# Changed whenever the same settings would make other videos: a set made by another version is
+# never taken for this one's.
+GENERATOR_VERSION = 2
+NUISANCES = ("second", "video")  # how often the background and the voice change
 HELD_OUT_SHARE = 0.2  # of the digit images and of the voice variants
 ESPEAK = "espeak-ng"
 
@@ -59,15 +68,20 @@ class DigitsSpec:
     fps: int = 8
     size: int = 32  # frame side in pixels
     sample_rate: int = 16000
-    repeats: int = 3  # seconds in which the majority digit is shown and spoken
+    # seconds in which the majority digit is shown and spoken; 4 of 6 lift a random
+    # initialisation's probe from 41% to 64% (benchmarks/results/sharing_quality_digits.md)
+    repeats: int = 3
     digit_px: tuple[int, int] = (12, 18)  # side of a drawn digit, drawn uniformly in this range
     clutter: int = 2  # stroke-like distractors on screen each second
     snr_db: tuple[float, float] = (5.0, 15.0)  # speech over noise and babble, uniformly in this range
     babble_voices: int = 1
+    nuisance: str = "second"  # second | video: a new background and voice every second, or one per video
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
             raise ValueError(f"split={self.split!r}: choose one of {', '.join(SPLITS)}")
+        if self.nuisance not in NUISANCES:
+            raise ValueError(f"nuisance={self.nuisance!r}: choose one of {', '.join(NUISANCES)}")
         if self.seconds < self.repeats + 2 or self.seconds - self.repeats + 1 > len(WORDS):
             raise ValueError(
                 f"seconds={self.seconds}, repeats={self.repeats}: a video needs the majority's {self.repeats} "
@@ -77,7 +91,8 @@ class DigitsSpec:
             raise ValueError(f"digit_px={self.digit_px}: give a range of sides within the frame ({self.size})")
 
     def digest(self) -> str:
-        return hashlib.sha1(repr(sorted(asdict(self).items())).encode()).hexdigest()[:12]
+        described = (GENERATOR_VERSION, sorted(asdict(self).items()))
+        return hashlib.sha1(repr(described).encode()).hexdigest()[:12]
 
 
 def check_espeak() -> str:
@@ -158,7 +173,7 @@ class DigitsVideo:
     spoken: tuple[int, ...]
     majority: int
     unspoken: int
-    voice: str
+    voices: tuple[str, ...]  # each second's
 
     def labels(self) -> dict[str, Any]:
         return {
@@ -167,7 +182,7 @@ class DigitsVideo:
             "unspoken": self.unspoken,
             "shown": list(self.shown),
             "spoken": list(self.spoken),
-            "voice": self.voice,
+            "voices": list(self.voices),
         }
 
 
@@ -180,11 +195,17 @@ def draw_video(spec: DigitsSpec, rng: np.random.Generator) -> DigitsVideo:
     spoken = [majority] * spec.repeats + [others[singles] if singles < len(others) else majority] + others[:singles]
     # The odd second says a digit the video does not show (if one is left), never the unspoken one.
     arrangement = rng.permutation(spec.seconds)
-    accent = ACCENTS[int(rng.integers(len(ACCENTS)))]
     variants = voices_of(spec.split)
-    voice = f"{accent}+{variants[int(rng.integers(len(variants)))]}"
+    voices = [
+        f"{ACCENTS[int(rng.integers(len(ACCENTS)))]}+{variants[int(rng.integers(len(variants)))]}"
+        for _ in range(spec.seconds if spec.nuisance == "second" else 1)
+    ]
     return DigitsVideo(
-        tuple(shown[i] for i in arrangement), tuple(spoken[i] for i in arrangement), majority, unspoken, voice
+        tuple(shown[i] for i in arrangement),
+        tuple(spoken[i] for i in arrangement),
+        majority,
+        unspoken,
+        tuple(voices * (spec.seconds // len(voices))),
     )
 
 
@@ -226,11 +247,17 @@ def render_frames(spec: DigitsSpec, video: DigitsVideo, rng: np.random.Generator
     images, _ = digit_images()
     pool = images_of(spec.split)
     size, frames_per_second = spec.size, spec.fps
-    base = rng.uniform(10, 60, size=3).astype(np.float32)
-    texture = rng.normal(0, 12, size=(size // 8, size // 8, 3)).astype(np.float32)
-    background = base + np.kron(texture, np.ones((8, 8, 1), dtype=np.float32))
+
+    def textured() -> np.ndarray:
+        base = rng.uniform(10, 60, size=3).astype(np.float32)
+        texture = rng.normal(0, 12, size=(size // 8, size // 8, 3)).astype(np.float32)
+        return base + np.kron(texture, np.ones((8, 8, 1), dtype=np.float32))
+
+    background = textured()
     frames = np.empty((spec.seconds * frames_per_second, size, size, 3), dtype=np.uint8)
     for second, digit in enumerate(video.shown):
+        if spec.nuisance == "second" and second:
+            background = textured()
         side = int(rng.integers(spec.digit_px[0], spec.digit_px[1] + 1))
         glyph = _scaled(images[int(rng.choice(pool[digit]))], side).clip(0, 1)
         start = rng.uniform(0, size - side, size=2)
@@ -259,36 +286,65 @@ def render_frames(spec: DigitsSpec, video: DigitsVideo, rng: np.random.Generator
     return frames
 
 
+BABBLE_BANK = 64  # babble recordings per split, each a voice saying 24 other words
+
+
+@functools.cache
+def babble_bank(split: str, sample_rate: int) -> tuple[np.ndarray, ...]:
+    """Other voices (of `split`) saying other words, speed and pitch varied: what babble is cut
+    from. Spoken once per process; fixed by the split."""
+    rng = np.random.default_rng([SPLITS.index(split), 7])
+    variants = voices_of(split)
+    bank = []
+    for _ in range(BABBLE_BANK):
+        voice = f"{ACCENTS[int(rng.integers(len(ACCENTS)))]}+{variants[int(rng.integers(len(variants)))]}"
+        words = " ".join(BABBLE_WORDS[int(i)] for i in rng.integers(len(BABBLE_WORDS), size=24))
+        said = speak(words, voice, int(rng.integers(180, 300)), int(rng.integers(0, 100)), sample_rate, trim=False)
+        bank.append(said if len(said) else np.zeros(sample_rate, dtype=np.float32))
+    return tuple(bank)
+
+
+def _background(spec: DigitsSpec, rng: np.random.Generator, length: int, spoken_rms: float) -> np.ndarray:
+    """`length` samples of babble (other voices saying other words, each from a random start of
+    its sentence) and low-passed noise, at a random SNR below speech of `spoken_rms`."""
+    background = np.zeros(length, dtype=np.float32)
+    bank = babble_bank(spec.split, spec.sample_rate)
+    for _ in range(spec.babble_voices):
+        said = bank[int(rng.integers(len(bank)))]
+        said = np.tile(said, -(-length // len(said)) + 1)
+        start = int(rng.integers(0, len(said) - length + 1))
+        background += said[start : start + length]
+    # Low-passed noise (a one-pole filter, its response cut where it is below 1e-5), so it covers
+    # the speech band as babble and rooms do.
+    response = 0.9 ** np.arange(110, dtype=np.float32)
+    noise = np.convolve(rng.standard_normal(length).astype(np.float32), response)[:length]
+    background += noise / max(1e-6, float(noise.std())) * 0.3
+    snr = float(rng.uniform(*spec.snr_db))
+    scaled: np.ndarray = background * (spoken_rms / max(1e-6, float(background.std())) / 10 ** (snr / 20))
+    return scaled
+
+
 def render_audio(spec: DigitsSpec, video: DigitsVideo, rng: np.random.Generator) -> np.ndarray:
     """(seconds x sample_rate,) float32: each second's digit spoken at a random offset in it, over
-    noise and babble."""
+    noise and babble (drawn again each second with nuisance "second")."""
     rate, total = spec.sample_rate, spec.seconds * spec.sample_rate
     speech = np.zeros(total, dtype=np.float32)
     base_speed, base_pitch = int(rng.integers(200, 300)), int(rng.integers(25, 75))
     for second, digit in enumerate(video.spoken):
+        if spec.nuisance == "second" and second:
+            base_speed, base_pitch = int(rng.integers(200, 300)), int(rng.integers(25, 75))
         speed = int(np.clip(base_speed + rng.integers(-30, 31), 170, 340))
         pitch = int(np.clip(base_pitch + rng.integers(-10, 11), 0, 99))
-        word = speak(WORDS[digit], video.voice, speed, pitch, rate)[: int(0.95 * rate)]
+        word = speak(WORDS[digit], video.voices[second], speed, pitch, rate)[: int(0.95 * rate)]
         offset = second * rate + int(rng.integers(0, rate - len(word) + 1))
         speech[offset : offset + len(word)] += word
-    background = np.zeros(total, dtype=np.float32)
-    variants = voices_of(spec.split)
-    for _ in range(spec.babble_voices):  # one sentence of other words per voice, from a random start
-        voice = f"{ACCENTS[int(rng.integers(len(ACCENTS)))]}+{variants[int(rng.integers(len(variants)))]}"
-        words = " ".join(BABBLE_WORDS[int(i)] for i in rng.integers(len(BABBLE_WORDS), size=4 * spec.seconds))
-        said = speak(words, voice, int(rng.integers(180, 300)), int(rng.integers(0, 100)), rate, trim=False)
-        said = np.tile(said, -(-total // max(1, len(said))) + 1)
-        start = int(rng.integers(0, len(said) - total + 1))
-        background += said[start : start + total]
-    # Low-passed noise (a one-pole filter, its response cut where it is below 1e-5), so it covers
-    # the speech band as babble and rooms do.
-    response = 0.9 ** np.arange(110, dtype=np.float32)
-    noise = np.convolve(rng.standard_normal(total).astype(np.float32), response)[:total]
-    background += noise / max(1e-6, float(noise.std())) * 0.3
-    snr = float(rng.uniform(*spec.snr_db))
+    # The background: per video, or (nuisance "second") drawn again for every second, so that
+    # no babble voice or noise level is shared by a video's seconds.
+    pieces = spec.seconds if spec.nuisance == "second" else 1
+    length = total // pieces
     spoken_rms = float(np.sqrt(np.mean(speech[speech != 0] ** 2))) if np.any(speech) else 1.0
-    background *= spoken_rms / max(1e-6, float(background.std())) / 10 ** (snr / 20)
-    mixed = speech + background
+    background = np.concatenate([_background(spec, rng, length, spoken_rms) for _ in range(pieces)])
+    mixed: np.ndarray = speech + background
     return (0.5 * mixed / max(1e-6, float(np.abs(mixed).max()))).astype(np.float32)
 
 

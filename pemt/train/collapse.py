@@ -31,6 +31,14 @@ WATCHED = ("spread_fused", "pair_accuracy", "grad_norm")
 class CollapseError(RuntimeError):
     """The run collapsed and `train.stop_on_collapse` stopped it (after its checkpoint)."""
 
+    @classmethod
+    def stopped(cls, verdict: str, step: int) -> CollapseError:
+        return cls(
+            f"{verdict}. Stopped (train.stop_on_collapse=true): the checkpoint at step {step} is kept; "
+            "change what the message suggests and start a new run, or resume this one with "
+            "train.allow_config_change=[...]"
+        )
+
 
 @dataclass(frozen=True)
 class CollapseLimits:

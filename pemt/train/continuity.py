@@ -112,13 +112,17 @@ def _report_schedule(saved: dict[str, Any], cfg: DictConfig, step: int) -> None:
     warmup, lr = int(cfg.train.warmup_steps), float(cfg.train.lr)
     before = lr * lr_factor(step, warmup, int(train["max_steps"]))
     after = lr * lr_factor(step, warmup, int(cfg.train.max_steps))
+
+    def decay(total: int) -> str:
+        return f"{total - warmup} steps" if total > warmup else f"none (train.warmup_steps={warmup} outlasts it)"
+
     log.warning(
-        "train.max_steps %s -> %s: the cosine schedule now decays over %d steps instead of %d; at step %d "
+        "train.max_steps %s -> %s: the cosine schedule's decay is now %s instead of %s; at step %d "
         "the learning rate goes from %.3g to %.3g",
         train["max_steps"],
         cfg.train.max_steps,
-        int(cfg.train.max_steps) - warmup,
-        int(train["max_steps"]) - warmup,
+        decay(int(cfg.train.max_steps)),
+        decay(int(train["max_steps"])),
         step,
         before,
         after,

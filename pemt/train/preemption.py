@@ -31,11 +31,16 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
+import psutil
 import torch
 import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 log = logging.getLogger(__name__)
+
+# Slurm checks time limits (and sends their warning signal) on a ~30 s timer.
+SLURM_TIMER_SLACK_S = 60
 
 
 def preemption_signal() -> signal.Signals:
@@ -217,6 +222,31 @@ class StopRequest:
                 dist.all_reduce(first, op=dist.ReduceOp.MIN)
                 self.received_at = float(first.item())
         return self.signals[code - 1] if code else None
+
+    def outcome(self, signum: int | None, cfg: DictConfig) -> str:
+        """Why this signal stopped the job. Slurm sends the same USR2 before the time limit and on
+        preemption; one that comes when the limit is near is the limit's."""
+        if signum != self.preempt:
+            return "terminated"
+        limit_min = OmegaConf.select(cfg, "cluster.time_min")
+        delay_s = OmegaConf.select(cfg, "cluster.signal_delay_s") or 0
+        if limit_min and self.received_at:
+            ran_s = self.received_at - psutil.Process().create_time()
+            if ran_s >= 60 * limit_min - delay_s - SLURM_TIMER_SLACK_S:
+                return "time limit"
+        return "preempted"
+
+    def warn_if_slow(self, cfg: DictConfig) -> None:
+        """After a signal: the save and the bounded MLflow delivery must fit the signal's notice."""
+        delay = OmegaConf.select(cfg, "cluster.signal_delay_s")
+        spent = time.time() - (self.received_at or time.time())
+        if delay and spent > 0.5 * delay:
+            log.warning(
+                "from the signal to requeueing took %.0f s (save and MLflow delivery), over half of "
+                "cluster.signal_delay_s=%s: raise the signal delay",
+                spent,
+                delay,
+            )
 
     def hand_over(self, signum: int, requeue: bool = True) -> None:
         """After the save: on the preemption signal, requeue through submitit's handler (rank 0

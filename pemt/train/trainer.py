@@ -48,8 +48,6 @@ from pemt.train.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
-# Slurm checks time limits (and sends their warning signal) on a ~30 s timer.
-SLURM_TIMER_SLACK_S = 60
 # How long a job stopped by a signal waits for MLflow before it requeues.
 STOP_DELIVERY_S = 5.0
 # How long a job stopped by a signal waits for the checkpoint being written in the background
@@ -176,7 +174,7 @@ class Trainer:
         )
         metrics["skipped_steps"] = self.guard.skipped
         collapsed = self.collapse.observe(step, metrics)
-        if collapsed:
+        if collapsed:  # once, every rank alike (metrics reduced over ranks)
             metrics["collapsed"] = 1.0
             if self.info.is_main:
                 log.warning("%s", collapsed)
@@ -286,18 +284,6 @@ class Trainer:
             timing["checkpoint_host_copy_gib"] = report.host_copy_bytes / 2**30
         self.tracker.log_metrics(timing, step, replayed=True)
 
-    def _warn_if_slow_to_stop(self) -> None:
-        """After a signal: the save and the bounded MLflow delivery must fit the signal's notice."""
-        delay = OmegaConf.select(self.cfg, "cluster.signal_delay_s")
-        spent = time.time() - (self.stop.received_at or time.time())
-        if delay and spent > 0.5 * delay:
-            log.warning(
-                "from the signal to requeueing took %.0f s (save and MLflow delivery), over half of "
-                "cluster.signal_delay_s=%s: raise the signal delay",
-                spent,
-                delay,
-            )
-
     def _enter(self, stage: Stage, step: int, bad: BadSamples, count: int) -> tuple[Stage, Iterator[dict[str, Any]]]:
         """Start (or resume into) a curriculum stage: the model's sequence settings and a loader
         decoding the stage's clips, from the current step on."""
@@ -330,19 +316,6 @@ class Trainer:
             dist.barrier()
             written = self.profiler.every_rank_files()
         self.tracker.log_artifacts(written, "profile")
-
-    def _stop_outcome(self, signum: int | None) -> str:
-        """Why a signal stopped the job. Slurm sends the same USR2 before the time limit and on
-        preemption; one that comes when the limit is near is the limit's."""
-        if signum != self.stop.preempt:
-            return "terminated"
-        limit_min = OmegaConf.select(self.cfg, "cluster.time_min")
-        delay_s = OmegaConf.select(self.cfg, "cluster.signal_delay_s") or 0
-        if limit_min and self.stop.received_at:
-            ran_s = self.stop.received_at - psutil.Process().create_time()
-            if ran_s >= 60 * limit_min - delay_s - SLURM_TIMER_SLACK_S:
-                return "time limit"
-        return "preempted"
 
     def fit(self) -> dict[str, Any]:
         cfg, engine, info = self.cfg, self.engine, self.info
@@ -397,11 +370,7 @@ class Trainer:
                     collapsed = self._log(step, samples, progress, bad)
                 if collapsed and cfg.train.stop_on_collapse:
                     self._save(step, samples, run_id, final=True)
-                    raise CollapseError(
-                        f"{collapsed}. Stopped (train.stop_on_collapse=true): the checkpoint at step {step} is kept; "
-                        "change what the message suggests and start a new run, or resume this one with "
-                        "train.allow_config_change=[...]"
-                    )
+                    raise CollapseError.stopped(collapsed, step)
                 if step == cfg.train.max_steps or (eval_every and step % eval_every == 0):
                     evaluated = self.task.evaluate(self.context, step)
                     if evaluated:
@@ -441,12 +410,12 @@ class Trainer:
             self._profiled(self.profiler.finish(step), together=False)
             self.tracker.finish(status, timeout_s=STOP_DELIVERY_S if stop else 30.0)
             outcome = {"FINISHED": "finished", "FAILED": "failed"}.get(status)
-            outcome = outcome or self._stop_outcome(stop)
+            outcome = outcome or self.stop.outcome(stop, cfg)
             self.journal.end(outcome, step, reason)
             if not stop:  # a requeue hands the run dir to this job's next run, which takes it over
                 self.lock.release()
         if stop:
-            self._warn_if_slow_to_stop()
+            self.stop.warn_if_slow(cfg)
             self.stop.hand_over(stop, requeue=bool(OmegaConf.select(self.cfg, "cluster.requeue", default=True)))
             self.stop.uninstall()
         else:
