@@ -9,9 +9,10 @@ default) the background and the voice change every second: nothing but the digit
 video's seconds, so an objective that predicts one second from the others, or tells a video's
 sound from another's, can only succeed by reading and hearing digits. With `nuisance="video"` they
 stay fixed through a video, and pretraining learns them instead of the digits
-(benchmarks/results/sharing_quality_digits.md). One digit (the
-`majority`) is shown and spoken in `repeats` of the seconds, the others once each; in one other
-second the picture shows a digit that is never spoken while the voice says another:
+(benchmarks/results/sharing_quality_digits.md).
+
+One digit (the `majority`) is shown and spoken in `repeats` of the seconds, the others once each;
+in one other second the picture shows a digit that is never spoken while the voice says another:
 
 - `majority`: the digit shown and spoken most often: either modality tells it, if the model can
   read small digits in clutter or hear them in noise (the task's main label);
