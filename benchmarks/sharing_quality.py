@@ -260,12 +260,11 @@ def videos_of(args: argparse.Namespace, root: Path, videos: int, seed: int) -> d
     if args.task == "digits":
         cfg = _compose(data_overrides(args, videos, seed, root))
         folder = Path(cfg.data.shards)
-        cache = digits_root(args, root) / f"decoded-{videos}-{seed}.pt"
-        return decoded(folder, cfg.data, cache, labels)
-        from pemt.data.synthetic import ensure_synthetic_shards
+        return decoded(folder, cfg.data, digits_root(args, root) / f"decoded-{videos}-{seed}.pt", labels)
+    from pemt.data.synthetic import ensure_synthetic_shards
 
-        cfg = _compose([f"paths.root={root}", *data_overrides(args, videos, seed)])
-        folder = ensure_synthetic_shards(cfg)
+    cfg = _compose([f"paths.root={root}", *data_overrides(args, videos, seed)])
+    folder = ensure_synthetic_shards(cfg)
     clips = "" if args.clips == 8 else f"-{args.clips}clips"
     return decoded(folder, cfg.data, root / f"decoded-{args.task}-{videos}-{seed}{clips}.pt", labels)
 

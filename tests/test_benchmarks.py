@@ -83,6 +83,15 @@ def test_sharing_quality_never_takes_the_videos_of_another_digits_generator(
     assert bench.digits_root(args, tmp_path) != before
 
 
+def test_sharing_quality_decodes_the_timing_tasks_too(tmp_path: Path) -> None:
+    """`--task rhythm` (the timing study) decodes its generated videos once, with their labels."""
+    bench = _benchmark("sharing_quality")
+    args = argparse.Namespace(task="rhythm", clips=8, videos=4, test_videos=4)
+    videos = bench.videos_of(args, tmp_path, 4, 0)
+    assert videos["video"].shape[:2] == (4, 8) and videos["label"].shape == (4,)
+    assert (tmp_path / "decoded-rhythm-4-0.pt").exists()
+
+
 def test_pretraining_evidence_continues_where_it_stopped_with_the_times_measured_then(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
