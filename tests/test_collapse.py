@@ -14,8 +14,8 @@ from pemt.train.collapse import CollapseLimits, CollapseWatch, check_collapse
 # The pair objective alone at a learning rate far too high for it: the fused output stops
 # depending on the video within a few steps
 FORCED_COLLAPSE = ["loss.mep_weight=0", "train.lr=0.05"]
-LIMITS = CollapseLimits(min_spread=0.02, chance_margin=0.05, min_grad_norm=0.01, patience=3)
-HEALTHY = {"spread_fused": 0.3, "pair_accuracy": 0.8, "grad_norm": 2.0}
+LIMITS = CollapseLimits(min_spread=0.02, min_pair_logit_spread=0.05, chance_margin=0.05, min_grad_norm=0.01, patience=3)
+HEALTHY = {"spread_fused": 0.3, "pair_logit_spread": 1.2, "pair_accuracy": 0.8, "grad_norm": 2.0}
 
 
 def test_a_fused_output_that_stops_depending_on_the_video_is_called_collapsed_once() -> None:
@@ -38,6 +38,20 @@ def test_chance_accuracy_counts_only_with_a_vanishing_gradient() -> None:
     assert verdicts[:2] == [None, None] and verdicts[2] is not None and "gradient norm of 0.001" in verdicts[2]
 
 
+def test_a_pair_head_that_answers_alike_is_called_collapsed_whatever_the_gradient() -> None:
+    """The other objectives (the InfoNCE, MEP) keep the gradient large and the fused output varied
+    enough, while the pair head gives every pair the same answer (the digits task at 600 steps:
+    logit spread 0.002-0.03, fused spread 0.03)."""
+    watch = CollapseWatch(LIMITS, warmup_steps=0)
+    answers_alike = {"spread_fused": 0.035, "pair_logit_spread": 0.01, "pair_accuracy": 0.59, "grad_norm": 3.0}
+    verdicts = [watch.observe(step, answers_alike) for step in range(1, 4)]
+    assert verdicts[:2] == [None, None] and verdicts[2] is not None
+    assert "logit varies by 0.0100" in verdicts[2] and "min_pair_logit_spread=0.05" in verdicts[2]
+    assert "loss.contrastive_weight" in verdicts[2], "it says what to try"
+    starting = CollapseWatch(LIMITS, warmup_steps=0)  # a random initialisation's head: std ~0.1
+    assert all(starting.observe(s, {**answers_alike, "pair_logit_spread": 0.1}) is None for s in range(1, 9))
+
+
 def test_patience_restarts_after_a_healthy_log_step_and_unjudged_runs_pass() -> None:
     watch = CollapseWatch(LIMITS, warmup_steps=0)
     flat = {**HEALTHY, "spread_fused": 0.001}
@@ -53,13 +67,20 @@ def test_patience_restarts_after_a_healthy_log_step_and_unjudged_runs_pass() -> 
     [
         ("collapse.patience", 0, "train.collapse.patience=0"),
         ("collapse.min_spread", -1.0, "train.collapse.min_spread=-1.0"),
+        ("collapse.min_pair_logit_spread", -0.1, "train.collapse.min_pair_logit_spread=-0.1"),
         ("stop_on_collapse", "yes", "train.stop_on_collapse='yes'"),
     ],
 )
 def test_collapse_keys_are_checked(key: str, value: object, message: str) -> None:
     train = {
         "stop_on_collapse": False,
-        "collapse": {"min_spread": 0.02, "chance_margin": 0.05, "min_grad_norm": 0.01, "patience": 3},
+        "collapse": {
+            "min_spread": 0.02,
+            "min_pair_logit_spread": 0.05,
+            "chance_margin": 0.05,
+            "min_grad_norm": 0.01,
+            "patience": 3,
+        },
     }
     cfg = OmegaConf.create({"train": train})
     OmegaConf.update(cfg, f"train.{key}", value)

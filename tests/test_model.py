@@ -82,6 +82,24 @@ def test_the_audio_visual_infonce_trains_both_cnns_at_either_level(level: str) -
         check_model(_cfg("loss.contrastive_level=second"))
 
 
+def test_mep_targets_choose_whether_mep_trains_the_cnns_it_predicts() -> None:
+    """MEP alone: with fixed targets the CNNs learn only through the context the transformers read,
+    so their gradient differs from trained targets'; an unknown choice is refused by name."""
+    grads = {}
+    for targets in ("fixed", "trained"):
+        cfg = _cfg("loss.pair_weight=0", f"loss.mep_targets={targets}")
+        torch.manual_seed(0)
+        model = build_pretraining_model(cfg)
+        torch.manual_seed(1)
+        video, audio = _batch(cfg)
+        model(video, audio, step_seed=0)["loss"].backward()
+        grads[targets] = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if "visual_cnn" in n])
+    assert grads["fixed"].abs().sum() > 0, "the context path still trains the CNNs"
+    assert not torch.allclose(grads["fixed"], grads["trained"])
+    with pytest.raises(ConfigError, match="loss.mep_targets='frozen'"):
+        check_model(_cfg("loss.mep_targets=frozen"))
+
+
 def test_at_initialisation_the_transformers_input_is_mostly_content() -> None:
     """Positions, cells and token types start small beside the clip embeddings they are added to
     (BERT's N(0, 0.02)): the multimodal input after its LayerNorm still points where the content

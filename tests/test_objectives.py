@@ -74,6 +74,23 @@ def test_masked_embedding_loss_prefers_the_right_prediction() -> None:
     assert right < wrong
 
 
+def test_fixed_targets_take_no_gradient_from_masked_embedding_prediction() -> None:
+    """loss.mep_targets=fixed: MEP trains what predicts, never the CNN embeddings it predicts
+    (the positive and the negatives alike); trained, both move."""
+    grads = {}
+    for train_targets in (True, False):
+        torch.manual_seed(0)
+        predicted = torch.randn(2, 6, 16, requires_grad=True)
+        targets = torch.randn(2, 6, 16, requires_grad=True)
+        mask = random_mask(2, 6, 0.5, torch.device("cpu"))
+        loss, _ = masked_embedding_loss(predicted, targets, mask, 8, "content", 0.1, 0.1, train_targets=train_targets)
+        loss.backward()
+        assert predicted.grad is not None and predicted.grad.abs().sum() > 0
+        grads[train_targets] = targets.grad
+    assert grads[True] is not None and grads[True].abs().sum() > 0
+    assert grads[False] is None
+
+
 def test_excluded_negatives_are_never_drawn_and_the_same_video_share_is_reported() -> None:
     # 4 videos of 5 clips; each video's clips are near copies of one another (one look per video),
     # the case where content-aware sampling draws mostly from the positive's own video.

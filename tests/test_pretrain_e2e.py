@@ -22,6 +22,7 @@ EXPECTED_METRICS = {
     "spread_visual",  # representation health: what the collapse watch reads
     "spread_audio",
     "spread_fused",
+    "pair_logit_spread",
     "mep_same_video_visual",
     "grad_norm",
     "lr",

@@ -90,5 +90,6 @@ def check_model(cfg: DictConfig) -> None:
     one_of(cfg, "loss.sampling", ("content", "uniform"))
     one_of(cfg, "loss.pair_head", ("bos", "agreement"))
     one_of(cfg, "loss.contrastive_level", ("video", "clip"))
+    one_of(cfg, "loss.mep_targets", ("fixed", "trained"))
     if not 0.0 < cfg.loss.mask_ratio < 1.0:
         raise ConfigError(f"loss.mask_ratio={cfg.loss.mask_ratio}: must be between 0 and 1")

@@ -137,6 +137,7 @@ def masked_embedding_loss(
     draw_key: tuple[int, ...] | None = None,
     exclude: str = "self",
     nearby: int = 1,
+    train_targets: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """InfoNCE of each masked position's prediction against its own CNN embedding (positive) and
     `negatives` CNN embeddings drawn from the global batch (gathered over ranks, differentiably),
@@ -144,10 +145,12 @@ def masked_embedding_loss(
     negatives that came from the positive's own video.
 
     predicted, targets: (B, T, D); mask: (B, T) bool. With `draw_key`, the negatives of the
-    position at global row r come from generator(*draw_key, r): the same at any world size.
+    position at global row r come from generator(*draw_key, r): the same at any world size. With
+    `train_targets` false the targets are fixed points for the prediction: no gradient reaches
+    them (or the CNNs that made them) from this loss.
     """
     clips = targets.shape[1]
-    pool, offset = gather_rows(targets.flatten(0, 1))
+    pool, offset = gather_rows((targets if train_targets else targets.detach()).flatten(0, 1))
     positions = mask.flatten().nonzero().squeeze(1)
     if not len(positions):  # nothing masked here (fused MEP of a micro-batch of mismatched samples)
         nothing = predicted.sum() * 0.0

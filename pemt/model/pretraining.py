@@ -133,8 +133,10 @@ class AVPretrainingModel(nn.Module):
                     draw_key=(step_seed, 1, i),
                     exclude=str(cfg.get("exclude_negatives", "self")),
                     nearby=int(cfg.get("nearby_clips", 1)),
+                    train_targets=str(cfg.get("mep_targets", "trained")) == "trained",
                 )
-        pair, pair_accuracy = pair_loss(self._pair_logits(visual_bos, audio_bos), mismatched)
+        pair_logits = self._pair_logits(visual_bos, audio_bos)
+        pair, pair_accuracy = pair_loss(pair_logits, mismatched)
         losses["loss_pair"] = pair
         if cfg.contrastive_weight:
             if str(cfg.get("contrastive_level", "video")) == "clip":
@@ -151,29 +153,29 @@ class AVPretrainingModel(nn.Module):
             + float(cfg.contrastive_weight) * losses.get("loss_contrastive", 0.0)
         )
         fused = torch.cat([visual_bos, audio_bos], -1) if self.pair_kind == "agreement" else visual_bos
+        spreads, deviations = batch_spreads([embeddings["visual"], embeddings["audio"], fused, pair_logits[:, None]])
         health = {
             "pair_accuracy": pair_accuracy.detach(),
             # How much each representation differs between the videos of the global batch: near 0,
             # every video looks alike to what reads it (the collapse `pemt.train.collapse` watches).
-            **dict(
-                zip(
-                    ("spread_visual", "spread_audio", "spread_fused"),
-                    batch_spreads([embeddings["visual"], embeddings["audio"], fused]),
-                )
-            ),
+            **dict(zip(("spread_visual", "spread_audio", "spread_fused"), spreads)),
+            # ... and the pair head's answer (its logit's standard deviation): near 0, it says the
+            # same for every pair, whatever the other objectives' gradients do
+            "pair_logit_spread": deviations[3],
             **{f"mep_same_video_{m}": share for m, share in same_video.items()},
         }
         return {"loss": total, **{k: v.detach() for k, v in losses.items()}, **health}
 
 
-def batch_spreads(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+def batch_spreads(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Each tensor's standard deviation across the global batch's samples (samples first),
-    averaged over features, relative to the RMS: 0 when every sample gives the same output. One
-    all-reduce of per-feature sums for all of them, not a gather of the rows: it runs every step."""
+    averaged over features: relative to the RMS (0 when every sample gives the same output), and
+    as it is. One all-reduce of per-feature sums for all of them, not a gather of the rows: it
+    runs every step."""
     with torch.no_grad():
         flat = [x.detach().flatten(1).float() for x in tensors]
         local = torch.cat([torch.cat([f.sum(0), f.square().sum(0), f.new_tensor([len(f)])]) for f in flat])
-        totals, spreads, offset = sum_over_ranks(local), [], 0
+        totals, spreads, deviations, offset = sum_over_ranks(local), [], [], 0
         for f in flat:
             width = f.shape[1]
             total, squares, n = (
@@ -184,10 +186,12 @@ def batch_spreads(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
             offset += 2 * width + 1
             if n < 2:
                 spreads.append(torch.zeros((), device=f.device))
+                deviations.append(torch.zeros((), device=f.device))
                 continue
             variance = ((squares - total.square() / n) / (n - 1)).clamp_min(0.0)  # unbiased, as Tensor.std
-            spreads.append(variance.sqrt().mean() / (squares.sum() / (n * width)).sqrt().clamp_min(1e-12))
-        return spreads
+            deviations.append(variance.sqrt().mean())
+            spreads.append(deviations[-1] / (squares.sum() / (n * width)).sqrt().clamp_min(1e-12))
+        return spreads, deviations
 
 
 class PairAgreement(nn.Module):

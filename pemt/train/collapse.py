@@ -3,11 +3,14 @@
 A pretraining run can go on for days with nothing learned: the fused output the pair head reads
 stops depending on the video (its spread across the batch falls to ~0), the pair loss sits at
 ln 2 and the gradient vanishes, while the loss curve looks merely flat. The watch reads what the
-model reports at each log step (`spread_fused`, `pair_accuracy`, `grad_norm`, reduced over
-ranks, so every rank decides alike without a collective) and calls the run collapsed when, after
-the warm-up, for `train.collapse.patience` log steps in a row:
+model reports at each log step (`spread_fused`, `pair_logit_spread`, `pair_accuracy`,
+`grad_norm`, reduced over ranks, so every rank decides alike without a collective) and calls the
+run collapsed when, after the warm-up, for `train.collapse.patience` log steps in a row:
 
 - the fused output's spread is under `train.collapse.min_spread`, or
+- the pair head's logit varies across the batch by less than `train.collapse.min_pair_logit_spread`
+  (it gives every pair the same answer: the pair objective learns nothing, even while other
+  objectives keep the gradient large), or
 - pair accuracy is within `train.collapse.chance_margin` of 0.5 and the gradient norm is under
   `train.collapse.min_grad_norm`.
 
@@ -25,7 +28,7 @@ from omegaconf import DictConfig
 from pemt.config import ConfigError
 
 TAG = "pemt.collapse"
-WATCHED = ("spread_fused", "pair_accuracy", "grad_norm")
+WATCHED = ("spread_fused", "pair_logit_spread", "pair_accuracy", "grad_norm")
 
 
 class CollapseError(RuntimeError):
@@ -43,6 +46,7 @@ class CollapseError(RuntimeError):
 @dataclass(frozen=True)
 class CollapseLimits:
     min_spread: float
+    min_pair_logit_spread: float
     chance_margin: float
     min_grad_norm: float
     patience: int
@@ -52,11 +56,12 @@ class CollapseLimits:
         section = train_cfg.collapse
         limits = cls(
             float(section.min_spread),
+            float(section.min_pair_logit_spread),
             float(section.chance_margin),
             float(section.min_grad_norm),
             int(section.patience),
         )
-        for key in ("min_spread", "chance_margin", "min_grad_norm"):
+        for key in ("min_spread", "min_pair_logit_spread", "chance_margin", "min_grad_norm"):
             if getattr(limits, key) < 0:
                 raise ConfigError(f"train.collapse.{key}={getattr(limits, key)}: give a value >= 0")
         if limits.patience < 1:
@@ -85,6 +90,13 @@ class CollapseWatch:
             found.append(
                 f"the fused output's spread is {spread:.4f} (< train.collapse.min_spread={self.limits.min_spread})"
             )
+        logit_spread = metrics.get("pair_logit_spread")
+        if logit_spread is not None and logit_spread < self.limits.min_pair_logit_spread:
+            found.append(
+                f"the pair head's logit varies by {logit_spread:.4f} across the batch "
+                f"(< train.collapse.min_pair_logit_spread={self.limits.min_pair_logit_spread}): "
+                "it gives every pair the same answer"
+            )
         accuracy, grad_norm = metrics.get("pair_accuracy"), metrics.get("grad_norm")
         if (
             accuracy is not None
@@ -108,8 +120,9 @@ class CollapseWatch:
             return None
         self.verdict = (
             f"representation collapse at step {step}: for {self.in_a_row} log steps in a row {'; '.join(found)}. "
-            "The pair head sees one input for every video and learns nothing more. Try a lower train.lr "
-            "(or a longer train.warmup_steps), check that the CNN features differ between videos "
-            "(spread_visual, spread_audio), or model.*_cnn.out_norm=true"
+            "The pair objective learns nothing more. Try a lower train.lr (or a longer train.warmup_steps), "
+            "check that the CNN features differ between videos (spread_visual, spread_audio), or "
+            "model.*_cnn.out_norm=true; where a pair can only be told by content the CNNs have not learned "
+            "yet, it needs more steps and loss.contrastive_weight > 0 to teach them"
         )
         return self.verdict
