@@ -87,7 +87,7 @@ def test_mep_targets_choose_whether_mep_trains_the_cnns_it_predicts() -> None:
     so their gradient differs from trained targets'; an unknown choice is refused by name."""
     grads = {}
     for targets in ("fixed", "trained"):
-        cfg = _cfg("loss.pair_weight=0", f"loss.mep_targets={targets}")
+        cfg = _cfg("loss.pair_weight=0", "loss.contrastive_weight=0", f"loss.mep_targets={targets}")
         torch.manual_seed(0)
         model = build_pretraining_model(cfg)
         torch.manual_seed(1)
