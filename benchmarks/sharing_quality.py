@@ -175,9 +175,12 @@ def data_overrides(args: argparse.Namespace, videos: int, seed: int, root: Path 
 
 
 def pretrain_overrides(args: argparse.Namespace, root: Path, variant: str, seed: int) -> list[str]:
+    # Run dirs live under the experiment's name: digits runs under other learning defaults get their
+    # own, so a run of these defaults never resumes one of theirs.
+    experiment = f"pemt-evidence-{defaults_digest()}" if args.task == "digits" else "pemt-evidence"
     return [
         f"paths.root={root}",
-        "mlflow.experiment=pemt-evidence",
+        f"mlflow.experiment={experiment}",
         "mlflow.system_metrics=false",
         "gpus_per_node=1",
         f"seed={seed}",
@@ -245,14 +248,16 @@ def _compose(overrides: list[str]):
 
 
 def defaults_digest() -> str:
-    """A digest of the default objectives and optimiser settings (`loss.*`, `train.lr` and the
-    optimiser's keys): rows pretrained under other defaults are not this build's rows."""
+    """A digest of the default objectives and optimiser settings (`loss.*`, `train.lr`, its scale
+    for the transformers and the optimiser's keys): rows pretrained under other defaults are not
+    this build's rows."""
     import hashlib
 
     from omegaconf import OmegaConf
 
     cfg = _compose([])
-    learned = {"loss": cfg.loss, **{k: cfg.train[k] for k in ("lr", "amsgrad", "weight_decay", "grad_clip")}}
+    optimiser = ("lr", "transformer_lr_scale", "amsgrad", "weight_decay", "grad_clip")
+    learned = {"loss": cfg.loss, **{k: cfg.train[k] for k in optimiser}}
     return hashlib.sha1(OmegaConf.to_yaml(OmegaConf.create(learned)).encode()).hexdigest()[:12]
 
 

@@ -13,6 +13,7 @@ from pemt.model.factory import check_model
 from pemt.train.collapse import check_collapse
 from pemt.train.compilation import check_compile
 from pemt.train.engine_config import check_batch, check_world
+from pemt.train.optimizer import check_optimizer
 from pemt.train.profiling import check_profile
 
 
@@ -26,6 +27,7 @@ def validate(cfg: DictConfig) -> None:
     stages(cfg)  # the curriculum's stages, or the one stage of the plain config
     check_profile(cfg)
     check_compile(cfg)
+    check_optimizer(cfg)
     check_collapse(cfg)
     if "task" in cfg:
         from pemt.downstream.task import check_task

@@ -11,9 +11,10 @@ from conftest import describe, run_name, run_pretrain
 from pemt.config import ConfigError
 from pemt.train.collapse import CollapseLimits, CollapseWatch, check_collapse
 
-# No MEP, at a learning rate far too high for the pair head: the fused output stops depending on
-# the video within a few steps (the default InfoNCE beside it does not prevent it)
-FORCED_COLLAPSE = ["loss.mep_weight=0", "train.lr=0.05"]
+# No MEP, at a learning rate far too high for the pair head (the transformers' too, and from the
+# first step): the fused output stops depending on the video within a few steps (the default
+# InfoNCE beside it does not prevent it)
+FORCED_COLLAPSE = ["loss.mep_weight=0", "train.lr=0.05", "train.transformer_lr_scale=1", "loss.cnn_warmup_steps=0"]
 LIMITS = CollapseLimits(min_spread=0.02, min_pair_logit_spread=0.05, chance_margin=0.05, min_grad_norm=0.01, patience=3)
 HEALTHY = {"spread_fused": 0.3, "pair_logit_spread": 1.2, "pair_accuracy": 0.8, "grad_norm": 2.0}
 

@@ -18,9 +18,9 @@ from pemt.data.loader import clip_spec
 from pemt.data.synthetic import SyntheticSpec, make_sample
 from pemt.model.cnn import BatchNorm
 from pemt.model.factorized import Factorization, FactorizedDense
-from pemt.model.factory import build_pretraining_model, check_model
+from pemt.model.factory import build_pretraining_model, check_model, cnn_warmup_steps
 from pemt.model.params import count_parameters
-from pemt.train.optimizer import build_optimizer
+from pemt.train.optimizer import ENCODERS, build_optimizer, check_optimizer
 
 SHARING = ["[]", "[layer]", "[cross]", "[layer,cross]", "[factorized]", "[layer,cross,factorized]"]
 
@@ -98,6 +98,40 @@ def test_mep_targets_choose_whether_mep_trains_the_cnns_it_predicts() -> None:
     assert not torch.allclose(grads["fixed"], grads["trained"])
     with pytest.raises(ConfigError, match="loss.mep_targets='frozen'"):
         check_model(_cfg("loss.mep_targets=frozen"))
+
+
+def test_cnn_warmup_trains_only_the_cnns_until_its_step() -> None:
+    """During loss.cnn_warmup_steps only the InfoNCE counts: the CNNs learn, the transformers and
+    the heads get zero gradients (MEP and the pair are still reported); from that step on every
+    objective trains them. Without a step (benchmarks, tests) every objective counts. The warm-up
+    takes at most half the run, and none without the InfoNCE."""
+    cfg = _cfg("loss.cnn_warmup_steps=3", "train.max_steps=100")
+    torch.manual_seed(0)
+    model = build_pretraining_model(cfg)
+    torch.manual_seed(1)
+    video, audio = _batch(cfg)
+    encoders = {f"backbone.{name}." for name in ENCODERS}
+
+    def gradients(step: int | None) -> tuple[float, float, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        out = model(video, audio, step_seed=0, step=step)
+        out["loss"].backward()
+        norms = {n: p.grad.abs().sum().item() for n, p in model.named_parameters() if p.grad is not None}
+        cnn = sum(v for n, v in norms.items() if n.startswith(tuple(encoders)))
+        return cnn, sum(v for n, v in norms.items() if not n.startswith(tuple(encoders))), out
+
+    cnn, rest, out = gradients(2)
+    assert cnn > 0 and rest == 0, (cnn, rest)
+    assert out["loss"].item() == pytest.approx(out["loss_contrastive"].item())
+    assert {"loss_mep_visual", "loss_pair"} <= out.keys()
+    for step in (3, None):
+        cnn, rest, out = gradients(step)
+        assert cnn > 0 and rest > 0, (step, cnn, rest)
+        assert out["loss"].item() > out["loss_contrastive"].item()
+    with pytest.raises(ConfigError, match="loss.cnn_warmup_steps=-1"):
+        check_model(_cfg("loss.cnn_warmup_steps=-1"))
+    assert cnn_warmup_steps(_cfg("loss.cnn_warmup_steps=300", "train.max_steps=100")) == 50
+    assert cnn_warmup_steps(_cfg("loss.cnn_warmup_steps=300", "train.max_steps=100", "loss.contrastive_weight=0")) == 0
 
 
 def test_at_initialisation_the_transformers_input_is_mostly_content() -> None:
@@ -283,6 +317,30 @@ def few_pairs() -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
+@pytest.mark.parametrize("hidden", [64, 256])
+def test_transformer_lr_scale_slows_all_but_the_clip_encoders(hidden: int) -> None:
+    """The CNNs and their projections train at train.lr, everything else (transformers,
+    embeddings, heads) at train.lr x train.transformer_lr_scale at hidden size 256, in proportion
+    to 256 / hidden at other widths, through the schedule; at 1.0 the optimizer keeps the two
+    groups earlier checkpoints were saved with."""
+    width = [f"model.hidden_size={hidden}", f"model.ffn_size={2 * hidden}"]
+    model = build_pretraining_model(_cfg(*width))
+    backbone = model.get_submodule("backbone")
+    encoders = {id(p) for name in ENCODERS for p in getattr(backbone, name).parameters()}
+    cfg = _cfg(*width, "train.lr=1e-3", "train.transformer_lr_scale=0.1", "train.warmup_steps=1")
+    optimizer, schedule = build_optimizer(model, cfg.train)
+    schedule.step()  # past the warm-up: the peak rates
+    rate = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert rate.keys() == {id(p) for p in model.parameters()}
+    assert sorted({rate[i] for i in encoders}) == pytest.approx([1e-3])
+    expected = {64: 4e-4, 256: 1e-4}[hidden]
+    assert sorted({r for i, r in rate.items() if i not in encoders}) == pytest.approx([expected])
+    assert len(build_optimizer(model, _cfg("train.transformer_lr_scale=1.0").train)[0].param_groups) == 2
+    for bad in (0, -1, "fast", True):
+        with pytest.raises(ConfigError, match=f"train.transformer_lr_scale={bad!r}"):
+            check_optimizer(_cfg(f"train.transformer_lr_scale={str(bad).lower()}"))
+
+
 @pytest.mark.parametrize("sharing", SHARING)
 def test_tiny_model_overfits_a_few_pairs(sharing: str, few_pairs: tuple[torch.Tensor, torch.Tensor]) -> None:
     torch.manual_seed(0)
@@ -291,6 +349,7 @@ def test_tiny_model_overfits_a_few_pairs(sharing: str, few_pairs: tuple[torch.Te
     # CPU the pair objective stalled at 0.75 accuracy); with the recipe, 3-6 seeds per sharing
     # mode each reached 0.22-0.48 of the first loss and every pair.
     recipe = ["train.lr=1e-3", "train.warmup_steps=10", "train.max_steps=200", "train.weight_decay=0.0"]
+    recipe += ["train.transformer_lr_scale=1.0"]  # the rate these were measured at, for every part
     cfg = _cfg(f"model.sharing={sharing}", "loss.mask_ratio=0.25", "loss.sampling=uniform", *recipe)
     model = build_pretraining_model(cfg)
     optimizer, schedule = build_optimizer(model, cfg.train)

@@ -158,6 +158,17 @@ def test_resuming_refuses_a_change_of_what_is_learned_and_names_it(caplog: pytes
         check_continuity(SAVED, cfg, config, "def", 5)
 
 
+def test_a_key_added_since_the_checkpoint_counts_with_what_runs_without_it_learned() -> None:
+    """A checkpoint written before train.transformer_lr_scale existed trained everything at
+    train.lr: resuming it at another scale is refused by name, at 1.0 it continues."""
+    cfg, config = _config(train__transformer_lr_scale=0.3)
+    with pytest.raises(ConfigError, match=r"train.transformer_lr_scale: 1.0 -> 0.3"):
+        check_continuity(SAVED, cfg, config, "abc", 5)
+    for earlier in (1.0, 1):
+        cfg, config = _config(train__transformer_lr_scale=earlier)
+        check_continuity(SAVED, cfg, config, "abc", 5)
+
+
 def test_a_longer_run_says_how_its_schedule_stretches(caplog: pytest.LogCaptureFixture) -> None:
     cfg, config = _config(train__max_steps=20)
     with caplog.at_level(logging.WARNING):

@@ -142,7 +142,7 @@ class FinetuneTask(Task):
         return LabelCheck(self.classes, self.multi_label)
 
     def forward(
-        self, engine: Any, batch: dict[str, Any], dtype: torch.dtype, step_seed: int
+        self, engine: Any, batch: dict[str, Any], dtype: torch.dtype, step_seed: int, step: int
     ) -> dict[str, torch.Tensor]:
         out = engine(
             video_to_float(batch["video"], engine.device, dtype),

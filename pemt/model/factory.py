@@ -26,7 +26,16 @@ def sequence_shape(cfg: DictConfig) -> tuple[int, int]:
 
 def build_pretraining_model(cfg: DictConfig) -> AVPretrainingModel:
     clips, tokens_per_clip = sequence_shape(cfg)
-    return AVPretrainingModel(cfg.model, cfg.data, cfg.loss, clips, tokens_per_clip)
+    return AVPretrainingModel(cfg.model, cfg.data, cfg.loss, clips, tokens_per_clip, cnn_warmup_steps(cfg))
+
+
+def cnn_warmup_steps(cfg: DictConfig) -> int:
+    """The steps in which only the InfoNCE trains: `loss.cnn_warmup_steps`, at most half of
+    `train.max_steps`, so that a short run still trains every objective; none without the InfoNCE
+    (`loss.contrastive_weight=0`: the paper's objectives from the first step)."""
+    if not cfg.loss.contrastive_weight:
+        return 0
+    return min(int(cfg.loss.cnn_warmup_steps), int(cfg.train.max_steps) // 2)
 
 
 def shape_only_model(cfg: DictConfig) -> AVPretrainingModel:
@@ -91,5 +100,8 @@ def check_model(cfg: DictConfig) -> None:
     one_of(cfg, "loss.pair_head", ("bos", "agreement"))
     one_of(cfg, "loss.contrastive_level", ("video", "clip"))
     one_of(cfg, "loss.mep_targets", ("fixed", "trained"))
+    warmup = cfg.loss.cnn_warmup_steps
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ConfigError(f"loss.cnn_warmup_steps={warmup!r}: give a number of steps >= 0")
     if not 0.0 < cfg.loss.mask_ratio < 1.0:
         raise ConfigError(f"loss.mask_ratio={cfg.loss.mask_ratio}: must be between 0 and 1")

@@ -32,8 +32,10 @@ class AVPretrainingModel(nn.Module):
         loss_cfg: DictConfig,
         max_clips: int | None = None,
         max_tokens_per_clip: int | None = None,
+        cnn_warmup_steps: int = 0,
     ) -> None:
         super().__init__()
+        self.cnn_warmup_steps = cnn_warmup_steps
         hidden = model_cfg.hidden_size
         self.backbone = AVBackbone(model_cfg, max_clips or data_cfg.clips, max_tokens_per_clip)
         self.fusion = self.backbone.fusion
@@ -98,12 +100,16 @@ class AVPretrainingModel(nn.Module):
         return logits
 
     def forward(
-        self, video: torch.Tensor, audio: torch.Tensor, step_seed: int | None = None
+        self, video: torch.Tensor, audio: torch.Tensor, step_seed: int | None = None, step: int | None = None
     ) -> dict[str, torch.Tensor]:
         """Losses of one micro-batch. Masks and negatives are drawn from generators keyed by
         (`step_seed`, global sample), so a step gives the same result at any world size; without
-        `step_seed` one is drawn from torch's global generator."""
+        `step_seed` one is drawn from torch's global generator. `step` (optimizer steps done) keeps
+        MEP and the pair out of the total during the CNN warm-up (`pemt.model.factory.cnn_warmup_steps`);
+        None: every objective."""
         cfg = self.loss_cfg
+        # Still computed (and logged) while warming up: the transformers get zero gradients, not none.
+        context = 0.0 if step is not None and step < self.cnn_warmup_steps else 1.0
         if step_seed is None:
             step_seed = int(torch.randint(2**31 - 1, ()).item())
         first, rows = global_rows(video.shape[0], video.device)
@@ -148,8 +154,8 @@ class AVPretrainingModel(nn.Module):
             losses["loss_contrastive"] = info_nce(visual_clips, audio_clips, float(cfg.temperature))
         mep = cast(torch.Tensor, sum(v for k, v in losses.items() if k.startswith("loss_mep_")))
         total: torch.Tensor = (
-            float(cfg.mep_weight) * mep
-            + float(cfg.pair_weight) * pair
+            context * float(cfg.mep_weight) * mep
+            + context * float(cfg.pair_weight) * pair
             + float(cfg.contrastive_weight) * losses.get("loss_contrastive", 0.0)
         )
         fused = torch.cat([visual_bos, audio_bos], -1) if self.pair_kind == "agreement" else visual_bos

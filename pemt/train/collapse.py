@@ -16,7 +16,8 @@ run collapsed when, after the warm-up, for `train.collapse.patience` log steps i
 
 It says so once, in one warning line and an MLflow tag (`pemt.collapse`); with
 `train.stop_on_collapse=true` the trainer then writes a checkpoint and stops the run. Runs that
-report no such figures (fine-tuning) are never judged.
+report no such figures (fine-tuning) are never judged, nor is a run before its CNN warm-up
+(`loss.cnn_warmup_steps`) and the learning-rate warm-up after it are over.
 """
 
 from __future__ import annotations
@@ -120,9 +121,10 @@ class CollapseWatch:
             return None
         self.verdict = (
             f"representation collapse at step {step}: for {self.in_a_row} log steps in a row {'; '.join(found)}. "
-            "The pair objective learns nothing more. Try a lower train.lr (or a longer train.warmup_steps), "
+            "The pair objective learns nothing more. Try a lower train.transformer_lr_scale (the transformers' "
+            "rate; the CNNs keep train.lr) or a lower train.lr (or a longer train.warmup_steps), "
             "check that the CNN features differ between videos (spread_visual, spread_audio), or "
             "model.*_cnn.out_norm=true; where a pair can only be told by content the CNNs have not learned "
-            "yet, it needs more steps and loss.contrastive_weight > 0 to teach them"
+            "yet, let loss.contrastive_weight > 0 teach them first for longer (loss.cnn_warmup_steps)"
         )
         return self.verdict

@@ -57,6 +57,18 @@ EXECUTION_KEYS = (
     "profile",
 )
 
+# Keys added since checkpoints were first written, with the value that gives what runs without them
+# learned: a checkpoint's config without one is compared with that value.
+EARLIER_VALUES = {"train.transformer_lr_scale": 1.0, "loss.cnn_warmup_steps": 0}
+
+
+def _same(before: str, now: str) -> bool:
+    """Equal values, numbers by value (`1` and `1.0` are one learning rate scale)."""
+    try:
+        return float(before) == float(now)
+    except ValueError:
+        return before == now
+
 
 def _under(key: str, prefixes: Any) -> bool:
     return any(key == p or key.startswith(f"{p}.") for p in prefixes)
@@ -81,10 +93,12 @@ def check_continuity(
     trainer state, with the resolved config and the manifest digest)."""
     allowed = [str(k) for k in (OmegaConf.select(cfg, "train.allow_config_change") or [])]
     before, now = flatten(saved.get("config") or {}), flatten(current_config)
+    if before:
+        before = {**{k: str(v) for k, v in EARLIER_VALUES.items() if k in now}, **before}
     changed = sorted(
         k
         for k in before.keys() & now.keys()
-        if before[k] != now[k] and not _under(k, EXECUTION_KEYS) and not _under(k, allowed)
+        if not _same(before[k], now[k]) and not _under(k, EXECUTION_KEYS) and not _under(k, allowed)
     )
     if saved.get("data_manifest") and saved["data_manifest"] != current_manifest and not _under("data.shards", allowed):
         changed.append("data.shards (its manifest.json changed)")
@@ -96,7 +110,7 @@ def check_continuity(
             + ". Use the checkpoint's values, start a new run (another run_dir), or accept the change with "
             f"train.allow_config_change=[{','.join(k.split(' ')[0] for k in changed)}]"
         )
-    accepted = sorted(k for k in before.keys() & now.keys() if before[k] != now[k] and _under(k, allowed))
+    accepted = sorted(k for k in before.keys() & now.keys() if not _same(before[k], now[k]) and _under(k, allowed))
     if accepted:
         log.warning("resuming with changes accepted by train.allow_config_change: %s", ", ".join(accepted))
     new = sorted(k for k in now.keys() - before.keys() if not _under(k, EXECUTION_KEYS))

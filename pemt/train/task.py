@@ -42,9 +42,10 @@ class Task:
         raise NotImplementedError
 
     def forward(
-        self, engine: Any, batch: dict[str, Any], dtype: torch.dtype, step_seed: int
+        self, engine: Any, batch: dict[str, Any], dtype: torch.dtype, step_seed: int, step: int
     ) -> dict[str, torch.Tensor]:
-        """The micro-batch's losses ("loss" is optimised) and any other means to report."""
+        """The micro-batch's losses ("loss" is optimised) and any other means to report; `step`:
+        optimizer steps done before this one."""
         raise NotImplementedError
 
     def run_tags(self) -> dict[str, str]:
@@ -79,11 +80,12 @@ class PretrainTask(Task):
         return build_pretraining_model(cfg)
 
     def forward(
-        self, engine: Any, batch: dict[str, Any], dtype: torch.dtype, step_seed: int
+        self, engine: Any, batch: dict[str, Any], dtype: torch.dtype, step_seed: int, step: int
     ) -> dict[str, torch.Tensor]:
         losses: dict[str, torch.Tensor] = engine(
             video_to_float(batch["video"], engine.device, dtype),
             batch["audio"].to(engine.device, dtype),
             step_seed=step_seed,
+            step=step,
         )
         return losses

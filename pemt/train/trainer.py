@@ -109,7 +109,9 @@ class Trainer:
         self.tracker = MlflowTracker(cfg, self.run_dir, enabled=self.info.is_main)
         self.telemetry = Telemetry(cfg, self.engine.device, self.dtype, self.info.world_size)
         self.guard = StepGuard(self.engine.module, int(cfg.train.max_skipped_steps), self.engine.device)
-        self.collapse = CollapseWatch(CollapseLimits.from_config(cfg.train), int(cfg.train.warmup_steps))
+        # the pair is not judged before it trains (after the CNN warm-up) and has had a warm-up of its own
+        judged_after = int(cfg.train.warmup_steps) + getattr(model, "cnn_warmup_steps", 0)
+        self.collapse = CollapseWatch(CollapseLimits.from_config(cfg.train), judged_after)
         self.journal = RunJournal(self.run_dir, enabled=self.info.is_main)
         self.profiler = StepProfiler(profile_window(cfg), self.run_dir / "profile", self.info.rank, self.engine.device)
         if self.info.is_main:
@@ -137,6 +139,12 @@ class Trainer:
     def _restore(self) -> dict[str, Any]:
         if self.resume_from is None:
             return {}
+        # Before the load: a checkpoint that would not load under the changed config (another optimizer
+        # layout) is refused by what changed, not set aside as unloadable.
+        selected = self.resume_from
+        check_continuity(
+            selected.manifest["state"], self.cfg, self._resolved(), self._data_manifest, int(selected.step)
+        )
         self.resume_from, state = self.checkpointer.load(self.engine, self.resume_from, universal=self.elastic)
         if self.elastic:
             # Per-rank random streams cannot carry over to another world size; reseed them
@@ -153,7 +161,8 @@ class Trainer:
                 f"data.streams={self.cfg.data.streams} but the checkpoint was written with "
                 f"data.streams={saved['streams']}: the sample order would change; resume with the same value"
             )
-        check_continuity(state, self.cfg, self._resolved(), self._data_manifest, int(state["step"]))
+        if self.resume_from.path != selected.path:  # fell back to an earlier checkpoint
+            check_continuity(state, self.cfg, self._resolved(), self._data_manifest, int(state["step"]))
         return state
 
     @functools.cached_property
@@ -193,7 +202,11 @@ class Trainer:
         )
         with counter as counted:
             out = self.task.forward(
-                engine, batch, self.dtype, step_seed=self.cfg.seed * 1_000_003 + batch["micro_step"]
+                engine,
+                batch,
+                self.dtype,
+                step_seed=self.cfg.seed * 1_000_003 + batch["micro_step"],
+                step=batch["micro_step"] // int(self.cfg.train.grad_accum_steps),
             )
             engine.backward(out["loss"])
         engine.step()
