@@ -183,6 +183,20 @@ def test_a_longer_run_says_how_its_schedule_stretches(caplog: pytest.LogCaptureF
     assert "decay is now none (train.warmup_steps=30 outlasts it) instead of none" in caplog.text
 
 
+def test_a_longer_short_run_says_its_cnn_warmup_moves(caplog: pytest.LogCaptureFixture) -> None:
+    """The CNN warm-up takes at most half the run: raising train.max_steps of a 100-step run
+    (warm-up 50) to 1000 makes it 300, and the log says MEP and the pair wait again."""
+    loss = {"temperature": 0.1, "cnn_warmup_steps": 300, "contrastive_weight": 1.0}
+    saved = {**SAVED, "config": {**SAVED["config"], "train": {**SAVED["config"]["train"], "max_steps": 100}}}
+    saved["config"]["loss"] = loss
+    config = json.loads(json.dumps(saved["config"]))
+    config["train"]["max_steps"] = 1000
+    with caplog.at_level(logging.WARNING):
+        check_continuity(saved, OmegaConf.create(config), config, "abc", 60)
+    assert "the CNN warm-up (at most half the run) is now 300 steps instead of 50" in caplog.text
+    assert "from step 60 MEP and the pair wait until step 300" in caplog.text
+
+
 def test_credentials_never_reach_a_config_an_override_file_or_a_log() -> None:
     from pemt.cluster.launcher import _normalised
     from pemt.secrets import redact, redact_config

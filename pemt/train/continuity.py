@@ -123,6 +123,7 @@ def _report_schedule(saved: dict[str, Any], cfg: DictConfig, step: int) -> None:
     train = saved.get("train") or {}
     if "max_steps" not in train or int(train["max_steps"]) == int(cfg.train.max_steps):
         return
+    _report_cnn_warmup(saved, cfg, step)
     warmup, lr = int(cfg.train.warmup_steps), float(cfg.train.lr)
     before = lr * lr_factor(step, warmup, int(train["max_steps"]))
     after = lr * lr_factor(step, warmup, int(cfg.train.max_steps))
@@ -141,3 +142,27 @@ def _report_schedule(saved: dict[str, Any], cfg: DictConfig, step: int) -> None:
         before,
         after,
     )
+
+
+def _report_cnn_warmup(saved: dict[str, Any], cfg: DictConfig, step: int) -> None:
+    """The CNN warm-up takes at most half the run: a run of under twice `loss.cnn_warmup_steps`
+    whose `train.max_steps` changes has another one."""
+    from pemt.model.factory import cnn_warmup_steps
+
+    def warmup(loss: Any, max_steps: Any) -> int:
+        keys = {"cnn_warmup_steps": 0, "contrastive_weight": 0, **(loss or {})}
+        return cnn_warmup_steps(OmegaConf.create({"loss": keys, "train": {"max_steps": max_steps}}))
+
+    now = OmegaConf.to_container(cfg.loss) if "loss" in cfg else {}
+    before, after = warmup(saved.get("loss"), saved["train"]["max_steps"]), warmup(now, cfg.train.max_steps)
+    if before != after and step < max(before, after):
+        log.warning(
+            "train.max_steps %s -> %s: the CNN warm-up (at most half the run) is now %d steps instead of %d; "
+            "from step %d MEP and the pair %s",
+            saved["train"]["max_steps"],
+            cfg.train.max_steps,
+            after,
+            before,
+            step,
+            "train" if step >= after else f"wait until step {after}",
+        )
