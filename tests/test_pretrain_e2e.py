@@ -168,6 +168,7 @@ def test_accumulated_steps_with_the_contrastive_loss_resume_exactly(tmp_path: Pa
         "train.grad_accum_steps=2",
         "data.streams=4",  # the global batch of 8 is 4 streams x 2 micro-steps
         "loss.contrastive_weight=0.5",
+        "loss.cnn_warmup_steps=0",  # it takes at most half the run: the 3-step part would have another
         "train.log_every=1",
         "train.checkpoint_every=3",
         "train.record_samples=true",
@@ -178,7 +179,9 @@ def test_accumulated_steps_with_the_contrastive_loss_resume_exactly(tmp_path: Pa
     for steps in (3, 6):
         part = run_pretrain(tmp_path / "resumed", data_cache, f"train.max_steps={steps}", *common)
         assert part.returncode == 0, describe(part)
-    name = run_name("train.grad_accum_steps=2", "data.streams=4", "loss.contrastive_weight=0.5")
+    name = run_name(
+        "train.grad_accum_steps=2", "data.streams=4", "loss.contrastive_weight=0.5", "loss.cnn_warmup_steps=0"
+    )
     run_dir = tmp_path / "resumed" / "pemt-pretrain" / name
     seen = keys_by_step(run_dir)
     assert sorted(seen) == [1, 2, 3, 4, 5, 6] and all(len(keys) == 8 for keys in seen.values()), seen
