@@ -33,9 +33,15 @@ def cnn_warmup_steps(cfg: DictConfig) -> int:
     """The steps in which only the InfoNCE trains: `loss.cnn_warmup_steps`, at most half of
     `train.max_steps`, so that a short run still trains every objective; none without the InfoNCE
     (`loss.contrastive_weight=0`: the paper's objectives from the first step)."""
-    if not cfg.loss.contrastive_weight:
+    return warmup_of(cfg.loss, int(cfg.train.max_steps))
+
+
+def warmup_of(loss: Any, max_steps: int) -> int:
+    """`cnn_warmup_steps` of a `loss` section (a config or a checkpoint's saved dict; keys it lacks
+    count as 0, what runs without them did) in a run of `max_steps`."""
+    if not loss.get("contrastive_weight", 0):
         return 0
-    return min(int(cfg.loss.cnn_warmup_steps), int(cfg.train.max_steps) // 2)
+    return min(int(loss.get("cnn_warmup_steps", 0)), max_steps // 2)
 
 
 def shape_only_model(cfg: DictConfig) -> AVPretrainingModel:

@@ -147,14 +147,10 @@ def _report_schedule(saved: dict[str, Any], cfg: DictConfig, step: int) -> None:
 def _report_cnn_warmup(saved: dict[str, Any], cfg: DictConfig, step: int) -> None:
     """The CNN warm-up takes at most half the run: a run of under twice `loss.cnn_warmup_steps`
     whose `train.max_steps` changes has another one."""
-    from pemt.model.factory import cnn_warmup_steps
+    from pemt.model.factory import warmup_of
 
-    def warmup(loss: Any, max_steps: Any) -> int:
-        keys = {"cnn_warmup_steps": 0, "contrastive_weight": 0, **(loss or {})}
-        return cnn_warmup_steps(OmegaConf.create({"loss": keys, "train": {"max_steps": max_steps}}))
-
-    now = OmegaConf.to_container(cfg.loss) if "loss" in cfg else {}
-    before, after = warmup(saved.get("loss"), saved["train"]["max_steps"]), warmup(now, cfg.train.max_steps)
+    before = warmup_of(saved.get("loss") or {}, int(saved["train"]["max_steps"]))
+    after = warmup_of(cfg.get("loss") or {}, int(cfg.train.max_steps))
     if before != after and step < max(before, after):
         log.warning(
             "train.max_steps %s -> %s: the CNN warm-up (at most half the run) is now %d steps instead of %d; "
