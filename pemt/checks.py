@@ -10,6 +10,7 @@ from pemt.cluster.keys import check_cluster
 from pemt.curriculum import stages
 from pemt.data.loader import check_data
 from pemt.model.factory import check_model
+from pemt.train.cnn_warmup import check_cnn_warmup
 from pemt.train.collapse import check_collapse
 from pemt.train.compilation import check_compile
 from pemt.train.engine_config import check_batch, check_world
@@ -29,6 +30,7 @@ def validate(cfg: DictConfig) -> None:
     check_compile(cfg)
     check_optimizer(cfg)
     check_collapse(cfg)
+    check_cnn_warmup(cfg)
     if "task" in cfg:
         from pemt.downstream.task import check_task
 

@@ -72,13 +72,25 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return states["module"]
 
 
+def _final_state(run_dir: Path) -> dict:
+    latest = (run_dir / "checkpoints" / "latest").read_text()
+    return json.loads((run_dir / "checkpoints" / latest / "pemt_manifest.json").read_text())["state"]
+
+
 def test_interrupted_twice_by_signals_ends_bitwise_equal(tmp_path: Path, data_cache: Path) -> None:
     # Periodic checkpoints every 3 steps are written in the background: the signals come while
     # one may be in flight, and the final save on the signal must still leave an exact run.
+    # The CNN warm-up ends early (step 11, on the InfoNCE of the last 10 steps over both ranks): the
+    # first signal comes before it, so the resumed job must carry those steps' shares over to end it
+    # at the same step (the default 0.9 is reached only at step 12, where it would end anyway).
+    warmup = "loss.cnn_warmup_until=0.95"
     common = [f"train.max_steps={STEPS}", "train.log_every=4", "train.checkpoint_every=3", "train.record_samples=true"]
-    name = run_name()
+    common.append(warmup)
+    name = run_name(warmup)
     reference = run_pretrain(tmp_path / "reference", data_cache, *common)
     assert reference.returncode == 0, describe(reference)
+    ended = _final_state(tmp_path / "reference" / "pemt-pretrain" / name)["cnn_warmup"]
+    assert ended["learned"] and 8 < ended["ended_at"] < STEPS // 2, ended
 
     root = tmp_path / "interrupted"
     run_dir = root / "pemt-pretrain" / name
@@ -97,6 +109,7 @@ def test_interrupted_twice_by_signals_ends_bitwise_equal(tmp_path: Path, data_ca
     log = (run_dir / "pretrain.log").read_text()
     assert log.count("received SIGUSR2") >= 2, (seen, log[-4000:])
     assert log.count("resumed from") >= 2 * 2, "both ranks resumed twice"
+    assert _final_state(run_dir)["cnn_warmup"] == ended
     reference_weights = _final_weights(tmp_path / "reference" / "pemt-pretrain" / name)
     resumed_weights = _final_weights(run_dir)
     assert reference_weights.keys() == resumed_weights.keys()

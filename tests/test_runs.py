@@ -195,6 +195,11 @@ def test_a_longer_short_run_says_its_cnn_warmup_moves(caplog: pytest.LogCaptureF
         check_continuity(saved, OmegaConf.create(config), config, "abc", 60)
     assert "the CNN warm-up (at most half the run) is now 300 steps instead of 50" in caplog.text
     assert "from step 60 MEP and the pair wait until step 300" in caplog.text
+    caplog.clear()
+    ended = {**saved, "cnn_warmup": {"recent": [], "ended_at": 40, "learned": True}}
+    with caplog.at_level(logging.WARNING):
+        check_continuity(ended, OmegaConf.create(config), config, "abc", 60)
+    assert "CNN warm-up" not in caplog.text, "a warm-up that ended stays where it ended"
 
 
 def test_credentials_never_reach_a_config_an_override_file_or_a_log() -> None:

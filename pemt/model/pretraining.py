@@ -11,6 +11,7 @@ Objectives (weights in `loss.*`):
 
 from __future__ import annotations
 
+import math
 from typing import cast
 
 import torch
@@ -105,7 +106,8 @@ class AVPretrainingModel(nn.Module):
         """Losses of one micro-batch. Masks and negatives are drawn from generators keyed by
         (`step_seed`, global sample), so a step gives the same result at any world size; without
         `step_seed` one is drawn from torch's global generator. `step` (optimizer steps done) keeps
-        MEP and the pair out of the total during the CNN warm-up (`pemt.model.factory.cnn_warmup_steps`);
+        MEP and the pair out of the total while `step < self.cnn_warmup_steps` (the CNN warm-up: its
+        longest from `pemt.model.factory.cnn_warmup_steps`, moved earlier by `pemt.train.cnn_warmup`);
         None: every objective."""
         cfg = self.loss_cfg
         # Still computed (and logged) while warming up: the transformers get zero gradients, not none.
@@ -119,6 +121,7 @@ class AVPretrainingModel(nn.Module):
         outputs, visual_bos, audio_bos = self._contextual(masked["visual"][0], masked["audio"][0], mismatched, first)
 
         losses: dict[str, torch.Tensor] = {}
+        health_extra: dict[str, torch.Tensor] = {}
         same_video: dict[str, torch.Tensor] = {}
         if cfg.mep_weight:
             # The fused outputs of a mismatched sample hold another video's sound: only matched
@@ -152,6 +155,10 @@ class AVPretrainingModel(nn.Module):
             else:  # each video's pooled outputs against the global batch's other videos
                 visual_clips, audio_clips = (gather_rows(outputs[m].mean(1))[0] for m in MODALITIES)
             losses["loss_contrastive"] = info_nce(visual_clips, audio_clips, float(cfg.temperature))
+            # its share of the chance value ln N (N candidates per clip): ~1 until the CNNs learn
+            # (pemt.train.cnn_warmup ends the warm-up on it)
+            chance = math.log(max(2, len(visual_clips)))
+            health_extra = {"contrastive_vs_chance": losses["loss_contrastive"].detach() / chance}
         mep = cast(torch.Tensor, sum(v for k, v in losses.items() if k.startswith("loss_mep_")))
         total: torch.Tensor = (
             context * float(cfg.mep_weight) * mep
@@ -169,6 +176,7 @@ class AVPretrainingModel(nn.Module):
             # same for every pair, whatever the other objectives' gradients do
             "pair_logit_spread": deviations[3],
             **{f"mep_same_video_{m}": share for m, share in same_video.items()},
+            **health_extra,
         }
         return {"loss": total, **{k: v.detach() for k, v in losses.items()}, **health}
 

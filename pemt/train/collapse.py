@@ -17,7 +17,8 @@ run collapsed when, after the warm-up, for `train.collapse.patience` log steps i
 It says so once, in one warning line and an MLflow tag (`pemt.collapse`); with
 `train.stop_on_collapse=true` the trainer then writes a checkpoint and stops the run. Runs that
 report no such figures (fine-tuning) are never judged, nor is a run before its CNN warm-up
-(`loss.cnn_warmup_steps`) and the learning-rate warm-up after it are over.
+(`loss.cnn_warmup_steps`, ended early by `loss.cnn_warmup_until`: pemt.train.cnn_warmup) and the
+learning-rate warm-up after it are over.
 """
 
 from __future__ import annotations

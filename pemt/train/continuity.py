@@ -59,7 +59,7 @@ EXECUTION_KEYS = (
 
 # Keys added since checkpoints were first written, with the value that gives what runs without them
 # learned: a checkpoint's config without one is compared with that value.
-EARLIER_VALUES = {"train.transformer_lr_scale": 1.0, "loss.cnn_warmup_steps": 0}
+EARLIER_VALUES = {"train.transformer_lr_scale": 1.0, "loss.cnn_warmup_steps": 0, "loss.cnn_warmup_until": None}
 
 
 def _same(before: str, now: str) -> bool:
@@ -116,14 +116,17 @@ def check_continuity(
     new = sorted(k for k in now.keys() - before.keys() if not _under(k, EXECUTION_KEYS))
     if before and new:
         log.warning("keys the checkpoint's config did not have, taken as they are now: %s", ", ".join(new))
-    _report_schedule(saved.get("config") or {}, cfg, step)
+    # a warm-up that ended is a fact of the run (pemt.train.cnn_warmup): a new max_steps does not move it
+    warmup_over = (saved.get("cnn_warmup") or {}).get("ended_at") is not None
+    _report_schedule(saved.get("config") or {}, cfg, step, warmup_over)
 
 
-def _report_schedule(saved: dict[str, Any], cfg: DictConfig, step: int) -> None:
+def _report_schedule(saved: dict[str, Any], cfg: DictConfig, step: int, warmup_over: bool = False) -> None:
     train = saved.get("train") or {}
     if "max_steps" not in train or int(train["max_steps"]) == int(cfg.train.max_steps):
         return
-    _report_cnn_warmup(saved, cfg, step)
+    if not warmup_over:
+        _report_cnn_warmup(saved, cfg, step)
     warmup, lr = int(cfg.train.warmup_steps), float(cfg.train.lr)
     before = lr * lr_factor(step, warmup, int(train["max_steps"]))
     after = lr * lr_factor(step, warmup, int(cfg.train.max_steps))
@@ -146,7 +149,7 @@ def _report_schedule(saved: dict[str, Any], cfg: DictConfig, step: int) -> None:
 
 def _report_cnn_warmup(saved: dict[str, Any], cfg: DictConfig, step: int) -> None:
     """The CNN warm-up takes at most half the run: a run of under twice `loss.cnn_warmup_steps`
-    whose `train.max_steps` changes has another one."""
+    whose `train.max_steps` changes before its warm-up ended has another one."""
     from pemt.model.factory import warmup_of
 
     before = warmup_of(saved.get("loss") or {}, int(saved["train"]["max_steps"]))

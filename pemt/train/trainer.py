@@ -26,13 +26,22 @@ from pemt.curriculum import Stage, stage_at, stage_data_config, stages
 from pemt.data.errors import BadSamples
 from pemt.data.loader import build_loader, shard_source
 from pemt.data.shards import transform_warnings
-from pemt.distributed import DistInfo, init_distributed, leave_distributed, submitit_environment, tag_log_lines
+from pemt.distributed import (
+    DistInfo,
+    all_reduce,
+    init_distributed,
+    leave_distributed,
+    submitit_environment,
+    tag_log_lines,
+)
 from pemt.ownership import RunBusy, RunLock, describe
 from pemt.secrets import redact_config
 from pemt.track.metrics import counting_flops
 from pemt.track.tracker import MlflowTracker
 from pemt.train import exit_deadline
 from pemt.train.checkpoint import Checkpointer, CheckpointError
+from pemt.train.cnn_warmup import METRIC as WARMUP_METRIC
+from pemt.train.cnn_warmup import CnnWarmup
 from pemt.train.collapse import TAG as COLLAPSE_TAG
 from pemt.train.collapse import CollapseError, CollapseLimits, CollapseWatch
 from pemt.train.compilation import compile_blocks, compiles
@@ -109,14 +118,35 @@ class Trainer:
         self.tracker = MlflowTracker(cfg, self.run_dir, enabled=self.info.is_main)
         self.telemetry = Telemetry(cfg, self.engine.device, self.dtype, self.info.world_size)
         self.guard = StepGuard(self.engine.module, int(cfg.train.max_skipped_steps), self.engine.device)
-        # the pair is not judged before it trains (after the CNN warm-up) and has had a warm-up of its own
-        judged_after = int(cfg.train.warmup_steps) + getattr(model, "cnn_warmup_steps", 0)
-        self.collapse = CollapseWatch(CollapseLimits.from_config(cfg.train), judged_after)
+        self.cnn_warmup = CnnWarmup.from_config(cfg, getattr(model, "cnn_warmup_steps", 0))
+        self.collapse = CollapseWatch(CollapseLimits.from_config(cfg.train), 0)
+        self._apply_cnn_warmup()
         self.journal = RunJournal(self.run_dir, enabled=self.info.is_main)
         self.profiler = StepProfiler(profile_window(cfg), self.run_dir / "profile", self.info.rank, self.engine.device)
         if self.info.is_main:
             for line in transform_warnings(shard_source(cfg), cfg.data):
                 log.warning(line)
+
+    def _apply_cnn_warmup(self) -> None:
+        """The model counts MEP and the pair from the warm-up's end; the collapse watch judges the
+        pair once it has trained through a learning-rate warm-up of its own after that."""
+        model = self.engine.module
+        if hasattr(model, "cnn_warmup_steps"):
+            model.cnn_warmup_steps = self.cnn_warmup.end
+        self.collapse.warmup_steps = int(self.cfg.train.warmup_steps) + self.cnn_warmup.end
+
+    def _watch_cnn_warmup(self, step: int, outs: list[dict[str, torch.Tensor]]) -> None:
+        """Collective while the warm-up may still end early: every rank decides on the same share."""
+        if not self.cnn_warmup.watching(step) or any(WARMUP_METRIC not in out for out in outs):
+            return
+        local = sum(float(out[WARMUP_METRIC]) for out in outs) / len(outs)
+        share = all_reduce({WARMUP_METRIC: local}, self.engine.device)[WARMUP_METRIC]
+        said = self.cnn_warmup.observe(step, share)
+        if said:
+            self._apply_cnn_warmup()
+            if self.info.is_main:  # a warning where it ran its longest without the CNNs learning
+                log.log(logging.INFO if self.cnn_warmup.learned else logging.WARNING, "%s", said)
+            self.tracker.log_metrics({"cnn_warmup_end": self.cnn_warmup.end}, step)
 
     def _own_run_dir(self) -> None:
         """Rank 0 takes the run dir's lock before anything else is written; every rank learns
@@ -156,6 +186,8 @@ class Trainer:
                 self.resume_from.manifest["world_size"],
             )
         saved = state.get("data_cursor")
+        self.cnn_warmup.load_state_dict(state.get("cnn_warmup"))
+        self._apply_cnn_warmup()
         if saved and saved["streams"] != self.cfg.data.streams:
             raise ConfigError(
                 f"data.streams={self.cfg.data.streams} but the checkpoint was written with "
@@ -225,6 +257,7 @@ class Trainer:
             return False
         for out in outs:
             self.telemetry.add_micro_step(out)
+        self._watch_cnn_warmup(step, outs)
         return True
 
     def _batches(self, start_micro: int, bad: BadSamples, stage: Stage) -> Iterator[dict[str, Any]]:
@@ -278,6 +311,7 @@ class Trainer:
             "data_cursor": {"micro_step": step * accum, "streams": int(cfg.data.streams), "seed": int(cfg.seed)},
             "config": self._resolved(),
             "data_manifest": self._data_manifest,
+            "cnn_warmup": self.cnn_warmup.state_dict(),
         }
         report = self.checkpointer.save(self.engine, step, state, final=final)
         delay = OmegaConf.select(cfg, "cluster.signal_delay_s")
