@@ -21,6 +21,7 @@ from pemt.config import ConfigError
 
 WINDOW = 10  # steps the share is averaged over: one step's is noisy, and a start far above chance is soon forgotten
 METRIC = "contrastive_vs_chance"
+TAG = "pemt.cnn_warmup"  # set where the warm-up ran its longest without the CNNs learning
 
 
 def check_cnn_warmup(cfg: DictConfig) -> None:

@@ -41,6 +41,7 @@ from pemt.track.tracker import MlflowTracker
 from pemt.train import exit_deadline
 from pemt.train.checkpoint import Checkpointer, CheckpointError
 from pemt.train.cnn_warmup import METRIC as WARMUP_METRIC
+from pemt.train.cnn_warmup import TAG as WARMUP_TAG
 from pemt.train.cnn_warmup import CnnWarmup
 from pemt.train.collapse import TAG as COLLAPSE_TAG
 from pemt.train.collapse import CollapseError, CollapseLimits, CollapseWatch
@@ -144,8 +145,13 @@ class Trainer:
         said = self.cnn_warmup.observe(step, share)
         if said:
             self._apply_cnn_warmup()
-            if self.info.is_main:  # a warning where it ran its longest without the CNNs learning
-                log.log(logging.INFO if self.cnn_warmup.learned else logging.WARNING, "%s", said)
+            if self.cnn_warmup.learned:
+                if self.info.is_main:
+                    log.info("%s", said)
+            else:  # it ran its longest without the CNNs learning: said where people look
+                if self.info.is_main:
+                    log.warning("%s", said)
+                self.tracker.set_tags({WARMUP_TAG: said})
             self.tracker.log_metrics({"cnn_warmup_end": self.cnn_warmup.end}, step)
 
     def _own_run_dir(self) -> None:
