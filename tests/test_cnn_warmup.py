@@ -49,6 +49,8 @@ def test_without_a_share_it_is_exactly_its_length() -> None:
     assert not warmup.watching(1) and warmup.observe(1, 0.1) is None and warmup.end == 30
     none = CnnWarmup(longest=0, until=0.9)  # no InfoNCE, or a run too short: no warm-up at all
     assert not none.watching(1) and none.end == 0
+    smoke = CnnWarmup(longest=WINDOW - 1, until=0.9)  # too short to average: not judged, nor warned about
+    assert [smoke.observe(step, 1.0) for step in range(1, WINDOW)] == [None] * (WINDOW - 1) and smoke.end == WINDOW - 1
 
 
 def test_a_restored_warmup_decides_where_the_uninterrupted_one_did() -> None:

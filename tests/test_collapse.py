@@ -133,13 +133,13 @@ def test_a_healthy_run_is_never_called_collapsed(tmp_path: Path, data_cache: Pat
 @pytest.mark.slow
 def test_a_cnn_warmup_that_runs_its_longest_without_learning_says_so(tmp_path: Path, data_cache: Path) -> None:
     never = "loss.cnn_warmup_until=0.05"  # an InfoNCE no run reaches in a few steps
-    result = run_pretrain(tmp_path, data_cache, "train.max_steps=12", never, *JUDGED)
+    result = run_pretrain(tmp_path, data_cache, "train.max_steps=24", never, *JUDGED)
     assert result.returncode == 0, describe(result)
     [line] = [ln for ln in result.stderr.splitlines() if "CNN warm-up ran its longest" in ln]
-    assert "WARNING" in line and "6 steps" in line and "loss.cnn_warmup_steps" in line
+    assert "WARNING" in line and "12 steps" in line and "loss.cnn_warmup_steps" in line
     tags, _ = _tags_and_status(tmp_path)
     assert tags["pemt.cnn_warmup"].startswith("CNN warm-up ran its longest")
-    assert _metric(tmp_path, "cnn_warmup_end") == 6
+    assert _metric(tmp_path, "cnn_warmup_end") == 12
 
 
 def _metric(root: Path, key: str) -> float:

@@ -55,8 +55,9 @@ class CnnWarmup:
         return self.longest if self.ended_at is None else min(self.ended_at, self.longest)
 
     def watching(self, step: int) -> bool:
-        """Whether the share is wanted after `step` optimizer steps (the warm-up may still end early)."""
-        return self.until is not None and self.ended_at is None and step <= self.longest
+        """Whether the share is wanted after `step` optimizer steps (the warm-up may still end early).
+        A warm-up shorter than the window (a smoke run's) is not judged: it lasts its length."""
+        return self.until is not None and self.ended_at is None and WINDOW <= self.longest and step <= self.longest
 
     def observe(self, step: int, share: float) -> str | None:
         """After `step` optimizer steps, this step's share (the same on every rank). A line to log
