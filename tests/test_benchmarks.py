@@ -310,15 +310,19 @@ def test_converging_holds_a_test_run_to_the_seeds_spread_of_the_control() -> Non
     """`converging.py`: each test run's largest deviation from the control, per objective, against the
     largest difference between control seeds; a run outside it is flagged."""
     bench = _benchmark("converging")
-    args = argparse.Namespace(steps=30, log_every=10, batch=16, seeds=[0, 1], tests=["ZeRO-1", "compiled"])
+    args = argparse.Namespace(steps=30, log_every=10, batch=16, seeds=[0, 1], tests=["ZeRO-1", "compiled", "1 rank"])
 
     def curve(offset: float) -> dict[str, dict[int, float]]:
         return {key: {10: 3.0 + offset, 20: 2.5 + offset, 30: 2.0 + offset} for key in bench.CURVES}
 
     loaded = {("control", 0): curve(0.0), ("control", 1): curve(0.05), ("ZeRO-1", 0): curve(1e-6)}
     loaded[("compiled", 0)] = curve(0.2)
-    table = bench.render(args, loaded, {key: 60.0 for key in loaded})
+    loaded[("1 rank", 0)] = curve(1e-6)  # follows the curves, but starts MEP and the pair a step late
+    ends = {("control", 0): 12, ("control", 1): 11, ("ZeRO-1", 0): 12, ("compiled", 0): 12, ("1 rank", 0): 13}
+    table = bench.render(args, loaded, {key: 60.0 for key in loaded}, ends)
     lines = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
     assert "| 0.0500 |" in lines["| seeds' spread (control)"]
-    assert lines["| ZeRO-1"].endswith("| yes | 1.0 |") and "| 0.0000 |" in lines["| ZeRO-1"]
-    assert lines["| compiled"].endswith("| **no** | 1.0 |") and "| 0.2000 |" in lines["| compiled"]
+    assert lines["| ZeRO-1"].endswith("| 12 | yes | 1.0 |") and "| 0.0000 |" in lines["| ZeRO-1"]
+    assert lines["| compiled"].endswith("| 12 | **no** | 1.0 |") and "| 0.2000 |" in lines["| compiled"]
+    assert lines["| 1 rank"].endswith("| 13 | **no** | 1.0 |"), "another warm-up end is another run"
+    assert "| 12 / 11 |" in lines["| seeds' spread (control)"]
