@@ -190,6 +190,16 @@ def leave_distributed(together: bool = False) -> None:
     dist.destroy_process_group()
 
 
+def from_main(value: Any, world_size: int) -> Any:
+    """Rank 0's `value` on every rank (a picklable object; collective when there are several)."""
+    import torch.distributed as dist
+
+    box = [value]
+    if world_size > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_reduce(values: dict[str, float], device: torch.device, mean: bool = True) -> dict[str, float]:
     """Mean (or sum) of each value over all ranks, in one collective."""
     import torch.distributed as dist

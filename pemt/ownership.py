@@ -164,3 +164,24 @@ class RunLock:
             yield
         finally:
             self.release()
+
+
+def own_run_dir(lock: RunLock, run_dir: Path, is_main: bool, world_size: int) -> None:
+    """Collective. Rank 0 takes the run dir's lock before anything else is written; every rank
+    learns whether it may go on (RunBusy where another live job holds it)."""
+    import logging
+
+    from pemt.distributed import from_main
+
+    refusal = None
+    if is_main:
+        try:
+            gone = lock.acquire("training")
+        except RunBusy as err:
+            refusal = str(err)
+        else:
+            if gone:
+                logging.getLogger(__name__).warning("took over %s from %s, which is gone", run_dir, describe(gone))
+    refusal = from_main(refusal, world_size)
+    if refusal:
+        raise RunBusy(refusal)

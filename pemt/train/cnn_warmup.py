@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pemt.config import ConfigError
+from pemt.distributed import all_reduce
 
 WINDOW = 10  # steps the share is averaged over: one step's is noisy, and a start far above chance is soon forgotten
 METRIC = "contrastive_vs_chance"
@@ -83,6 +85,14 @@ class CnnWarmup:
                 "gives them more time"
             )
         return None
+
+    def observe_step(self, step: int, outs: list[dict[str, torch.Tensor]], device: torch.device) -> str | None:
+        """Collective while the warm-up may still end early: `observe` on this step's share, the
+        mean over its micro-batches and ranks (one host read), so every rank decides alike."""
+        if not self.watching(step) or any(METRIC not in out for out in outs):
+            return None
+        local = torch.stack([out[METRIC].float() for out in outs]).mean().item()
+        return self.observe(step, all_reduce({METRIC: local}, device)[METRIC])
 
     def state_dict(self) -> dict[str, Any]:
         return {"recent": list(self.recent), "ended_at": self.ended_at, "learned": self.learned}

@@ -26,21 +26,13 @@ from pemt.curriculum import Stage, stage_at, stage_data_config, stages
 from pemt.data.errors import BadSamples
 from pemt.data.loader import build_loader, shard_source
 from pemt.data.shards import transform_warnings
-from pemt.distributed import (
-    DistInfo,
-    all_reduce,
-    init_distributed,
-    leave_distributed,
-    submitit_environment,
-    tag_log_lines,
-)
-from pemt.ownership import RunBusy, RunLock, describe
+from pemt.distributed import from_main, init_distributed, leave_distributed, submitit_environment, tag_log_lines
+from pemt.ownership import RunLock, own_run_dir
 from pemt.secrets import redact_config
 from pemt.track.metrics import counting_flops
 from pemt.track.tracker import MlflowTracker
 from pemt.train import exit_deadline
 from pemt.train.checkpoint import Checkpointer, CheckpointError
-from pemt.train.cnn_warmup import METRIC as WARMUP_METRIC
 from pemt.train.cnn_warmup import TAG as WARMUP_TAG
 from pemt.train.cnn_warmup import CnnWarmup
 from pemt.train.collapse import TAG as COLLAPSE_TAG
@@ -65,14 +57,6 @@ STOP_DELIVERY_S = 5.0
 STOP_SETTLE_S = 30.0
 
 
-def _shared_run_id(run_id: str | None, info: DistInfo) -> str | None:
-    """Rank 0 owns the MLflow run; every rank keeps its id for the checkpoint."""
-    box = [run_id]
-    if info.world_size > 1:
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 class Trainer:
     def __init__(self, cfg: DictConfig, task: Task | None = None) -> None:
         validate(cfg)
@@ -83,7 +67,7 @@ class Trainer:
         self.info = init_distributed(float(cfg.train.collective_timeout_min))
         tag_log_lines(self.info.rank)
         self.lock = RunLock(self.run_dir)
-        self._own_run_dir()
+        own_run_dir(self.lock, self.run_dir, self.info.is_main, self.info.world_size)
         if self.info.world_size != world_size(cfg):
             raise ConfigError(
                 f"the job has {self.info.world_size} processes but nodes x gpus_per_node = {world_size(cfg)}"
@@ -137,40 +121,15 @@ class Trainer:
         self.collapse.warmup_steps = int(self.cfg.train.warmup_steps) + self.cnn_warmup.end
 
     def _watch_cnn_warmup(self, step: int, outs: list[dict[str, torch.Tensor]]) -> None:
-        """Collective while the warm-up may still end early: every rank decides on the same share."""
-        if not self.cnn_warmup.watching(step) or any(WARMUP_METRIC not in out for out in outs):
-            return
-        local = sum(float(out[WARMUP_METRIC]) for out in outs) / len(outs)
-        share = all_reduce({WARMUP_METRIC: local}, self.engine.device)[WARMUP_METRIC]
-        said = self.cnn_warmup.observe(step, share)
+        """Collective while the warm-up may still end early; says where it ended."""
+        said = self.cnn_warmup.observe_step(step, outs, self.engine.device)
         if said:
             self._apply_cnn_warmup()
-            if self.cnn_warmup.learned:
-                if self.info.is_main:
-                    log.info("%s", said)
-            else:  # it ran its longest without the CNNs learning: said where people look
-                if self.info.is_main:
-                    log.warning("%s", said)
+            if self.info.is_main:  # a warning where it ran its longest without the CNNs learning
+                log.log(logging.INFO if self.cnn_warmup.learned else logging.WARNING, "%s", said)
+            if not self.cnn_warmup.learned:  # ... and a tag, where people look
                 self.tracker.set_tags({WARMUP_TAG: said})
             self.tracker.log_metrics({"cnn_warmup_end": self.cnn_warmup.end}, step)
-
-    def _own_run_dir(self) -> None:
-        """Rank 0 takes the run dir's lock before anything else is written; every rank learns
-        whether it may go on."""
-        refusal = None
-        if self.info.is_main:
-            try:
-                gone = self.lock.acquire("training")
-            except RunBusy as err:
-                refusal = str(err)
-            else:
-                if gone:
-                    log.warning("took over %s from %s, which is gone", self.run_dir, describe(gone))
-        box = [refusal]
-        if self.info.world_size > 1:
-            dist.broadcast_object_list(box, src=0)
-        if box[0]:
-            raise RunBusy(box[0])
 
     def _restore(self) -> dict[str, Any]:
         if self.resume_from is None:
@@ -377,9 +336,9 @@ class Trainer:
         load_s = time.perf_counter() - loaded
         step, samples = int(state.get("step", 0)), int(state.get("samples", 0))
         segment = self.journal.start(step, info.world_size)
-        run_id = _shared_run_id(
-            self.tracker.start(cfg, run_id=state.get("mlflow_run_id"), segment=segment, tags=self.task.run_tags()), info
-        )
+        # rank 0 owns the MLflow run; every rank keeps its id for the checkpoint
+        started = self.tracker.start(cfg, run_id=state.get("mlflow_run_id"), segment=segment, tags=self.task.run_tags())
+        run_id = from_main(started, info.world_size)
         if state:
             self.tracker.log_metrics({"checkpoint_load_s": load_s}, step, replayed=True)
         status, stop, reason = "FAILED", None, None
