@@ -24,6 +24,8 @@ from pemt.data.digits import (
     voices_of,
 )
 
+SMALL_SET = ["--videos", "6", "--held-out", "4", "--seconds", "6", "--size", "32", "--samples-per-shard", "2"]
+
 
 def test_held_out_videos_use_images_and_voices_no_training_video_uses() -> None:
     train, held = images_of("train"), images_of("held_out")
@@ -60,8 +62,11 @@ def test_the_background_and_voice_change_every_second_unless_asked_to_stay_throu
         rng = video_rng(spec, 0)
         video = draw_video(spec, rng)
         frames = render_frames(spec, video, rng).astype(np.float32)
-        # the background's colour: each second's median pixel (most pixels are background)
-        colours = np.stack([np.median(frames[s * spec.fps : (s + 1) * spec.fps].reshape(-1, 3), 0) for s in range(6)])
+        # the background's colour: a low percentile of each second's pixels (digits and distractors
+        # are drawn brighter than any background, and a digit may cover half the frame)
+        colours = np.stack(
+            [np.percentile(frames[s * spec.fps : (s + 1) * spec.fps].reshape(-1, 3), 20, 0) for s in range(6)]
+        )
         step = np.abs(np.diff(colours, axis=0)).mean(1)
         assert (step.mean() > 8) if changes else (step.max() < 5), (nuisance, step)
         assert (len(set(video.voices)) > 2) == changes, video.voices
@@ -69,13 +74,32 @@ def test_the_background_and_voice_change_every_second_unless_asked_to_stay_throu
         DigitsSpec(nuisance="hour")
 
 
+def test_the_digits_side_and_the_clutter_are_settings_and_bad_ones_are_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pemt.apps.make_av_digits import main
+
+    def bright_pixels(spec: DigitsSpec) -> float:
+        """Pixels per frame far above the background: the digit's and the distractors' strokes."""
+        rng = video_rng(spec, 0)
+        frames = render_frames(spec, draw_video(spec, rng), rng).astype(np.float32).mean(-1)
+        background = np.median(frames.reshape(len(frames), -1), 1)[:, None, None]
+        return float((frames > background + 50).sum((1, 2)).mean())
+
+    small, large = DigitsSpec(digit_px=(8, 8), clutter=0), DigitsSpec(digit_px=(24, 24), clutter=0)
+    assert bright_pixels(large) > 4 * bright_pixels(small) > 0
+    assert bright_pixels(DigitsSpec(digit_px=(8, 8), clutter=4)) > 2 * bright_pixels(small)
+    for bad, named in ((["--clutter", "-1"], "clutter=-1"), (["--digit-px", "20", "40"], "digit_px=(20, 40)")):
+        with pytest.raises(SystemExit) as refused:
+            main([str(tmp_path / "set"), *SMALL_SET, *bad])
+        assert refused.value.code == 2 and named in capsys.readouterr().err
+    assert not (tmp_path / "set").exists(), "nothing is made for refused settings"
+
+
 def test_a_missing_espeak_is_named_with_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(MissingSpeech, match="make speech"):
         check_espeak()
-
-
-SMALL_SET = ["--videos", "6", "--held-out", "4", "--seconds", "6", "--size", "32", "--samples-per-shard", "2"]
 
 
 @pytest.fixture(scope="module")

@@ -131,6 +131,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=3, help="seconds that show and say the majority digit")
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument(
+        "--digit-px",
+        type=int,
+        nargs=2,
+        metavar=("MIN", "MAX"),
+        default=DigitsSpec.digit_px,
+        help="side of a drawn digit in pixels, drawn uniformly in [MIN, MAX]",
+    )
+    parser.add_argument("--clutter", type=int, default=DigitsSpec.clutter, help="stroke-like distractors each second")
+    parser.add_argument(
         "--nuisance",
         choices=NUISANCES,
         default="second",
@@ -150,6 +159,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             fps=args.fps,
             size=args.size,
             repeats=args.repeats,
+            digit_px=tuple(args.digit_px),
+            clutter=args.clutter,
             nuisance=args.nuisance,
         )
         record = make_av_digits(args.out, spec, args.held_out, args.samples_per_shard, args.processes, args.keep_videos)
