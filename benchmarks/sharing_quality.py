@@ -1,13 +1,13 @@
 """Does sharing (and factorising) the transformers cost what they learn?
 
-    python benchmarks/sharing_quality.py                 # the digits table: ~2.5 h of 2 cores, resumable
+    python benchmarks/sharing_quality.py                 # the digits table: ~4.5 h of 2 cores (16 min a run), resumable
     python benchmarks/sharing_quality.py --quick         # a smoke run of the whole path (minutes)
     python benchmarks/sharing_quality.py --rows supervised --variants none --seeds 0 --eval-every 150
     python benchmarks/sharing_quality.py --task rhythm   # the timing study (results/sharing_quality.md)
 
 Tasks (`--task`):
 - `digits` (the default): spoken and handwritten digits (tools/make_av_digits.py): each second of a
-  video shows a small handwritten digit among clutter while a voice says it over noise and babble;
+  video shows a handwritten digit among distractor strokes while a voice says it over noise and babble;
   held-out videos use digit images and voices no training video uses. Probe label: the digit shown
   and spoken most often (10 classes); the table also probes `unspoken` (shown, never spoken: only
   both modalities tell it). Few-shot probes use 1, 5 and 10 videos per class.

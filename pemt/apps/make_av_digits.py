@@ -6,8 +6,8 @@ held-out shard folders by make_shards.
         data.fps=2 data.crop=48 ...                       # one token per second of the video
     python launch/finetune.py data=shards data.shards=OUT/train eval.shards=OUT/held_out ...
 
-Each second shows a handwritten digit (scikit-learn's bundled digits, small, moving, among
-clutter) while a voice (espeak-ng) says the same digit over noise and babble; see
+Each second shows a handwritten digit (scikit-learn's bundled digits, moving, beside
+distractor strokes) while a voice (espeak-ng) says the same digit over noise and babble; see
 pemt/data/digits.py for what a video holds and its labels (`label` is the digit shown and
 spoken most often; each sample's metadata also holds `unspoken`, `shown`, `spoken`, `voices`).
 The background and the voice change every second (`--nuisance second`), or stay through a video

@@ -2,7 +2,8 @@
 content (which digit), not timing.
 
 Each second of a video shows one handwritten digit (scikit-learn's bundled 8x8 digits, drawn
-small, moving, at a random place and scale among stroke-like clutter on a noisy background) while
+at half to three quarters of the frame's side, moving, at a random place and scale beside a
+stroke-like distractor on a noisy background) while
 the same digit is spoken (espeak-ng, voice, speed and pitch varied) at a random offset inside the
 second, over noise and the babble of other voices saying other words. With `nuisance="second"` (the
 default) the background and the voice change every second: nothing but the digits is shared by a
@@ -15,7 +16,7 @@ One digit (the `majority`) is shown and spoken in `repeats` of the seconds, the 
 in one other second the picture shows a digit that is never spoken while the voice says another:
 
 - `majority`: the digit shown and spoken most often: either modality tells it, if the model can
-  read small digits in clutter or hear them in noise (the task's main label);
+  read digits among distractors or hear them in noise (the task's main label);
 - `unspoken`: the digit shown but never spoken: only the two modalities together tell it.
 
 Held-out videos use digit images and voices that no training video uses (`split`). Everything is
