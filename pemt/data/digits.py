@@ -1,16 +1,15 @@
 """Spoken and handwritten digits: a real audio-visual task where what binds the two modalities is
 content (which digit), not timing.
 
-Each second of a video shows one handwritten digit (scikit-learn's bundled 8x8 digits, drawn
-at half to three quarters of the frame's side, moving, at a random place and scale beside a
-stroke-like distractor on a noisy background) while
-the same digit is spoken (espeak-ng, voice, speed and pitch varied) at a random offset inside the
-second, over noise and the babble of other voices saying other words. With `nuisance="second"` (the
-default) the background and the voice change every second: nothing but the digits is shared by a
-video's seconds, so an objective that predicts one second from the others, or tells a video's
-sound from another's, can only succeed by reading and hearing digits. With `nuisance="video"` they
-stay fixed through a video, and pretraining learns them instead of the digits
-(benchmarks/results/sharing_quality_digits.md).
+Each second of a video shows one handwritten digit (scikit-learn's bundled 8x8 digits, drawn by
+default at half to three quarters of the frame's side, moving, at a random place and scale beside a
+stroke-like distractor on a noisy background) while the same digit is spoken (espeak-ng, voice,
+speed and pitch varied) at a random offset inside the second, over noise and the babble of other
+voices saying other words. With `nuisance="second"` (the default) the background and the voice
+change every second: nothing but the digits is shared by a video's seconds, so an objective that
+predicts one second from the others, or tells a video's sound from another's, can only succeed by
+reading and hearing digits. With `nuisance="video"` they stay fixed through a video, and
+pretraining learns them instead of the digits (benchmarks/results/sharing_quality_digits.md).
 
 One digit (the `majority`) is shown and spoken in `repeats` of the seconds, the others once each;
 in one other second the picture shows a digit that is never spoken while the voice says another:
@@ -74,8 +73,8 @@ class DigitsSpec:
     # initialisation's probe from 41% to 64% (benchmarks/results/sharing_quality_digits.md)
     repeats: int = 3
     # How hard reading and hearing are. At (12, 18) px, 2 distractors and 5-15 dB the CNNs' InfoNCE
-    # left chance only after 200-330 of 600 steps when each video comes once per epoch; at these
-    # it leaves it at ~100 (benchmarks/results/sharing_quality_digits.md)
+    # left chance only after 200-330 of 600 steps when each video comes once per epoch; at these it
+    # starts at ~100 and the CNN warm-up ends at 134-243 (benchmarks/results/sharing_quality_digits.md)
     digit_px: tuple[int, int] = (16, 24)  # side of a drawn digit, drawn uniformly in this range
     clutter: int = 1  # stroke-like distractors on screen each second
     snr_db: tuple[float, float] = (10.0, 20.0)  # speech over noise and babble, uniformly in this range
