@@ -1,6 +1,7 @@
 """Does sharing (and factorising) the transformers cost what they learn?
 
-    python benchmarks/sharing_quality.py                 # the digits table: ~4.5 h of 2 cores (16 min a run), resumable
+    python benchmarks/sharing_quality.py                 # the digits table: ~4.5 h of 2 cores (15 min a run), resumable
+    python benchmarks/sharing_quality.py --table-only    # the table of the rows kept so far; runs nothing
     python benchmarks/sharing_quality.py --quick         # a smoke run of the whole path (minutes)
     python benchmarks/sharing_quality.py --rows supervised --variants none --seeds 0 --eval-every 150
     python benchmarks/sharing_quality.py --task rhythm   # the timing study (results/sharing_quality.md)
@@ -24,8 +25,10 @@ supervised` the ceiling: each variant trained on the labels end to end with the 
 (launch/finetune.py, `task.name=long_av`), scored on the same held-out set. The gate (digits) is
 printed above the table: ceiling >= 85%, the random floor >= 30 points below it, the unshared
 model pretrained >= 20 points above its floor. Each pretraining run, probe and supervised run is
-kept in `<root>/rows.json`, so an interrupted build continues. Writes
-benchmarks/results/sharing_quality[_<task>][_<key>-<value>].{md,png}.
+kept in `<root>/rows.json` and beside the table (`<table>.rows.json`, committed with it), and the
+table is rewritten after every row, so an interrupted build continues, here or on another machine
+from the committed rows; the table lists the rows still to run. Writes
+benchmarks/results/sharing_quality[_<task>][_<key>-<value>].{md,png,rows.json}.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ VARIANTS = {
     "layer+cross": ["model.sharing=[layer,cross]"],
     "factorized r32": [f"model.sharing={FACTORIZED}", "model.factorized.rank=32"],
     "factorized r64": [f"model.sharing={FACTORIZED}", "model.factorized.rank=64"],
+    "factorized r128": [f"model.sharing={FACTORIZED}", "model.factorized.rank=128"],  # the most at <= 1/5 (digits)
     "factorized r64, uniform negatives": [
         f"model.sharing={FACTORIZED}",
         "model.factorized.rank=64",
@@ -241,6 +245,15 @@ def final_losses(root: Path, run_id: str) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if k.startswith(("loss_", "spread_", "pair_accuracy"))}
 
 
+def collapse_of(root: Path, run_id: str) -> str | None:
+    """What the run's collapse watch said (its MLflow tag), or None: it never fired."""
+    from mlflow.tracking import MlflowClient
+
+    from pemt.train.collapse import TAG
+
+    return MlflowClient(f"sqlite:///{root}/mlflow.db").get_run(run_id).data.tags.get(TAG)
+
+
 def _compose(overrides: list[str]):
     from pemt.config import compose_config
 
@@ -331,7 +344,8 @@ def transformer_params(args: argparse.Namespace, root: Path, variant: str) -> in
     return int(describe_counts(cfg)["transformers"])
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with the task's defaults (or the quick run's settings) filled in."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=REPO / "outputs" / "sharing_quality")
     parser.add_argument("--task", choices=list(TASKS), default="digits")
@@ -364,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 variant, 1 seed, few steps and videos")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument(
+        "--table-only", action="store_true", help="write the table and chart of the rows kept so far; run nothing"
+    )
     args = parser.parse_args(argv)
     task = TASKS[args.task]
     for key in ("steps", "batch", "videos", "test_videos"):
@@ -373,10 +390,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.steps, args.videos, args.test_videos, args.seeds = 4, 64, 32 if args.task == "digits" else 64, [0]
         args.hidden, args.layers, args.batch, args.variants = 64, 2, 16, ["factorized r64"]
-    from tqdm import tqdm
+    return args
 
-    root = args.root.resolve()
-    root.mkdir(parents=True, exist_ok=True)
+
+def table_settings(args: argparse.Namespace) -> dict:
+    """What a row must have run under to be this table's: the task's sizes, the overrides and,
+    for digits, the videos' generator settings and the learning defaults."""
     settings = {k: getattr(args, k) for k in ("task", "steps", "batch", "videos", "test_videos", "hidden", "layers")}
     # Only when given, so rows cached before these options existed still match.
     if args.overrides:
@@ -387,13 +406,22 @@ def main(argv: list[str] | None = None) -> int:
         settings["data"] = digits_spec(args).digest()
         # ... nor rows pretrained under other defaults of what is learned (objectives, optimiser)
         settings["defaults"] = defaults_digest()
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tqdm import tqdm
+
+    args = parse_args(argv)
+    root, settings = args.root.resolve(), table_settings(args)
+    out_stem = args.out / output_name(args)
+    # The rows behind a committed table are read back too: a build continues on any machine
+    rows = kept_rows([root / "rows.json", beside(out_stem, ".rows.json")], settings)
+    if args.table_only:
+        return write_table(args, root, settings, rows, out_stem)
+    root.mkdir(parents=True, exist_ok=True)
     make_data(args, root)
-    done_file = root / "rows.json"
-    rows = cached_rows(done_file, settings)
-    wanted = [(v, s, PRETRAINED) for v in args.variants for s in args.seeds if PRETRAINED in args.rows]
-    wanted += [(v, s, RANDOM) for v in RANDOM_OF if v in args.variants for s in args.seeds if RANDOM in args.rows]
-    wanted += [(v, s, SUPERVISED) for v in args.variants for s in args.seeds if SUPERVISED in args.rows]
-    todo = [w for w in wanted if not any(row_key(r) == w for r in rows)]
+    todo = [w for w in wanted_rows(args) if not any(row_key(r) == w for r in rows)]
     for variant, seed, kind in tqdm(todo, desc="pretraining runs and probes"):
         row = {"variant": variant, "seed": seed, "random": kind == RANDOM, "settings": settings, "pretrain_s": 0.0}
         if kind == SUPERVISED:
@@ -410,18 +438,53 @@ def main(argv: list[str] | None = None) -> int:
                     "pretrain.py", pretrain_overrides(args, root, variant, seed)
                 )
                 row["losses"] = final_losses(root, row["run_id"])
+                row["collapse"] = collapse_of(root, row["run_id"])
             started = time.perf_counter()
             row["probe"] = probe_model(args, root, variant, seed, run_dir)
             row["probe_s"] = time.perf_counter() - started
         rows.append(row)
-        save_rows(done_file, settings, rows)
+        save_rows(root / "rows.json", settings, rows)
+        # the table as it stands after every row: an interrupted build leaves one to read
+        write_table(args, root, settings, rows, out_stem, quiet=True)
+    return write_table(args, root, settings, rows, out_stem)
+
+
+def wanted_rows(args: argparse.Namespace) -> list[tuple[str, int, str]]:
+    """(variant, seed, kind) of every row asked for, in the order they run."""
+    wanted = [(v, s, PRETRAINED) for v in args.variants for s in args.seeds if PRETRAINED in args.rows]
+    wanted += [(v, s, RANDOM) for v in RANDOM_OF if v in args.variants for s in args.seeds if RANDOM in args.rows]
+    return wanted + [(v, s, SUPERVISED) for v in args.variants for s in args.seeds if SUPERVISED in args.rows]
+
+
+def kept_rows(files: list[Path], settings: dict) -> list[dict]:
+    """The rows of these settings kept in any of `files`, each (variant, seed, kind) once."""
+    rows: dict[tuple[str, int, str], dict] = {}
+    for path in files:
+        for row in cached_rows(path, settings):
+            rows.setdefault(row_key(row), row)
+    return list(rows.values())
+
+
+def beside(stem: Path, suffix: str) -> Path:
+    return stem.parent / f"{stem.name}{suffix}"  # not with_suffix: names hold values such as lr-0.0001
+
+
+def write_table(
+    args: argparse.Namespace, root: Path, settings: dict, rows: list[dict], out_stem: Path, quiet: bool = False
+) -> int:
+    """`<out_stem>.md`, `.png` and `.rows.json`: the table of the asked variants and seeds (with any
+    supervised row of theirs that is kept: the gate's ceiling) and the rows still to run, the chart,
+    and every row of these settings."""
     params = {v: transformer_params(args, root, v) for v in args.variants}
-    table = render([r for r in rows if row_key(r) in wanted], args, params, task)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = output_name(args)
-    (args.out / f"{name}.md").write_text(table)
-    plot(rows, args, params, task, args.out / f"{name}.png")
+    shown = [r for r in rows if r["variant"] in args.variants and r["seed"] in args.seeds]
+    missing = [w for w in wanted_rows(args) if not any(row_key(r) == w for r in rows)]
+    table = render(shown, args, params, TASKS[args.task], missing)
+    if not quiet:
+        print(table)
+    out_stem.parent.mkdir(parents=True, exist_ok=True)
+    beside(out_stem, ".md").write_text(table)
+    plot(shown, args, params, TASKS[args.task], beside(out_stem, ".png"))
+    save_rows(beside(out_stem, ".rows.json"), settings, rows)
     return 0
 
 

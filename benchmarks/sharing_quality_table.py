@@ -82,7 +82,20 @@ def gate(rows: list[dict]) -> list[str]:
     ]
 
 
-def render(rows: list[dict], args: argparse.Namespace, params: dict[str, int], task: Any) -> str:
+def _still_to_run(missing: list) -> list[str]:
+    """A line naming the rows an interrupted build has not run yet, per variant and kind."""
+    runs: dict[tuple[str, str], list[int]] = {}
+    for variant, seed, kind in missing:
+        runs.setdefault((variant, kind), []).append(seed)
+    named = "; ".join(f"{v} {kind} (seeds {', '.join(map(str, seeds))})" for (v, kind), seeds in runs.items())
+    return [f"**Partial: {len(missing)} rows still to run** (the same command continues): {named}.", ""]
+
+
+def render(
+    rows: list[dict], args: argparse.Namespace, params: dict[str, int], task: Any, missing: list | None = None
+) -> str:
+    """The table (mean ± sd over seeds), the gate's lines above it (digits), and the rows of
+    `missing` ((variant, seed, kind)) still to run."""
     extra = [f"full {label}" for label in task.labels[1:]] + [f"seconds {m}" for m, _ in task.clip_labels]
     columns = ["full", *(f"{k}-shot" for k in task.shots), *extra]
     lines = [
@@ -100,9 +113,10 @@ def render(rows: list[dict], args: argparse.Namespace, params: dict[str, int], t
         )
         + f"{common.machine_line()}.\n",
         *(gate(rows) if args.task == "digits" else []),
+        *(_still_to_run(missing) if missing else []),
         "| variant | transformer params | vs none | " + " | ".join(columns) + " | fused BOS spread | final MEP "
-        "visual / audio, pair loss | pretrain min |",
-        "|---|---:|---:|" + "---:|" * len(columns) + "---:|---:|---:|",
+        "visual / audio, pair loss | collapse called | pretrain min |",
+        "|---|---:|---:|" + "---:|" * len(columns) + "---:|---:|---:|---:|",
     ]
     none = params.get("none")
     names = {RANDOM: "random init, {}", PRETRAINED: "{}", SUPERVISED: "supervised, {} (held-out top-1)"}
@@ -119,6 +133,9 @@ def render(rows: list[dict], args: argparse.Namespace, params: dict[str, int], t
             cells.append(
                 " / ".join(f"{statistics.mean(x[k] for x in losses if k in x):.2f}" for k in LOSSES) if losses else "-"
             )
+            # the runs whose collapse watch fired (`pemt.collapse`), of those it is known for
+            watched = [r for r in mine if "collapse" in r]
+            cells.append(f"{sum(bool(r['collapse']) for r in watched)} of {len(watched)}" if watched else "-")
             minutes = statistics.mean(r["pretrain_s"] for r in mine) / 60
             lines.append(
                 f"| {name.format(variant)} | {params[variant] / 1e6:.2f}M | {ratio} | "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -21,6 +22,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 LOCK = ".pemt.lock"
 # Slurm states of a job that is still (or again) going to run: it owns its run dir.
@@ -169,7 +172,6 @@ class RunLock:
 def own_run_dir(lock: RunLock, run_dir: Path, is_main: bool, world_size: int) -> None:
     """Collective. Rank 0 takes the run dir's lock before anything else is written; every rank
     learns whether it may go on (RunBusy where another live job holds it)."""
-    import logging
 
     from pemt.distributed import from_main
 
@@ -181,7 +183,7 @@ def own_run_dir(lock: RunLock, run_dir: Path, is_main: bool, world_size: int) ->
             refusal = str(err)
         else:
             if gone:
-                logging.getLogger(__name__).warning("took over %s from %s, which is gone", run_dir, describe(gone))
+                log.warning("took over %s from %s, which is gone", run_dir, describe(gone))
     refusal = from_main(refusal, world_size)
     if refusal:
         raise RunBusy(refusal)

@@ -49,6 +49,7 @@ def test_sharing_quality_quick_runs_the_whole_path_and_continues_from_its_cache(
     assert {r["settings"]["data"] for r in rows} == {DigitsSpec(videos=64).digest()}, "rows name their videos"
     pretrained = next(r for r in rows if not r["random"])
     assert {"loss_mep_visual", "loss_mep_audio", "loss_pair", "spread_fused"} <= set(pretrained["losses"])
+    assert "collapse" in pretrained, "whether the run's collapse watch fired"
     assert _mlflow_runs(root) >= 1
     runs = _mlflow_runs(root)
 
@@ -83,6 +84,35 @@ def test_sharing_quality_never_takes_the_videos_of_another_digits_generator(
     assert before.name.startswith("digits-64-32-")
     monkeypatch.setattr("pemt.data.digits.GENERATOR_VERSION", 99)
     assert bench.digits_root(args, tmp_path) != before
+
+
+def test_sharing_quality_continues_from_the_rows_committed_beside_its_table(tmp_path: Path) -> None:
+    """The rows behind a committed table (`<table>.rows.json`) count as done on a machine whose own
+    cache is empty: `--table-only` renders them without running anything, names the rows still to
+    run, and keeps the rows of other settings in that file."""
+    bench = _benchmark("sharing_quality")
+    out, fresh = tmp_path / "results", tmp_path / "fresh"
+    argv = ["--root", str(fresh), "--out", str(out), "--variants", "none", "layer", "--seeds", "0", "1"]
+    args = bench.parse_args([*argv, "--rows", "pretrained"])
+    settings = bench.table_settings(args)
+    probe = {"full": 97.5, "1-shot": 70.0, "5-shot": 88.0, "10-shot": 92.0, "spread": {"fused BOS": 0.4}}
+    committed = {"variant": "none", "seed": 0, "random": False, "settings": settings, "pretrain_s": 900.0}
+    committed |= {"probe": probe, "losses": {"loss_mep_visual": 2.8, "loss_mep_audio": 2.8, "loss_pair": 0.4}}
+    committed["collapse"] = "representation collapse at step 330: ..."  # what the run's watch said
+    elsewhere = {**committed, "settings": {**settings, "steps": 1}}
+    bench.save_rows(out / "sharing_quality_digits.rows.json", settings, [committed])
+    bench.save_rows(out / "sharing_quality_digits.rows.json", elsewhere["settings"], [elsewhere])
+
+    assert bench.main([*argv, "--rows", "pretrained", "--table-only"]) == 0
+    table = (out / "sharing_quality_digits.md").read_text()
+    assert "| none | " in table and "| 97.5 ± 0.0 | 70.0 ± 0.0 |" in table and "| 1 of 1 | 15.0 |" in table
+    assert "**Partial: 3 rows still to run**" in table
+    assert "none pretrained (seeds 1); layer pretrained (seeds 0, 1)" in table
+    assert (out / "sharing_quality_digits.png").stat().st_size > 0
+    assert not fresh.exists(), "nothing generated, nothing run"
+    kept = json.loads((out / "sharing_quality_digits.rows.json").read_text())
+    assert committed in kept and elsewhere in kept
+    assert bench.kept_rows([fresh / "rows.json", out / "sharing_quality_digits.rows.json"], settings) == [committed]
 
 
 def test_sharing_quality_decodes_the_timing_tasks_too(tmp_path: Path) -> None:
@@ -214,7 +244,8 @@ def test_sharing_quality_supervised_ceiling_trains_the_same_model_on_the_probes_
     bench.save_rows(tmp_path / "rows.json", settings, [*rows, {**rows[0], "supervised": False, "probe": {"full": 9.0}}])
     assert bench.cached_rows(tmp_path / "rows.json", settings) == rows, "kept, not run again; the old probe is"
     table = bench.render(rows, args, {variant: 550_000}, bench.TASKS["rhythm"])
-    assert "| supervised, factorized r64 (held-out top-1) | 0.55M | - | 42.0 ± 2.8 | - | - | - | - | - | 1.0 |" in table
+    supervised = "| supervised, factorized r64 (held-out top-1) | 0.55M | - | 42.0 ± 2.8 |"
+    assert supervised + " - | - | - | - | - | - | 1.0 |" in table, "no shots, spread, losses or collapse: its own run"
     assert "- factorized r64, seed 1: 150: 20.0, 300: 44.0" in table, "the held-out curve, in step order"
 
 

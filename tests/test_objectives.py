@@ -217,3 +217,16 @@ def test_a_checkpoint_is_never_written_from_non_finite_statistics() -> None:
         guard.check_finite(3)
     with pytest.raises(NonFiniteError, match="2 steps in a row"):
         guard.after_step(applied=False, step=4, loss_tensor=torch.tensor(float("nan")))
+
+
+def test_accumulated_micro_steps_are_warned_about_and_one_batch_per_step_is_not() -> None:
+    """Accumulation splits the global batch the objectives draw from: the run says so, with the
+    numbers, before it trains; a run that is not split says nothing."""
+    from pemt.config import compose_config
+    from pemt.train.task import PretrainTask
+
+    task = PretrainTask()
+    assert task.config_warnings(compose_config("pretrain", overrides=["train.global_batch_size=32"])) == []
+    split = compose_config("pretrain", overrides=["train.global_batch_size=32", "train.grad_accum_steps=4"])
+    [line] = task.config_warnings(split)
+    assert line.startswith("train.grad_accum_steps=4: each micro-step's 8 samples") and "global batch of 32" in line

@@ -9,7 +9,7 @@ voices saying other words. With `nuisance="second"` (the default) the background
 change every second: nothing but the digits is shared by a video's seconds, so an objective that
 predicts one second from the others, or tells a video's sound from another's, can only succeed by
 reading and hearing digits. With `nuisance="video"` they stay fixed through a video, and
-pretraining learns them instead of the digits (benchmarks/results/sharing_quality_digits.md).
+pretraining learns them instead of the digits (benchmarks/results/sharing_quality_digits_gate.md).
 
 One digit (the `majority`) is shown and spoken in `repeats` of the seconds, the others once each;
 in one other second the picture shows a digit that is never spoken while the voice says another:
@@ -70,11 +70,11 @@ class DigitsSpec:
     size: int = 32  # frame side in pixels
     sample_rate: int = 16000
     # seconds in which the majority digit is shown and spoken; 4 of 6 lift a random
-    # initialisation's probe from 41% to 64% (benchmarks/results/sharing_quality_digits.md)
+    # initialisation's probe from 41% to 64% (benchmarks/results/sharing_quality_digits_gate.md)
     repeats: int = 3
     # How hard reading and hearing are. At (12, 18) px, 2 distractors and 5-15 dB the CNNs' InfoNCE
     # left chance only after 200-330 of 600 steps when each video comes once per epoch; at these it
-    # starts at ~100 and the CNN warm-up ends at 134-243 (benchmarks/results/sharing_quality_digits.md)
+    # starts at ~100 and the CNN warm-up ends at 134-243 (benchmarks/results/sharing_quality_digits_gate.md)
     digit_px: tuple[int, int] = (16, 24)  # side of a drawn digit, drawn uniformly in this range
     clutter: int = 1  # stroke-like distractors on screen each second
     snr_db: tuple[float, float] = (10.0, 20.0)  # speech over noise and babble, uniformly in this range

@@ -52,6 +52,11 @@ class Task:
         """MLflow tags for a new run (links to other runs)."""
         return {}
 
+    def config_warnings(self, cfg: DictConfig) -> list[str]:
+        """Lines to warn about, once, before training: settings that run but do not compute what a
+        user may expect of them."""
+        return []
+
     def sample_check(self) -> Callable[[dict[str, Any]], None] | None:
         """A picklable check run on every decoded sample in the data workers; it raises
         DecodeError for a sample this task cannot train on (counted as bad, not fatal)."""
@@ -78,6 +83,18 @@ class PretrainTask(Task):
         from pemt.model.factory import build_pretraining_model
 
         return build_pretraining_model(cfg)
+
+    def config_warnings(self, cfg: DictConfig) -> list[str]:
+        accum = int(cfg.train.grad_accum_steps)
+        if accum == 1:
+            return []
+        together = int(cfg.train.global_batch_size) // accum  # one micro-step, over all ranks
+        return [
+            f"train.grad_accum_steps={accum}: each micro-step's {together} samples draw their own MEP "
+            "negatives, pair partners and InfoNCE negatives and normalise their BatchNorms over themselves, "
+            f"not over the global batch of {cfg.train.global_batch_size}: fewer, easier negatives than one "
+            "batch of that size (benchmarks/results/converging.md). Prefer more ranks or a larger per-rank batch."
+        ]
 
     def forward(
         self, engine: Any, batch: dict[str, Any], dtype: torch.dtype, step_seed: int, step: int

@@ -109,7 +109,7 @@ class Trainer:
         self.journal = RunJournal(self.run_dir, enabled=self.info.is_main)
         self.profiler = StepProfiler(profile_window(cfg), self.run_dir / "profile", self.info.rank, self.engine.device)
         if self.info.is_main:
-            for line in transform_warnings(shard_source(cfg), cfg.data):
+            for line in [*transform_warnings(shard_source(cfg), cfg.data), *self.task.config_warnings(cfg)]:
                 log.warning(line)
 
     def _apply_cnn_warmup(self) -> None:
