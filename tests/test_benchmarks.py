@@ -89,7 +89,9 @@ def test_sharing_quality_never_takes_the_videos_of_another_digits_generator(
 def test_sharing_quality_continues_from_the_rows_committed_beside_its_table(tmp_path: Path) -> None:
     """The rows behind a committed table (`<table>.rows.json`) count as done on a machine whose own
     cache is empty: `--table-only` renders them without running anything, names the rows still to
-    run, and keeps the rows of other settings in that file."""
+    run, and keeps the rows of other settings in that file. A row built under other model defaults
+    (the variant's resolved model config changed since) is kept in the file but neither shown nor
+    counted as done."""
     bench = _benchmark("sharing_quality")
     out, fresh = tmp_path / "results", tmp_path / "fresh"
     argv = ["--root", str(fresh), "--out", str(out), "--variants", "none", "layer", "--seeds", "0", "1"]
@@ -99,20 +101,24 @@ def test_sharing_quality_continues_from_the_rows_committed_beside_its_table(tmp_
     committed = {"variant": "none", "seed": 0, "random": False, "settings": settings, "pretrain_s": 900.0}
     committed |= {"probe": probe, "losses": {"loss_mep_visual": 2.8, "loss_mep_audio": 2.8, "loss_pair": 0.4}}
     committed["collapse"] = "representation collapse at step 330: ..."  # what the run's watch said
+    committed["model"] = bench.model_digest(args, fresh, "none")
+    stale = {**committed, "variant": "layer", "model": "built-before"}
     elsewhere = {**committed, "settings": {**settings, "steps": 1}}
-    bench.save_rows(out / "sharing_quality_digits.rows.json", settings, [committed])
+    bench.save_rows(out / "sharing_quality_digits.rows.json", settings, [committed, stale])
     bench.save_rows(out / "sharing_quality_digits.rows.json", elsewhere["settings"], [elsewhere])
 
     assert bench.main([*argv, "--rows", "pretrained", "--table-only"]) == 0
     table = (out / "sharing_quality_digits.md").read_text()
     assert "| none | " in table and "| 97.5 ± 0.0 | 70.0 ± 0.0 |" in table and "| 1 of 1 | 15.0 |" in table
+    assert "| layer | " not in table, "a row built under other model defaults is not shown"
     assert "**Partial: 3 rows still to run**" in table
     assert "none pretrained (seeds 1); layer pretrained (seeds 0, 1)" in table
     assert (out / "sharing_quality_digits.png").stat().st_size > 0
     assert not fresh.exists(), "nothing generated, nothing run"
     kept = json.loads((out / "sharing_quality_digits.rows.json").read_text())
-    assert committed in kept and elsewhere in kept
-    assert bench.kept_rows([fresh / "rows.json", out / "sharing_quality_digits.rows.json"], settings) == [committed]
+    assert committed in kept and elsewhere in kept and stale in kept
+    kept_here = bench.kept_rows([fresh / "rows.json", out / "sharing_quality_digits.rows.json"], settings)
+    assert kept_here == [committed, stale] and bench.current_rows(args, fresh, kept_here) == [committed]
 
 
 def test_sharing_quality_decodes_the_timing_tasks_too(tmp_path: Path) -> None:

@@ -117,7 +117,10 @@ def _tone_window(data: bytes, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return decode_clips(data, SPEC, random.Random(seed))["audio"], log_mel(reference, SPEC).unsqueeze(1)
 
 
-@pytest.mark.parametrize(("rate", "layout"), [(8000, "mono"), (16000, "stereo"), (44100, "stereo"), (48000, "5.1")])
+# (16000, "mono"): already the model's rate and layout, read without a resampler
+@pytest.mark.parametrize(
+    ("rate", "layout"), [(8000, "mono"), (16000, "mono"), (16000, "stereo"), (44100, "stereo"), (48000, "5.1")]
+)
 def test_audio_window_equals_the_same_window_of_the_whole_track(rate: int, layout: str) -> None:
     data = encode_video(seconds=20.0, rate=rate, layout=layout)
     for seed in (0, 1):

@@ -277,17 +277,20 @@ def test_full_rank_free_factorised_layer_fits_any_dense_matrix() -> None:
 
 @pytest.mark.parametrize("rank", [16, 64, 128])
 def test_a_factorised_layer_keeps_a_dense_layers_output_scale(rank: int) -> None:
-    """The default normalisation: a factorised layer's output is about as large as the dense
-    layer it replaces, whatever the rank. (The public code's L2 normalisation made it ~sqrt(rank)
-    times smaller: the residual stream barely moved, and pretraining learned far less.)"""
+    """Not normalised (the default) or normalised to unit RMS, a factorised layer's output is about
+    as large as the dense layer it replaces, whatever the rank. (The public code's L2 normalisation
+    made it ~sqrt(rank) times smaller: the residual stream barely moved, and pretraining learned far
+    less.)"""
     from pemt.model.factorized import Dense
 
     torch.manual_seed(0)
     x = torch.randn(512, 256)
     dense_std = Dense(256, 256)(x).std().item()
-    factorised = FactorizedDense(256, 256, modalities=3, spec=Factorization(rank=rank))
-    ratio = factorised(x, modality=2).std().item() / dense_std
-    assert 0.5 < ratio < 2.0, ratio
+    assert Factorization(rank=rank).normalize == "none"
+    for mode in ("none", "rms"):
+        factorised = FactorizedDense(256, 256, modalities=3, spec=Factorization(rank=rank, normalize=mode))
+        ratio = factorised(x, modality=2).std().item() / dense_std
+        assert 0.5 < ratio < 2.0, (mode, ratio)
     unit = FactorizedDense(256, 256, modalities=3, spec=Factorization(rank=rank, normalize="unit"))
     assert unit(x, modality=2).std().item() / dense_std < 0.5, "the unit mode: the public code's, kept as is"
 

@@ -18,8 +18,18 @@ from pemt.data.media import seek_keyframe
 AUDIO_PRE_ROLL_S = 0.25
 
 
-def _mono(resampler: av.AudioResampler, frame: av.AudioFrame | None) -> list[np.ndarray]:
+def _mono(resampler: av.AudioResampler | None, frame: av.AudioFrame | None) -> list[np.ndarray]:
+    if resampler is None:  # already what the model reads: the samples as they are
+        return [] if frame is None else [frame.to_ndarray().reshape(-1)]
     return [r.to_ndarray().reshape(-1) for r in resampler.resample(frame)]
+
+
+def _resampler_for(frame: av.AudioFrame, rate: int) -> av.AudioResampler | None:
+    """A resampler to float mono at `rate`, or None where the track is that already (a quarter of
+    the decode's time on such a track; the samples are the same)."""
+    if frame.format.name in ("flt", "fltp") and len(frame.layout.channels) == 1 and frame.sample_rate == rate:
+        return None
+    return av.AudioResampler(format="flt", layout="mono", rate=rate)
 
 
 def _on_output_grid(frame: av.AudioFrame, rate: int) -> tuple[av.AudioFrame, int]:
@@ -55,12 +65,13 @@ def decode_audio(
         seek_keyframe(container, stream, begin)
     else:
         container.seek(0)
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+    resampler: av.AudioResampler | None = None
     pieces: list[np.ndarray] = []
     held, origin = 0, None
     for frame in container.decode(stream):
         if origin is None:
             frame, origin = _on_output_grid(frame, rate) if begin > 0 else (frame, 0)
+            resampler = _resampler_for(frame, rate)
         for piece in _mono(resampler, frame):
             pieces.append(piece)
             held += len(piece)

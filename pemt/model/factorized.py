@@ -23,12 +23,13 @@ class Factorization:
     rank: int = 128
     shared: str = "output"  # output | input: the side every modality shares
     inner: str = "orthogonal"  # orthogonal | free
-    # After the first projection: "rms" normalises to unit RMS (the direction alone, at a dense
-    # layer's scale; the default), "unit" L2-normalises (the public code: a unit vector, so each of
-    # its rank coordinates is ~1/sqrt(rank) and the layer's output ~sqrt(rank) times smaller than a
-    # dense layer's: measured to cripple pretraining: benchmarks/results/factorized_normalize.md),
-    # "none". true/false mean unit/none.
-    normalize: bool | str = "rms"
+    # After the first projection: "none" leaves the rank-r code as it is (the default: the pair head
+    # learns and the probes match unshared transformers': benchmarks/results/
+    # sharing_quality_digits_factorized.md); "rms" normalises it to unit RMS (its direction at a
+    # dense layer's scale: there the pair head collapsed and few-shot probes fell 8-30 points);
+    # "unit" L2-normalises it (the public code: each layer's output ~sqrt(rank) times smaller than a
+    # dense layer's, crippling pretraining: factorized_normalize.md). true/false mean unit/none.
+    normalize: bool | str = "none"
 
     def __post_init__(self) -> None:
         mode = self.normalize
