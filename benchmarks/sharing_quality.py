@@ -244,21 +244,16 @@ def supervised_top1(run_dir: Path) -> dict[int, float]:
     return {int(r["step"]): float(r["test_top1"]) for r in records if not r.get("test_bad_samples")}
 
 
-def final_losses(root: Path, run_id: str) -> dict[str, float]:
-    """The pretraining objectives' last logged values and representation spreads: has it learned?"""
-    from mlflow.tracking import MlflowClient
-
-    metrics = MlflowClient(f"sqlite:///{root}/mlflow.db").get_run(run_id).data.metrics
-    return {k: v for k, v in metrics.items() if k.startswith(("loss_", "spread_", "pair_accuracy"))}
-
-
-def collapse_of(root: Path, run_id: str) -> str | None:
-    """What the run's collapse watch said (its MLflow tag), or None: it never fired."""
+def run_outcome(root: Path, run_id: str) -> dict:
+    """From the run's MLflow record: the objectives' last logged values and representation spreads
+    (has it learned?) and what its collapse watch said (None: it never fired)."""
     from mlflow.tracking import MlflowClient
 
     from pemt.train.collapse import TAG
 
-    return MlflowClient(f"sqlite:///{root}/mlflow.db").get_run(run_id).data.tags.get(TAG)
+    data = MlflowClient(f"sqlite:///{root}/mlflow.db").get_run(run_id).data
+    losses = {k: v for k, v in data.metrics.items() if k.startswith(("loss_", "spread_", "pair_accuracy"))}
+    return {"losses": losses, "collapse": data.tags.get(TAG)}
 
 
 def _compose(overrides: list[str]):
@@ -468,8 +463,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_dir, row["run_id"], row["pretrain_s"] = launch(
                     "pretrain.py", pretrain_overrides(args, root, variant, seed)
                 )
-                row["losses"] = final_losses(root, row["run_id"])
-                row["collapse"] = collapse_of(root, row["run_id"])
+                row |= run_outcome(root, row["run_id"])
             started = time.perf_counter()
             row["probe"] = probe_model(args, root, variant, seed, run_dir)
             row["probe_s"] = time.perf_counter() - started
