@@ -156,11 +156,13 @@ def plot(rows: list[dict], args: argparse.Namespace, params: dict[str, int], tas
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, column in zip(axes, (f"{task.shots[-1]}-shot", "full")):
+    columns = (f"{task.shots[0]}-shot", f"{task.shots[-1]}-shot", "full")
+    fig, axes = plt.subplots(1, len(columns), figsize=(15, 4))
+    for ax, column in zip(axes, columns):
         for kind, marker in ((PRETRAINED, "o"), (RANDOM, "x"), (SUPERVISED, "^")):
-            for variant in args.variants:
+            for offset, variant in enumerate(args.variants):
                 mine = [
                     r["probe"][column]
                     for r in rows
@@ -168,7 +170,8 @@ def plot(rows: list[dict], args: argparse.Namespace, params: dict[str, int], tas
                 ]
                 if mine:
                     ax.errorbar(
-                        params[variant] / 1e6,
+                        # variants of one size side by side, not on top of each other
+                        params[variant] / 1e6 * 1.04**offset,
                         statistics.mean(mine),
                         yerr=statistics.stdev(mine) if len(mine) > 1 else 0,
                         marker=marker,
@@ -176,7 +179,10 @@ def plot(rows: list[dict], args: argparse.Namespace, params: dict[str, int], tas
                         label=f"{'' if kind == PRETRAINED else kind + ' '}{variant}",
                     )
         ax.set(xscale="log", xlabel="transformer parameters (M)", ylabel=f"{column} probe top-1 (%)", title=column)
+        ax.xaxis.set_major_locator(LogLocator(base=2))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="best")
+    axes[-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
