@@ -262,6 +262,11 @@ def _compose(overrides: list[str]):
     return compose_config("pretrain", overrides=overrides)
 
 
+def variant_config(args: argparse.Namespace, root: Path, variant: str):
+    """The pretraining config a variant builds its model from (the task's data and sizes)."""
+    return _compose([*data_overrides(args, args.videos, 0, root), *model_overrides(args), *VARIANTS[variant]])
+
+
 def defaults_digest() -> str:
     """A digest of the default objectives and optimiser settings (`loss.*`, `train.lr`, its scale
     for the transformers and the optimiser's keys): rows pretrained under other defaults are not
@@ -283,7 +288,7 @@ def model_digest(args: argparse.Namespace, root: Path, variant: str) -> str:
 
     from omegaconf import OmegaConf
 
-    cfg = _compose([*data_overrides(args, args.videos, 0, root), *model_overrides(args), *VARIANTS[variant]])
+    cfg = variant_config(args, root, variant)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     assert isinstance(model, dict)
     if "factorized" not in model["sharing"]:
@@ -332,9 +337,7 @@ def probe_model(args: argparse.Namespace, root: Path, variant: str, seed: int, r
 
     if run_dir is None:
         torch.manual_seed(seed)
-        model = build_pretraining_model(
-            _compose([*data_overrides(args, args.videos, 0, root), *model_overrides(args), *VARIANTS[variant]])
-        )
+        model = build_pretraining_model(variant_config(args, root, variant))
     else:
         from omegaconf import OmegaConf
 
@@ -364,7 +367,7 @@ def probe_model(args: argparse.Namespace, root: Path, variant: str, seed: int, r
 def transformer_params(args: argparse.Namespace, root: Path, variant: str) -> int:
     from pemt.model.factory import describe_counts
 
-    cfg = _compose([*data_overrides(args, args.videos, 0, root), *model_overrides(args), *VARIANTS[variant]])
+    cfg = variant_config(args, root, variant)
     return int(describe_counts(cfg)["transformers"])
 
 
