@@ -226,3 +226,27 @@ def test_the_crop_is_a_square_of_the_short_side_scaled_to_the_crop() -> None:
         red = decode_clips(data, spec, random.Random(seed), audio_data=sound)["video"][0, 0, 0].float()
         first_column = left / 32 * 48  # the same place on the 96-wide source, in source pixels
         assert abs(red[16, 0].item() - 2 * (first_column + 0.75)) <= 4, (seed, left, red[16, 0].item())
+
+
+def test_frames_are_converted_on_the_decode_threads_with_the_same_pixels_at_any_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The crop/scale/convert graph runs `decode_threads` threads, as the decoder does (left to
+    FFmpeg, one per core, it made small frames ~4x slower to convert); the pixels never depend on it."""
+    data = encode_video(seconds=2.0, size=(96, 64))
+    graphs: list[av.filter.Graph] = []
+    make_graph = av.filter.Graph
+
+    def recorded() -> av.filter.Graph:
+        graphs.append(make_graph())
+        return graphs[-1]
+
+    monkeypatch.setattr(av.filter, "Graph", recorded)
+    decoded = {}
+    for threads in (1, 0, 3):
+        spec = ClipSpec(**{**SPEC.__dict__, "decode_threads": threads})
+        decoded[threads] = decode_clips(data, spec, random.Random(5))["video"]
+        if threads:  # 0: FFmpeg's count, which it writes back (cores + 1)
+            assert graphs and {graph.threads for graph in graphs} == {threads}
+        graphs.clear()
+    assert torch.equal(decoded[1], decoded[0]) and torch.equal(decoded[1], decoded[3])

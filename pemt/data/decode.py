@@ -117,10 +117,12 @@ class _Converter:
 
     Where the square lies along the long side is drawn as a resized frame's crop would be: an
     offset of 0 .. (resized long side - crop) pixels, uniform (training) or centred. Rotation
-    metadata turns the result upright."""
+    metadata turns the result upright. The graph runs `threads` threads, as the decoder does:
+    left to FFmpeg (one per core) it converted a 32 px frame ~4x slower than on one, and a
+    digits-task sample took 15.3 ms to decode instead of 9.6 (same pixels)."""
 
-    def __init__(self, frame: av.VideoFrame, crop: int, rng: random.Random | None) -> None:
-        self.crop = crop
+    def __init__(self, frame: av.VideoFrame, crop: int, rng: random.Random | None, threads: int) -> None:
+        self.crop, self.threads = crop, threads
         self.turns = round((frame.rotation or 0) / 90) % 4
         short = min(frame.width, frame.height)
         scale = crop / short
@@ -148,6 +150,7 @@ class _Converter:
             3: (y0, height - x0 - side),
         }[self.turns]
         graph = av.filter.Graph()
+        graph.threads = self.threads
         chain = [
             graph.add_buffer(
                 width=width,
@@ -178,8 +181,8 @@ class _Converter:
 class _FramePicker:
     """Fills out[i] with the frame shown at times[i] (sorted), converting each frame at most once."""
 
-    def __init__(self, times: np.ndarray, crop: int, rng: random.Random | None) -> None:
-        self.times, self.crop, self.rng = times, crop, rng
+    def __init__(self, times: np.ndarray, crop: int, rng: random.Random | None, threads: int) -> None:
+        self.times, self.crop, self.rng, self.threads = times, crop, rng, threads
         self.out = np.empty((len(times), crop, crop, 3), dtype=np.uint8)
         self.filled = 0
         self.converter: _Converter | None = None
@@ -202,7 +205,7 @@ class _FramePicker:
 
     def add(self, frame: av.VideoFrame, time: float) -> None:
         if self.converter is None:
-            self.converter = _Converter(frame, self.crop, self.rng)
+            self.converter = _Converter(frame, self.crop, self.rng, self.threads)
             self.first_time = time
         if self.previous is None:
             self._fill_until(time, frame)  # times before the first frame: the first frame
@@ -263,16 +266,17 @@ def _window_frames(
     times: np.ndarray,
     crop: int,
     rng: random.Random | None,
+    threads: int,
 ) -> np.ndarray:
     """Frames at `times` of a video longer than the window: seek, decode the window, stop."""
-    picker = _FramePicker(times, crop, rng)
+    picker = _FramePicker(times, crop, rng, threads)
     seek_keyframe(container, stream, float(times[0]))
     _decode_into(picker, container, stream)
     stream_start = float((stream.start_time or 0) * time_base(stream))
     if picker.first_time is not None and picker.first_time > max(times[0], stream_start) + 1e-6:
         # The seek landed past the window's start (a broken index): decode from the start.
         container.seek(0)
-        picker = _FramePicker(times, crop, rng)
+        picker = _FramePicker(times, crop, rng, threads)
         _decode_into(picker, container, stream)
     if picker.previous is not None and picker.previous[0] < times[0]:
         raise _WindowPastEnd(picker.previous[0])
@@ -286,6 +290,7 @@ def _short_frames(
     crop: int,
     rng: random.Random | None,
     loop: bool,
+    threads: int,
 ) -> np.ndarray:
     """Frames at `times` of a video no longer than the window: it loops (or holds its last
     frame). Frame times come from the packets, so only the frames shown are converted."""
@@ -296,7 +301,7 @@ def _short_frames(
     picked = np.clip(np.searchsorted(starts, times % span if loop else times, side="right") - 1, 0, len(starts) - 1)
     shown, inverse = np.unique(picked, return_inverse=True)
     container.seek(0)
-    picker = _FramePicker(starts[shown], crop, rng)
+    picker = _FramePicker(starts[shown], crop, rng, threads)
     _decode_into(picker, container, stream)
     return picker.out[inverse]
 
@@ -319,7 +324,8 @@ def _video_frames(
     """The window's frames, where it starts, and whether the video is shorter than the window."""
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
-    stream.codec_context.thread_count = max(0, spec.decode_threads)
+    threads = max(0, spec.decode_threads)
+    stream.codec_context.thread_count = threads
     duration = _header_duration(container) or spec.seconds
     # the same draw as a window anywhere in the file: start = slack x fraction
     fraction = rng.random() if rng is not None else 0.5
@@ -328,9 +334,10 @@ def _video_frames(
         slack = max(0.0, duration - spec.seconds)
         start = slack * fraction
         if slack == 0:
-            return _short_frames(container, stream, offsets, spec.crop, rng, spec.short_videos == "loop"), 0.0, True
+            loop = spec.short_videos == "loop"
+            return _short_frames(container, stream, offsets, spec.crop, rng, loop, threads), 0.0, True
         try:
-            return _window_frames(container, stream, start + offsets, spec.crop, rng), start, False
+            return _window_frames(container, stream, start + offsets, spec.crop, rng, threads), start, False
         except _WindowPastEnd as past:  # the header's duration lied: the frames there are decide
             duration = past.last_frame
             container.seek(0)
