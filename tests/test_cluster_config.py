@@ -150,15 +150,3 @@ def test_ctrl_c_or_a_closed_terminal_ends_the_launcher_even_when_nobody_reads_it
             launcher.kill()
         launcher.wait()
         assert ended == 130, f"{signal.Signals(signum).name}: still running 10 s later" if ended is None else ended
-
-
-def test_jobs_inherit_a_short_openmp_spin_unless_the_user_set_one() -> None:
-    """CPU ranks' OpenMP threads must not spin on the cores their data workers decode on."""
-    from pemt.cluster.launcher import set_job_environment
-
-    fresh: dict[str, str] = {}
-    set_job_environment(fresh)
-    assert fresh == {"GOMP_SPINCOUNT": "1000"}
-    chosen = {"GOMP_SPINCOUNT": "0"}
-    set_job_environment(chosen)
-    assert chosen == {"GOMP_SPINCOUNT": "0"}

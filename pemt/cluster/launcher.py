@@ -30,19 +30,6 @@ from pemt.track.store import TrackingError
 # hydra-submitit-launcher submits a sweep as one job array with one set of resources.
 _SAME_FOR_WHOLE_SWEEP = ("nodes", "gpus_per_node", "cluster")
 
-# What the jobs inherit unless the environment already says otherwise. torch's OpenMP threads
-# (libgomp) spin ~300k rounds after each parallel region before they sleep; a CPU rank's data
-# workers decode on the same cores, and those spins take them: a hidden-256 training step beside
-# a busy decoder took 3.6 s against 0.72 s alone, 1.6 s with 1000 rounds (alone: 0.74 s;
-# docs/performance.md). GPU ranks run little OpenMP work: it costs them nothing.
-JOB_ENVIRONMENT = {"GOMP_SPINCOUNT": "1000"}
-
-
-def set_job_environment(environ: dict[str, str] | os._Environ[str] = os.environ) -> None:
-    """JOB_ENVIRONMENT into `environ` (the launcher's, which its jobs inherit), where unset."""
-    for key, value in JOB_ENVIRONMENT.items():
-        environ.setdefault(key, value)
-
 
 def _compose_points(launcher: Any, job_overrides: Sequence[Sequence[str]]) -> list[DictConfig]:
     # every component's checks: they import the model and data code (torch), which a launch needs
@@ -225,7 +212,6 @@ class _PreparedLaunch:
             # A user error, not a crash: the message alone, no traceback, nothing submitted.
             print(f"pemt: cannot launch: {redact(str(err))}", file=sys.stderr)
             raise SystemExit(2) from None
-        set_job_environment()
         parent = self._start_sweep_run(configs, job_overrides)
         if parent:
             job_overrides = [[*overrides, f"mlflow.parent_run_id={parent}"] for overrides in job_overrides]
