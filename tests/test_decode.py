@@ -232,7 +232,7 @@ def test_frames_are_converted_on_the_decode_threads_with_the_same_pixels_at_any_
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The crop/scale/convert graph runs `decode_threads` threads, as the decoder does (left to
-    FFmpeg, one per core, it made small frames ~4x slower to convert); the pixels never depend on it."""
+    FFmpeg, cores + 1, it made small frames ~4x slower to convert); the pixels never depend on it."""
     data = encode_video(seconds=2.0, size=(96, 64))
     graphs: list[av.filter.Graph] = []
     make_graph = av.filter.Graph

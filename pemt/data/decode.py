@@ -118,7 +118,7 @@ class _Converter:
     Where the square lies along the long side is drawn as a resized frame's crop would be: an
     offset of 0 .. (resized long side - crop) pixels, uniform (training) or centred. Rotation
     metadata turns the result upright. The graph runs `threads` threads, as the decoder does:
-    left to FFmpeg (one per core) it converted a 32 px frame ~4x slower than on one, and a
+    left to FFmpeg (cores + 1 threads) it converted a 32 px frame ~4x slower than on one, and a
     digits-task sample took 15.3 ms to decode instead of 9.6 (same pixels)."""
 
     def __init__(self, frame: av.VideoFrame, crop: int, rng: random.Random | None, threads: int) -> None:
