@@ -91,6 +91,37 @@ def _still_to_run(missing: list) -> list[str]:
     return [f"**Partial: {len(missing)} rows still to run** (the same command continues): {named}.", ""]
 
 
+def paired(rows: list[dict], variants: list[str], columns: list[str]) -> list[str]:
+    """Each pretrained variant minus unshared (`none`) pretrained, seed by seed (the same seed: the
+    same data order), on the seeds both ran: the mean difference, then each seed's. Seeds move the
+    few-shot probes more than most variants do; paired, the differences are what is left."""
+    pretrained = {(r["variant"], r["seed"]): r for r in rows if row_kind(r) == PRETRAINED}
+    lines = []
+    for variant in variants:
+        seeds = sorted(s for v, s in pretrained if v == variant and ("none", s) in pretrained)
+        if variant == "none" or not seeds:
+            continue
+        cells = []
+        for column in columns:
+            both = [
+                s
+                for s in seeds
+                if column in pretrained[variant, s]["probe"] and column in pretrained["none", s]["probe"]
+            ]
+            diffs = [pretrained[variant, s]["probe"][column] - pretrained["none", s]["probe"][column] for s in both]
+            each = ", ".join(f"{d:+.1f}" for d in diffs)
+            cells.append(f"{statistics.mean(diffs):+.1f} ({each})" if diffs else "-")
+        lines.append(f"| {variant} | {', '.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    header = [
+        "\nPretrained minus unshared (`none`), paired by seed: the mean difference in points, then each seed's.\n",
+        "| variant | seeds | " + " | ".join(columns) + " |",
+        "|---|---|" + "---:|" * len(columns),
+    ]
+    return header + lines
+
+
 def render(
     rows: list[dict], args: argparse.Namespace, params: dict[str, int], task: Any, missing: list | None = None
 ) -> str:
@@ -142,6 +173,7 @@ def render(
                 + " | ".join(cells)
                 + f" | {minutes:.1f} |"
             )
+    lines += paired(rows, args.variants, [c for c in columns if not c.startswith("seconds ")])
     curves = [r for r in rows if len(r.get("held_out_by_step", {})) > 1 and r["variant"] in args.variants]
     if curves:
         lines.append("\nHeld-out top-1 % of the supervised runs at each evaluation (step: top-1):\n")

@@ -121,6 +121,33 @@ def test_sharing_quality_continues_from_the_rows_committed_beside_its_table(tmp_
     assert kept_here == [committed, stale] and bench.current_rows(args, fresh, kept_here) == [committed]
 
 
+def test_sharing_quality_pairs_each_variant_with_unshared_seed_by_seed(tmp_path: Path) -> None:
+    """Below the table, each pretrained variant minus unshared on the seeds both ran, the mean and
+    each seed's difference; a variant with no seed in common, or a random row, is not paired."""
+    bench = _benchmark("sharing_quality")
+    args = bench.parse_args(
+        ["--root", str(tmp_path), "--variants", "none", "layer", "layer+cross", "--seeds", "0", "1"]
+    )
+
+    def row(variant: str, seed: int, full: float, one_shot: float, random: bool = False) -> dict:
+        probe = {"full": full, "1-shot": one_shot, "spread": {"fused BOS": 0.3}}
+        return {"variant": variant, "seed": seed, "random": random, "probe": probe, "pretrain_s": 600.0}
+
+    rows = [
+        row("none", 0, 98.0, 70.0),
+        row("none", 1, 97.0, 80.0),
+        row("layer", 0, 97.5, 60.0),
+        row("layer", 1, 98.0, 75.0),
+        row("layer", 0, 50.0, 15.0, random=True),
+        row("layer+cross", 2, 96.0, 50.0),
+    ]
+    table = bench.render(
+        rows, args, {"none": 6_000_000, "layer": 1_500_000, "layer+cross": 500_000}, bench.TASKS["digits"]
+    )
+    assert "| layer | 0, 1 | +0.2 (-0.5, +1.0) | -7.5 (-10.0, -5.0) | - | - | - |" in table, "not the random row"
+    assert "| layer+cross | 2 |" not in table, "no unshared run of seed 2 to pair with"
+
+
 def test_sharing_quality_decodes_the_timing_tasks_too(tmp_path: Path) -> None:
     """`--task rhythm` (the timing study) decodes its generated videos once, with their labels."""
     bench = _benchmark("sharing_quality")
