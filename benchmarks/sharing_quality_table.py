@@ -97,18 +97,14 @@ def paired(rows: list[dict], variants: list[str], columns: list[str]) -> list[st
     few-shot probes more than most variants do; paired, the differences are what is left."""
     pretrained = {(r["variant"], r["seed"]): r for r in rows if row_kind(r) == PRETRAINED}
     lines = []
-    for variant in variants:
+    for variant in (v for v in variants if v != "none"):
         seeds = sorted(s for v, s in pretrained if v == variant and ("none", s) in pretrained)
-        if variant == "none" or not seeds:
+        if not seeds:
             continue
+        pairs = [(pretrained[variant, s]["probe"], pretrained["none", s]["probe"]) for s in seeds]
         cells = []
         for column in columns:
-            both = [
-                s
-                for s in seeds
-                if column in pretrained[variant, s]["probe"] and column in pretrained["none", s]["probe"]
-            ]
-            diffs = [pretrained[variant, s]["probe"][column] - pretrained["none", s]["probe"][column] for s in both]
+            diffs = [mine[column] - base[column] for mine, base in pairs if column in mine and column in base]
             each = ", ".join(f"{d:+.1f}" for d in diffs)
             cells.append(f"{statistics.mean(diffs):+.1f} ({each})" if diffs else "-")
         lines.append(f"| {variant} | {', '.join(map(str, seeds))} | " + " | ".join(cells) + " |")
