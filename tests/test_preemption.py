@@ -23,6 +23,7 @@ from pemt.train.preemption import StopRequest, shielded_workers
 def test_signals_are_recorded_not_acted_on() -> None:
     calls = []
     previous = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
+    term = signal.getsignal(signal.SIGTERM)
     stop = StopRequest()
     stop.install()
     try:
@@ -39,6 +40,7 @@ def test_signals_are_recorded_not_acted_on() -> None:
     finally:
         stop.uninstall()
         signal.signal(signal.SIGUSR2, previous)
+        signal.signal(signal.SIGTERM, term)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -59,6 +61,7 @@ def test_a_site_preemption_signal_is_the_one_that_requeues(monkeypatch: pytest.M
     monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "USR1")
     calls = []
     previous = signal.signal(signal.SIGUSR1, lambda s, frame: calls.append(s))
+    term = signal.getsignal(signal.SIGTERM)
     stop = StopRequest()
     stop.install()
     try:
@@ -73,6 +76,38 @@ def test_a_site_preemption_signal_is_the_one_that_requeues(monkeypatch: pytest.M
     finally:
         stop.uninstall()
         signal.signal(signal.SIGUSR1, previous)
+        signal.signal(signal.SIGTERM, term)
+
+
+RANK_HANDING_OVER_A_REQUEUE = """
+import os, signal, sys
+from pemt.train.preemption import StopRequest
+
+def requeue(signum, frame):
+    # As `scontrol requeue` from rank 0 does: Slurm sends SIGTERM to every task of the job.
+    # This rank is not rank 0: submitit's handler returns and the rank goes on exiting.
+    os.kill(os.getpid(), signal.SIGTERM)
+
+signal.signal(signal.SIGUSR2, requeue)
+stop = StopRequest()
+stop.install()
+try:
+    stop.hand_over(signal.SIGUSR2)
+finally:
+    print("torn down", flush=True)
+"""
+
+
+def test_a_rank_exiting_after_a_requeue_is_not_killed_by_its_sigterm(tmp_path: Path) -> None:
+    """The requeue's SIGTERM reaches ranks still tearing down; late in the interpreter's exit no
+    Python handler catches it (as here, where none is installed). A rank killed there fails its
+    Slurm task and leaks its data workers' semaphores: once handed over, a rank ignores it."""
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_HANDING_OVER_A_REQUEUE)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"status {done.returncode}: {done.stderr[-3000:]}"
+    assert done.stdout == "torn down\n"
 
 
 class _Counting(IterableDataset):

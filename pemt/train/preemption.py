@@ -256,5 +256,11 @@ class StopRequest:
         previous: Any = self.previous.get(signum)
         self.uninstall()
         if requeue and signum == self.preempt and callable(previous):
+            # Rank 0's requeue makes Slurm SIGTERM every task of the job at once, while the
+            # others are still tearing down. Late in the interpreter's exit Python's handlers
+            # are gone, and the signal would kill the rank mid-teardown (leaking its data
+            # workers' semaphores). The run is saved: let it exit; Slurm's SIGKILL after
+            # KillWait and the exit deadline still bound it.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             previous(signum, None)
             sys.exit(0)
