@@ -1,6 +1,7 @@
-"""The CNNs' global-batch BatchNorm: torch's fused kernels (`model.batchnorm=fused`, used on CUDA)
-normalise as the explicit ops do. On CPU the fused path runs on one rank, which is what is compared
-here; SyncBatchNorm's kernels for several ranks exist on CUDA only (the GPU suite times both)."""
+"""The CNNs' global-batch BatchNorm: torch's fused kernels (`model.batchnorm=fused`: on CUDA, and
+on CPU at one rank) normalise as the explicit ops do. On CPU the fused path runs on one rank, which
+is what is compared here; SyncBatchNorm's kernels for several ranks exist on CUDA only (the GPU
+suite times both)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from pemt.config import ConfigError, compose_config
+from pemt.model import cnn
 from pemt.model.cnn import BatchNorm, _recomputing
 from pemt.model.factory import build_pretraining_model, check_model
 
@@ -63,18 +65,30 @@ def test_fused_kernels_leave_running_statistics_alone_in_a_checkpointed_recomput
         assert torch.equal(buffer, before[name]), name
 
 
-def test_the_explicit_ops_run_wherever_the_fused_kernels_do_not_and_the_config_picks(
+def test_the_fused_kernels_run_on_one_rank_the_explicit_ops_across_cpu_ranks_and_the_config_picks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def unavailable(self: BatchNorm, x: torch.Tensor) -> torch.Tensor:
-        raise AssertionError("the fused kernels were chosen for a CPU tensor")
+    fused_on: list[str] = []
+    kernels = BatchNorm.fused_forward
 
-    monkeypatch.setattr(BatchNorm, "fused_forward", unavailable)
+    def recording(self: BatchNorm, x: torch.Tensor) -> torch.Tensor:
+        fused_on.append(x.device.type)
+        return kernels(self, x)
+
+    monkeypatch.setattr(BatchNorm, "fused_forward", recording)
     model = build_pretraining_model(compose_config("pretrain", overrides=[]))
     norms = [m for m in model.modules() if isinstance(m, BatchNorm)]
     assert norms and all(m.fused for m in norms), "fused is the default"
-    norms[0](torch.randn(2, norms[0].num_features, 3, 3))  # CPU: the explicit ops
+    x = torch.randn(2, norms[0].num_features, 3, 3)
+    norms[0](x)
+    assert fused_on == ["cpu"], "one CPU rank: torch's kernels"
     explicit = build_pretraining_model(compose_config("pretrain", overrides=["model.batchnorm=explicit"]))
-    assert not any(m.fused for m in explicit.modules() if isinstance(m, BatchNorm))
+    explicit_norms = [m for m in explicit.modules() if isinstance(m, BatchNorm)]
+    assert not any(m.fused for m in explicit_norms)
+    explicit_norms[0](x)
+    assert fused_on == ["cpu"], "model.batchnorm=explicit: the explicit ops"
+    monkeypatch.setattr(cnn, "world", lambda: (0, 2))
+    norms[0](x)
+    assert fused_on == ["cpu"], "several CPU ranks: the explicit ops (SyncBatchNorm's kernels are CUDA's only)"
     with pytest.raises(ConfigError, match="model.batchnorm='cudnn': choose 'fused' or 'explicit'"):
         check_model(compose_config("pretrain", overrides=["model.batchnorm=cudnn"]))

@@ -55,10 +55,10 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
     size continues the same computation. fp32 whatever the input: DeepSpeed's bf16 mode casts
     parameters but not running statistics, and fp32 statistics are the accurate choice anyway.
 
-    On CUDA (`fused`, from `model.batchnorm`) torch's fused kernels compute the same statistics
-    (one pass, fp32 accumulation, no fp32 copy of the activation): native batch norm on one rank,
-    SyncBatchNorm's kernels and collectives across ranks. On CPU only the explicit ops below work
-    (torch's SyncBatchNorm kernels exist for CUDA only).
+    With `fused` (from `model.batchnorm`) torch's fused kernels compute the same statistics (one
+    pass, fp32 accumulation, no fp32 copy of the activation): native batch norm on one rank (CPU
+    or CUDA), SyncBatchNorm's kernels and collectives across CUDA ranks. Across CPU ranks only the
+    explicit ops below work (torch's SyncBatchNorm kernels exist for CUDA only).
     """
 
     fused = True
@@ -69,7 +69,7 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
-        if self.fused and x.is_cuda:
+        if self.fused and (x.is_cuda or world()[1] == 1):
             return self.fused_forward(x)
         shape = (1, -1) + (1,) * (x.dim() - 2)
         x32 = x.float()
@@ -98,8 +98,10 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
         if not self.training:
             return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, False, 0.0, self.eps)
         recomputing = getattr(_recompute, "active", False)
-        running_mean, running_var = (None, None) if recomputing else (self.running_mean, self.running_var)
-        if not recomputing:
+        running_mean, running_var = self.running_mean, self.running_var
+        if recomputing:  # copies, moved and dropped: the kernels save the same tensors as the first pass did
+            running_mean, running_var = running_mean.clone(), running_var.clone()
+        else:
             self.num_batches_tracked.add_(1)
         ranks = world()[1]
         if ranks == 1:
@@ -276,7 +278,8 @@ class ResNet(nn.Module):
 
 
 def use_fused_batchnorm(model: nn.Module, fused: bool) -> None:
-    """`model.batchnorm`: torch's fused kernels on CUDA (`fused`) or the explicit ops everywhere."""
+    """`model.batchnorm`: torch's fused kernels where they exist (`fused`: CUDA, and CPU on one
+    rank) or the explicit ops everywhere."""
     for module in model.modules():
         if isinstance(module, BatchNorm):
             module.fused = fused
