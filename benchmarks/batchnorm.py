@@ -4,17 +4,17 @@
                                    [--ranks 2]
 
 `model.batchnorm=fused` runs torch's kernels where they exist (native batch norm on one GPU or one
-CPU process, SyncBatchNorm's across GPUs); `explicit` runs pemt's own ops (an fp32 copy of the activation, sums over ranks,
-E[x^2] - E[x]^2). This times one training forward + backward of each at the activation shapes of
-avbert_base's visual CNN at the paper's window (`--clips` clips of 16 frames at `--crop`: the
-stem, the first stage's output and the last stage's), on one process (world size 1; the kernels
-for several ranks add one all-gather of 2C + 1 numbers, the explicit ops one all-reduce of
-2C + 1), and reports the largest difference between the two (output and input gradient, relative
-to the output's RMS) and the peak memory (CUDA). On CPU the fused column is torch's native CPU
-batch norm, which pemt uses on one CPU process. `--ranks N` also runs each path over N processes on the
-device (gloo), each with its slice of the batch, and compares every result with one process holding
-the whole batch: the check that the statistics and gradients really are the global batch's (on CPU
-the explicit path only). Writes a Markdown table.
+CPU process, SyncBatchNorm's across GPUs); `explicit` runs pemt's own ops (an fp32 copy of the
+activation, sums over ranks, E[x^2] - E[x]^2). This times one training forward + backward of each
+at the activation shapes of avbert_base's visual CNN at the paper's window (`--clips` clips of 16
+frames at `--crop`: the stem, the first stage's output and the last stage's), on one process (world
+size 1; the kernels for several ranks add one all-gather of 2C + 1 numbers, the explicit ops one
+all-reduce of 2C + 1), and reports the largest difference between the two (output and input
+gradient, relative to the output's RMS) and the peak memory (CUDA). On CPU the fused column is
+torch's native CPU batch norm, which pemt uses on one CPU process. `--ranks N` also runs each path
+over N processes on the device (gloo), each with its slice of the batch, and compares every result
+with one process holding the whole batch: the check that the statistics and gradients really are
+the global batch's (on CPU the explicit path only). Writes a Markdown table.
 """
 
 from __future__ import annotations
