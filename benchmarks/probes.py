@@ -61,22 +61,6 @@ def forward(backbone: Any, video: torch.Tensor, audio: torch.Tensor) -> tuple[to
         return visual, sound, backbone.fuse(visual_out, audio_out)
 
 
-def clip_embeddings(model: Any, data: dict[str, Any], batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen CNNs' embedding of every clip: visual and audio, each (videos, clips, hidden)."""
-    from pemt.data.decode import video_to_float
-
-    visual, audio = [], []
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(data["video"]), batch):
-            v, a = model.backbone.embed_clips(
-                video_to_float(data["video"][i : i + batch], "cpu", torch.float32), data["audio"][i : i + batch]
-            )
-            visual.append(v)
-            audio.append(a)
-    return torch.cat(visual), torch.cat(audio)
-
-
 def clip_probe(
     train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, classes: int
 ) -> float:
@@ -92,16 +76,19 @@ def clip_probe(
     )
 
 
-def features(model: Any, data: dict[str, Any], batch: int = 64) -> torch.Tensor:
-    """The frozen model's features per video: the fused BOS output and the mean fused visual and
-    audio outputs, concatenated."""
-    outs = []
+def features(model: Any, data: dict[str, Any], batch: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The frozen model's features per video (the fused BOS output and the mean fused visual and
+    audio outputs, concatenated), and from the same pass its CNNs' embedding of every clip: visual
+    and audio, each (videos, clips, hidden)."""
+    outs, visual_clips, audio_clips = [], [], []
     model.eval()
     for i in range(0, len(data["video"]), batch):
-        visual, _, fused = forward(model.backbone, data["video"][i : i + batch], data["audio"][i : i + batch])
+        visual, sound, fused = forward(model.backbone, data["video"][i : i + batch], data["audio"][i : i + batch])
         length = visual.shape[1]
         outs.append(torch.cat([fused[:, 0], fused[:, 1 : 1 + length].mean(1), fused[:, 2 + length :].mean(1)], 1))
-    return torch.cat(outs)
+        visual_clips.append(visual)
+        audio_clips.append(sound)
+    return torch.cat(outs), torch.cat(visual_clips), torch.cat(audio_clips)
 
 
 def across(x: torch.Tensor) -> float:

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import add_set_option, launch, save_rows
-from probes import clip_embeddings, clip_probe, decoded, features, few_shot, fit_probe, spread
+from probes import clip_probe, decoded, features, few_shot, fit_probe, spread
 from sharing_quality_table import PRETRAINED, RANDOM, SUPERVISED, cached_rows, output_name, plot, render, row_key
 
 from pemt.data.digits import DigitsSpec
@@ -348,7 +348,7 @@ def probe_model(args: argparse.Namespace, root: Path, variant: str, seed: int, r
         model.load_state_dict(weights, strict=True)
     task = TASKS[args.task]
     train, test = videos_of(args, root, args.videos, 0), videos_of(args, root, args.test_videos, 1)
-    train_x, test_x = features(model, train), features(model, test)
+    (train_x, *train_clips), (test_x, *test_clips) = features(model, train), features(model, test)
     main, *others = task.labels
     result = {"full": fit_probe(train_x, train[main], test_x, test[main], task.classes), "spread": spread(model, train)}
     for label in others:
@@ -356,7 +356,6 @@ def probe_model(args: argparse.Namespace, root: Path, variant: str, seed: int, r
     for shots in task.shots:
         result[f"{shots}-shot"] = few_shot(train_x, train[main], test_x, test[main], task.classes, shots)
     if task.clip_labels:
-        train_clips, test_clips = clip_embeddings(model, train), clip_embeddings(model, test)
         for index, (modality, label) in enumerate(task.clip_labels):
             result[f"seconds {modality}"] = clip_probe(
                 train_clips[index], train[label], test_clips[index], test[label], task.classes

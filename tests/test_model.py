@@ -20,6 +20,7 @@ from pemt.model.cnn import BatchNorm
 from pemt.model.factorized import Factorization, FactorizedDense
 from pemt.model.factory import build_pretraining_model, check_model, cnn_warmup_steps
 from pemt.model.params import count_parameters
+from pemt.model.pretraining import AVPretrainingModel
 from pemt.train.optimizer import ENCODERS, build_optimizer, check_optimizer
 
 SHARING = ["[]", "[layer]", "[cross]", "[layer,cross]", "[factorized]", "[layer,cross,factorized]"]
@@ -102,10 +103,11 @@ def test_mep_targets_choose_whether_mep_trains_the_cnns_it_predicts() -> None:
 
 def test_cnn_warmup_trains_only_the_cnns_until_its_step() -> None:
     """During loss.cnn_warmup_steps only the InfoNCE counts: the CNNs learn, the transformers and
-    the heads get zero gradients (MEP and the pair are still reported); from that step on every
-    objective trains them. Without a step (benchmarks, tests) every objective counts. The warm-up
-    takes at most half the run, and none without the InfoNCE."""
+    heads do not (the default clip-level InfoNCE does not even run them, and MEP and the pair are
+    not reported); from that step on every objective trains them. Without a step (benchmarks,
+    tests) every objective counts. The warm-up takes at most half the run, none without the InfoNCE."""
     cfg = _cfg("loss.cnn_warmup_steps=3", "train.max_steps=100")
+    assert cfg.loss.contrastive_level == "clip"
     torch.manual_seed(0)
     model = build_pretraining_model(cfg)
     torch.manual_seed(1)
@@ -123,7 +125,8 @@ def test_cnn_warmup_trains_only_the_cnns_until_its_step() -> None:
     cnn, rest, out = gradients(2)
     assert cnn > 0 and rest == 0, (cnn, rest)
     assert out["loss"].item() == pytest.approx(out["loss_contrastive"].item())
-    assert {"loss_mep_visual", "loss_pair"} <= out.keys()
+    assert not {"loss_mep_visual", "loss_pair", "pair_accuracy"} & out.keys()
+    assert {"contrastive_vs_chance", "spread_visual", "spread_audio"} <= out.keys()
     for step in (3, None):
         cnn, rest, out = gradients(step)
         assert cnn > 0 and rest > 0, (step, cnn, rest)
@@ -132,6 +135,37 @@ def test_cnn_warmup_trains_only_the_cnns_until_its_step() -> None:
         check_model(_cfg("loss.cnn_warmup_steps=-1"))
     assert cnn_warmup_steps(_cfg("loss.cnn_warmup_steps=300", "train.max_steps=100")) == 50
     assert cnn_warmup_steps(_cfg("loss.cnn_warmup_steps=300", "train.max_steps=100", "loss.contrastive_weight=0")) == 0
+
+
+def test_a_warmup_without_the_transformers_computes_what_running_them_did(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skipping the transformers in the CNN warm-up changes no number: the loss and every CNN
+    gradient are bitwise those of the full forward pass, whose other objectives count zero times.
+    A video-level InfoNCE reads the transformers' outputs, so that warm-up still runs them."""
+    cfg = _cfg("loss.cnn_warmup_steps=3", "train.max_steps=100")
+    torch.manual_seed(0)
+    model = build_pretraining_model(cfg)
+    video, audio = _batch(cfg)
+
+    def step_zero() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        out = model(video, audio, step_seed=0, step=0)
+        out["loss"].backward()
+        return out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    skipped, skipped_grads = step_zero()
+    monkeypatch.setattr(type(model), "warmup_reads_clips_only", property(lambda _: False))
+    full, full_grads = step_zero()
+    assert torch.equal(skipped, full)
+    assert skipped_grads.keys() < full_grads.keys()
+    for name, grad in skipped_grads.items():
+        assert torch.equal(grad, full_grads[name]), name
+    assert all(not grad.any() for name, grad in full_grads.items() if name not in skipped_grads)
+    monkeypatch.undo()
+    pooled = build_pretraining_model(
+        _cfg("loss.cnn_warmup_steps=3", "train.max_steps=100", "loss.contrastive_level=video")
+    )
+    assert not pooled.warmup_reads_clips_only
+    assert "loss_pair" in pooled(video, audio, step_seed=0, step=0)
 
 
 def test_at_initialisation_the_transformers_input_is_mostly_content() -> None:
@@ -184,6 +218,61 @@ def test_bf16_through_deepspeed_keeps_fp32_statistics_and_master_weights(single_
     assert not torch.equal(statistics.running_mean, running_before), "statistics were not updated"
     changed = sum(not torch.equal(a, p.detach().float()) for a, p in zip(before, engine.module.parameters()))
     assert changed > len(before) // 2, "the optimizer step did not reach the bf16 weights"
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_through_deepspeed_a_warmup_without_the_transformers_steps_as_running_them_did(
+    single_rank_deepspeed: None, monkeypatch: pytest.MonkeyPatch, zero: str
+) -> None:
+    """The parameters the CNN warm-up does not reach get no gradient, not a zero one. ZeRO must
+    step them as it steps zero gradients (AdamW's weight decay and moments included): after warm-up
+    steps and a full one, every weight is bitwise that of a run that computed the transformers."""
+    import deepspeed
+
+    from pemt.train.engine_config import deepspeed_config
+
+    cfg = _cfg(
+        f"deepspeed={zero}",
+        "gpus_per_node=1",
+        "train.global_batch_size=4",
+        "data.streams=4",
+        "train.warmup_steps=0",
+        "train.weight_decay=0.1",  # a decay the warm-up visibly applies to the weights it does not reach
+    )
+    cfg.loss.cnn_warmup_steps, cfg.train.max_steps = 2, 10
+    video, audio = _batch(cfg)
+
+    def trained(skip: bool) -> list[torch.Tensor]:
+        if not skip:
+            monkeypatch.setattr(AVPretrainingModel, "warmup_reads_clips_only", property(lambda _: False))
+        torch.manual_seed(0)
+        model = build_pretraining_model(cfg)
+        assert model.cnn_warmup_steps == 2
+        optimizer, scheduler = build_optimizer(model, cfg.train)
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
+        )
+
+        def weights(module: torch.nn.Module) -> list[torch.Tensor]:  # whole, also where ZeRO-3 partitions them
+            with deepspeed.zero.GatheredParameters(list(module.parameters())):
+                return [p.detach().clone() for p in module.parameters()]
+
+        pair_head = weights(engine.module.pair_head)
+        for step in range(3):  # two warm-up steps, then every objective
+            out = engine(video, audio, step_seed=step, step=step)
+            assert ("loss_pair" in out) == (step == 2 or not skip)
+            engine.backward(out["loss"])
+            engine.step()
+            if step == 1:  # not run, yet decayed
+                assert not torch.equal(pair_head[0], weights(engine.module.pair_head)[0])
+        monkeypatch.undo()
+        final = weights(engine.module)
+        engine.destroy()
+        return final
+
+    skipped, full = trained(skip=True), trained(skip=False)
+    assert skipped[0].numel() > 1
+    assert all(torch.equal(a, b) for a, b in zip(skipped, full, strict=True))
 
 
 def test_backbone_output_shapes() -> None:

@@ -90,6 +90,29 @@ class AVPretrainingModel(nn.Module):
             outputs.update(fused_visual=fused[:, 1 : 1 + length], fused_audio=fused[:, 2 + length :])
         return outputs, fused[:, 0], fused[:, 1 + length]
 
+    @property
+    def warmup_reads_clips_only(self) -> bool:
+        """Whether the CNN warm-up's one objective is the clip-level InfoNCE, which reads the clip
+        embeddings alone: the transformers and heads are then not run until it ends."""
+        cfg = self.loss_cfg
+        return bool(cfg.contrastive_weight) and str(cfg.get("contrastive_level", "video")) == "clip"
+
+    def _clip_infonce(self, embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The CNN warm-up's losses and health figures where the transformers are not run. The
+        parameters it does not reach get no gradient; under ZeRO their share of the flat gradient
+        is zero, so the optimizer steps exactly as with the zero gradients of a full forward."""
+        cfg = self.loss_cfg
+        visual_clips, audio_clips = (gather_rows(embeddings[m].flatten(0, 1))[0] for m in MODALITIES)
+        contrastive = info_nce(visual_clips, audio_clips, float(cfg.temperature))
+        chance = math.log(max(2, len(visual_clips)))
+        spreads, _ = batch_spreads([embeddings["visual"], embeddings["audio"]])
+        return {
+            "loss": float(cfg.contrastive_weight) * contrastive,
+            "loss_contrastive": contrastive.detach(),
+            "contrastive_vs_chance": contrastive.detach() / chance,
+            **dict(zip(("spread_visual", "spread_audio"), spreads)),
+        }
+
     def _pair_logits(self, visual_bos: torch.Tensor, audio_bos: torch.Tensor) -> torch.Tensor:
         """The paper's head reads the visual BOS of the fused sequence (late fusion: both BOS)."""
         if self.pair_kind == "agreement":
@@ -110,12 +133,15 @@ class AVPretrainingModel(nn.Module):
         longest from `pemt.model.factory.cnn_warmup_steps`, moved earlier by `pemt.train.cnn_warmup`);
         None: every objective."""
         cfg = self.loss_cfg
-        # Still computed (and logged) while warming up: the transformers get zero gradients, not none.
-        context = 0.0 if step is not None and step < self.cnn_warmup_steps else 1.0
+        warming = step is not None and step < self.cnn_warmup_steps
+        # While warming up MEP and the pair count for nothing: the transformers get zero gradients.
+        context = 0.0 if warming else 1.0
         if step_seed is None:
             step_seed = int(torch.randint(2**31 - 1, ()).item())
         first, rows = global_rows(video.shape[0], video.device)
         embeddings = dict(zip(MODALITIES, self.backbone.embed_clips(video, audio)))
+        if warming and self.warmup_reads_clips_only:
+            return self._clip_infonce(embeddings)
         masked = {m: self._mask(embeddings[m], i, first, step_seed) for i, m in enumerate(MODALITIES)}
         mismatched = mismatch_mask(first, video.shape[0], rows, video.device)
         outputs, visual_bos, audio_bos = self._contextual(masked["visual"][0], masked["audio"][0], mismatched, first)

@@ -25,8 +25,9 @@ class Telemetry:
         self.flops_per_sample: float | None = None  # forward + backward, counted on the first step
         self.peak, source = peak_tflops(OmegaConf.select(cfg, "metrics.peak_tflops"), device, dtype)
         log.info("MFU against %.3g TFLOP/s per device (%s)", self.peak, source)
+        # per key: MEP and the pair report nothing while the CNN warm-up skips the transformers
         self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
+        self.counts: dict[str, int] = {}
         self.decode_s, self.decoded = 0.0, 0  # data workers' decode time and samples since the last report
         self.retries = 0  # remote reads the data workers tried again since the last report
         # The current curriculum stage's sequence shape (set by the trainer).
@@ -46,7 +47,7 @@ class Telemetry:
     def add_micro_step(self, out: dict[str, torch.Tensor]) -> None:
         for key, value in out.items():
             self.sums[key] = self.sums.get(key, 0.0) + value.detach()
-        self.count += 1
+            self.counts[key] = self.counts.get(key, 0) + 1
 
     def report(
         self, samples: int, lr: float, grad_norm: float | None, bad_errors: int, bad_slots: int
@@ -54,8 +55,8 @@ class Telemetry:
         """Collective. The metrics to log, and the bad-sample totals every rank checks."""
         decode = {"decode_s_per_sample": self.decode_s / max(1, self.decoded)}
         # every rank has the same keys: the same steps were skipped everywhere
-        means = all_reduce({**{k: float(v) / max(1, self.count) for k, v in self.sums.items()}, **decode}, self.device)
-        self.sums, self.count = {}, 0
+        means = all_reduce({**{k: float(v) / self.counts[k] for k, v in self.sums.items()}, **decode}, self.device)
+        self.sums, self.counts = {}, {}
         self.decode_s, self.decoded = 0.0, 0
         totals = all_reduce(
             {"bad_samples": bad_errors, "slots": bad_slots, "remote_retries": self.retries}, self.device, mean=False

@@ -356,13 +356,16 @@ class Trainer:
                 dynamic_ncols=True,
                 mininterval=1.0,
             )
-            first_step, count_flops = True, True
+            first_step, count_flops, warming = True, True, None
             eval_every = int(OmegaConf.select(cfg, "eval.every", default=0) or 0)
             while step < cfg.train.max_steps:
                 current = stage_at(all_stages, step)
                 if stage != current:
                     stage, batches = self._enter(current, step, bad, len(all_stages))
                     count_flops = True  # a stage's sequences cost differently: count them again
+                if warming != (step < self.cnn_warmup.end):
+                    warming = step < self.cnn_warmup.end
+                    count_flops = True  # the CNN warm-up may skip the transformers: count each phase
                 self.profiler.before(step + 1)
                 asked = time.perf_counter()
                 micro_batches = [next(batches) for _ in range(accum)]
