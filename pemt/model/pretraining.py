@@ -97,19 +97,26 @@ class AVPretrainingModel(nn.Module):
         cfg = self.loss_cfg
         return bool(cfg.contrastive_weight) and str(cfg.get("contrastive_level", "video")) == "clip"
 
+    def _infonce(self, per_clip: dict[str, torch.Tensor], clip_level: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The audio-visual InfoNCE over the global batch, and its share of the chance value ln N (N
+        candidates per clip): ~1 until the CNNs learn (pemt.train.cnn_warmup ends the warm-up on it).
+        `clip_level`: each visual clip against the audio clip of the same second, the batch's other
+        clips the negatives; else each video's pooled outputs against the other videos'."""
+        rows = (per_clip[m].flatten(0, 1) if clip_level else per_clip[m].mean(1) for m in MODALITIES)
+        visual, audio = (gather_rows(r)[0] for r in rows)
+        loss = info_nce(visual, audio, float(self.loss_cfg.temperature))
+        return loss, loss.detach() / math.log(max(2, len(visual)))
+
     def _clip_infonce(self, embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The CNN warm-up's losses and health figures where the transformers are not run. The
         parameters it does not reach get no gradient; under ZeRO their share of the flat gradient
         is zero, so the optimizer steps exactly as with the zero gradients of a full forward."""
-        cfg = self.loss_cfg
-        visual_clips, audio_clips = (gather_rows(embeddings[m].flatten(0, 1))[0] for m in MODALITIES)
-        contrastive = info_nce(visual_clips, audio_clips, float(cfg.temperature))
-        chance = math.log(max(2, len(visual_clips)))
+        contrastive, share = self._infonce(embeddings, clip_level=True)
         spreads, _ = batch_spreads([embeddings["visual"], embeddings["audio"]])
         return {
-            "loss": float(cfg.contrastive_weight) * contrastive,
+            "loss": float(self.loss_cfg.contrastive_weight) * contrastive,
             "loss_contrastive": contrastive.detach(),
-            "contrastive_vs_chance": contrastive.detach() / chance,
+            "contrastive_vs_chance": share,
             **dict(zip(("spread_visual", "spread_audio"), spreads)),
         }
 
@@ -174,17 +181,9 @@ class AVPretrainingModel(nn.Module):
         pair, pair_accuracy = pair_loss(pair_logits, mismatched)
         losses["loss_pair"] = pair
         if cfg.contrastive_weight:
-            if str(cfg.get("contrastive_level", "video")) == "clip":
-                # each visual clip embedding against the audio clip of the same second, the global
-                # batch's other clips the negatives
-                visual_clips, audio_clips = (gather_rows(embeddings[m].flatten(0, 1))[0] for m in MODALITIES)
-            else:  # each video's pooled outputs against the global batch's other videos
-                visual_clips, audio_clips = (gather_rows(outputs[m].mean(1))[0] for m in MODALITIES)
-            losses["loss_contrastive"] = info_nce(visual_clips, audio_clips, float(cfg.temperature))
-            # its share of the chance value ln N (N candidates per clip): ~1 until the CNNs learn
-            # (pemt.train.cnn_warmup ends the warm-up on it)
-            chance = math.log(max(2, len(visual_clips)))
-            health_extra = {"contrastive_vs_chance": losses["loss_contrastive"].detach() / chance}
+            clip_level = str(cfg.get("contrastive_level", "video")) == "clip"
+            losses["loss_contrastive"], share = self._infonce(embeddings if clip_level else outputs, clip_level)
+            health_extra = {"contrastive_vs_chance": share}
         mep = cast(torch.Tensor, sum(v for k, v in losses.items() if k.startswith("loss_mep_")))
         total: torch.Tensor = (
             context * float(cfg.mep_weight) * mep

@@ -356,22 +356,19 @@ class Trainer:
                 dynamic_ncols=True,
                 mininterval=1.0,
             )
-            first_step, count_flops, warming = True, True, None
+            first_step, counted = True, None  # the phase whose FLOPs per sample are counted
             eval_every = int(OmegaConf.select(cfg, "eval.every", default=0) or 0)
             while step < cfg.train.max_steps:
                 current = stage_at(all_stages, step)
                 if stage != current:
                     stage, batches = self._enter(current, step, bad, len(all_stages))
-                    count_flops = True  # a stage's sequences cost differently: count them again
-                if warming != (step < self.cnn_warmup.end):
-                    warming = step < self.cnn_warmup.end
-                    count_flops = True  # the CNN warm-up may skip the transformers: count each phase
+                phase = (current, step < self.cnn_warmup.end)  # another stage, or past the warm-up: other FLOPs
                 self.profiler.before(step + 1)
                 asked = time.perf_counter()
                 micro_batches = [next(batches) for _ in range(accum)]
                 waited_for_data = time.perf_counter() - asked
-                if self._step(step + 1, micro_batches, count_flops):
-                    count_flops = False
+                if self._step(step + 1, micro_batches, count_flops=phase != counted):
+                    counted = phase
                 step += 1
                 self._profiled(self.profiler.after(step), together=True)
                 if first_step:
