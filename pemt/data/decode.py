@@ -61,6 +61,33 @@ class ClipSpec:
         return int(round(self.clip_seconds * self.sample_rate))
 
 
+class WindowDraws:
+    """A decode's random choices: where the window starts and where the crop lies, drawn from
+    `rng` (training) or centred (None). `seed_dependent` turns True when a draw had more than one
+    possible outcome; a decode that leaves it False gave the same clips under any seed (a video
+    exactly as long as the window, frames no larger than the crop), which is what lets the loader
+    keep it (pemt.data.decoded_cache)."""
+
+    def __init__(self, rng: random.Random | None) -> None:
+        self.rng = rng
+        self.seed_dependent = False
+
+    def fraction(self) -> float:
+        """Where the window starts, as a fraction of the slack: drawn before the slack is known."""
+        return self.rng.random() if self.rng is not None else 0.5
+
+    def start(self, fraction: float, slack: float) -> float:
+        self.seed_dependent |= self.rng is not None and slack > 0
+        return slack * fraction
+
+    def offset(self, slack: int) -> int:
+        """A crop's offset along one side, 0 .. slack pixels."""
+        if self.rng is None:
+            return slack // 2
+        self.seed_dependent |= slack > 0
+        return self.rng.randint(0, slack)
+
+
 @functools.lru_cache(maxsize=8)
 def mel_filterbank(sample_rate: int, n_fft: int, mel_bins: int) -> torch.Tensor:
     """Triangular filters on the HTK mel scale, shape (mel_bins, n_fft // 2 + 1)."""
@@ -121,17 +148,15 @@ class _Converter:
     left to FFmpeg (cores + 1 threads) it converted a 32 px frame ~4x slower than on one, and a
     digits-task sample took 15.3 ms to decode instead of 9.6 (same pixels)."""
 
-    def __init__(self, frame: av.VideoFrame, crop: int, rng: random.Random | None, threads: int) -> None:
+    def __init__(self, frame: av.VideoFrame, crop: int, draws: WindowDraws, threads: int) -> None:
         self.crop, self.threads = crop, threads
         self.turns = round((frame.rotation or 0) / 90) % 4
         short = min(frame.width, frame.height)
         scale = crop / short
         upright = (frame.height, frame.width) if self.turns % 2 else (frame.width, frame.height)
         resized = [max(crop, round(side * scale)) for side in upright]
-        if rng is None:
-            left, top = (resized[0] - crop) // 2, (resized[1] - crop) // 2
-        else:
-            left, top = rng.randint(0, resized[0] - crop), rng.randint(0, resized[1] - crop)
+        left = draws.offset(resized[0] - crop)
+        top = draws.offset(resized[1] - crop)
         # where that crop lies as a fraction of the frame, so a change of size mid-stream keeps it
         self.fraction = (left / max(1, resized[0] - crop), top / max(1, resized[1] - crop))
         self.graph: av.filter.Graph | None = None
@@ -181,8 +206,8 @@ class _Converter:
 class _FramePicker:
     """Fills out[i] with the frame shown at times[i] (sorted), converting each frame at most once."""
 
-    def __init__(self, times: np.ndarray, crop: int, rng: random.Random | None, threads: int) -> None:
-        self.times, self.crop, self.rng, self.threads = times, crop, rng, threads
+    def __init__(self, times: np.ndarray, crop: int, draws: WindowDraws, threads: int) -> None:
+        self.times, self.crop, self.draws, self.threads = times, crop, draws, threads
         self.out = np.empty((len(times), crop, crop, 3), dtype=np.uint8)
         self.filled = 0
         self.converter: _Converter | None = None
@@ -205,7 +230,7 @@ class _FramePicker:
 
     def add(self, frame: av.VideoFrame, time: float) -> None:
         if self.converter is None:
-            self.converter = _Converter(frame, self.crop, self.rng, self.threads)
+            self.converter = _Converter(frame, self.crop, self.draws, self.threads)
             self.first_time = time
         if self.previous is None:
             self._fill_until(time, frame)  # times before the first frame: the first frame
@@ -265,18 +290,18 @@ def _window_frames(
     stream: av.stream.Stream,
     times: np.ndarray,
     crop: int,
-    rng: random.Random | None,
+    draws: WindowDraws,
     threads: int,
 ) -> np.ndarray:
     """Frames at `times` of a video longer than the window: seek, decode the window, stop."""
-    picker = _FramePicker(times, crop, rng, threads)
+    picker = _FramePicker(times, crop, draws, threads)
     seek_keyframe(container, stream, float(times[0]))
     _decode_into(picker, container, stream)
     stream_start = float((stream.start_time or 0) * time_base(stream))
     if picker.first_time is not None and picker.first_time > max(times[0], stream_start) + 1e-6:
         # The seek landed past the window's start (a broken index): decode from the start.
         container.seek(0)
-        picker = _FramePicker(times, crop, rng, threads)
+        picker = _FramePicker(times, crop, draws, threads)
         _decode_into(picker, container, stream)
     if picker.previous is not None and picker.previous[0] < times[0]:
         raise _WindowPastEnd(picker.previous[0])
@@ -288,7 +313,7 @@ def _short_frames(
     stream: av.stream.Stream,
     times: np.ndarray,
     crop: int,
-    rng: random.Random | None,
+    draws: WindowDraws,
     loop: bool,
     threads: int,
 ) -> np.ndarray:
@@ -301,7 +326,7 @@ def _short_frames(
     picked = np.clip(np.searchsorted(starts, times % span if loop else times, side="right") - 1, 0, len(starts) - 1)
     shown, inverse = np.unique(picked, return_inverse=True)
     container.seek(0)
-    picker = _FramePicker(starts[shown], crop, rng, threads)
+    picker = _FramePicker(starts[shown], crop, draws, threads)
     _decode_into(picker, container, stream)
     return picker.out[inverse]
 
@@ -319,7 +344,7 @@ def _mel_clips(window: np.ndarray, spec: ClipSpec) -> torch.Tensor:
 
 
 def _video_frames(
-    container: av.container.InputContainer, spec: ClipSpec, rng: random.Random | None
+    container: av.container.InputContainer, spec: ClipSpec, draws: WindowDraws
 ) -> tuple[np.ndarray, float, bool]:
     """The window's frames, where it starts, and whether the video is shorter than the window."""
     stream = container.streams.video[0]
@@ -328,16 +353,16 @@ def _video_frames(
     stream.codec_context.thread_count = threads
     duration = _header_duration(container) or spec.seconds
     # the same draw as a window anywhere in the file: start = slack x fraction
-    fraction = rng.random() if rng is not None else 0.5
+    fraction = draws.fraction()
     offsets = np.arange(spec.clips * spec.frames_per_clip) / spec.fps
     for _ in range(2):
         slack = max(0.0, duration - spec.seconds)
-        start = slack * fraction
         if slack == 0:
             loop = spec.short_videos == "loop"
-            return _short_frames(container, stream, offsets, spec.crop, rng, loop, threads), 0.0, True
+            return _short_frames(container, stream, offsets, spec.crop, draws, loop, threads), 0.0, True
+        start = draws.start(fraction, slack)
         try:
-            return _window_frames(container, stream, start + offsets, spec.crop, rng, threads), start, False
+            return _window_frames(container, stream, start + offsets, spec.crop, draws, threads), start, False
         except _WindowPastEnd as past:  # the header's duration lied: the frames there are decide
             duration = past.last_frame
             container.seek(0)
@@ -345,14 +370,18 @@ def _video_frames(
 
 
 def decode_clips(
-    data: Source | None, spec: ClipSpec, rng: random.Random | None = None, audio_data: Source | None = None
+    data: Source | None,
+    spec: ClipSpec,
+    rng: random.Random | WindowDraws | None = None,
+    audio_data: Source | None = None,
 ) -> dict[str, torch.Tensor]:
     """Encoded video -> {"video": (T, 3, F, crop, crop) uint8, "audio": (T, 1, mel, frames)}.
 
     `data` and `audio_data` are bytes or seekable binary files. The sound comes from
     `audio_data` (a separate file, e.g. flac) when given, else from the video's own audio track.
     With no video (`data` None) the frames are black. `rng` picks a random window and crop
-    (training); None takes the centred ones (evaluation). Videos shorter than the window loop
+    (training); None takes the centred ones (evaluation); a WindowDraws also records whether
+    they mattered. Videos shorter than the window loop
     or are padded (`spec.short_videos`). `video_to_float` turns the pixels into model input.
     """
     if data is None:
@@ -363,7 +392,8 @@ def decode_clips(
         with open_source(data) as container:
             if not container.streams.video:
                 raise DecodeError("no video track")
-            frames, start, short = _video_frames(container, spec, rng)
+            draws = rng if isinstance(rng, WindowDraws) else WindowDraws(rng)
+            frames, start, short = _video_frames(container, spec, draws)
             if audio_data is None:
                 audio = audio_window(container, start, needed, spec.sample_rate, short, loop)
         if audio_data is not None:

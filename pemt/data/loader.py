@@ -12,7 +12,8 @@ each), one decode (its output plus the decoder's state, about a GOP) and the fin
 waiting for the trainer (`prefetch_factor` per worker; frames stay uint8 until the device), and
 for remote shards up to 32 MiB of the blocks it read last or reads ahead for its next batch
 (pemt.data.remote_file). It reads only the samples it decodes, and of each only what its window
-needs.
+needs. With `data.decoded_cache_mb`, it also keeps up to that much of the decoded samples that
+drew no random window or crop (pemt.data.decoded_cache).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pemt.config import ConfigError, one_of, positive_int, positive_number
-from pemt.data.decode import ClipSpec, DecodeError, decode_clips
+from pemt.data.decode import ClipSpec, DecodeError, WindowDraws, decode_clips
+from pemt.data.decoded_cache import DecodedCache
 from pemt.data.members import member_bytes, member_size, member_source, read_ahead_samples
 from pemt.data.metadata import MAX_METADATA_BYTES, parse_metadata
 from pemt.data.storage import check_location, is_remote, retries_so_far, retry_from_config
@@ -53,15 +55,22 @@ def clip_spec(data_cfg: DictConfig) -> ClipSpec:
     )
 
 
-def _decode(slot: Slot, spec: ClipSpec, seed: int, train: bool) -> dict[str, Any]:
+def _decode(slot: Slot, spec: ClipSpec, seed: int, train: bool) -> tuple[dict[str, Any], WindowDraws]:
     assert slot.sample is not None  # empty slots are reported, not decoded
-    return decode_sample(slot.sample, spec, f"decode-{seed}-{slot.stream}-{slot.position}" if train else None)
+    # The random window and crop depend on the slot alone: the same on any rank or worker.
+    draws = WindowDraws(random.Random(f"decode-{seed}-{slot.stream}-{slot.position}") if train else None)
+    return decode_drawn(slot.sample, spec, draws), draws
 
 
 def decode_sample(sample: dict[str, Any], spec: ClipSpec, window_seed: str | None) -> dict[str, Any]:
     """A raw WebDataset sample (members as bytes, or as pemt.data.members.Member windows onto
     the shard) -> key, labels and clips. `window_seed` draws the random window and crop
     (training); None takes the centred ones."""
+    return decode_drawn(sample, spec, WindowDraws(random.Random(window_seed) if window_seed is not None else None))
+
+
+def decode_drawn(sample: dict[str, Any], spec: ClipSpec, draws: WindowDraws) -> dict[str, Any]:
+    """decode_sample with the window and crop from `draws`, which then say whether they mattered."""
     sound = next((sample[k] for k in SOUND_MEMBERS if k in sample), None)
     if "mp4" not in sample and sound is None:
         raise DecodeError(f"no .mp4 or sound member (has {sorted(k for k in sample if not k.startswith('__'))})")
@@ -74,12 +83,10 @@ def decode_sample(sample: dict[str, Any], spec: ClipSpec, window_seed: str | Non
     if str(meta.get("status", "success")) != "success":
         raise DecodeError(f"video2dataset status {meta['status']!r}: {str(meta.get('error_message', ''))[:200]}")
     caption = member_bytes(sample["txt"]).decode(errors="replace") if "txt" in sample else None
-    # The random window and crop depend on the slot alone: the same on any rank or worker.
-    rng = random.Random(window_seed) if window_seed is not None else None
     with contextlib.ExitStack() as opened:
         video = opened.enter_context(member_source(sample["mp4"])) if "mp4" in sample else None
         audio = opened.enter_context(member_source(sound)) if sound is not None else None
-        clips = decode_clips(video, spec, rng, audio_data=audio)
+        clips = decode_clips(video, spec, draws, audio_data=audio)
     return {"key": sample["__key__"], "label": meta["label"], "labels": meta["labels"], "caption": caption, **clips}
 
 
@@ -96,11 +103,13 @@ class StreamDataset(IterableDataset[dict[str, Any]]):
         train: bool = True,
         check: Callable[[dict[str, Any]], None] | None = None,
         read_ahead: bool = True,
+        cache_bytes: int = 0,
     ) -> None:
         super().__init__()
         self.plan, self.streams, self.per_stream = plan, streams, per_stream
         self.start, self.spec, self.train, self.check = start, spec, train, check
-        self.read_ahead = read_ahead
+        self.read_ahead, self.cache_bytes = read_ahead, cache_bytes
+        self.cache: DecodedCache | None = None  # made in the worker that fills it
 
     def _own_steps(self) -> Iterator[tuple[int, list[Slot]]]:
         """This worker's micro-steps and their slots; the other workers' slots are passed over (their
@@ -115,18 +124,27 @@ class StreamDataset(IterableDataset[dict[str, Any]]):
                 yield micro, step
             micro += 1
 
-    def _decode_slots(self, slots: list[Slot]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], float]:
-        samples, errors, decode_s = [], [], 0.0
+    def _decode_slots(self, slots: list[Slot]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], float, int]:
+        samples, errors, decode_s, cached = [], [], 0.0, 0
         for slot in slots:
             if slot.sample is None:
                 errors.append({"shard": slot.shard, "key": None, "reason": slot.error})
                 continue
             began = time.perf_counter()
+            key = str(slot.sample.get("__key__"))
+            kept = self.cache.get(slot.shard, key) if self.cache is not None else None
+            if kept is not None:  # checked when it was decoded
+                samples.append(kept)
+                cached += 1
+                decode_s += time.perf_counter() - began
+                continue
             try:
-                sample = _decode(slot, self.spec, self.plan.seed, self.train)
+                sample, draws = _decode(slot, self.spec, self.plan.seed, self.train)
                 if self.check is not None:
                     self.check(sample)
                 samples.append(sample)
+                if self.cache is not None and not draws.seed_dependent:
+                    self.cache.offer(slot.shard, key, sample)
             except DecodeError as err:
                 errors.append({"shard": slot.shard, "key": slot.sample.get("__key__"), "reason": str(err)})
             except Exception as err:  # noqa: BLE001 - whatever one sample does, it is one bad sample
@@ -138,7 +156,7 @@ class StreamDataset(IterableDataset[dict[str, Any]]):
                     }
                 )
             decode_s += time.perf_counter() - began
-        return samples, errors, decode_s
+        return samples, errors, decode_s, cached
 
     def _read_ahead(self, slots: list[Slot]) -> None:
         if self.read_ahead:
@@ -146,6 +164,7 @@ class StreamDataset(IterableDataset[dict[str, Any]]):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         retried = retries_so_far()
+        self.cache = DecodedCache(self.cache_bytes) if self.cache_bytes else None
         steps = self._own_steps()
         upcoming = next(steps)
         self._read_ahead(upcoming[1])
@@ -154,8 +173,9 @@ class StreamDataset(IterableDataset[dict[str, Any]]):
             # The next batch's remote members are fetched while this one decodes.
             upcoming = next(steps)
             self._read_ahead(upcoming[1])
-            samples, errors, decode_s = self._decode_slots(slots)
+            samples, errors, decode_s, cached = self._decode_slots(slots)
             batch = _collate(samples, errors, micro, decode_s)
+            batch["cached"] = cached
             # remote reads tried again by this worker since its last batch (its skipped steps' included)
             now = retries_so_far()
             batch["retries"], retried = now - retried, now
@@ -215,7 +235,14 @@ def build_loader(
     # local members are read from the page cache: nothing to fetch ahead, no work per batch
     read_ahead = is_remote(shards) and bool(OmegaConf.select(data_cfg, "remote.read_ahead", default=True))
     dataset = StreamDataset(
-        plan, streams, per_stream, start_micro_step, clip_spec(data_cfg), check=check, read_ahead=read_ahead
+        plan,
+        streams,
+        per_stream,
+        start_micro_step,
+        clip_spec(data_cfg),
+        check=check,
+        read_ahead=read_ahead,
+        cache_bytes=int(float(data_cfg.get("decoded_cache_mb", 0)) * 2**20),
     )
     workers = int(data_cfg.num_workers)
     return DataLoader(
@@ -265,6 +292,9 @@ def check_data(cfg: DictConfig) -> None:
             "samples to each step"
         )
     one_of(cfg, "data.short_videos", ("loop", "pad"))
+    cache_mb = OmegaConf.select(cfg, "data.decoded_cache_mb", default=0)
+    if isinstance(cache_mb, bool) or not isinstance(cache_mb, (int, float)) or cache_mb < 0:
+        raise ConfigError(f"data.decoded_cache_mb={cache_mb!r}: give megabytes per data worker, >= 0 (0: off)")
     if cfg.data.name != "synthetic" and not cfg.data.shards:
         raise ConfigError("data.shards is not set: give a shard folder with its manifest.json")
     positive_int(cfg, "data.remote.attempts")

@@ -50,6 +50,7 @@ EXECUTION_KEYS = (
     "train.collapse",
     "data.num_workers",
     "data.decode_threads",
+    "data.decoded_cache_mb",
     "data.remote",
     "data.shards",
     "eval.every",

@@ -28,7 +28,8 @@ class Telemetry:
         # per key: MEP and the pair report nothing while the CNN warm-up skips the transformers
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
-        self.decode_s, self.decoded = 0.0, 0  # data workers' decode time and samples since the last report
+        # data workers' decode time, samples, and those served decoded (data.decoded_cache_mb) since the last report
+        self.decode_s, self.decoded, self.cached = 0.0, 0, 0
         self.retries = 0  # remote reads the data workers tried again since the last report
         # The current curriculum stage's sequence shape (set by the trainer).
         self.clips = int(cfg.data.clips)
@@ -42,6 +43,7 @@ class Telemetry:
         """A micro-batch as the loader delivered it: how long its samples took to decode."""
         self.decode_s += float(batch.get("decode_s", 0.0))
         self.decoded += len(batch["key"]) + len(batch["errors"])
+        self.cached += int(batch.get("cached", 0))
         self.retries += int(batch.get("retries", 0))
 
     def add_micro_step(self, out: dict[str, torch.Tensor]) -> None:
@@ -53,11 +55,14 @@ class Telemetry:
         self, samples: int, lr: float, grad_norm: float | None, bad_errors: int, bad_slots: int
     ) -> tuple[dict[str, float], dict[str, float]]:
         """Collective. The metrics to log, and the bad-sample totals every rank checks."""
-        decode = {"decode_s_per_sample": self.decode_s / max(1, self.decoded)}
+        decode = {
+            "decode_s_per_sample": self.decode_s / max(1, self.decoded),
+            "decoded_cache_share": self.cached / max(1, self.decoded),
+        }
         # every rank has the same keys: the same steps were skipped everywhere
         means = all_reduce({**{k: float(v) / self.counts[k] for k, v in self.sums.items()}, **decode}, self.device)
         self.sums, self.counts = {}, {}
-        self.decode_s, self.decoded = 0.0, 0
+        self.decode_s, self.decoded, self.cached = 0.0, 0, 0
         totals = all_reduce(
             {"bad_samples": bad_errors, "slots": bad_slots, "remote_retries": self.retries}, self.device, mean=False
         )
