@@ -1,6 +1,6 @@
 """Does sharing (and factorising) the transformers cost what they learn?
 
-    python benchmarks/sharing_quality.py                 # the digits table: ~2.9 h here (10-11 min a run), resumable
+    python benchmarks/sharing_quality.py                 # the digits table: ~2.2 h here (7.5 min a run), resumable
     python benchmarks/sharing_quality.py --table-only    # the table of the rows kept so far; runs nothing
     python benchmarks/sharing_quality.py --quick         # a smoke run of the whole path (minutes)
     python benchmarks/sharing_quality.py --rows supervised --variants none --seeds 0 --eval-every 150
