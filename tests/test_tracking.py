@@ -142,6 +142,7 @@ def test_short_run_logs_throughput_flops_memory_and_its_job(
     # each rank's data worker (data.num_workers=1) is counted, and how long its decodes take
     assert 0.05 < m["data_rss_gib_min"] <= m["data_rss_gib_max"] < 8
     assert 0 < m["decode_s_per_sample"] < 5
+    assert m["decoded_cache_share"] == 0, "off by default, and these windows are drawn at random anyway"
     # FLOPs: what the run counted per sample equals torch's count of the same model here.
     logged = m["tflops_per_device"] * 1e12 * 2 / m["samples_per_s"]
     assert logged == pytest.approx(_flops_per_sample_in_process(4), rel=0.02)
