@@ -220,7 +220,7 @@ def test_a_checkpoint_is_never_written_from_non_finite_statistics() -> None:
 
 
 def test_accumulated_micro_steps_are_warned_about_and_one_batch_per_step_is_not() -> None:
-    """Accumulation splits the global batch the objectives draw from: the run says so, with the
+    """Accumulation splits the global batch BatchNorm normalises over: the run says so, with the
     numbers, before it trains; a run that is not split says nothing."""
     from pemt.config import compose_config
     from pemt.train.task import PretrainTask

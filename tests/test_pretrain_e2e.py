@@ -176,7 +176,7 @@ def test_accumulated_steps_with_the_contrastive_loss_resume_exactly(tmp_path: Pa
     )
     straight = run_pretrain(tmp_path / "straight", data_cache, "train.max_steps=6", *common)
     assert straight.returncode == 0, describe(straight)
-    assert "train.grad_accum_steps=2: each micro-step's 4 samples draw their own MEP negatives" in straight.stderr
+    assert "train.grad_accum_steps=2: each micro-step's 4 samples normalise their BatchNorms" in straight.stderr
     for steps in (3, 6):
         part = run_pretrain(tmp_path / "resumed", data_cache, f"train.max_steps={steps}", *common)
         assert part.returncode == 0, describe(part)

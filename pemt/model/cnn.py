@@ -127,6 +127,20 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
         self.running_var.lerp_(var * n / (n - 1).clamp_min(1.0), self._momentum())
 
 
+@contextlib.contextmanager
+def kept_batchnorm_statistics(model: nn.Module) -> Iterator[None]:
+    """BatchNorm's running statistics as they were before the block (a pass that must not count)."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    kept = [[b.clone() for b in m.buffers()] for m in layers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, buffers in zip(layers, kept):
+                for now, before in zip(layer.buffers(), buffers):
+                    now.copy_(before)
+
+
 def _norm(dims: int) -> type[nn.Module]:
     return BatchNorm
 

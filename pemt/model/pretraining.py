@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from pemt.model.backbone import AVBackbone
-from pemt.model.collectives import gather_rows, global_rows, sum_over_ranks
+from pemt.model.collectives import gather_rows, global_rows, reaching_every_micro_step, sum_over_ranks
 from pemt.model.objectives import generator, info_nce, masked_embedding_loss, mismatch_mask, pair_loss, random_mask
 
 MODALITIES = ("visual", "audio")
@@ -104,7 +104,8 @@ class AVPretrainingModel(nn.Module):
         clips the negatives; else each video's pooled outputs against the other videos'."""
         rows = (per_clip[m].flatten(0, 1) if clip_level else per_clip[m].mean(1) for m in MODALITIES)
         visual, audio = (gather_rows(r)[0] for r in rows)
-        loss = info_nce(visual, audio, float(self.loss_cfg.temperature))
+        # over the whole step's batch when accumulating (pemt.model.collectives.micro_steps)
+        loss = reaching_every_micro_step(info_nce(visual, audio, float(self.loss_cfg.temperature)))
         return loss, loss.detach() / math.log(max(2, len(visual)))
 
     def _clip_infonce(self, embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

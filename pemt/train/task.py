@@ -7,7 +7,8 @@ through a `TaskContext` (the engine, its dtype, the rank, the run dir), never th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,12 @@ from torch import nn
 from pemt.curriculum import Stage
 from pemt.data.decode import video_to_float
 from pemt.model.backbone import AVBackbone
+from pemt.model.cnn import kept_batchnorm_statistics
+from pemt.model.collectives import micro_step, micro_steps
+
+# (step_seed, step) of a micro-batch: what Task.forward draws its masks and negatives from
+Keys = Callable[[dict[str, Any]], tuple[int, int]]
+MicroStep = Callable[[int], contextlib.AbstractContextManager[None]]
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,13 @@ class Task:
         """The micro-batch's losses ("loss" is optimised) and any other means to report; `step`:
         optimizer steps done before this one."""
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def accumulation(
+        self, engine: Any, batches: list[dict[str, Any]], dtype: torch.dtype, keys: Keys
+    ) -> Iterator[MicroStep]:
+        """Around one optimizer step's micro-steps: yields the context micro-step i runs in."""
+        yield lambda i: contextlib.nullcontext()
 
     def run_tags(self) -> dict[str, str]:
         """MLflow tags for a new run (links to other runs)."""
@@ -84,16 +98,48 @@ class PretrainTask(Task):
 
         return build_pretraining_model(cfg)
 
+    @contextlib.contextmanager
+    def accumulation(
+        self, engine: Any, batches: list[dict[str, Any]], dtype: torch.dtype, keys: Keys
+    ) -> Iterator[MicroStep]:
+        """Several micro-steps draw MEP negatives, pair partners and InfoNCE negatives from the
+        whole step's batch, as one batch of that size would: a forward pass without gradients over
+        every micro-batch first records what they gather (pemt.model.collectives.micro_steps).
+        BatchNorm still normalises over each micro-step, and its running statistics move as
+        without the extra pass."""
+        if len(batches) == 1:
+            yield lambda i: contextlib.nullcontext()
+            return
+        with micro_steps(len(batches)):
+            # eager: with a no-grad graph of each compiled block as well, a resumed run's steps came
+            # out other in their last bits than an uninterrupted run's
+            with (
+                torch.no_grad(),
+                kept_batchnorm_statistics(engine.module),
+                torch.compiler.set_stance("force_eager"),
+            ):
+                for i, batch in enumerate(batches):
+                    step_seed, step = keys(batch)
+                    with micro_step(i, replay=False):
+                        engine.module(
+                            video_to_float(batch["video"], engine.device, dtype),
+                            batch["audio"].to(engine.device, dtype),
+                            step_seed=step_seed,
+                            step=step,
+                        )
+            yield lambda i: micro_step(i, replay=True)
+
     def config_warnings(self, cfg: DictConfig) -> list[str]:
         accum = int(cfg.train.grad_accum_steps)
         if accum == 1:
             return []
         together = int(cfg.train.global_batch_size) // accum  # one micro-step, over all ranks
         return [
-            f"train.grad_accum_steps={accum}: each micro-step's {together} samples draw their own MEP "
-            "negatives, pair partners and InfoNCE negatives and normalise their BatchNorms over themselves, "
-            f"not over the global batch of {cfg.train.global_batch_size}: fewer, easier negatives than one "
-            "batch of that size (benchmarks/results/converging.md). Prefer more ranks or a larger per-rank batch."
+            f"train.grad_accum_steps={accum}: each micro-step's {together} samples normalise their BatchNorms "
+            f"over themselves, not over the global batch of {cfg.train.global_batch_size}. Their MEP negatives, "
+            "pair partners and InfoNCE negatives come from the whole step's batch, for one more forward pass "
+            "without gradients per micro-batch (benchmarks/results/converging.md). Prefer more ranks or a "
+            "larger per-rank batch."
         ]
 
     def forward(

@@ -191,6 +191,11 @@ class Trainer:
         bad.check(totals["bad_samples"], totals["slots"])  # every rank sees the same totals
         return collapsed
 
+    def _keys(self, batch: dict[str, Any]) -> tuple[int, int]:
+        """The micro-batch's step seed (its masks and negatives) and the optimizer steps before it."""
+        micro = batch["micro_step"]
+        return self.cfg.seed * 1_000_003 + micro, micro // int(self.cfg.train.grad_accum_steps)
+
     def _micro_step(self, batch: dict[str, Any], count_flops: bool) -> dict[str, torch.Tensor]:
         """Forward, backward and (at the accumulation boundary) the optimizer step."""
         engine = self.engine
@@ -198,13 +203,8 @@ class Trainer:
             counting_flops() if count_flops else contextlib.nullcontext({})
         )
         with counter as counted:
-            out = self.task.forward(
-                engine,
-                batch,
-                self.dtype,
-                step_seed=self.cfg.seed * 1_000_003 + batch["micro_step"],
-                step=batch["micro_step"] // int(self.cfg.train.grad_accum_steps),
-            )
+            step_seed, step = self._keys(batch)
+            out = self.task.forward(engine, batch, self.dtype, step_seed=step_seed, step=step)
             engine.backward(out["loss"])
         engine.step()
         if count_flops:
@@ -217,7 +217,11 @@ class Trainer:
             self.guard.skip_empty(step, batches)
             return False
         self.guard.before_forward()
-        outs = [self._micro_step(batch, count_flops=count_flops and i == 0) for i, batch in enumerate(batches)]
+        outs = []
+        with self.task.accumulation(self.engine, batches, self.dtype, self._keys) as micro_step:
+            for i, batch in enumerate(batches):
+                with micro_step(i):
+                    outs.append(self._micro_step(batch, count_flops=count_flops and i == 0))
         if not self.guard.after_step(self.engine.was_step_applied(), step, outs[-1]["loss"]):
             return False
         for out in outs:
