@@ -28,6 +28,11 @@ Keys = Callable[[dict[str, Any]], tuple[int, int]]
 MicroStep = Callable[[int], contextlib.AbstractContextManager[None]]
 
 
+def micro_batch_keys(seed: int, grad_accum_steps: int) -> Keys:
+    """A micro-batch's step seed (its masks and negatives) and the optimizer steps before it."""
+    return lambda batch: (seed * 1_000_003 + batch["micro_step"], batch["micro_step"] // grad_accum_steps)
+
+
 @dataclass(frozen=True)
 class TaskContext:
     """What a task may use of the running job."""

@@ -45,7 +45,7 @@ from pemt.train.journal import RunJournal
 from pemt.train.optimizer import build_optimizer
 from pemt.train.preemption import StopRequest, shielded_workers
 from pemt.train.profiling import StepProfiler, profile_window
-from pemt.train.task import PretrainTask, Task, TaskContext
+from pemt.train.task import PretrainTask, Task, TaskContext, micro_batch_keys
 from pemt.train.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class Trainer:
         validate(cfg)
         self.cfg = cfg
         self.task = task or PretrainTask()
+        self.keys = micro_batch_keys(int(cfg.seed), int(cfg.train.grad_accum_steps))
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.info = init_distributed(float(cfg.train.collective_timeout_min))
@@ -191,11 +192,6 @@ class Trainer:
         bad.check(totals["bad_samples"], totals["slots"])  # every rank sees the same totals
         return collapsed
 
-    def _keys(self, batch: dict[str, Any]) -> tuple[int, int]:
-        """The micro-batch's step seed (its masks and negatives) and the optimizer steps before it."""
-        micro = batch["micro_step"]
-        return self.cfg.seed * 1_000_003 + micro, micro // int(self.cfg.train.grad_accum_steps)
-
     def _micro_step(self, batch: dict[str, Any], count_flops: bool) -> dict[str, torch.Tensor]:
         """Forward, backward and (at the accumulation boundary) the optimizer step."""
         engine = self.engine
@@ -203,7 +199,7 @@ class Trainer:
             counting_flops() if count_flops else contextlib.nullcontext({})
         )
         with counter as counted:
-            step_seed, step = self._keys(batch)
+            step_seed, step = self.keys(batch)
             out = self.task.forward(engine, batch, self.dtype, step_seed=step_seed, step=step)
             engine.backward(out["loss"])
         engine.step()
@@ -218,7 +214,7 @@ class Trainer:
             return False
         self.guard.before_forward()
         outs = []
-        with self.task.accumulation(self.engine, batches, self.dtype, self._keys) as micro_step:
+        with self.task.accumulation(self.engine, batches, self.dtype, self.keys) as micro_step:
             for i, batch in enumerate(batches):
                 with micro_step(i):
                     outs.append(self._micro_step(batch, count_flops=count_flops and i == 0))
