@@ -381,8 +381,8 @@ def decode_clips(
     `audio_data` (a separate file, e.g. flac) when given, else from the video's own audio track.
     With no video (`data` None) the frames are black. `rng` picks a random window and crop
     (training); None takes the centred ones (evaluation); a WindowDraws also records whether
-    they mattered. Videos shorter than the window loop
-    or are padded (`spec.short_videos`). `video_to_float` turns the pixels into model input.
+    they mattered. Videos shorter than the window loop or are padded (`spec.short_videos`).
+    `video_to_float` turns the pixels into model input.
     """
     if data is None:
         return _decode_audio_only(audio_data, spec)

@@ -6,9 +6,9 @@ reduce_scatter. Ranks may hold different numbers of rows (a dropped bad sample):
 
 With gradient accumulation, `micro_steps` makes the gathers span the optimizer step's global
 batch (every micro-step of every rank), not one micro-step's: a forward pass without gradients
-over each micro-batch records what each gather returns, and the micro-steps then see the other
-micro-batches' rows as recorded (fixed: their gradient is the one part a micro-step cannot send
-back), their own live. BatchNorm (`sum_over_ranks`) still normalises over the micro-step.
+over each micro-batch records what each gather returns, and each micro-step then sees the other
+micro-batches' rows as recorded, without gradients (the one part it cannot send back), and its own
+live. BatchNorm (`sum_over_ranks`) still normalises over the micro-step.
 """
 
 from __future__ import annotations
@@ -73,14 +73,14 @@ _ACCUMULATING: _MicroSteps | None = None
 
 
 @contextlib.contextmanager
-def micro_steps(count: int) -> Iterator[_MicroSteps]:
+def micro_steps(count: int) -> Iterator[None]:
     """One optimizer step of `count` micro-steps whose gathers span all of them: run each
-    micro-batch's forward once under `recording(j)` (no gradients), then each micro-step under
-    `replaying(j)`."""
+    micro-batch's forward once without gradients under `micro_step(j, replay=False)`, then each
+    micro-step under `micro_step(j, replay=True)`."""
     global _ACCUMULATING
     _ACCUMULATING = _MicroSteps(count)
     try:
-        yield _ACCUMULATING
+        yield
     finally:
         _ACCUMULATING = None
 
@@ -145,7 +145,7 @@ def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
 def global_rows(rows: int, device: torch.device) -> tuple[int, int]:
     """This rank's first global row and the global row count, for `rows` local rows (inside
     `micro_steps`: over the micro-steps recorded so far, or all of them when replaying)."""
-    if _ACCUMULATING is not None:  # counted as a gather is
+    if _ACCUMULATING is not None:  # rows placed as gather_rows places them
         gathered, first = gather_rows(torch.zeros(rows, 1, device=device))
         return first, len(gathered)
     if world()[1] == 1:
