@@ -126,12 +126,7 @@ class PretrainTask(Task):
                 for i, batch in enumerate(batches):
                     step_seed, step = keys(batch)
                     with micro_step(i, replay=False):
-                        engine.module(
-                            video_to_float(batch["video"], engine.device, dtype),
-                            batch["audio"].to(engine.device, dtype),
-                            step_seed=step_seed,
-                            step=step,
-                        )
+                        self._run(engine.module, engine.device, batch, dtype, step_seed, step)
             yield lambda i: micro_step(i, replay=True)
 
     def config_warnings(self, cfg: DictConfig) -> list[str]:
@@ -150,10 +145,17 @@ class PretrainTask(Task):
     def forward(
         self, engine: Any, batch: dict[str, Any], dtype: torch.dtype, step_seed: int, step: int
     ) -> dict[str, torch.Tensor]:
-        losses: dict[str, torch.Tensor] = engine(
-            video_to_float(batch["video"], engine.device, dtype),
-            batch["audio"].to(engine.device, dtype),
-            step_seed=step_seed,
-            step=step,
-        )
-        return losses
+        return self._run(engine, engine.device, batch, dtype, step_seed, step)
+
+    @staticmethod
+    def _run(
+        model: Callable[..., dict[str, torch.Tensor]],
+        device: torch.device,
+        batch: dict[str, Any],
+        dtype: torch.dtype,
+        step_seed: int,
+        step: int,
+    ) -> dict[str, torch.Tensor]:
+        """`model` (the engine, or its module for the recording pass) on the micro-batch."""
+        video = video_to_float(batch["video"], device, dtype)
+        return model(video, batch["audio"].to(device, dtype), step_seed=step_seed, step=step)
